@@ -1,1 +1,378 @@
-//! placeholder
+//! The small static graph runtime.
+//!
+//! A DFPO step is static: the same ops in the same order with the same shapes every iteration.
+//! So the runtime is three plain pieces, with no broadcasting and no autograd over arbitrary
+//! expressions:
+//! 1. [`GraphBuilder`] records tensors (inputs, parameters, activations) and nodes (an [`Op`]
+//!    with its input and output tensors);
+//! 2. [`GraphBuilder::plan`] derives the backward schedule from each op's own backward rule,
+//!    computes every activation's and gradient's live interval over the forward + backward
+//!    schedule, and packs them into ONE arena by first-fit on those intervals ([`Plan`]);
+//! 3. [`Session`] owns the storage on a [`Device`] (inputs and parameters in their own buffer,
+//!    the arena in one allocation) and runs forward, seeds the loss gradient, and runs the
+//!    backward nodes in reverse order.
+//!
+//! Gradient convention: every backward ACCUMULATES (+=) into its input gradients, so a tensor
+//! read by several nodes gets the sum; the executor zero-fills each gradient when it becomes live.
+
+mod exec;
+pub mod ops;
+
+pub use exec::{Exec, Session};
+
+use crate::error::{Error, Result};
+
+/// Index of a tensor in its graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub usize);
+
+/// What a tensor is for; decides where it is stored and how long it lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Data bound by the caller before each run (persistent buffer).
+    Input,
+    /// Trainable parameters (persistent buffer); their gradient lives to the end of the run.
+    Param,
+    /// Produced by a node (arena).
+    Activation,
+    /// Gradient of another tensor (arena).
+    Grad,
+}
+
+/// A flat fp32 tensor: the graph only needs lengths; ops know their own shapes.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub len: usize,
+    pub role: Role,
+}
+
+/// One operation with an explicit forward and backward.
+pub trait Op {
+    /// Short name for errors and schedules.
+    fn name(&self) -> String;
+    /// Reads `ins`, overwrites `outs`.
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()>;
+    /// Reads `ins`, `outs` and `d_outs`; ACCUMULATES into each `d_ins[i]` that is `Some`
+    /// (gradients nobody needs are `None`).
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()>;
+}
+
+pub(crate) struct Node {
+    pub op: Box<dyn Op>,
+    pub ins: Vec<TensorId>,
+    pub outs: Vec<TensorId>,
+}
+
+/// Records tensors and nodes.
+#[derive(Default)]
+pub struct GraphBuilder {
+    tensors: Vec<Tensor>,
+    nodes: Vec<Node>,
+    producer: Vec<Option<usize>>,
+    keep: Vec<TensorId>,
+}
+
+impl GraphBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn add(&mut self, name: &str, len: usize, role: Role) -> TensorId {
+        self.tensors.push(Tensor { name: name.to_string(), len, role });
+        self.producer.push(None);
+        TensorId(self.tensors.len() - 1)
+    }
+
+    /// A caller-bound input of `len` elements.
+    pub fn input(&mut self, name: &str, len: usize) -> TensorId {
+        self.add(name, len, Role::Input)
+    }
+
+    /// A trainable parameter of `len` elements.
+    pub fn param(&mut self, name: &str, len: usize) -> TensorId {
+        self.add(name, len, Role::Param)
+    }
+
+    /// Adds `op` reading `ins` and producing new activations of the given (name, len).
+    pub fn node(
+        &mut self,
+        op: impl Op + 'static,
+        ins: &[TensorId],
+        outs: &[(&str, usize)],
+    ) -> Result<Vec<TensorId>> {
+        for &i in ins {
+            if i.0 >= self.tensors.len() {
+                return Err(Error::Invalid(format!("{}: unknown input tensor {i:?}", op.name())));
+            }
+        }
+        let out_ids: Vec<TensorId> =
+            outs.iter().map(|&(n, len)| self.add(n, len, Role::Activation)).collect();
+        for o in &out_ids {
+            self.producer[o.0] = Some(self.nodes.len());
+        }
+        self.nodes.push(Node { op: Box::new(op), ins: ins.to_vec(), outs: out_ids.clone() });
+        Ok(out_ids)
+    }
+
+    /// Keeps `t` alive (and readable) until the end of the run.
+    pub fn keep(&mut self, t: TensorId) {
+        self.keep.push(t);
+    }
+
+    /// Plans forward + backward of the scalar `loss` (an activation of length 1).
+    pub fn plan(mut self, loss: TensorId) -> Result<Plan> {
+        let nt = self.tensors.len();
+        if loss.0 >= nt || self.tensors[loss.0].len != 1 || self.producer[loss.0].is_none() {
+            return Err(Error::Invalid("plan: the loss must be a node output of length 1".into()));
+        }
+        // Which tensors need a gradient: parameters, and anything computed from one.
+        let mut needs_grad: Vec<bool> = self.tensors.iter().map(|t| t.role == Role::Param).collect();
+        for n in &self.nodes {
+            if n.ins.iter().any(|i| needs_grad[i.0]) {
+                for o in &n.outs {
+                    needs_grad[o.0] = true;
+                }
+            }
+        }
+        if !needs_grad[loss.0] {
+            return Err(Error::Invalid("plan: the loss does not depend on any parameter".into()));
+        }
+        let mut grad_of = vec![None; nt];
+        for (i, ng) in needs_grad.iter().enumerate() {
+            if *ng {
+                let (name, len) = (format!("d({})", self.tensors[i].name), self.tensors[i].len);
+                let g = self.add(&name, len, Role::Grad);
+                grad_of[i] = Some(g);
+            }
+        }
+
+        // Schedule: forward nodes in order, then the backward of every node that has a
+        // gradient to give, in reverse order.
+        let nf = self.nodes.len();
+        let mut steps: Vec<Step> = (0..nf).map(Step::Forward).collect();
+        for i in (0..nf).rev() {
+            if self.nodes[i].ins.iter().any(|t| grad_of[t.0].is_some()) {
+                steps.push(Step::Backward(i));
+            }
+        }
+        let last = steps.len();
+        // Live intervals [first, last] in schedule positions, for arena tensors only.
+        let total = self.tensors.len();
+        let mut first = vec![usize::MAX; total];
+        let mut lastu = vec![0usize; total];
+        let touch = |t: TensorId, s: usize, first: &mut Vec<usize>, lastu: &mut Vec<usize>| {
+            first[t.0] = first[t.0].min(s);
+            lastu[t.0] = lastu[t.0].max(s);
+        };
+        for (s, step) in steps.iter().enumerate() {
+            match *step {
+                Step::Forward(i) => {
+                    let n = &self.nodes[i];
+                    for &t in n.ins.iter().chain(&n.outs) {
+                        touch(t, s, &mut first, &mut lastu);
+                    }
+                }
+                Step::Backward(i) => {
+                    let n = &self.nodes[i];
+                    for &t in n.ins.iter().chain(&n.outs) {
+                        touch(t, s, &mut first, &mut lastu);
+                        if let Some(g) = grad_of[t.0] {
+                            touch(g, s, &mut first, &mut lastu);
+                        }
+                    }
+                }
+            }
+        }
+        // The loss gradient is seeded just before the first backward step.
+        let lg = grad_of[loss.0].unwrap();
+        first[lg.0] = first[lg.0].min(nf);
+        // Parameter gradients and kept tensors live to the end.
+        for (i, t) in self.tensors.iter().enumerate() {
+            if t.role == Role::Param {
+                if let Some(g) = grad_of[i] {
+                    lastu[g.0] = last;
+                }
+            }
+        }
+        for &k in &self.keep {
+            lastu[k.0] = last;
+        }
+
+        // First-fit packing, largest tensors first.
+        let mut order: Vec<usize> = (0..total)
+            .filter(|&i| matches!(self.tensors[i].role, Role::Activation | Role::Grad))
+            .filter(|&i| first[i] != usize::MAX)
+            .collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(self.tensors[i].len), i));
+        let mut offset = vec![usize::MAX; total];
+        let mut placed: Vec<usize> = Vec::new();
+        let mut arena_len = 0usize;
+        for &i in &order {
+            let len = self.tensors[i].len;
+            // Busy ranges of tensors whose live interval overlaps this one's.
+            let mut busy: Vec<(usize, usize)> = placed
+                .iter()
+                .filter(|&&j| first[j] <= lastu[i] && first[i] <= lastu[j])
+                .map(|&j| (offset[j], offset[j] + self.tensors[j].len))
+                .collect();
+            busy.sort();
+            // Offsets stay 64-element (256-byte) aligned, for vector loads on the GPU.
+            let mut at = 0usize;
+            for (s, e) in busy {
+                if at + len <= s {
+                    break;
+                }
+                at = at.max(align_up(e, ALIGN));
+            }
+            offset[i] = at;
+            arena_len = arena_len.max(at + len);
+            placed.push(i);
+        }
+        let tensor_sum: usize = order.iter().map(|&i| align_up(self.tensors[i].len, ALIGN)).sum();
+
+        // Persistent storage for inputs and parameters.
+        let mut pers_offset = vec![usize::MAX; total];
+        let mut pers_len = 0;
+        for (i, t) in self.tensors.iter().enumerate() {
+            if matches!(t.role, Role::Input | Role::Param) {
+                pers_offset[i] = pers_len;
+                pers_len += align_up(t.len, ALIGN);
+            }
+        }
+
+        // Zero-fill each gradient at the first step it is live.
+        let mut zero_at: Vec<Vec<TensorId>> = vec![Vec::new(); steps.len()];
+        for g in grad_of.iter().flatten() {
+            if first[g.0] != usize::MAX && *g != lg {
+                zero_at[first[g.0]].push(*g);
+            }
+        }
+        Ok(Plan {
+            tensors: self.tensors,
+            nodes: self.nodes,
+            grad_of,
+            steps,
+            offset,
+            pers_offset,
+            arena_len,
+            pers_len,
+            tensor_sum,
+            zero_at,
+            loss,
+            live: first.into_iter().zip(lastu).collect(),
+        })
+    }
+}
+
+const ALIGN: usize = 64;
+
+fn align_up(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    Forward(usize),
+    Backward(usize),
+}
+
+/// A planned graph: the schedule, the arena layout and the persistent layout.
+pub struct Plan {
+    pub(crate) tensors: Vec<Tensor>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) grad_of: Vec<Option<TensorId>>,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) offset: Vec<usize>,
+    pub(crate) pers_offset: Vec<usize>,
+    pub(crate) arena_len: usize,
+    pub(crate) pers_len: usize,
+    tensor_sum: usize,
+    pub(crate) zero_at: Vec<Vec<TensorId>>,
+    pub(crate) loss: TensorId,
+    live: Vec<(usize, usize)>,
+}
+
+impl Plan {
+    /// Bytes of the one arena holding every activation and gradient.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena_len * 4
+    }
+
+    /// Bytes all activations and gradients would take with one buffer each.
+    pub fn tensor_bytes(&self) -> usize {
+        self.tensor_sum * 4
+    }
+
+    /// Bytes of the persistent inputs + parameters buffer.
+    pub fn persistent_bytes(&self) -> usize {
+        self.pers_len * 4
+    }
+
+    /// The gradient tensor of `t`, if `t` needs one.
+    pub fn grad(&self, t: TensorId) -> Option<TensorId> {
+        self.grad_of.get(t.0).copied().flatten()
+    }
+
+    /// Tensor metadata.
+    pub fn tensor(&self, t: TensorId) -> &Tensor {
+        &self.tensors[t.0]
+    }
+
+    /// Number of schedule steps (forward + backward nodes).
+    pub fn num_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// The schedule as text, one step per line: what runs, and which arena tensors are live.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        for (i, st) in self.steps.iter().enumerate() {
+            let (dir, n) = match *st {
+                Step::Forward(n) => ("fwd", n),
+                Step::Backward(n) => ("bwd", n),
+            };
+            s += &format!("{i:>3} {dir} {}\n", self.nodes[n].op.name());
+        }
+        s += &format!(
+            "arena {} B for {} B of activations and gradients ({:.0}%)\n",
+            self.arena_bytes(),
+            self.tensor_bytes(),
+            100.0 * self.arena_bytes() as f64 / self.tensor_bytes().max(1) as f64
+        );
+        s
+    }
+
+    /// Checks the packing invariant: no two arena tensors with overlapping live intervals
+    /// overlap in memory. (The planner guarantees it; tests call this.)
+    pub fn verify_packing(&self) -> Result<()> {
+        let arena: Vec<usize> = (0..self.tensors.len())
+            .filter(|&i| self.offset[i] != usize::MAX)
+            .collect();
+        for (a, &i) in arena.iter().enumerate() {
+            if self.offset[i] + self.tensors[i].len > self.arena_len || self.offset[i] % ALIGN != 0
+            {
+                return Err(Error::Invalid(format!("tensor {} out of arena", self.tensors[i].name)));
+            }
+            for &j in &arena[a + 1..] {
+                let time = self.live[i].0 <= self.live[j].1 && self.live[j].0 <= self.live[i].1;
+                let (si, ei) = (self.offset[i], self.offset[i] + self.tensors[i].len);
+                let (sj, ej) = (self.offset[j], self.offset[j] + self.tensors[j].len);
+                if time && si < ej && sj < ei {
+                    return Err(Error::Invalid(format!(
+                        "{} and {} are live together and overlap",
+                        self.tensors[i].name, self.tensors[j].name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}

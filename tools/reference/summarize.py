@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Summarises a GPU run: every criterion bench (mean time, throughput) from CRITERION_HOME, and
+the dfpo/PyTorch ratio for each pair of benches that time the same work on the same card.
+
+usage: summarize.py CRITERION_DIR TORCH_JSON
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+# (criterion full id regex, torch key, what): ratio = torch time / dfpo time (> 1: dfpo faster).
+PAIRS = [
+    (r"^flow/cuda/integrate_euler1", "flow_integrate_euler1_ms", "flow head + 1 Euler step"),
+    (r"^flow/cuda/eval_fwd_bwd", "flow_eval_fwd_bwd_ms", "flow head eval fwd+bwd"),
+    (r"^risk/cuda/stats/k32$", "risk_stats_k32_ms", "sort + tail stats, K=32"),
+    (r"^risk/cuda/stats/k64$", "risk_stats_k64_ms", "sort + tail stats, K=64"),
+    (r"^risk/cuda/stats/k256$", "risk_stats_k256_ms", "sort + tail stats, K=256"),
+]
+
+
+def load_criterion(root):
+    out = {}
+    for est in glob.glob(os.path.join(root, "**", "new", "estimates.json"), recursive=True):
+        d = os.path.dirname(est)
+        try:
+            bench = json.load(open(os.path.join(d, "benchmark.json")))
+            mean_ns = json.load(open(est))["mean"]["point_estimate"]
+        except (OSError, KeyError, ValueError):
+            continue
+        thr = bench.get("throughput") or {}
+        out[bench["full_id"]] = (mean_ns * 1e-6, thr)
+    return out
+
+
+def main():
+    crit = load_criterion(sys.argv[1])
+    torch = json.load(open(sys.argv[2])) if len(sys.argv) > 2 and os.path.exists(sys.argv[2]) else {}
+    print(f"{'bench':<48} {'mean ms':>10}  throughput")
+    for name, (ms, thr) in sorted(crit.items()):
+        t = ""
+        if "Bytes" in thr:
+            t = f"{thr['Bytes'] / (ms * 1e-3) / 1e9:.1f} GB/s"
+            if "copy_bandwidth_GBps" in torch:
+                t += f" ({100 * thr['Bytes'] / (ms * 1e-3) / 1e9 / torch['copy_bandwidth_GBps']:.0f}% of copy)"
+        elif "Elements" in thr:
+            t = f"{thr['Elements'] / (ms * 1e-3):.3e} elem/s"
+        print(f"{name:<48} {ms:>10.4f}  {t}")
+    if torch:
+        print(f"\nratios vs eager PyTorch on {torch.get('device')} (torch {torch.get('torch')}, tf32={torch.get('tf32')}):")
+        for pat, key, what in PAIRS:
+            hits = [(n, v) for n, v in crit.items() if re.search(pat, n)]
+            if not hits or key not in torch:
+                print(f"  {what}: missing ({'no dfpo bench' if not hits else 'no torch time'})")
+                continue
+            n, (ms, _) = hits[0]
+            print(f"  {what}: dfpo {ms:.4f} ms, torch {torch[key]:.4f} ms -> {torch[key] / ms:.2f}x  [{n}]")
+
+
+if __name__ == "__main__":
+    main()

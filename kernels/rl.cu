@@ -2,7 +2,7 @@
 // Defines:
 //   rl_dist_gae        distributional GAE over values [B][T][K]: advantages and returns per sample
 //   rl_dist_gae_mean   mean over the K samples of each (b, t): the scalar PPO advantage
-//   rl_whiten_partial  per-block masked (count, mean, M2) of x, Welford/Chan in double
+//   rl_whiten_partial  per-block masked (count, mean, M2) of x in double (shifted sums, Chan merge)
 //   rl_whiten_finalize one block merges the partials: mean, unbiased std, 1/sqrt(var + 1e-8)
 //   rl_whiten_apply    out = (x - mean) * inv_std on valid tokens, 0 elsewhere
 //   rl_ppo_loss        clipped PPO surrogate per token (loss, unscaled dL/dlogp) + block sums

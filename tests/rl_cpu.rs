@@ -177,8 +177,8 @@ fn gae_matches_direct_sum_on_mixed_masks() {
                 lambda as f64,
             );
             assert_close_f64("adv vs direct sum", &g.adv, &want, 1e-12, 1e-12);
-            for row in 0..b * t {
-                let valid = mask[row] == 1.0;
+            for (row, &mv) in mask.iter().enumerate() {
+                let valid = mv == 1.0;
                 let mut sum = 0.0;
                 for ki in 0..k {
                     let i = row * k + ki;
@@ -311,11 +311,11 @@ fn gae_edge_shapes() {
     let values = rng.normal_vec_f64(b * k, 1.0);
     let rewards = rng.normal_vec_f64(b, 1.0);
     let g = run_gae(&values, &rewards, &mask, b, t, k, p);
-    for bi in 0..b {
+    for (bi, &r) in rewards.iter().enumerate() {
         for ki in 0..k {
             let i = bi * k + ki;
-            assert!((g.adv[i] - (rewards[bi] - values[i])).abs() < 1e-14);
-            assert!((g.ret[i] - rewards[bi]).abs() < 1e-14);
+            assert!((g.adv[i] - (r - values[i])).abs() < 1e-14);
+            assert!((g.ret[i] - r).abs() < 1e-14);
         }
     }
 
@@ -446,7 +446,13 @@ fn whiten_gives_zero_mean_unit_unbiased_variance() {
     let mut rng = Rng::fresh("whiten_gives_zero_mean_unit_unbiased_variance");
     for &(n, loc, scale) in &[(2000usize, 3.0, 0.5), (37, -100.0, 7.0), (5, 0.0, 1e-2)] {
         let mask: Vec<f64> = (0..n)
-            .map(|i| if i < 2 || rng.uniform() < 0.6 { 1.0 } else { 0.0 })
+            .map(|i| {
+                if i < 2 || rng.uniform() < 0.6 {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mut x: Vec<f64> = (0..n).map(|_| loc + scale * rng.normal()).collect();
         for (xi, &m) in x.iter_mut().zip(&mask) {
@@ -457,7 +463,10 @@ fn whiten_gives_zero_mean_unit_unbiased_variance() {
         let mut out = vec![f64::NAN; n];
         let (mu, sigma) = cpu::whiten(&x, &mask, &mut out).unwrap();
         let (want_mu, want_var, _) = masked_moments(&x, &mask);
-        assert!((mu - want_mu).abs() <= 1e-12 * (1.0 + want_mu.abs()), "μ {mu} vs {want_mu}");
+        assert!(
+            (mu - want_mu).abs() <= 1e-12 * (1.0 + want_mu.abs()),
+            "μ {mu} vs {want_mu}"
+        );
         assert!(
             (sigma - want_var.sqrt()).abs() <= 1e-12 * want_var.sqrt(),
             "σ {sigma} vs {}",
@@ -471,7 +480,10 @@ fn whiten_gives_zero_mean_unit_unbiased_variance() {
         let (om, ov, _) = masked_moments(&out, &mask);
         let want_ov = want_var / (want_var + 1e-8);
         assert!(om.abs() < 1e-12, "whitened mean {om}");
-        assert!((ov - want_ov).abs() < 1e-10, "whitened unbiased var {ov} vs {want_ov}");
+        assert!(
+            (ov - want_ov).abs() < 1e-10,
+            "whitened unbiased var {ov} vs {want_ov}"
+        );
     }
 }
 
@@ -580,7 +592,11 @@ fn ppo_loss_matches_the_min_form_and_clip_truth() {
             let a = adv[i];
             // PPO's pessimistic objective, written as a min (independent of the max form).
             let want = -(r * a).min(r.clamp(lo, hi) * a);
-            assert!((lt[i] - want).abs() < 1e-13, "loss[{i}] {} want {want}", lt[i]);
+            assert!(
+                (lt[i] - want).abs() < 1e-13,
+                "loss[{i}] {} want {want}",
+                lt[i]
+            );
             let clipped = (a > 0.0 && r > hi) || (a < 0.0 && r < lo);
             cnt += 1.0;
             sl += want;
@@ -651,7 +667,10 @@ fn ppo_edge_cases() {
     let nan = vec![f64::NAN; n];
     let (mut lt, mut g) = (vec![1.0; n], vec![1.0; n]);
     let st = cpu::ppo_policy_loss(&nan, &nan, &nan, &[0.0; 9], p, &mut lt, &mut g).unwrap();
-    assert_eq!((st.loss, st.clipfrac, st.approx_kl, st.n_valid), (0.0, 0.0, 0.0, 0.0));
+    assert_eq!(
+        (st.loss, st.clipfrac, st.approx_kl, st.n_valid),
+        (0.0, 0.0, 0.0, 0.0)
+    );
     assert!(lt.iter().chain(&g).all(|&v| v == 0.0));
 }
 
@@ -749,7 +768,11 @@ fn kl_penalty_values_and_finite_difference_grads() {
     let mut out = [0.0];
     cpu::kl_penalty(&[-1.0], &[-1.0 + x], &[1.0], KlKind::K3, &mut out, None).unwrap();
     let taylor = x * x / 2.0 + x * x * x / 6.0;
-    assert!((out[0] - taylor).abs() < 1e-13, "k3({x}) = {} vs {taylor}", out[0]);
+    assert!(
+        (out[0] - taylor).abs() < 1e-13,
+        "k3({x}) = {} vs {taylor}",
+        out[0]
+    );
 }
 
 #[test]

@@ -156,7 +156,10 @@ fn gae_dims(b: usize, t: usize, k: usize) -> Result<(usize, usize)> {
             "dist_gae: k = 0: need at least one value sample per position".into(),
         ));
     }
-    Ok((mul_len("dist_gae B*T", &[b, t])?, mul_len("dist_gae B*T*K", &[b, t, k])?))
+    Ok((
+        mul_len("dist_gae B*T", &[b, t])?,
+        mul_len("dist_gae B*T*K", &[b, t, k])?,
+    ))
 }
 
 pub mod cpu {
@@ -384,8 +387,8 @@ pub mod cuda {
     //! non-zero counts as valid) or finiteness: that is the CPU references' job.
     use super::*;
     use crate::device::{blocks_for, CudaDevice};
-    use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
     use cudarc::driver::{CudaSlice, PushKernelArg};
+    use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
     const FAMILY: &str = "rl";
     /// Threads per block of the reduction kernels (`RL_BLOCK` in rl.cu).
@@ -396,7 +399,7 @@ pub mod cuda {
     const MAX_PARTIALS: usize = 1024;
 
     fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || ptr % align != 0 {
+        if ptr == 0 || !ptr.is_multiple_of(align) {
             return Err(Error::Invalid(format!(
                 "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
             )));
@@ -622,7 +625,9 @@ pub mod cuda {
         out: &mut CudaViewMut<'_, f32>,
         stats: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let mut ws = dev.stream().alloc_zeros::<f64>(whiten_workspace_len(x.len()))?;
+        let mut ws = dev
+            .stream()
+            .alloc_zeros::<f64>(whiten_workspace_len(x.len()))?;
         whiten_with_workspace(dev, x, mask, out, stats, &mut ws)
     }
 

@@ -20,14 +20,26 @@ fn mse_of_a_parameter_has_the_closed_form_gradient() {
     let dp = plan.grad(p).unwrap();
     assert!(plan.grad(t).is_none(), "inputs get no gradient");
     let mut s = dfpo::graph::Session::new(plan, Device::Cpu).unwrap();
-    let (pv, tv, wv) = (rng.normal_vec(n, 1.0), rng.normal_vec(n, 1.0), rng.uniform_vec(n, 0.5, 1.5));
+    let (pv, tv, wv) = (
+        rng.normal_vec(n, 1.0),
+        rng.normal_vec(n, 1.0),
+        rng.uniform_vec(n, 0.5, 1.5),
+    );
     s.write(p, &pv).unwrap();
     s.write(t, &tv).unwrap();
     s.write(w, &wv).unwrap();
     let l = s.run().unwrap();
-    let want: f64 = (0..n).map(|i| wv[i] as f64 * ((pv[i] - tv[i]) as f64).powi(2)).sum::<f64>() / n as f64;
-    assert!((l as f64 - want).abs() < 1e-5 * want.max(1.0), "loss {l} want {want}");
-    let want_g: Vec<f32> = (0..n).map(|i| 2.0 * wv[i] * (pv[i] - tv[i]) / n as f32).collect();
+    let want: f64 = (0..n)
+        .map(|i| wv[i] as f64 * ((pv[i] - tv[i]) as f64).powi(2))
+        .sum::<f64>()
+        / n as f64;
+    assert!(
+        (l as f64 - want).abs() < 1e-5 * want.max(1.0),
+        "loss {l} want {want}"
+    );
+    let want_g: Vec<f32> = (0..n)
+        .map(|i| 2.0 * wv[i] * (pv[i] - tv[i]) / n as f32)
+        .collect();
     assert_close("d(p)", &s.read(dp).unwrap(), &want_g, 1e-5, 1e-7);
     // A second run gives the same gradient: gradients are zeroed, not accumulated across runs.
     s.run().unwrap();
@@ -40,7 +52,10 @@ fn plan_rejects_bad_losses_and_writes() {
     let t = g.input("t", 4);
     let u = g.input("u", 4);
     let loss = g.node(MseLoss, &[t, u], &[("loss", 1)]).unwrap()[0];
-    assert!(g.plan(loss).is_err(), "a loss without parameters has nothing to train");
+    assert!(
+        g.plan(loss).is_err(),
+        "a loss without parameters has nothing to train"
+    );
     let mut g = GraphBuilder::new();
     let p = g.param("p", 4);
     let t = g.input("t", 4);
@@ -52,7 +67,10 @@ fn plan_rejects_bad_losses_and_writes() {
     let loss = g.node(MseLoss, &[p, t], &[("loss", 1)]).unwrap()[0];
     let mut s = dfpo::graph::Session::new(g.plan(loss).unwrap(), Device::Cpu).unwrap();
     assert!(s.write(p, &[1.0; 3]).is_err(), "wrong length");
-    assert!(s.write(loss, &[1.0]).is_err(), "activations are not written by the caller");
+    assert!(
+        s.write(loss, &[1.0]).is_err(),
+        "activations are not written by the caller"
+    );
     let mut t2 = vec![0.0; 4];
     t2[1] = 1.0;
     s.write(t, &t2).unwrap();

@@ -222,8 +222,8 @@ impl CudaDevice {
         }
         let k = embedded::get(family)
             .ok_or_else(|| Error::Cuda(format!("no embedded kernel family {family:?}")))?;
-        let image = if self.cc == (9, 0) && k.cubin.is_some() {
-            cudarc::nvrtc::Ptx::from_binary(k.cubin.unwrap().to_vec())
+        let image = if let (Some(cubin), (9, 0)) = (k.cubin, self.cc) {
+            cudarc::nvrtc::Ptx::from_binary(cubin.to_vec())
         } else if let Some(ptx) = k.ptx {
             cudarc::nvrtc::Ptx::from_src(ptx)
         } else {

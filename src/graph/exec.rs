@@ -9,8 +9,15 @@ use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
 
 enum Storage {
-    Cpu { pers: Vec<f32>, arena: Vec<f32> },
-    Cuda { dev: Arc<CudaDevice>, pers: CudaSlice<f32>, arena: CudaSlice<f32> },
+    Cpu {
+        pers: Vec<f32>,
+        arena: Vec<f32>,
+    },
+    Cuda {
+        dev: Arc<CudaDevice>,
+        pers: CudaSlice<f32>,
+        arena: CudaSlice<f32>,
+    },
 }
 
 /// A plan bound to storage on one device: inputs and parameters in one persistent buffer, every
@@ -33,10 +40,18 @@ impl Session {
             Device::Cuda(dev) => {
                 let s = dev.stream();
                 let alloc = |n: usize| s.alloc_zeros::<f32>(n.max(1));
-                Storage::Cuda { dev: dev.clone(), pers: alloc(plan.pers_len)?, arena: alloc(plan.arena_len)? }
+                Storage::Cuda {
+                    dev: dev.clone(),
+                    pers: alloc(plan.pers_len)?,
+                    arena: alloc(plan.arena_len)?,
+                }
             }
         };
-        Ok(Session { plan, device, storage })
+        Ok(Session {
+            plan,
+            device,
+            storage,
+        })
     }
 
     /// The plan this session runs.
@@ -57,9 +72,10 @@ impl Session {
             .ok_or_else(|| Error::Invalid(format!("unknown tensor {t:?}")))?;
         match info.role {
             Role::Input | Role::Param => Ok((true, self.plan.pers_offset[t.0], info.len)),
-            _ if self.plan.offset[t.0] == usize::MAX => {
-                Err(Error::Invalid(format!("tensor {} is never used", info.name)))
-            }
+            _ if self.plan.offset[t.0] == usize::MAX => Err(Error::Invalid(format!(
+                "tensor {} is never used",
+                info.name
+            ))),
             _ => Ok((false, self.plan.offset[t.0], info.len)),
         }
     }
@@ -68,15 +84,18 @@ impl Session {
     pub fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {
         let info = &self.plan.tensors[t.0];
         if !matches!(info.role, Role::Input | Role::Param) {
-            return Err(Error::Invalid(format!("{}: only inputs and parameters are written", info.name)));
+            return Err(Error::Invalid(format!(
+                "{}: only inputs and parameters are written",
+                info.name
+            )));
         }
         crate::error::check_len(&info.name, data.len(), info.len)?;
         let (_, off, len) = self.region(t)?;
         match &mut self.storage {
             Storage::Cpu { pers, .. } => pers[off..off + len].copy_from_slice(data),
-            Storage::Cuda { dev, pers, .. } => {
-                dev.stream().memcpy_htod(data, &mut pers.slice_mut(off..off + len))?
-            }
+            Storage::Cuda { dev, pers, .. } => dev
+                .stream()
+                .memcpy_htod(data, &mut pers.slice_mut(off..off + len))?,
         }
         Ok(())
     }
@@ -86,9 +105,12 @@ impl Session {
     pub fn read(&self, t: TensorId) -> Result<Vec<f32>> {
         let (p, off, len) = self.region(t)?;
         match &self.storage {
-            Storage::Cpu { pers, arena } => {
-                Ok(if p { &pers[off..off + len] } else { &arena[off..off + len] }.to_vec())
+            Storage::Cpu { pers, arena } => Ok(if p {
+                &pers[off..off + len]
+            } else {
+                &arena[off..off + len]
             }
+            .to_vec()),
             Storage::Cuda { dev, pers, arena } => {
                 let src = if p { pers } else { arena };
                 Ok(dev.stream().clone_dtoh(&src.slice(off..off + len))?)
@@ -106,18 +128,18 @@ impl Session {
                 let (off, len) = (plan.offset[g.0], plan.tensors[g.0].len);
                 match &mut self.storage {
                     Storage::Cpu { arena, .. } => arena[off..off + len].fill(0.0),
-                    Storage::Cuda { dev, arena, .. } => {
-                        dev.stream().memset_zeros(&mut arena.slice_mut(off..off + len))?
-                    }
+                    Storage::Cuda { dev, arena, .. } => dev
+                        .stream()
+                        .memset_zeros(&mut arena.slice_mut(off..off + len))?,
                 }
             }
             if s == nf {
                 let off = plan.offset[lg.0];
                 match &mut self.storage {
                     Storage::Cpu { arena, .. } => arena[off] = 1.0,
-                    Storage::Cuda { dev, arena, .. } => {
-                        dev.stream().memcpy_htod(&[1.0f32], &mut arena.slice_mut(off..off + 1))?
-                    }
+                    Storage::Cuda { dev, arena, .. } => dev
+                        .stream()
+                        .memcpy_htod(&[1.0f32], &mut arena.slice_mut(off..off + 1))?,
                 }
             }
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
@@ -134,7 +156,8 @@ impl Session {
                     .iter()
                     .map(|o| plan.grad_of[o.0].expect("outputs of a backward node have gradients"))
                     .collect();
-                let d_ins: Vec<Option<TensorId>> = n.ins.iter().map(|t| plan.grad_of[t.0]).collect();
+                let d_ins: Vec<Option<TensorId>> =
+                    n.ins.iter().map(|t| plan.grad_of[t.0]).collect();
                 n.op.backward(&mut x, &n.ins, &n.outs, &d_outs, &d_ins)
             };
             r.map_err(|e| {
@@ -174,7 +197,12 @@ impl<'a> Exec<'a> {
             Storage::Cuda { dev, pers, arena } => {
                 let (p, _sp) = pers.device_ptr(dev.stream());
                 let (a, _sa) = arena.device_ptr(dev.stream());
-                Exec { plan, device, cpu: None, cuda: Some((p, a)) }
+                Exec {
+                    plan,
+                    device,
+                    cpu: None,
+                    cuda: Some((p, a)),
+                }
             }
         }
     }

@@ -86,7 +86,11 @@ impl GraphBuilder {
     }
 
     fn add(&mut self, name: &str, len: usize, role: Role) -> TensorId {
-        self.tensors.push(Tensor { name: name.to_string(), len, role });
+        self.tensors.push(Tensor {
+            name: name.to_string(),
+            len,
+            role,
+        });
         self.producer.push(None);
         TensorId(self.tensors.len() - 1)
     }
@@ -110,15 +114,24 @@ impl GraphBuilder {
     ) -> Result<Vec<TensorId>> {
         for &i in ins {
             if i.0 >= self.tensors.len() {
-                return Err(Error::Invalid(format!("{}: unknown input tensor {i:?}", op.name())));
+                return Err(Error::Invalid(format!(
+                    "{}: unknown input tensor {i:?}",
+                    op.name()
+                )));
             }
         }
-        let out_ids: Vec<TensorId> =
-            outs.iter().map(|&(n, len)| self.add(n, len, Role::Activation)).collect();
+        let out_ids: Vec<TensorId> = outs
+            .iter()
+            .map(|&(n, len)| self.add(n, len, Role::Activation))
+            .collect();
         for o in &out_ids {
             self.producer[o.0] = Some(self.nodes.len());
         }
-        self.nodes.push(Node { op: Box::new(op), ins: ins.to_vec(), outs: out_ids.clone() });
+        self.nodes.push(Node {
+            op: Box::new(op),
+            ins: ins.to_vec(),
+            outs: out_ids.clone(),
+        });
         Ok(out_ids)
     }
 
@@ -131,10 +144,13 @@ impl GraphBuilder {
     pub fn plan(mut self, loss: TensorId) -> Result<Plan> {
         let nt = self.tensors.len();
         if loss.0 >= nt || self.tensors[loss.0].len != 1 || self.producer[loss.0].is_none() {
-            return Err(Error::Invalid("plan: the loss must be a node output of length 1".into()));
+            return Err(Error::Invalid(
+                "plan: the loss must be a node output of length 1".into(),
+            ));
         }
         // Which tensors need a gradient: parameters, and anything computed from one.
-        let mut needs_grad: Vec<bool> = self.tensors.iter().map(|t| t.role == Role::Param).collect();
+        let mut needs_grad: Vec<bool> =
+            self.tensors.iter().map(|t| t.role == Role::Param).collect();
         for n in &self.nodes {
             if n.ins.iter().any(|i| needs_grad[i.0]) {
                 for o in &n.outs {
@@ -143,7 +159,9 @@ impl GraphBuilder {
             }
         }
         if !needs_grad[loss.0] {
-            return Err(Error::Invalid("plan: the loss does not depend on any parameter".into()));
+            return Err(Error::Invalid(
+                "plan: the loss does not depend on any parameter".into(),
+            ));
         }
         let mut grad_of = vec![None; nt];
         for (i, ng) in needs_grad.iter().enumerate() {
@@ -236,7 +254,10 @@ impl GraphBuilder {
             arena_len = arena_len.max(at + len);
             placed.push(i);
         }
-        let tensor_sum: usize = order.iter().map(|&i| align_up(self.tensors[i].len, ALIGN)).sum();
+        let tensor_sum: usize = order
+            .iter()
+            .map(|&i| align_up(self.tensors[i].len, ALIGN))
+            .sum();
 
         // Persistent storage for inputs and parameters.
         let mut pers_offset = vec![usize::MAX; total];
@@ -357,9 +378,13 @@ impl Plan {
             .filter(|&i| self.offset[i] != usize::MAX)
             .collect();
         for (a, &i) in arena.iter().enumerate() {
-            if self.offset[i] + self.tensors[i].len > self.arena_len || self.offset[i] % ALIGN != 0
+            if self.offset[i] + self.tensors[i].len > self.arena_len
+                || !self.offset[i].is_multiple_of(ALIGN)
             {
-                return Err(Error::Invalid(format!("tensor {} out of arena", self.tensors[i].name)));
+                return Err(Error::Invalid(format!(
+                    "tensor {} out of arena",
+                    self.tensors[i].name
+                )));
             }
             for &j in &arena[a + 1..] {
                 let time = self.live[i].0 <= self.live[j].1 && self.live[j].0 <= self.live[i].1;

@@ -24,11 +24,20 @@ impl Op for MseLoss {
         }
         if let Some(dev) = x.cuda_device() {
             let f = dev.function("loss", "loss_mse_fwd")?;
-            let (p, t, w, l) = (x.ptr(ins[0]), x.ptr(ins[1]), ins.get(2).map_or(0, |&w| x.ptr(w)), x.ptr(outs[0]));
+            let (p, t, w, l) = (
+                x.ptr(ins[0]),
+                x.ptr(ins[1]),
+                ins.get(2).map_or(0, |&w| x.ptr(w)),
+                x.ptr(outs[0]),
+            );
             let n32 = n as i32;
             let mut b = dev.launch_builder(&f);
             b.arg(&p).arg(&t).arg(&w).arg(&n32).arg(&l);
-            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: pointers are graph tensors of the checked lengths.
             return unsafe { dev.launch("loss_mse_fwd", b, cfg) };
         }
@@ -52,17 +61,27 @@ impl Op for MseLoss {
         d_ins: &[Option<TensorId>],
     ) -> Result<()> {
         if d_ins.get(1).copied().flatten().is_some() || d_ins.get(2).copied().flatten().is_some() {
-            return Err(Error::Invalid("mse_loss: target and weight must not need gradients".into()));
+            return Err(Error::Invalid(
+                "mse_loss: target and weight must not need gradients".into(),
+            ));
         }
         let Some(dp) = d_ins[0] else { return Ok(()) };
         let n = x.len(ins[0]);
         if let Some(dev) = x.cuda_device() {
             let f = dev.function("loss", "loss_mse_bwd")?;
-            let (p, t, w) = (x.ptr(ins[0]), x.ptr(ins[1]), ins.get(2).map_or(0, |&w| x.ptr(w)));
+            let (p, t, w) = (
+                x.ptr(ins[0]),
+                x.ptr(ins[1]),
+                ins.get(2).map_or(0, |&w| x.ptr(w)),
+            );
             let (dl, dpp, n32) = (x.ptr(d_outs[0]), x.ptr(dp), n as i32);
             let mut b = dev.launch_builder(&f);
             b.arg(&p).arg(&t).arg(&w).arg(&n32).arg(&dl).arg(&dpp);
-            let cfg = LaunchConfig { grid_dim: (blocks_for(n, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks_for(n, 256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: as in forward.
             return unsafe { dev.launch("loss_mse_bwd", b, cfg) };
         }

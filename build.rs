@@ -79,6 +79,13 @@ impl Nvrtc {
         })
     }
 
+    /// The include folder next to NVRTC's lib folder (wheel: nvidia/cu13/include; toolkit:
+    /// lib64/../include), when it holds cuda_bf16.h.
+    fn include_dir(&self) -> Option<PathBuf> {
+        let inc = self.path.parent()?.parent()?.join("include");
+        inc.join("cuda_bf16.h").exists().then_some(inc)
+    }
+
     /// Compiles `src` for `arch`; returns PTX text (for `compute_*`) or CUBIN bytes (for `sm_*`).
     fn compile(&self, name: &str, src: &str, arch: &str) -> Result<Vec<u8>, String> {
         type Create = unsafe extern "C" fn(
@@ -95,15 +102,17 @@ impl Nvrtc {
         type Destroy = unsafe extern "C" fn(*mut Prog) -> c_int;
         let c_src = CString::new(src).map_err(|e| e.to_string())?;
         let c_name = CString::new(name).unwrap();
-        let opts: Vec<CString> = [
+        let mut opts: Vec<String> = vec![
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
             "-lineinfo".into(),
             "-DDFPO_NVRTC=1".into(),
-        ]
-        .into_iter()
-        .map(|s| CString::new(s).unwrap())
-        .collect();
+        ];
+        // The CUDA headers (cuda_bf16.h, mma.h) of the same toolkit: lib/../include.
+        if let Some(inc) = self.include_dir() {
+            opts.push(format!("--include-path={}", inc.display()));
+        }
+        let opts: Vec<CString> = opts.into_iter().map(|s| CString::new(s).unwrap()).collect();
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
         unsafe {
             let mut prog: Prog = std::ptr::null_mut();

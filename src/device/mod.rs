@@ -314,8 +314,18 @@ fn compile_at_run_time(k: &embedded::EmbeddedKernel, cc: (i32, i32)) -> Result<c
         (8, 9) => "sm_89",
         _ => "compute_80",
     };
+    // The CUDA headers (cuda_bf16.h, mma.h) of the toolkit this NVRTC belongs to.
+    let include_paths = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .chain(["/usr/local/cuda".to_string()])
+        .map(|root| format!("{root}/include"))
+        .filter(|inc| std::path::Path::new(inc).join("cuda_bf16.h").exists())
+        .take(1)
+        .collect();
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
+        include_paths,
         options: vec!["--std=c++17".into(), "-lineinfo".into()],
         name: Some(format!("{}.cu", k.name)),
         ..Default::default()

@@ -142,12 +142,13 @@ impl Session {
                         .memcpy_htod(&[1.0f32], &mut arena.slice_mut(off..off + 1))?,
                 }
             }
-            let mut x = Exec::new(plan, &self.device, &mut self.storage);
             let (i, fwd) = match *step {
                 Step::Forward(i) => (i, true),
                 Step::Backward(i) => (i, false),
             };
             let n = &plan.nodes[i];
+            let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            x.scratch = if fwd { None } else { n.scratch };
             let r = if fwd {
                 n.op.forward(&mut x, &n.ins, &n.outs)
             } else {
@@ -183,6 +184,7 @@ pub struct Exec<'a> {
     device: &'a Device,
     cpu: Option<(*mut f32, *mut f32)>,
     cuda: Option<(u64, u64)>,
+    scratch: Option<TensorId>,
 }
 
 impl<'a> Exec<'a> {
@@ -193,6 +195,7 @@ impl<'a> Exec<'a> {
                 device,
                 cpu: Some((pers.as_mut_ptr(), arena.as_mut_ptr())),
                 cuda: None,
+                scratch: None,
             },
             Storage::Cuda { dev, pers, arena } => {
                 let (p, _sp) = pers.device_ptr(dev.stream());
@@ -202,6 +205,7 @@ impl<'a> Exec<'a> {
                     device,
                     cpu: None,
                     cuda: Some((p, a)),
+                    scratch: None,
                 }
             }
         }
@@ -218,6 +222,11 @@ impl<'a> Exec<'a> {
             Device::Cuda(d) => Some(d),
             Device::Cpu => None,
         }
+    }
+
+    /// The scratch tensor of the running backward step (sized by [`super::Op::backward_scratch`]).
+    pub fn scratch(&self) -> Option<TensorId> {
+        self.scratch
     }
 
     /// Number of elements of `t`.

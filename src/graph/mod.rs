@@ -33,6 +33,8 @@ pub enum Role {
     Input,
     /// Trainable parameters (persistent buffer); their gradient lives to the end of the run.
     Param,
+    /// Scratch memory of one backward step (arena).
+    Scratch,
     /// Produced by a node (arena).
     Activation,
     /// Gradient of another tensor (arena).
@@ -53,6 +55,11 @@ pub trait Op {
     fn name(&self) -> String;
     /// Reads `ins`, overwrites `outs`.
     fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()>;
+    /// f32 of scratch memory the backward needs (given its tensors' lengths); the planner gives
+    /// it an arena region live during that backward only ([`Exec::scratch`]).
+    fn backward_scratch(&self, _ins: &[usize], _outs: &[usize]) -> usize {
+        0
+    }
     /// Reads `ins`, `outs` and `d_outs`; ACCUMULATES into each `d_ins[i]` that is `Some`
     /// (gradients nobody needs are `None`).
     fn backward(
@@ -69,6 +76,7 @@ pub(crate) struct Node {
     pub op: Box<dyn Op>,
     pub ins: Vec<TensorId>,
     pub outs: Vec<TensorId>,
+    pub scratch: Option<TensorId>,
 }
 
 /// Records tensors and nodes.
@@ -131,6 +139,7 @@ impl GraphBuilder {
             op: Box::new(op),
             ins: ins.to_vec(),
             outs: out_ids.clone(),
+            scratch: None,
         });
         Ok(out_ids)
     }
@@ -181,6 +190,20 @@ impl GraphBuilder {
                 steps.push(Step::Backward(i));
             }
         }
+        // Scratch regions of the backward steps.
+        for st in &steps {
+            if let Step::Backward(i) = *st {
+                let n = &self.nodes[i];
+                let lens =
+                    |ts: &[TensorId]| ts.iter().map(|t| self.tensors[t.0].len).collect::<Vec<_>>();
+                let need = n.op.backward_scratch(&lens(&n.ins), &lens(&n.outs));
+                if need > 0 {
+                    let name = format!("scratch({})", n.op.name());
+                    let t = self.add(&name, need, Role::Scratch);
+                    self.nodes[i].scratch = Some(t);
+                }
+            }
+        }
         let last = steps.len();
         // Live intervals [first, last] in schedule positions, for arena tensors only.
         let total = self.tensors.len();
@@ -200,6 +223,9 @@ impl GraphBuilder {
                 }
                 Step::Backward(i) => {
                     let n = &self.nodes[i];
+                    if let Some(t) = n.scratch {
+                        touch(t, s, &mut first, &mut lastu);
+                    }
                     for &t in n.ins.iter().chain(&n.outs) {
                         touch(t, s, &mut first, &mut lastu);
                         if let Some(g) = grad_of[t.0] {
@@ -226,7 +252,12 @@ impl GraphBuilder {
 
         // First-fit packing, largest tensors first.
         let mut order: Vec<usize> = (0..total)
-            .filter(|&i| matches!(self.tensors[i].role, Role::Activation | Role::Grad))
+            .filter(|&i| {
+                matches!(
+                    self.tensors[i].role,
+                    Role::Activation | Role::Grad | Role::Scratch
+                )
+            })
             .filter(|&i| first[i] != usize::MAX)
             .collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(self.tensors[i].len), i));

@@ -452,7 +452,6 @@ impl ModelConfig {
         put("head_dim", self.head_dim.into());
         put("hidden_act", "silu".into());
         put("rms_norm_eps", self.rms_norm_eps.into());
-        put("rope_theta", self.rope_theta.into());
         put(
             "max_position_embeddings",
             self.max_position_embeddings.into(),
@@ -476,14 +475,20 @@ impl ModelConfig {
         if let Some(p) = self.pad_token_id {
             put("pad_token_id", p.into());
         }
-        if let Some(d) = &self.torch_dtype {
-            put("torch_dtype", d.as_str().into());
-        }
-        if obj.contains_key("rope_parameters") {
+        // transformers v5 writes `rope_parameters` and `dtype`; v4 `rope_theta` and
+        // `torch_dtype` (both read by v5). Keep the style of the source; v4 style by default.
+        let v5 = obj.contains_key("rope_parameters");
+        if v5 {
             let mut rp = Map::new();
             rp.insert("rope_type".into(), "default".into());
             rp.insert("rope_theta".into(), self.rope_theta.into());
             obj.insert("rope_parameters".into(), Value::Object(rp));
+        } else {
+            obj.insert("rope_theta".into(), self.rope_theta.into());
+        }
+        if let Some(d) = &self.torch_dtype {
+            let key = if v5 { "dtype" } else { "torch_dtype" };
+            obj.insert(key.into(), d.as_str().into());
         }
         Value::Object(obj)
     }

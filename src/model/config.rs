@@ -77,6 +77,7 @@ pub struct ModelConfig {
 const OWNED_KEYS: &[&str] = &[
     "architectures",
     "model_type",
+    "hidden_act",
     "vocab_size",
     "hidden_size",
     "intermediate_size",

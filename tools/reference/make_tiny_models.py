@@ -31,6 +31,9 @@ requirements.txt gives the same numbers; the BPE training is deterministic too):
                              (model.safetensors.index.json), to exercise the index loader.
   tiny-qwen2/                Qwen2ForCausalLM of the same size with q/k/v biases, tied embeddings,
                              rope_theta 1e6, eps 1e-6, saved as F32.
+  param_shapes.json          parameter names/shapes (and config.json) of three more config variants
+                             as transformers builds them: Llama with attention_bias + tied
+                             embeddings, Llama with heads * head_dim != hidden, untied Qwen2.
   <model>/golden.safetensors for tiny-llama and tiny-qwen2, a right-padded batch of 2 sequences:
       input_ids [2,T] I64, attention_mask [2,T] I64 (1 = token, 0 = padding, positions 0..T-1),
       logits [2,T,V] F32 (every position; rows at padding positions are what transformers computes
@@ -330,6 +333,8 @@ def main_build(out):
                          "model.layers.1.self_attn.k_proj.bias"])
     print(f"tiny-qwen2: loss {loss:.6f}")
 
+    record_param_shapes(os.path.join(out, "param_shapes.json"))
+
     # The committed folders must reload through transformers and reproduce the golden logits.
     for name in ["tiny-llama", "tiny-llama-sharded", "tiny-qwen2"]:
         gname = "tiny-llama" if name.startswith("tiny-llama") else name
@@ -338,6 +343,35 @@ def main_build(out):
         print(f"reload {name}: max |logit diff| {err:.3g}")
         if not err < tol:
             raise SystemExit(f"{name}: reloaded model does not reproduce the golden logits")
+
+
+def record_param_shapes(path):
+    """Parameter names and shapes transformers gives a few more config variants (no weights):
+    Llama with attention_bias (q/k/v AND o_proj biases) and tied embeddings, Llama with
+    head_dim * heads != hidden_size, untied Qwen2 with 4 layers and MHA."""
+    variants = {
+        "llama_bias_tied": LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=1, attention_bias=True,
+                                       tie_word_embeddings=True, max_position_embeddings=64),
+        "llama_wide_heads": LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=64),
+        "qwen2_untied_mha": Qwen2Config(vocab_size=40, hidden_size=24, intermediate_size=40,
+                                        num_hidden_layers=4, num_attention_heads=3,
+                                        num_key_value_heads=3, tie_word_embeddings=False,
+                                        max_position_embeddings=64),
+    }
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+    out = {}
+    for name, cfg in variants.items():
+        model = cls[cfg.model_type](cfg)
+        out[name] = {"config": json.loads(cfg.to_json_string()),
+                     "params": {n: list(p.shape) for n, p in model.named_parameters()}}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 def check_folder(folder, golden_path):

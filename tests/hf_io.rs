@@ -901,7 +901,6 @@ fn atomic_write_leaves_no_temp_file() {
     assert_eq!(dir_names(t.path()), ["out.bin".to_string()].into());
 }
 
-
 #[test]
 fn save_hf_folder_round_trip() {
     for (model, dtype) in [("tiny-qwen2", Dtype::F32), ("tiny-llama", Dtype::BF16)] {

@@ -284,7 +284,7 @@ impl ModelConfig {
                         f.err("field `num_attention_heads` must be positive, found 0".into())
                     );
                 }
-                if hidden_size % num_attention_heads != 0 {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(f.err(format!(
                         "field `num_attention_heads` = {num_attention_heads} does not divide \
                          `hidden_size` = {hidden_size} (and no `head_dim` is given)"
@@ -373,13 +373,16 @@ impl ModelConfig {
                 return Err(err(format!("field `{name}` must be positive, found 0")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(err(format!(
                 "field `num_key_value_heads` = {} does not divide `num_attention_heads` = {}",
                 self.num_key_value_heads, self.num_attention_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(err(format!(
                 "field `head_dim` = {} must be even (RoPE rotates pairs)",
                 self.head_dim

@@ -735,6 +735,21 @@ fn tokenizer_missing_or_malformed() {
         &[&ps, "not a valid tokenizer.json"],
     );
 
+    // Truncation/padding settings saved in tokenizer.json do not apply (as in transformers).
+    let mut v = read_json(&fixture("tiny-llama").join("tokenizer.json"));
+    v["truncation"] = serde_json::json!({"direction": "Right", "max_length": 3,
+        "strategy": "LongestFirst", "stride": 0});
+    v["padding"] = serde_json::json!({"strategy": {"Fixed": 40}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 1, "pad_type_id": 0, "pad_token": "<|pad|>"});
+    std::fs::write(&p, v.to_string()).unwrap();
+    let c = cases();
+    let e = &c["encode"][0];
+    let tok = Tokenizer::from_file(&p).unwrap();
+    assert_eq!(
+        tok.encode(e["text"].as_str().unwrap(), true).unwrap(),
+        as_u32s(&e["ids_special"])
+    );
+
     // A good tokenizer.json with a broken tokenizer_config.json.
     std::fs::copy(fixture("tiny-llama").join("tokenizer.json"), &p).unwrap();
     let cp = t.join("tokenizer_config.json");

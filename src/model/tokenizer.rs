@@ -85,9 +85,15 @@ impl Tokenizer {
         // Parse as JSON first so a syntax error is reported as such, with its position.
         serde_json::from_str::<Value>(&text)
             .map_err(|e| fmt_err(path, format!("not valid JSON: {e}")))?;
-        let inner = text
+        let mut inner = text
             .parse::<tokenizers::Tokenizer>()
             .map_err(|e| fmt_err(path, format!("not a valid tokenizer.json: {e}")))?;
+        // A tokenizer.json may carry truncation/padding settings from its last use; transformers
+        // overrides them per call, and so do we: encode never truncates or pads.
+        inner
+            .with_truncation(None)
+            .map_err(|e| fmt_err(path, format!("cannot disable truncation: {e}")))?;
+        inner.with_padding(None);
         Ok(Tokenizer {
             inner,
             path: path.to_path_buf(),

@@ -483,6 +483,7 @@ impl WeightsSource {
 }
 
 /// Tensors read from a checkpoint, with the file each came from.
+#[derive(Debug)]
 pub struct LoadedTensors {
     pub tensors: TensorMap,
     /// Tensor name -> the file it was read from.
@@ -690,6 +691,7 @@ pub fn check_tensors(
 }
 
 /// A checked checkpoint: its config, its parameters in f32, and the warnings of the check.
+#[derive(Debug)]
 pub struct Checkpoint {
     pub config: ModelConfig,
     pub tensors: TensorMap,

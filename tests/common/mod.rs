@@ -63,10 +63,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f64, atol: f64)
     let mut worst = (0usize, 0.0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let (g, w) = (g as f64, w as f64);
-        assert!(
-            !g.is_nan(),
-            "{what}[{i}] is NaN (want {w}): element never written?"
-        );
+        assert!(!g.is_nan(), "{what}[{i}] is NaN (want {w}): element never written?");
         let excess = (g - w).abs() - (atol + rtol * w.abs());
         if excess > worst.1 {
             worst = (i, excess);

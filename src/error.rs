@@ -16,6 +16,9 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    /// A file whose contents are malformed (corrupt safetensors, bad config.json, bad
+    /// tokenizer.json ...); `msg` names the field, tensor or byte range and the problem.
+    Format { path: String, msg: String },
 }
 
 /// `Result` with the crate's [`Error`].
@@ -28,6 +31,7 @@ impl fmt::Display for Error {
             Error::Shape(s) => write!(f, "shape mismatch: {s}"),
             Error::Invalid(s) => write!(f, "invalid argument: {s}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
+            Error::Format { path, msg } => write!(f, "{path}: {msg}"),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod graph;
 pub mod kernels;
+pub mod model;
 
 pub use device::Device;
 pub use error::{Error, Result};

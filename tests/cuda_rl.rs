@@ -97,6 +97,7 @@ fn gae_gpu(
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_dist_gae_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_dist_gae_matches_cpu") else {
         return;
@@ -160,6 +161,7 @@ fn cuda_dist_gae_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_dist_gae_is_deterministic() {
     let Some(dev) = cuda_for_test("cuda_dist_gae_is_deterministic") else {
         return;
@@ -181,6 +183,7 @@ fn cuda_dist_gae_is_deterministic() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_dist_gae_rejects_bad_input() {
     let Some(dev) = cuda_for_test("cuda_dist_gae_rejects_bad_input") else {
         return;
@@ -243,6 +246,7 @@ fn cuda_dist_gae_rejects_bad_input() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_whiten_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_whiten_matches_cpu") else {
         return;
@@ -302,6 +306,7 @@ fn cuda_whiten_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_whiten_in_place_raw() {
     let Some(dev) = cuda_for_test("cuda_whiten_in_place_raw") else {
         return;
@@ -346,6 +351,7 @@ fn cuda_whiten_in_place_raw() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_whiten_fewer_than_two_valid_tokens() {
     let Some(dev) = cuda_for_test("cuda_whiten_fewer_than_two_valid_tokens") else {
         return;
@@ -411,6 +417,7 @@ fn ppo_inputs(rng: &mut Rng, n: usize, p: PpoParams) -> [Vec<f32>; 4] {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_ppo_policy_loss_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_ppo_policy_loss_matches_cpu") else {
         return;
@@ -515,6 +522,7 @@ fn cuda_ppo_policy_loss_matches_cpu() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_kl_penalty_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_kl_penalty_matches_cpu") else {
         return;

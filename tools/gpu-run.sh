@@ -22,7 +22,7 @@ nvidia-smi > "$logs/nvidia-smi.txt" 2>&1
 say "== tests (DFPO_REQUIRE_CUDA=1) =="
 for t in "$here"/bin/test-*; do
   name=$(basename "$t")
-  if timeout 300 "$t" --test-threads=1 > "$logs/$name.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+  if timeout 300 "$t" --include-ignored --test-threads=1 > "$logs/$name.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
   say "$name: $r ($(grep -E '^test result' "$logs/$name.log" | tail -1))"
 done
 
@@ -32,7 +32,7 @@ if [[ -n "$san" ]]; then
   for t in "$here"/bin/test-cuda_*; do
     name=$(basename "$t")
     for tool in memcheck racecheck; do
-      if timeout 300 "$san" --tool "$tool" --error-exitcode 9 "$t" --test-threads=1 > "$logs/$name.$tool.log" 2>&1; then
+      if timeout 300 "$san" --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 > "$logs/$name.$tool.log" 2>&1; then
         r=clean
       else r=FAILED; status=1; fi
       say "$name $tool: $r ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$name.$tool.log" | tail -1))"

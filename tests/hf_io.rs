@@ -23,7 +23,7 @@ use dfpo::model::tokenizer::{ChatMessage, Tokenizer};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    common::fixtures_dir()
 }
 
 fn fixture(name: &str) -> PathBuf {

@@ -11,6 +11,8 @@ logs="${1:-$here/../gpu-logs}"
 mkdir -p "$logs"
 logs="$(cd "$logs" && pwd)"
 export DFPO_REQUIRE_CUDA=1
+# Tests read committed fixtures: from the repository checkout the bundle sits in.
+export DFPO_FIXTURES="${DFPO_FIXTURES:-$here/../tests/fixtures}"
 status=0
 summary="$logs/SUMMARY.txt"
 : > "$summary"

@@ -93,3 +93,12 @@ pub fn assert_close_f64(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: 
         );
     }
 }
+
+/// The committed fixtures folder: `$DFPO_FIXTURES` when set (the GPU bundle runs the tests from
+/// another checkout path), else `tests/fixtures` of the source tree this was built from.
+pub fn fixtures_dir() -> std::path::PathBuf {
+    match std::env::var("DFPO_FIXTURES") {
+        Ok(p) => p.into(),
+        Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
+}

@@ -40,10 +40,16 @@ fn mse_of_a_parameter_has_the_closed_form_gradient() {
     let want_g: Vec<f32> = (0..n)
         .map(|i| 2.0 * wv[i] * (pv[i] - tv[i]) / n as f32)
         .collect();
-    assert_close("d(p)", &s.read(dp).unwrap(), &want_g, 1e-5, 1e-7);
+    assert_close("d(p)", &s.read_f32(dp).unwrap(), &want_g, 1e-5, 1e-7);
     // A second run gives the same gradient: gradients are zeroed, not accumulated across runs.
     s.run().unwrap();
-    assert_close("d(p) on rerun", &s.read(dp).unwrap(), &want_g, 1e-5, 1e-7);
+    assert_close(
+        "d(p) on rerun",
+        &s.read_f32(dp).unwrap(),
+        &want_g,
+        1e-5,
+        1e-7,
+    );
 }
 
 #[test]
@@ -66,14 +72,14 @@ fn plan_rejects_bad_losses_and_writes() {
     let t = g.input("t", 4);
     let loss = g.node(MseLoss, &[p, t], &[("loss", 1)]).unwrap()[0];
     let mut s = dfpo::graph::Session::new(g.plan(loss).unwrap(), Device::Cpu).unwrap();
-    assert!(s.write(p, &[1.0; 3]).is_err(), "wrong length");
+    assert!(s.write(p, &[1.0f32; 3]).is_err(), "wrong length");
     assert!(
-        s.write(loss, &[1.0]).is_err(),
+        s.write(loss, &[1.0f32]).is_err(),
         "activations are not written by the caller"
     );
     let mut t2 = vec![0.0; 4];
     t2[1] = 1.0;
     s.write(t, &t2).unwrap();
-    s.write(p, &[0.0; 4]).unwrap();
+    s.write(p, &[0.0f32; 4]).unwrap();
     assert!((s.run().unwrap() - 0.25).abs() < 1e-7);
 }

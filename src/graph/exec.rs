@@ -4,46 +4,64 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-use super::{Plan, Role, Step, TensorId};
+use super::{DType, Plan, Role, Step, TensorId};
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
 
+/// Element types a tensor can hold, tied to their [`DType`].
+pub trait Element: bytemuck::Pod {
+    const DTYPE: DType;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+impl Element for u32 {
+    const DTYPE: DType = DType::U32;
+}
+
 enum Storage {
+    // u128 words keep every typed view 16-byte aligned.
     Cpu {
-        pers: Vec<f32>,
-        arena: Vec<f32>,
+        pers: Vec<u128>,
+        arena: Vec<u128>,
     },
     Cuda {
         dev: Arc<CudaDevice>,
-        pers: CudaSlice<f32>,
-        arena: CudaSlice<f32>,
+        pers: CudaSlice<u8>,
+        arena: CudaSlice<u8>,
     },
 }
 
 /// A plan bound to storage on one device: inputs and parameters in one persistent buffer, every
-/// activation and gradient in one arena.
+/// activation, gradient and scratch region in one arena.
 pub struct Session {
     plan: Plan,
     device: Device,
     storage: Storage,
 }
 
+fn words(bytes: usize) -> usize {
+    bytes.div_ceil(16).max(1)
+}
+
 impl Session {
-    /// Allocates the persistent buffer (zeros) and the arena (NaN on the CPU, so a read of
-    /// anything not yet written shows up as NaN rather than a plausible number).
+    /// Allocates the persistent buffer (zeros) and the arena (all bits set on the CPU: NaN in
+    /// f32 and bf16, so a read of anything not yet written shows up rather than passing).
     pub fn new(plan: Plan, device: Device) -> Result<Self> {
         let storage = match &device {
             Device::Cpu => Storage::Cpu {
-                pers: vec![0.0; plan.pers_len],
-                arena: vec![f32::NAN; plan.arena_len],
+                pers: vec![0; words(plan.pers_len)],
+                arena: vec![u128::MAX; words(plan.arena_len)],
             },
             Device::Cuda(dev) => {
                 let s = dev.stream();
-                let alloc = |n: usize| s.alloc_zeros::<f32>(n.max(1));
                 Storage::Cuda {
                     dev: dev.clone(),
-                    pers: alloc(plan.pers_len)?,
-                    arena: alloc(plan.arena_len)?,
+                    pers: s.alloc_zeros::<u8>(plan.pers_len.max(16))?,
+                    arena: s.alloc_zeros::<u8>(plan.arena_len.max(16))?,
                 }
             }
         };
@@ -64,25 +82,37 @@ impl Session {
         &self.device
     }
 
-    fn region(&self, t: TensorId) -> Result<(bool, usize, usize)> {
+    /// (persistent?, byte offset, byte length) of `t`, checking its element type.
+    fn region(&self, t: TensorId, dtype: DType) -> Result<(bool, usize, usize)> {
         let info = self
             .plan
             .tensors
             .get(t.0)
             .ok_or_else(|| Error::Invalid(format!("unknown tensor {t:?}")))?;
+        if info.dtype != dtype {
+            return Err(Error::Invalid(format!(
+                "tensor {} holds {:?}, accessed as {dtype:?}",
+                info.name, info.dtype
+            )));
+        }
+        let bytes = info.len * dtype.size();
         match info.role {
-            Role::Input | Role::Param => Ok((true, self.plan.pers_offset[t.0], info.len)),
+            Role::Input | Role::Param => Ok((true, self.plan.pers_offset[t.0], bytes)),
             _ if self.plan.offset[t.0] == usize::MAX => Err(Error::Invalid(format!(
                 "tensor {} is never used",
                 info.name
             ))),
-            _ => Ok((false, self.plan.offset[t.0], info.len)),
+            _ => Ok((false, self.plan.offset[t.0], bytes)),
         }
     }
 
     /// Copies `data` into input or parameter `t`.
-    pub fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {
-        let info = &self.plan.tensors[t.0];
+    pub fn write<T: Element>(&mut self, t: TensorId, data: &[T]) -> Result<()> {
+        let info = self
+            .plan
+            .tensors
+            .get(t.0)
+            .ok_or_else(|| Error::Invalid(format!("unknown tensor {t:?}")))?;
         if !matches!(info.role, Role::Input | Role::Param) {
             return Err(Error::Invalid(format!(
                 "{}: only inputs and parameters are written",
@@ -90,32 +120,39 @@ impl Session {
             )));
         }
         crate::error::check_len(&info.name, data.len(), info.len)?;
-        let (_, off, len) = self.region(t)?;
+        let (_, off, len) = self.region(t, T::DTYPE)?;
+        let src: &[u8] = bytemuck::cast_slice(data);
         match &mut self.storage {
-            Storage::Cpu { pers, .. } => pers[off..off + len].copy_from_slice(data),
+            Storage::Cpu { pers, .. } => {
+                bytemuck::cast_slice_mut::<u128, u8>(pers)[off..off + len].copy_from_slice(src)
+            }
             Storage::Cuda { dev, pers, .. } => dev
                 .stream()
-                .memcpy_htod(data, &mut pers.slice_mut(off..off + len))?,
+                .memcpy_htod(src, &mut pers.slice_mut(off..off + len))?,
         }
         Ok(())
     }
 
     /// Copies tensor `t` out. Arena tensors hold meaningful values only while live: read kept
     /// tensors, parameter gradients and the loss after [`Session::run`].
-    pub fn read(&self, t: TensorId) -> Result<Vec<f32>> {
-        let (p, off, len) = self.region(t)?;
-        match &self.storage {
-            Storage::Cpu { pers, arena } => Ok(if p {
-                &pers[off..off + len]
-            } else {
-                &arena[off..off + len]
+    pub fn read<T: Element>(&self, t: TensorId) -> Result<Vec<T>> {
+        let (p, off, len) = self.region(t, T::DTYPE)?;
+        let bytes: Vec<u8> = match &self.storage {
+            Storage::Cpu { pers, arena } => {
+                let buf = if p { pers } else { arena };
+                bytemuck::cast_slice::<u128, u8>(buf)[off..off + len].to_vec()
             }
-            .to_vec()),
             Storage::Cuda { dev, pers, arena } => {
                 let src = if p { pers } else { arena };
-                Ok(dev.stream().clone_dtoh(&src.slice(off..off + len))?)
+                dev.stream().clone_dtoh(&src.slice(off..off + len))?
             }
-        }
+        };
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// [`Session::read`] of an f32 tensor.
+    pub fn read_f32(&self, t: TensorId) -> Result<Vec<f32>> {
+        self.read::<f32>(t)
     }
 
     /// Runs forward, seeds d(loss) = 1, runs the backward schedule; returns the loss.
@@ -125,9 +162,11 @@ impl Session {
         let lg = plan.grad_of[plan.loss.0].expect("planned loss has a gradient");
         for (s, step) in plan.steps.iter().enumerate() {
             for &g in &plan.zero_at[s] {
-                let (off, len) = (plan.offset[g.0], plan.tensors[g.0].len);
+                let (off, len) = (plan.offset[g.0], plan.tensors[g.0].bytes());
                 match &mut self.storage {
-                    Storage::Cpu { arena, .. } => arena[off..off + len].fill(0.0),
+                    Storage::Cpu { arena, .. } => {
+                        bytemuck::cast_slice_mut::<u128, u8>(arena)[off..off + len].fill(0)
+                    }
                     Storage::Cuda { dev, arena, .. } => dev
                         .stream()
                         .memset_zeros(&mut arena.slice_mut(off..off + len))?,
@@ -136,10 +175,12 @@ impl Session {
             if s == nf {
                 let off = plan.offset[lg.0];
                 match &mut self.storage {
-                    Storage::Cpu { arena, .. } => arena[off] = 1.0,
+                    Storage::Cpu { arena, .. } => bytemuck::cast_slice_mut::<u128, u8>(arena)
+                        [off..off + 4]
+                        .copy_from_slice(&1.0f32.to_ne_bytes()),
                     Storage::Cuda { dev, arena, .. } => dev
                         .stream()
-                        .memcpy_htod(&[1.0f32], &mut arena.slice_mut(off..off + 1))?,
+                        .memcpy_htod(&1.0f32.to_ne_bytes(), &mut arena.slice_mut(off..off + 4))?,
                 }
             }
             let (i, fwd) = match *step {
@@ -169,7 +210,7 @@ impl Session {
                 ))
             })?;
         }
-        let loss = self.read(plan.loss)?;
+        let loss = self.read::<f32>(plan.loss)?;
         Ok(loss[0])
     }
 }
@@ -182,7 +223,7 @@ impl Session {
 pub struct Exec<'a> {
     plan: &'a Plan,
     device: &'a Device,
-    cpu: Option<(*mut f32, *mut f32)>,
+    cpu: Option<(*mut u8, *mut u8)>,
     cuda: Option<(u64, u64)>,
     scratch: Option<TensorId>,
 }
@@ -193,7 +234,7 @@ impl<'a> Exec<'a> {
             Storage::Cpu { pers, arena } => Exec {
                 plan,
                 device,
-                cpu: Some((pers.as_mut_ptr(), arena.as_mut_ptr())),
+                cpu: Some((pers.as_mut_ptr() as *mut u8, arena.as_mut_ptr() as *mut u8)),
                 cuda: None,
                 scratch: None,
             },
@@ -241,29 +282,54 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// `t` as a CPU slice.
-    pub fn cpu(&self, t: TensorId) -> &[f32] {
-        let (p, off) = self.locate(t);
-        let (pers, arena) = self.cpu.expect("cpu() called on a CUDA session");
-        let base = if p { pers } else { arena };
-        // SAFETY: offset + len lies in the buffer (planner); see the type's invariant.
-        unsafe { std::slice::from_raw_parts(base.add(off), self.len(t)) }
+    /// Element type of `t`.
+    pub fn dtype(&self, t: TensorId) -> DType {
+        self.plan.tensors[t.0].dtype
     }
 
-    /// `t` as a mutable CPU slice.
+    fn cpu_ptr<T: Element>(&self, t: TensorId) -> *mut T {
+        let info = &self.plan.tensors[t.0];
+        assert!(
+            info.dtype == T::DTYPE,
+            "op bug: tensor {} holds {:?}, accessed as {:?}",
+            info.name,
+            info.dtype,
+            T::DTYPE
+        );
+        let (p, off) = self.locate(t);
+        let (pers, arena) = self.cpu.expect("CPU access on a CUDA session");
+        // SAFETY: offset lies in the buffer (planner); offsets are 256-byte aligned.
+        unsafe { (if p { pers } else { arena }).add(off) as *mut T }
+    }
+
+    /// `t` as a CPU slice of `T` (its element type).
+    pub fn slice<T: Element>(&self, t: TensorId) -> &[T] {
+        // SAFETY: offset + len lies in the buffer (planner); see the type's invariant.
+        unsafe { std::slice::from_raw_parts(self.cpu_ptr::<T>(t), self.len(t)) }
+    }
+
+    /// `t` as a mutable CPU slice of `T`.
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_mut<T: Element>(&self, t: TensorId) -> &mut [T] {
+        // SAFETY: as in `slice`; live tensors are disjoint, and ops never alias a mutable one.
+        unsafe { std::slice::from_raw_parts_mut(self.cpu_ptr::<T>(t), self.len(t)) }
+    }
+
+    /// `t` (f32) as a CPU slice.
+    pub fn cpu(&self, t: TensorId) -> &[f32] {
+        self.slice::<f32>(t)
+    }
+
+    /// `t` (f32) as a mutable CPU slice.
     #[allow(clippy::mut_from_ref)]
     pub fn cpu_mut(&self, t: TensorId) -> &mut [f32] {
-        let (p, off) = self.locate(t);
-        let (pers, arena) = self.cpu.expect("cpu_mut() called on a CUDA session");
-        let base = if p { pers } else { arena };
-        // SAFETY: as in `cpu`; live tensors are disjoint, and ops never alias a mutable one.
-        unsafe { std::slice::from_raw_parts_mut(base.add(off), self.len(t)) }
+        self.slice_mut::<f32>(t)
     }
 
     /// `t`'s device address (CUdeviceptr) on a CUDA session.
     pub fn ptr(&self, t: TensorId) -> u64 {
         let (p, off) = self.locate(t);
         let (pers, arena) = self.cuda.expect("ptr() called on a CPU session");
-        (if p { pers } else { arena }) + 4 * off as u64
+        (if p { pers } else { arena }) + off as u64
     }
 }

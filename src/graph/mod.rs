@@ -18,7 +18,7 @@
 mod exec;
 pub mod ops;
 
-pub use exec::{Exec, Session};
+pub use exec::{Element, Exec, Session};
 
 use crate::error::{Error, Result};
 
@@ -41,12 +41,38 @@ pub enum Role {
     Grad,
 }
 
-/// A flat fp32 tensor: the graph only needs lengths; ops know their own shapes.
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    U32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::BF16 => 2,
+        }
+    }
+}
+
+/// A flat tensor: the graph only needs lengths and element types; ops know their own shapes.
 #[derive(Clone, Debug)]
 pub struct Tensor {
     pub name: String,
     pub len: usize,
+    pub dtype: DType,
     pub role: Role,
+}
+
+impl Tensor {
+    /// Bytes it occupies, rounded up to the storage alignment.
+    pub fn bytes(&self) -> usize {
+        align_up(self.len * self.dtype.size(), ALIGN)
+    }
 }
 
 /// One operation with an explicit forward and backward.
@@ -93,32 +119,56 @@ impl GraphBuilder {
         Self::default()
     }
 
-    fn add(&mut self, name: &str, len: usize, role: Role) -> TensorId {
+    fn add(&mut self, name: &str, len: usize, dtype: DType, role: Role) -> TensorId {
         self.tensors.push(Tensor {
             name: name.to_string(),
             len,
+            dtype,
             role,
         });
         self.producer.push(None);
         TensorId(self.tensors.len() - 1)
     }
 
-    /// A caller-bound input of `len` elements.
+    /// A caller-bound f32 input of `len` elements.
     pub fn input(&mut self, name: &str, len: usize) -> TensorId {
-        self.add(name, len, Role::Input)
+        self.add(name, len, DType::F32, Role::Input)
     }
 
-    /// A trainable parameter of `len` elements.
+    /// A caller-bound input of `len` elements of `dtype`.
+    pub fn input_typed(&mut self, name: &str, len: usize, dtype: DType) -> TensorId {
+        self.add(name, len, dtype, Role::Input)
+    }
+
+    /// A trainable f32 parameter of `len` elements.
     pub fn param(&mut self, name: &str, len: usize) -> TensorId {
-        self.add(name, len, Role::Param)
+        self.add(name, len, DType::F32, Role::Param)
     }
 
-    /// Adds `op` reading `ins` and producing new activations of the given (name, len).
+    /// A trainable parameter stored as `dtype` (e.g. the bf16 copy of fp32 masters kept by
+    /// the optimizer); its gradient is always f32.
+    pub fn param_typed(&mut self, name: &str, len: usize, dtype: DType) -> TensorId {
+        self.add(name, len, dtype, Role::Param)
+    }
+
+    /// Adds `op` reading `ins` and producing new f32 activations of the given (name, len).
     pub fn node(
         &mut self,
         op: impl Op + 'static,
         ins: &[TensorId],
         outs: &[(&str, usize)],
+    ) -> Result<Vec<TensorId>> {
+        let outs: Vec<(&str, usize, DType)> =
+            outs.iter().map(|&(n, l)| (n, l, DType::F32)).collect();
+        self.node_typed(op, ins, &outs)
+    }
+
+    /// Adds `op` reading `ins` and producing new activations of the given (name, len, dtype).
+    pub fn node_typed(
+        &mut self,
+        op: impl Op + 'static,
+        ins: &[TensorId],
+        outs: &[(&str, usize, DType)],
     ) -> Result<Vec<TensorId>> {
         for &i in ins {
             if i.0 >= self.tensors.len() {
@@ -130,7 +180,7 @@ impl GraphBuilder {
         }
         let out_ids: Vec<TensorId> = outs
             .iter()
-            .map(|&(n, len)| self.add(n, len, Role::Activation))
+            .map(|&(n, len, dt)| self.add(n, len, dt, Role::Activation))
             .collect();
         for o in &out_ids {
             self.producer[o.0] = Some(self.nodes.len());
@@ -152,9 +202,13 @@ impl GraphBuilder {
     /// Plans forward + backward of the scalar `loss` (an activation of length 1).
     pub fn plan(mut self, loss: TensorId) -> Result<Plan> {
         let nt = self.tensors.len();
-        if loss.0 >= nt || self.tensors[loss.0].len != 1 || self.producer[loss.0].is_none() {
+        let bad = loss.0 >= nt
+            || self.tensors[loss.0].len != 1
+            || self.tensors[loss.0].dtype != DType::F32
+            || self.producer[loss.0].is_none();
+        if bad {
             return Err(Error::Invalid(
-                "plan: the loss must be a node output of length 1".into(),
+                "plan: the loss must be an f32 node output of length 1".into(),
             ));
         }
         // Which tensors need a gradient: parameters, and anything computed from one.
@@ -175,8 +229,15 @@ impl GraphBuilder {
         let mut grad_of = vec![None; nt];
         for (i, ng) in needs_grad.iter().enumerate() {
             if *ng {
-                let (name, len) = (format!("d({})", self.tensors[i].name), self.tensors[i].len);
-                let g = self.add(&name, len, Role::Grad);
+                let t = &self.tensors[i];
+                // Parameter gradients are f32 whatever the parameter's storage type.
+                let dt = if t.role == Role::Param {
+                    DType::F32
+                } else {
+                    t.dtype
+                };
+                let (name, len) = (format!("d({})", t.name), t.len);
+                let g = self.add(&name, len, dt, Role::Grad);
                 grad_of[i] = Some(g);
             }
         }
@@ -199,7 +260,7 @@ impl GraphBuilder {
                 let need = n.op.backward_scratch(&lens(&n.ins), &lens(&n.outs));
                 if need > 0 {
                     let name = format!("scratch({})", n.op.name());
-                    let t = self.add(&name, need, Role::Scratch);
+                    let t = self.add(&name, need, DType::F32, Role::Scratch);
                     self.nodes[i].scratch = Some(t);
                 }
             }
@@ -260,20 +321,20 @@ impl GraphBuilder {
             })
             .filter(|&i| first[i] != usize::MAX)
             .collect();
-        order.sort_by_key(|&i| (std::cmp::Reverse(self.tensors[i].len), i));
+        order.sort_by_key(|&i| (std::cmp::Reverse(self.tensors[i].bytes()), i));
         let mut offset = vec![usize::MAX; total];
         let mut placed: Vec<usize> = Vec::new();
         let mut arena_len = 0usize;
         for &i in &order {
-            let len = self.tensors[i].len;
+            let len = self.tensors[i].bytes();
             // Busy ranges of tensors whose live interval overlaps this one's.
             let mut busy: Vec<(usize, usize)> = placed
                 .iter()
                 .filter(|&&j| first[j] <= lastu[i] && first[i] <= lastu[j])
-                .map(|&j| (offset[j], offset[j] + self.tensors[j].len))
+                .map(|&j| (offset[j], offset[j] + self.tensors[j].bytes()))
                 .collect();
             busy.sort();
-            // Offsets stay 64-element (256-byte) aligned, for vector loads on the GPU.
+            // Byte offsets stay ALIGN-aligned (vector loads, cp.async).
             let mut at = 0usize;
             for (s, e) in busy {
                 if at + len <= s {
@@ -285,10 +346,7 @@ impl GraphBuilder {
             arena_len = arena_len.max(at + len);
             placed.push(i);
         }
-        let tensor_sum: usize = order
-            .iter()
-            .map(|&i| align_up(self.tensors[i].len, ALIGN))
-            .sum();
+        let tensor_sum: usize = order.iter().map(|&i| self.tensors[i].bytes()).sum();
 
         // Persistent storage for inputs and parameters.
         let mut pers_offset = vec![usize::MAX; total];
@@ -296,7 +354,7 @@ impl GraphBuilder {
         for (i, t) in self.tensors.iter().enumerate() {
             if matches!(t.role, Role::Input | Role::Param) {
                 pers_offset[i] = pers_len;
-                pers_len += align_up(t.len, ALIGN);
+                pers_len += t.bytes();
             }
         }
 
@@ -324,7 +382,8 @@ impl GraphBuilder {
     }
 }
 
-const ALIGN: usize = 64;
+/// Byte alignment of every tensor in the arena and the persistent buffer.
+const ALIGN: usize = 256;
 
 fn align_up(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
@@ -355,17 +414,17 @@ pub struct Plan {
 impl Plan {
     /// Bytes of the one arena holding every activation and gradient.
     pub fn arena_bytes(&self) -> usize {
-        self.arena_len * 4
+        self.arena_len
     }
 
     /// Bytes all activations and gradients would take with one buffer each.
     pub fn tensor_bytes(&self) -> usize {
-        self.tensor_sum * 4
+        self.tensor_sum
     }
 
     /// Bytes of the persistent inputs + parameters buffer.
     pub fn persistent_bytes(&self) -> usize {
-        self.pers_len * 4
+        self.pers_len
     }
 
     /// The gradient tensor of `t`, if `t` needs one.
@@ -409,7 +468,7 @@ impl Plan {
             .filter(|&i| self.offset[i] != usize::MAX)
             .collect();
         for (a, &i) in arena.iter().enumerate() {
-            if self.offset[i] + self.tensors[i].len > self.arena_len
+            if self.offset[i] + self.tensors[i].bytes() > self.arena_len
                 || !self.offset[i].is_multiple_of(ALIGN)
             {
                 return Err(Error::Invalid(format!(
@@ -419,8 +478,8 @@ impl Plan {
             }
             for &j in &arena[a + 1..] {
                 let time = self.live[i].0 <= self.live[j].1 && self.live[j].0 <= self.live[i].1;
-                let (si, ei) = (self.offset[i], self.offset[i] + self.tensors[i].len);
-                let (sj, ej) = (self.offset[j], self.offset[j] + self.tensors[j].len);
+                let (si, ei) = (self.offset[i], self.offset[i] + self.tensors[i].bytes());
+                let (sj, ej) = (self.offset[j], self.offset[j] + self.tensors[j].bytes());
                 if time && si < ej && sj < ei {
                     return Err(Error::Invalid(format!(
                         "{} and {} are live together and overlap",

@@ -51,6 +51,13 @@ impl Session {
     /// Allocates the persistent buffer (zeros) and the arena (all bits set on the CPU: NaN in
     /// f32 and bf16, so a read of anything not yet written shows up rather than passing).
     pub fn new(plan: Plan, device: Device) -> Result<Self> {
+        if plan.cuda != device.is_cuda() {
+            return Err(Error::Invalid(format!(
+                "the plan was made for {}, the session is on {}",
+                if plan.cuda { "CUDA" } else { "the CPU" },
+                device.describe()
+            )));
+        }
         let storage = match &device {
             Device::Cpu => Storage::Cpu {
                 pers: vec![0; words(plan.pers_len)],

@@ -20,6 +20,7 @@ pub mod ops;
 
 pub use exec::{Element, Exec, Session};
 
+use crate::device::Device;
 use crate::error::{Error, Result};
 
 /// Index of a tensor in its graph.
@@ -81,9 +82,15 @@ pub trait Op {
     fn name(&self) -> String;
     /// Reads `ins`, overwrites `outs`.
     fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()>;
-    /// f32 of scratch memory the backward needs (given its tensors' lengths); the planner gives
-    /// it an arena region live during that backward only ([`Exec::scratch`]).
-    fn backward_scratch(&self, _ins: &[usize], _outs: &[usize]) -> usize {
+    /// Whether the backward reads the forward's (inputs, outputs); what it does not read is
+    /// not kept alive for it. Default: both.
+    fn backward_reads(&self) -> (bool, bool) {
+        (true, true)
+    }
+    /// f32 of scratch memory the backward needs (given its tensors' lengths and whether it runs
+    /// on CUDA); the planner gives it an arena region live during that backward only
+    /// ([`Exec::scratch`]).
+    fn backward_scratch(&self, _ins: &[usize], _outs: &[usize], _cuda: bool) -> usize {
         0
     }
     /// Reads `ins`, `outs` and `d_outs`; ACCUMULATES into each `d_ins[i]` that is `Some`
@@ -199,8 +206,10 @@ impl GraphBuilder {
         self.keep.push(t);
     }
 
-    /// Plans forward + backward of the scalar `loss` (an activation of length 1).
-    pub fn plan(mut self, loss: TensorId) -> Result<Plan> {
+    /// Plans forward + backward of the scalar `loss` (an activation of length 1) for `device`
+    /// (scratch sizes may differ between the CPU and CUDA paths of an op).
+    pub fn plan(mut self, loss: TensorId, device: &Device) -> Result<Plan> {
+        let cuda = device.is_cuda();
         let nt = self.tensors.len();
         let bad = loss.0 >= nt
             || self.tensors[loss.0].len != 1
@@ -257,7 +266,7 @@ impl GraphBuilder {
                 let n = &self.nodes[i];
                 let lens =
                     |ts: &[TensorId]| ts.iter().map(|t| self.tensors[t.0].len).collect::<Vec<_>>();
-                let need = n.op.backward_scratch(&lens(&n.ins), &lens(&n.outs));
+                let need = n.op.backward_scratch(&lens(&n.ins), &lens(&n.outs), cuda);
                 if need > 0 {
                     let name = format!("scratch({})", n.op.name());
                     let t = self.add(&name, need, DType::F32, Role::Scratch);
@@ -287,8 +296,16 @@ impl GraphBuilder {
                     if let Some(t) = n.scratch {
                         touch(t, s, &mut first, &mut lastu);
                     }
-                    for &t in n.ins.iter().chain(&n.outs) {
-                        touch(t, s, &mut first, &mut lastu);
+                    let (reads_ins, reads_outs) = n.op.backward_reads();
+                    for (&t, reads) in n
+                        .ins
+                        .iter()
+                        .map(|t| (t, reads_ins))
+                        .chain(n.outs.iter().map(|t| (t, reads_outs)))
+                    {
+                        if reads {
+                            touch(t, s, &mut first, &mut lastu);
+                        }
                         if let Some(g) = grad_of[t.0] {
                             touch(g, s, &mut first, &mut lastu);
                         }
@@ -378,6 +395,7 @@ impl GraphBuilder {
             zero_at,
             loss,
             live: first.into_iter().zip(lastu).collect(),
+            cuda,
         })
     }
 }
@@ -409,6 +427,7 @@ pub struct Plan {
     pub(crate) zero_at: Vec<Vec<TensorId>>,
     pub(crate) loss: TensorId,
     live: Vec<(usize, usize)>,
+    pub(crate) cuda: bool,
 }
 
 impl Plan {

@@ -87,8 +87,9 @@ fn naive(sh: &Shape, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> (Vec<f64>, 
                 let z: f64 = row.iter().map(|x| (x - m).exp()).sum();
                 let p: Vec<f64> = row.iter().map(|x| (x - m).exp() / z).collect();
                 for c in 0..d {
-                    out[((b * s + i) * sh.hq + h) * d + c] =
-                        (0..len).map(|j| if p[j] > 0.0 { p[j] * va(j, c) } else { 0.0 }).sum();
+                    out[((b * s + i) * sh.hq + h) * d + c] = (0..len)
+                        .map(|j| if p[j] > 0.0 { p[j] * va(j, c) } else { 0.0 })
+                        .sum();
                 }
                 lse[(b * sh.hq + h) * s + i] = m + z.ln();
             }
@@ -141,7 +142,10 @@ fn forward_matches_naive_materialised_softmax() {
                     let o = ((b * sh.s + s) * sh.hq + h) * sh.d;
                     let l = lse[(b * sh.hq + h) * sh.s + s];
                     if s >= sh.lens[b] as usize {
-                        assert!(out[o..o + sh.d].iter().all(|&x| x == 0.0) && l == 0.0, "{sh:?}");
+                        assert!(
+                            out[o..o + sh.d].iter().all(|&x| x == 0.0) && l == 0.0,
+                            "{sh:?}"
+                        );
                     } else {
                         assert!(out[o..o + sh.d].iter().all(|x| x.is_finite()) && l.is_finite());
                     }
@@ -187,7 +191,8 @@ fn lse_is_the_direct_log_sum_exp_and_rows_are_convex_combinations() {
                 // Each output lies within the range of the values it averages.
                 for c in 0..8 {
                     let vals = (0..=i).map(|j| v[((b * 23 + j) * 2 + hk) * 8 + c]);
-                    let (lo, hi) = vals.fold((f64::MAX, f64::MIN), |(l, u), x| (l.min(x), u.max(x)));
+                    let (lo, hi) =
+                        vals.fold((f64::MAX, f64::MIN), |(l, u), x| (l.min(x), u.max(x)));
                     let o = out[((b * 23 + i) * 4 + h) * 8 + c];
                     assert!(o >= lo - 1e-12 && o <= hi + 1e-12);
                 }
@@ -218,7 +223,13 @@ fn huge_scores_give_the_argmax_value_without_overflow() {
         for i in 0..12 {
             let qi = &q[(i * 2 + h) * 4..][..4];
             let scores: Vec<f64> = (0..=i)
-                .map(|j| scale * qi.iter().zip(&k[j * 4..j * 4 + 4]).map(|(a, c)| a * c).sum::<f64>())
+                .map(|j| {
+                    scale
+                        * qi.iter()
+                            .zip(&k[j * 4..j * 4 + 4])
+                            .map(|(a, c)| a * c)
+                            .sum::<f64>()
+                })
                 .collect();
             let (arg, &mx) = scores
                 .iter()
@@ -261,10 +272,38 @@ fn loss(sh: &Shape, q: &[f64], k: &[f64], v: &[f64], w: &[f64], scale: f64) -> f
 fn backward_matches_central_finite_differences() {
     let mut rng = Rng::fresh("backward_matches_central_finite_differences");
     let cases = [
-        Shape { b: 2, s: 6, hq: 2, hkv: 2, d: 3, lens: vec![6, 4] },
-        Shape { b: 2, s: 7, hq: 4, hkv: 2, d: 3, lens: vec![3, 7] },
-        Shape { b: 3, s: 5, hq: 4, hkv: 1, d: 2, lens: vec![5, 0, 1] },
-        Shape { b: 1, s: 1, hq: 2, hkv: 1, d: 4, lens: vec![1] },
+        Shape {
+            b: 2,
+            s: 6,
+            hq: 2,
+            hkv: 2,
+            d: 3,
+            lens: vec![6, 4],
+        },
+        Shape {
+            b: 2,
+            s: 7,
+            hq: 4,
+            hkv: 2,
+            d: 3,
+            lens: vec![3, 7],
+        },
+        Shape {
+            b: 3,
+            s: 5,
+            hq: 4,
+            hkv: 1,
+            d: 2,
+            lens: vec![5, 0, 1],
+        },
+        Shape {
+            b: 1,
+            s: 1,
+            hq: 2,
+            hkv: 1,
+            d: 4,
+            lens: vec![1],
+        },
     ];
     for sh in cases {
         let q = tokens(&mut rng, &sh, sh.hq, 1.0);
@@ -279,12 +318,16 @@ fn backward_matches_central_finite_differences() {
         let dv0 = tokens(&mut rng, &sh, sh.hkv, 1.0);
         let (mut dq, mut dk, mut dv) = (dq0.clone(), dk0.clone(), dv0.clone());
         cpu::attention_backward(
-            &q, &k, &v, &out, &lse, &w, &sh.lens, sh.b, sh.s, sh.hq, sh.hkv, sh.d, scale,
-            &mut dq, &mut dk, &mut dv,
+            &q, &k, &v, &out, &lse, &w, &sh.lens, sh.b, sh.s, sh.hq, sh.hkv, sh.d, scale, &mut dq,
+            &mut dk, &mut dv,
         )
         .unwrap();
         let eps = 1e-6;
-        for (name, x, g, g0) in [("q", &q, &dq, &dq0), ("k", &k, &dk, &dk0), ("v", &v, &dv, &dv0)] {
+        for (name, x, g, g0) in [
+            ("q", &q, &dq, &dq0),
+            ("k", &k, &dk, &dk0),
+            ("v", &v, &dv, &dv0),
+        ] {
             for i in 0..x.len() {
                 if x[i].is_nan() {
                     assert!(g[i].is_nan(), "d{name}[{i}] on padding was touched");
@@ -295,9 +338,18 @@ fn backward_matches_central_finite_differences() {
                 let mut xm = x.clone();
                 xm[i] -= eps;
                 let (lp, lm) = match name {
-                    "q" => (loss(&sh, &xp, &k, &v, &w, scale), loss(&sh, &xm, &k, &v, &w, scale)),
-                    "k" => (loss(&sh, &q, &xp, &v, &w, scale), loss(&sh, &q, &xm, &v, &w, scale)),
-                    _ => (loss(&sh, &q, &k, &xp, &w, scale), loss(&sh, &q, &k, &xm, &w, scale)),
+                    "q" => (
+                        loss(&sh, &xp, &k, &v, &w, scale),
+                        loss(&sh, &xm, &k, &v, &w, scale),
+                    ),
+                    "k" => (
+                        loss(&sh, &q, &xp, &v, &w, scale),
+                        loss(&sh, &q, &xm, &v, &w, scale),
+                    ),
+                    _ => (
+                        loss(&sh, &q, &k, &xp, &w, scale),
+                        loss(&sh, &q, &k, &xm, &w, scale),
+                    ),
                 };
                 let fd = (lp - lm) / (2.0 * eps);
                 let an = g[i] - g0[i];
@@ -349,8 +401,10 @@ fn decode_equals_the_last_row_of_the_full_forward() {
             }
         }
         let mut od = vec![f64::NAN; sh.b * hq * d];
-        cpu::decode_attention(&qd, &kc, &vc, &sh.lens, sh.b, hq, hkv, max_len, d, scale, &mut od)
-            .unwrap();
+        cpu::decode_attention(
+            &qd, &kc, &vc, &sh.lens, sh.b, hq, hkv, max_len, d, scale, &mut od,
+        )
+        .unwrap();
         for b in 0..sh.b {
             let len = sh.lens[b] as usize;
             let got = &od[b * hq * d..(b + 1) * hq * d];
@@ -391,13 +445,32 @@ fn f32_reference_tracks_f64() {
     .unwrap();
     assert_close("f32 out", &o32, &f(&o64), 1e-4, 1e-5);
     assert_close("f32 lse", &l32, &f(&l64), 1e-5, 1e-5);
-    let (mut dq64, mut dk64, mut dv64) = (vec![0.0; sh.nq()], vec![0.0; sh.nk()], vec![0.0; sh.nk()]);
+    let (mut dq64, mut dk64, mut dv64) =
+        (vec![0.0; sh.nq()], vec![0.0; sh.nk()], vec![0.0; sh.nk()]);
     cpu::attention_backward(
-        &q, &k, &v, &o64, &l64, &dout, &sh.lens, 2, 128, 4, 2, 64, scale as f64, &mut dq64,
-        &mut dk64, &mut dv64,
+        &q,
+        &k,
+        &v,
+        &o64,
+        &l64,
+        &dout,
+        &sh.lens,
+        2,
+        128,
+        4,
+        2,
+        64,
+        scale as f64,
+        &mut dq64,
+        &mut dk64,
+        &mut dv64,
     )
     .unwrap();
-    let (mut dq, mut dk, mut dv) = (vec![0.0f32; sh.nq()], vec![0.0f32; sh.nk()], vec![0.0f32; sh.nk()]);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; sh.nq()],
+        vec![0.0f32; sh.nk()],
+        vec![0.0f32; sh.nk()],
+    );
     cpu::attention_backward(
         &q32, &k32, &v32, &o32, &l32, &do32, &sh.lens, 2, 128, 4, 2, 64, scale, &mut dq, &mut dk,
         &mut dv,
@@ -413,7 +486,10 @@ fn expect_err<T: std::fmt::Debug>(r: Result<T, Error>, needle: &str) {
     match r {
         Err(e @ (Error::Shape(_) | Error::Invalid(_))) => {
             let msg = e.to_string();
-            assert!(msg.contains(needle), "error {msg:?} does not name {needle:?}");
+            assert!(
+                msg.contains(needle),
+                "error {msg:?} does not name {needle:?}"
+            );
         }
         other => panic!("expected an error naming {needle:?}, got {other:?}"),
     }
@@ -430,15 +506,34 @@ fn bad_input_is_an_error_not_a_panic() {
     let v = vec![0.3f32; nk];
     let lens = vec![4u32, 2];
     let (mut o, mut l) = (vec![0.0f32; nq], vec![0.0f32; nl]);
-    let f = |q: &[f32], k: &[f32], lens: &[u32], hq: usize, hkv: usize, o: &mut [f32], l: &mut [f32], scale: f32| {
+    let f = |q: &[f32],
+             k: &[f32],
+             lens: &[u32],
+             hq: usize,
+             hkv: usize,
+             o: &mut [f32],
+             l: &mut [f32],
+             scale: f32| {
         cpu::attention_forward(q, k, &v, lens, b, s, hq, hkv, d, scale, o, l)
     };
     expect_err(f(&q[1..], &k, &lens, hq, hkv, &mut o, &mut l, 0.5), "q");
     expect_err(f(&q, &k[1..], &lens, hq, hkv, &mut o, &mut l, 0.5), "k");
-    expect_err(f(&q, &k, &lens[..1], hq, hkv, &mut o, &mut l, 0.5), "seq_lens");
-    expect_err(f(&q, &k, &[5, 1], hq, hkv, &mut o, &mut l, 0.5), "seq_lens[0] = 5");
-    expect_err(f(&q, &k, &lens, 4, 3, &mut o, &mut l, 0.5), "multiple of Hkv");
-    expect_err(f(&q, &k, &lens, 4, 0, &mut o, &mut l, 0.5), "multiple of Hkv");
+    expect_err(
+        f(&q, &k, &lens[..1], hq, hkv, &mut o, &mut l, 0.5),
+        "seq_lens",
+    );
+    expect_err(
+        f(&q, &k, &[5, 1], hq, hkv, &mut o, &mut l, 0.5),
+        "seq_lens[0] = 5",
+    );
+    expect_err(
+        f(&q, &k, &lens, 4, 3, &mut o, &mut l, 0.5),
+        "multiple of Hkv",
+    );
+    expect_err(
+        f(&q, &k, &lens, 4, 0, &mut o, &mut l, 0.5),
+        "multiple of Hkv",
+    );
     expect_err(f(&q, &k, &lens, hq, hkv, &mut o[1..], &mut l, 0.5), "out");
     expect_err(f(&q, &k, &lens, hq, hkv, &mut o, &mut l[1..], 0.5), "lse");
     expect_err(f(&q, &k, &lens, hq, hkv, &mut o, &mut l, f32::NAN), "scale");
@@ -461,13 +556,43 @@ fn bad_input_is_an_error_not_a_panic() {
     .unwrap();
     expect_err(
         cpu::attention_backward(
-            &q, &k, &v, &o, &l, &q, &lens, b, s, hq, hkv, d, 0.5, &mut dq, &mut dk[1..], &mut dv,
+            &q,
+            &k,
+            &v,
+            &o,
+            &l,
+            &q,
+            &lens,
+            b,
+            s,
+            hq,
+            hkv,
+            d,
+            0.5,
+            &mut dq,
+            &mut dk[1..],
+            &mut dv,
         ),
         "dk",
     );
     expect_err(
         cpu::attention_backward(
-            &q, &k, &v, &o[2..], &l, &q, &lens, b, s, hq, hkv, d, 0.5, &mut dq, &mut dk, &mut dv,
+            &q,
+            &k,
+            &v,
+            &o[2..],
+            &l,
+            &q,
+            &lens,
+            b,
+            s,
+            hq,
+            hkv,
+            d,
+            0.5,
+            &mut dq,
+            &mut dk,
+            &mut dv,
         ),
         "out",
     );
@@ -485,7 +610,19 @@ fn bad_input_is_an_error_not_a_panic() {
         "max_len",
     );
     expect_err(
-        cpu::decode_attention(&qd, &kc[1..], &kc, &[1, 1], b, hq, hkv, max_len, d, 0.5, &mut od),
+        cpu::decode_attention(
+            &qd,
+            &kc[1..],
+            &kc,
+            &[1, 1],
+            b,
+            hq,
+            hkv,
+            max_len,
+            d,
+            0.5,
+            &mut od,
+        ),
         "k_cache",
     );
     expect_err(

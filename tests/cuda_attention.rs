@@ -111,7 +111,9 @@ fn lens_for(rng: &mut Rng, b: usize, s: usize) -> Vec<u32> {
 }
 
 fn max_abs(x: &[f32]) -> f64 {
-    x.iter().filter(|v| v.is_finite()).fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+    x.iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
 }
 
 /// The shapes of the parity tests: every head dim x GQA group 1/2/7 x S in {1, 17, 64, 129}, plus
@@ -122,10 +124,24 @@ fn parity_shapes(rng: &mut Rng) -> Vec<Shape> {
         for &(hq, hkv) in &[(2usize, 2usize), (4, 2), (7, 1)] {
             for &s in &[1usize, 17, 64, 129] {
                 let b = if s == 1 { 2 } else { 3 };
-                v.push(Shape { b, s, hq, hkv, d, lens: lens_for(rng, b, s) });
+                v.push(Shape {
+                    b,
+                    s,
+                    hq,
+                    hkv,
+                    d,
+                    lens: lens_for(rng, b, s),
+                });
             }
         }
-        v.push(Shape { b: 2, s: 512, hq: 4, hkv: 2, d, lens: vec![512, 300] });
+        v.push(Shape {
+            b: 2,
+            s: 512,
+            hq: 4,
+            hkv: 2,
+            d,
+            lens: vec![512, 300],
+        });
     }
     v
 }
@@ -163,7 +179,10 @@ fn gpu_fwd(
         &mut lse.as_view_mut(),
     )
     .unwrap();
-    Fwd { o: down_bf16(dev, &o), lse: down_f32(dev, &lse) }
+    Fwd {
+        o: down_bf16(dev, &o),
+        lse: down_f32(dev, &lse),
+    }
 }
 
 fn check_padding_zero(sh: &Shape, f: &Fwd) {
@@ -175,7 +194,11 @@ fn check_padding_zero(sh: &Shape, f: &Fwd) {
                 "o at padded b={b} s={s} not 0 ({sh:?})"
             );
             for h in 0..sh.hq {
-                assert_eq!(f.lse[(b * sh.hq + h) * sh.s + s], 0.0, "lse at padded b={b} h={h} s={s}");
+                assert_eq!(
+                    f.lse[(b * sh.hq + h) * sh.s + s],
+                    0.0,
+                    "lse at padded b={b} h={h} s={s}"
+                );
             }
         }
     }
@@ -235,8 +258,15 @@ fn cuda_attention_bwd_matches_cpu() {
         let dq0 = tokens(&mut rng, &sh, sh.hq, 0.5);
         let dk0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
         let dv0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
-        let (mut gdq, mut gdk, mut gdv) = (up_bf16(&dev, &dq0), up_bf16(&dev, &dk0), up_bf16(&dev, &dv0));
-        let mut ws = up_f32(&dev, &vec![POISON; cuda::bwd_workspace_len(sh.b, sh.s, sh.hq, sh.d)]);
+        let (mut gdq, mut gdk, mut gdv) = (
+            up_bf16(&dev, &dq0),
+            up_bf16(&dev, &dk0),
+            up_bf16(&dev, &dv0),
+        );
+        let mut ws = up_f32(
+            &dev,
+            &vec![POISON; cuda::bwd_workspace_len(sh.b, sh.s, sh.hq, sh.d)],
+        );
         cuda::attention_bwd(
             &dev,
             &view(&gq),
@@ -259,7 +289,11 @@ fn cuda_attention_bwd_matches_cpu() {
         )
         .unwrap();
         // CPU: gradients alone (from zero), then init + grad.
-        let (mut dq, mut dk, mut dv) = (vec![0.0f32; sh.nq()], vec![0.0f32; sh.nk()], vec![0.0f32; sh.nk()]);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; sh.nq()],
+            vec![0.0f32; sh.nk()],
+            vec![0.0f32; sh.nk()],
+        );
         cpu::attention_backward(
             &q, &k, &v, &f.o, &f.lse, &dout, &sh.lens, sh.b, sh.s, sh.hq, sh.hkv, sh.d, scale,
             &mut dq, &mut dk, &mut dv,
@@ -280,7 +314,10 @@ fn cuda_attention_bwd_matches_cpu() {
                     let o = (b * sh.s + s) * h * sh.d;
                     for x in o..o + h * sh.d {
                         if s >= sh.lens[b] as usize {
-                            assert_eq!(bits[x], nan_bits, "{name}[{x}] on a padded row was touched ({what})");
+                            assert_eq!(
+                                bits[x], nan_bits,
+                                "{name}[{x}] on a padded row was touched ({what})"
+                            );
                         } else {
                             g_valid.push(got[x]);
                             w_valid.push(init[x] + grad[x]);
@@ -311,8 +348,6 @@ fn cuda_decode_attention_matches_cpu() {
                     1,
                     1 + (rng.next_u64() % max_len as u64) as u32,
                 ];
-                let g = hq / hkv;
-                let _ = g;
                 let q = round_bf16(&rng.normal_vec(b * hq * d, 1.5));
                 let mut kc = round_bf16(&rng.normal_vec(b * hkv * max_len * d, 1.5));
                 let mut vc = round_bf16(&rng.normal_vec(b * hkv * max_len * d, 1.0));
@@ -327,7 +362,10 @@ fn cuda_decode_attention_matches_cpu() {
                 let (gq, gk, gv) = (up_bf16(&dev, &q), up_bf16(&dev, &kc), up_bf16(&dev, &vc));
                 let glens = dev.stream().clone_htod(&lens).unwrap();
                 let mut gout = up_bf16(&dev, &vec![POISON; b * hq * d]);
-                let mut ws = up_f32(&dev, &vec![POISON; cuda::decode_workspace_len(b, hq, hkv, max_len, d)]);
+                let mut ws = up_f32(
+                    &dev,
+                    &vec![POISON; cuda::decode_workspace_len(b, hq, hkv, max_len, d)],
+                );
                 cuda::decode_attention(
                     &dev,
                     &view(&gq),
@@ -346,10 +384,16 @@ fn cuda_decode_attention_matches_cpu() {
                 .unwrap();
                 let got = down_bf16(&dev, &gout);
                 let mut want = vec![0.0f32; b * hq * d];
-                cpu::decode_attention(&q, &kc, &vc, &lens, b, hq, hkv, max_len, d, scale, &mut want)
-                    .unwrap();
-                let what = format!("decode B={b} Hq={hq} Hkv={hkv} D={d} max_len={max_len} lens={lens:?}");
-                assert!(got[hq * d..2 * hq * d].iter().all(|&x| x == 0.0), "zero-length row not 0: {what}");
+                cpu::decode_attention(
+                    &q, &kc, &vc, &lens, b, hq, hkv, max_len, d, scale, &mut want,
+                )
+                .unwrap();
+                let what =
+                    format!("decode B={b} Hq={hq} Hkv={hkv} D={d} max_len={max_len} lens={lens:?}");
+                assert!(
+                    got[hq * d..2 * hq * d].iter().all(|&x| x == 0.0),
+                    "zero-length row not 0: {what}"
+                );
                 assert_close(&what, &got, &want, 1e-2, 1.5e-2 * max_abs(&want));
             }
         }
@@ -377,8 +421,19 @@ fn cuda_attention_rejects_bad_input() {
     let mut lse = up_f32(&dev, &vec![0.0; b * hq * s]);
     expect(
         cuda::attention_fwd(
-            &dev, &view(&q), &view(&k), &view(&k), &lens.as_view(), b, s, hq, hkv, d, 0.1,
-            &mut view_mut(&mut o), &mut lse.as_view_mut(),
+            &dev,
+            &view(&q),
+            &view(&k),
+            &view(&k),
+            &lens.as_view(),
+            b,
+            s,
+            hq,
+            hkv,
+            d,
+            0.1,
+            &mut view_mut(&mut o),
+            &mut lse.as_view_mut(),
         ),
         "head dim",
     );
@@ -389,15 +444,37 @@ fn cuda_attention_rejects_bad_input() {
     let mut o = up_bf16(&dev, &vec![0.0; b * s * hq * d]);
     expect(
         cuda::attention_fwd(
-            &dev, &view(&q), &view(&q), &view(&k), &lens.as_view(), b, s, hq, hkv, d, 0.1,
-            &mut view_mut(&mut o), &mut lse.as_view_mut(),
+            &dev,
+            &view(&q),
+            &view(&q),
+            &view(&k),
+            &lens.as_view(),
+            b,
+            s,
+            hq,
+            hkv,
+            d,
+            0.1,
+            &mut view_mut(&mut o),
+            &mut lse.as_view_mut(),
         ),
         "attention_fwd k",
     );
     expect(
         cuda::attention_fwd(
-            &dev, &view(&q), &view(&k), &view(&k), &lens.as_view(), b, s, hq, 3, d, 0.1,
-            &mut view_mut(&mut o), &mut lse.as_view_mut(),
+            &dev,
+            &view(&q),
+            &view(&k),
+            &view(&k),
+            &lens.as_view(),
+            b,
+            s,
+            hq,
+            3,
+            d,
+            0.1,
+            &mut view_mut(&mut o),
+            &mut lse.as_view_mut(),
         ),
         "multiple of Hkv",
     );
@@ -405,26 +482,63 @@ fn cuda_attention_rejects_bad_input() {
     let mut ws = up_f32(&dev, &vec![0.0; cuda::bwd_workspace_len(b, s, hq, d) - 1]);
     expect(
         cuda::attention_bwd(
-            &dev, &view(&q), &view(&k), &view(&k), &view(&q), &lse.as_view(), &view(&q),
-            &lens.as_view(), b, s, hq, hkv, d, 0.1, &mut view_mut(&mut dq), &mut view_mut(&mut dk),
-            &mut view_mut(&mut dv), &mut ws.as_view_mut(),
+            &dev,
+            &view(&q),
+            &view(&k),
+            &view(&k),
+            &view(&q),
+            &lse.as_view(),
+            &view(&q),
+            &lens.as_view(),
+            b,
+            s,
+            hq,
+            hkv,
+            d,
+            0.1,
+            &mut view_mut(&mut dq),
+            &mut view_mut(&mut dk),
+            &mut view_mut(&mut dv),
+            &mut ws.as_view_mut(),
         ),
         "workspace",
     );
     let mut out = up_bf16(&dev, &vec![0.0; b * hq * d]);
     let qd = up_bf16(&dev, &vec![0.0; b * hq * d]);
-    let mut dws = up_f32(&dev, &vec![0.0; 16]);
+    let mut dws = up_f32(&dev, &[0.0; 16]);
     expect(
         cuda::decode_attention(
-            &dev, &view(&qd), &view(&k), &view(&k), &lens.as_view(), b, hq, hkv, 0, d, 0.1,
-            &mut view_mut(&mut out), &mut dws.as_view_mut(),
+            &dev,
+            &view(&qd),
+            &view(&k),
+            &view(&k),
+            &lens.as_view(),
+            b,
+            hq,
+            hkv,
+            0,
+            d,
+            0.1,
+            &mut view_mut(&mut out),
+            &mut dws.as_view_mut(),
         ),
         "max_len",
     );
     expect(
         cuda::decode_attention(
-            &dev, &view(&qd), &view(&k), &view(&k), &lens.as_view(), b, hq, hkv, s, d, 0.1,
-            &mut view_mut(&mut out), &mut dws.as_view_mut(),
+            &dev,
+            &view(&qd),
+            &view(&k),
+            &view(&k),
+            &lens.as_view(),
+            b,
+            hq,
+            hkv,
+            s,
+            d,
+            0.1,
+            &mut view_mut(&mut out),
+            &mut dws.as_view_mut(),
         ),
         "workspace",
     );

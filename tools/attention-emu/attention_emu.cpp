@@ -70,21 +70,21 @@ static size_t bwd_smem(int D) {
 static int dec_ch(int D) { return D >= 128 ? 32 : 64; }
 static size_t dec_smem(int D) { return (size_t)(8 * D + 8 * dec_ch(D) + 8) * 4 + (size_t)4 * dec_ch(D) * (D + 8) * 2; }
 
-#define DISPATCH(D, CALL)                                    \
-    switch (D) {                                             \
-        case 16: { constexpr int DD = 16; CALL; } break;     \
-        case 32: { constexpr int DD = 32; CALL; } break;     \
-        case 64: { constexpr int DD = 64; CALL; } break;     \
-        case 128: { constexpr int DD = 128; CALL; } break;   \
-        default: emu::fail("bad D %d", D);                   \
+// Calls the extern "C" entry point name_d{D} (the kernels the Rust launchers load by name).
+#define ENTRY(name, D, ...)                                 \
+    switch (D) {                                            \
+        case 16: name##_d16(__VA_ARGS__); break;            \
+        case 32: name##_d32(__VA_ARGS__); break;            \
+        case 64: name##_d64(__VA_ARGS__); break;            \
+        case 128: name##_d128(__VA_ARGS__); break;          \
+        default: emu::fail("no kernel for D = %d", D);      \
     }
 
 static void run_fwd(const Shape& sh, bf* q, bf* k, bf* v, u32* lens, bf* o, float* lse, float scale) {
     const float sl2 = scale * ATT_LOG2E;
     dim3_t grid{(unsigned)((sh.S + 63) / 64), (unsigned)sh.Hq, (unsigned)sh.B};
-    DISPATCH(sh.D, emu::launch("attention_fwd", grid, {128, 1, 1}, fwd_smem(DD), [=] {
-                 attention_fwd_impl<DD>(q, k, v, lens, o, lse, sh.S, sh.Hq, sh.Hkv, sl2);
-             }));
+    emu::launch("attention_fwd", grid, {128, 1, 1}, fwd_smem(sh.D),
+                [=] { ENTRY(attention_fwd, sh.D, q, k, v, lens, o, lse, sh.S, sh.Hq, sh.Hkv, sl2); });
 }
 
 static void run_bwd(const Shape& sh, bf* q, bf* k, bf* v, bf* o, float* lse, bf* dout, u32* lens, bf* dq, bf* dk,
@@ -92,19 +92,16 @@ static void run_bwd(const Shape& sh, bf* q, bf* k, bf* v, bf* o, float* lse, bf*
     const float sl2 = scale * ATT_LOG2E;
     const long long rows = (long long)sh.B * sh.S * sh.Hq;
     dim3_t g1{(unsigned)((rows + 3) / 4), 1, 1};
-    DISPATCH(sh.D, emu::launch("attention_bwd_pre", g1, {128, 1, 1}, 16, [=] {
-                 attention_bwd_pre_impl<DD>(o, dout, lens, delta, dq_ws, sh.B, sh.S, sh.Hq);
-             }));
+    emu::launch("attention_bwd_pre", g1, {128, 1, 1}, 16,
+                [=] { ENTRY(attention_bwd_pre, sh.D, o, dout, lens, delta, dq_ws, sh.B, sh.S, sh.Hq); });
     dim3_t g2{(unsigned)((sh.S + 63) / 64), (unsigned)sh.Hkv, (unsigned)sh.B};
-    DISPATCH(sh.D, emu::launch("attention_bwd", g2, {128, 1, 1}, bwd_smem(DD), [=] {
-                 attention_bwd_impl<DD, ATT_BWD_BM(DD)>(q, k, v, dout, lse, delta, lens, dq_ws, dk, dv, sh.S, sh.Hq,
-                                                        sh.Hkv, scale, sl2);
-             }));
+    emu::launch("attention_bwd", g2, {128, 1, 1}, bwd_smem(sh.D), [=] {
+        ENTRY(attention_bwd, sh.D, q, k, v, dout, lse, delta, lens, dq_ws, dk, dv, sh.S, sh.Hq, sh.Hkv, scale, sl2);
+    });
     const long long pairs = rows * sh.D / 2;
     dim3_t g3{(unsigned)((pairs + 127) / 128), 1, 1};
-    DISPATCH(sh.D, emu::launch("attention_bwd_dq", g3, {128, 1, 1}, 16, [=] {
-                 attention_bwd_dq_impl<DD>(dq_ws, lens, dq, sh.B, sh.S, sh.Hq, scale);
-             }));
+    emu::launch("attention_bwd_dq", g3, {128, 1, 1}, 16,
+                [=] { ENTRY(attention_bwd_dq, sh.D, dq_ws, lens, dq, sh.B, sh.S, sh.Hq, scale); });
 }
 
 // Double reference of the forward on bf16-rounded inputs (as floats).
@@ -343,14 +340,14 @@ static void test_decode(int B, int Hq, int Hkv, int D, int max_len, std::vector<
     bf *qp = q.p(), *kp = kc.p(), *vp = vc.p(), *op = out.p();
     float *mlp = ml.p(), *ap = acc.p();
     u32* lp = cl.p();
-    DISPATCH(D, emu::launch("attention_decode", {(unsigned)n_splits, (unsigned)Hkv, (unsigned)B}, {128, 1, 1},
-                            dec_smem(DD), [=] {
-                                attention_decode_impl<DD, ATT_DEC_CH(DD)>(qp, kp, vp, lp, mlp, ap, Hq, Hkv, max_len,
-                                                                          split_len, sl2);
-                            }));
-    DISPATCH(D, emu::launch("attention_decode_combine", {(unsigned)Hq, (unsigned)B, 1}, {(unsigned)std::max(32, D), 1, 1}, 16, [=] {
-                 if ((int)threadIdx.x < DD) attention_decode_combine_impl<DD>(mlp, ap, op, Hq, n_splits);
-             }));
+    emu::launch("attention_decode", {(unsigned)n_splits, (unsigned)Hkv, (unsigned)B}, {128, 1, 1}, dec_smem(D), [=] {
+        ENTRY(attention_decode, D, qp, kp, vp, lp, mlp, ap, Hq, Hkv, max_len, split_len, sl2);
+    });
+    // The combine runs D threads per block (D = 16: one warp, half of it idle).
+    emu::launch("attention_decode_combine", {(unsigned)Hq, (unsigned)B, 1}, {(unsigned)std::max(32, D), 1, 1}, 16,
+                [=] {
+                    if ((int)threadIdx.x < D) ENTRY(attention_decode_combine, D, mlp, ap, op, Hq, n_splits);
+                });
     for (auto* bp : {&q, &kc, &vc, &out}) bp->check("decode bf16 buffer");
     ml.check("decode ml");
     acc.check("decode acc");
@@ -429,6 +426,8 @@ int main(int argc, char** argv) {
         test_fwd_bwd({1, 300, 2, 1, 64, {300}});
         test_fwd_bwd({2, 260, 4, 4, 128, {260, 131}});
         test_fwd_bwd({1, 512, 1, 1, 32, {512}});
+        // Qwen2-0.5B heads over a 2048-long cache, split as decode_splits(8, 2, 2048) = (16, 128).
+        test_decode(8, 14, 2, 64, 2048, {2048, 2048, 1, 1500, 0, 2047, 129, 128}, 128);
         for (int D : {16, 32, 64, 128})
             for (const G& gr : {G{2, 2}, G{14, 2}, G{7, 1}, G{16, 1}})
                 for (int split : {64, 128, 1024}) {

@@ -1,15 +1,15 @@
 // attention.cu: causal multi-head attention with grouped-query heads, bf16 in and out, fp32
 // accumulation and softmax statistics (CPU references in src/kernels/attention.rs).
 // Defines, for every head dim D in {16, 32, 64, 128} (suffix _d{D}):
-//   attention_fwd            FlashAttention-2 forward: one CTA of 4 warps per (64-row query tile,
-//                            query head, batch); K/V tiles of 64 keys stream through shared memory
+//   attention_fwd            FlashAttention-2 forward: one CTA of 4 warps per (query head, batch,
+//                            64-row query tile); K/V tiles of 64 keys stream through shared memory
 //                            by cp.async (V of tile j loads while QK^T of tile j runs, K of tile
 //                            j+1 while PV of tile j runs); QK^T and PV on tensor cores
 //                            (mma.sync m16n8k16 bf16 -> fp32, fragments by ldmatrix); online
 //                            softmax in fp32 registers; writes O and lse (natural log).
 //   attention_bwd_pre        backward preprocessing: delta_i = rowsum(dO_i * O_i) and a zeroed fp32
 //                            dQ workspace.
-//   attention_bwd            FA2 backward: one CTA per (64-key tile, kv head, batch) loops over
+//   attention_bwd            FA2 backward: one CTA per (kv head, batch, 64-key tile) loops over
 //                            the query heads of its GQA group and their 64-row query tiles
 //                            (double-buffered by cp.async), recomputes P from lse, keeps dK and dV
 //                            in registers (no atomics) and adds dQ into the workspace (atomicAdd).
@@ -183,8 +183,10 @@ __device__ __forceinline__ void attention_fwd_impl(const bf16* __restrict__ q, c
     constexpr int BM = 64, BN = 64, LD = D + ATT_PAD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = gridDim.x - 1 - blockIdx.x;  // the longest (last) query tiles start first
-    const int h = blockIdx.y, b = blockIdx.z;
+    // Grid (Hq, B, query tiles): blocks launch x fastest, so the longest (last) query tiles of
+    // every head and batch start first and the short ones fill in behind them.
+    const int tile = gridDim.z - 1 - blockIdx.z;
+    const int h = blockIdx.x, b = blockIdx.y;
     const int hk = h / (Hq / Hkv);
     const int len = min((int)seq_lens[b], S);
     const int q0 = tile * BM;
@@ -398,10 +400,11 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
     static_assert(NW % MT == 0 && DW % 16 == 0 && DW % DCH == 0, "dQ warp split");
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int hk = blockIdx.y, b = blockIdx.z;
+    // Grid (Hkv, B, key tiles): key tile 0 has the most query tiles, and launches first.
+    const int hk = blockIdx.x, b = blockIdx.y;
     const int G = Hq / Hkv;
     const int len = min((int)seq_lens[b], S);
-    const int k0 = blockIdx.x * BN;
+    const int k0 = blockIdx.z * BN;
     if (k0 >= len) return;  // only padding keys: their dk, dv stay as they are
 
     const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;

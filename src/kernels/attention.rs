@@ -467,11 +467,17 @@ pub mod cuda {
         b * hq * n * (2 + d)
     }
 
+    /// Grids: forward (Hq, B, S/64), backward (Hkv, B, S/64), decode (splits, Hkv, B),
+    /// combine (Hq, B): y and z are limited to 65535.
     fn grid_checks(what: &str, b: usize, s: usize, hq: usize, hkv: usize) -> Result<()> {
-        grid_dim(&format!("{what} Hq"), hq, 65535)?;
+        grid_dim(&format!("{what} Hq"), hq, i32::MAX as usize)?;
         grid_dim(&format!("{what} Hkv"), hkv, 65535)?;
         grid_dim(&format!("{what} B"), b, 65535)?;
-        to_i32(&format!("{what} S"), s)?;
+        grid_dim(
+            &format!("{what} S/64"),
+            to_i32(&format!("{what} S"), s)? as usize / TILE + 1,
+            65535,
+        )?;
         Ok(())
     }
 
@@ -531,7 +537,7 @@ pub mod cuda {
             .arg(&hkvi)
             .arg(&sl2);
         let cfg = LaunchConfig {
-            grid_dim: (s.div_ceil(TILE) as u32, hq as u32, b as u32),
+            grid_dim: (hq as u32, b as u32, s.div_ceil(TILE) as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -681,7 +687,7 @@ pub mod cuda {
             .arg(&scale)
             .arg(&sl2);
         let cfg = LaunchConfig {
-            grid_dim: (s.div_ceil(TILE) as u32, hkv as u32, b as u32),
+            grid_dim: (hkv as u32, b as u32, s.div_ceil(TILE) as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };

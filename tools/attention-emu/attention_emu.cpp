@@ -82,7 +82,7 @@ static size_t dec_smem(int D) { return (size_t)(8 * D + 8 * dec_ch(D) + 8) * 4 +
 
 static void run_fwd(const Shape& sh, bf* q, bf* k, bf* v, u32* lens, bf* o, float* lse, float scale) {
     const float sl2 = scale * ATT_LOG2E;
-    dim3_t grid{(unsigned)((sh.S + 63) / 64), (unsigned)sh.Hq, (unsigned)sh.B};
+    dim3_t grid{(unsigned)sh.Hq, (unsigned)sh.B, (unsigned)((sh.S + 63) / 64)};
     emu::launch("attention_fwd", grid, {128, 1, 1}, fwd_smem(sh.D),
                 [=] { ENTRY(attention_fwd, sh.D, q, k, v, lens, o, lse, sh.S, sh.Hq, sh.Hkv, sl2); });
 }
@@ -94,7 +94,7 @@ static void run_bwd(const Shape& sh, bf* q, bf* k, bf* v, bf* o, float* lse, bf*
     dim3_t g1{(unsigned)((rows + 3) / 4), 1, 1};
     emu::launch("attention_bwd_pre", g1, {128, 1, 1}, 16,
                 [=] { ENTRY(attention_bwd_pre, sh.D, o, dout, lens, delta, dq_ws, sh.B, sh.S, sh.Hq); });
-    dim3_t g2{(unsigned)((sh.S + 63) / 64), (unsigned)sh.Hkv, (unsigned)sh.B};
+    dim3_t g2{(unsigned)sh.Hkv, (unsigned)sh.B, (unsigned)((sh.S + 63) / 64)};
     emu::launch("attention_bwd", g2, {128, 1, 1}, bwd_smem(sh.D), [=] {
         ENTRY(attention_bwd, sh.D, q, k, v, dout, lse, delta, lens, dq_ws, dk, dv, sh.S, sh.Hq, sh.Hkv, scale, sl2);
     });

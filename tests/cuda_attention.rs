@@ -9,8 +9,8 @@
 //! products, as in FlashAttention-2):
 //! - o: |err| <= 1.5e-2 · max|o_ref| + 1e-2 · |o_ref|; padded rows exactly 0;
 //! - lse (fp32 statistics): |err| <= 1e-3 + 1e-4 · |lse_ref|; padded rows exactly 0;
-//! - dq, dk, dv: |err| <= 2e-2 · max|grad_ref| + 1e-2 · |init + grad_ref| (the second term is the
-//!   one bf16 rounding of the accumulated value);
+//! - dq, dk, dv: |err| <= 2e-2 · max(max|grad_ref|, 0.05) + 1e-2 · |init + grad_ref| (the second
+//!   term is the one bf16 rounding of the accumulated value);
 //! - decode out: |err| <= 1.5e-2 · max|ref| + 1e-2 · |ref|.
 
 mod common;
@@ -325,7 +325,8 @@ fn cuda_attention_bwd_matches_cpu() {
                     }
                 }
             }
-            let atol = 2e-2 * max_abs(grad);
+            // Floor: with S = 1 the exact dq, dk are 0 and only rounding noise (~1e-7) remains.
+            let atol = 2e-2 * max_abs(grad).max(0.05);
             assert_close(&format!("{name} {what}"), &g_valid, &w_valid, 1e-2, atol);
         }
         eprintln!("bwd ok: {what}");

@@ -2,6 +2,7 @@
 //! Rust, generic over [`Real`] so checks can run it in f64) with the CUDA launchers (fp32 over
 //! cudarc device slices).
 
+pub mod attention;
 pub mod flow;
 pub mod risk;
 pub mod rl;

@@ -1,0 +1,914 @@
+//! Causal multi-head attention with grouped-query heads: the CPU reference ([`cpu`], generic over
+//! [`Real`]) and the CUDA launchers ([`cuda`], bf16 in and out) of `kernels/attention.cu`.
+//!
+//! Layouts (row-major; exactly the output of the q/k/v projections of token-major activations, so
+//! no transposes):
+//! - training / prefill: `q`, `out`, `dq`, `dout`: `[B][S][Hq][D]`; `k`, `v`, `dk`, `dv`:
+//!   `[B][S][Hkv][D]`; `lse`: `[B][Hq][S]`, the natural log of the sum of exponentials of the
+//!   scaled scores of each query row;
+//! - decode: `q`, `out`: `[B][Hq][D]`; `k_cache`, `v_cache`: `[B][Hkv][max_len][D]`;
+//!   `cache_lens[b]`: the number of valid cached positions, including the new token.
+//!
+//! Semantics: query `i` attends keys `j <= i` (causal) with weights
+//! `softmax_j(scale · q_i · k_j)`; query head `h` reads kv head `h / (Hq / Hkv)`. Batches are
+//! right-padded: positions `s >= seq_lens[b]` are padding. Their inputs may hold anything (NaN
+//! included) and never reach a valid output; the forward writes `out = 0` and `lse = 0` there;
+//! the backward leaves `dq`, `dk`, `dv` there untouched. A sequence of length 0 is allowed.
+//! Gradients ACCUMULATE (`+=`) into `dq`, `dk`, `dv`, the crate's convention.
+//!
+//! The backward takes the forward's `out` and `lse` (FlashAttention convention):
+//! `P_ij = exp(scale q_i·k_j − lse_i)`, `D_i = Σ_d dout_i·out_i`,
+//! `dS_ij = P_ij (dout_i·v_j − D_i)`, `dq_i += scale Σ_j dS_ij k_j`,
+//! `dk_j += scale Σ_i dS_ij q_i`, `dv_j += Σ_i P_ij dout_i`.
+
+use crate::error::{check_len, Error, Result};
+use crate::kernels::Real;
+
+/// The default softmax scale, `1 / sqrt(d)`.
+pub fn softmax_scale(d: usize) -> f32 {
+    1.0 / (d as f32).sqrt()
+}
+
+fn mul_len(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &x| a.checked_mul(x))
+        .ok_or_else(|| Error::Shape(format!("{what}: size {dims:?} overflows usize")))
+}
+
+/// Checks (B, S, Hq, Hkv, D) and returns the element counts of q, k and lse.
+fn attn_dims(
+    what: &str,
+    b: usize,
+    s: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+) -> Result<(usize, usize, usize)> {
+    if hkv == 0 || hq == 0 || !hq.is_multiple_of(hkv) {
+        return Err(Error::Invalid(format!(
+            "{what}: Hq = {hq} must be a positive multiple of Hkv = {hkv}"
+        )));
+    }
+    if d == 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: head dim D must be positive"
+        )));
+    }
+    Ok((
+        mul_len(&format!("{what} q"), &[b, s, hq, d])?,
+        mul_len(&format!("{what} k"), &[b, s, hkv, d])?,
+        mul_len(&format!("{what} lse"), &[b, hq, s])?,
+    ))
+}
+
+fn check_scale(what: &str, scale: f64) -> Result<()> {
+    if scale.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what}: scale {scale} is not finite"
+        )))
+    }
+}
+
+fn check_lens(what: &str, lens: &[u32], b: usize, max: usize) -> Result<()> {
+    check_len(what, lens.len(), b)?;
+    if let Some((i, &l)) = lens.iter().enumerate().find(|(_, &l)| l as usize > max) {
+        return Err(Error::Invalid(format!(
+            "{what}[{i}] = {l} exceeds the padded length {max}"
+        )));
+    }
+    Ok(())
+}
+
+pub mod cpu {
+    //! The reference: plain loops in `T` (f32 to run, f64 for checks), a numerically stable
+    //! softmax (max subtracted), one row of scores of scratch per call.
+    use super::*;
+
+    /// Dot product with 8 independent partial sums (vectorisable; a fixed summation order).
+    fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+        let mut acc = [T::ZERO; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (&x, &y) in ra.iter().zip(rb) {
+            s += x * y;
+        }
+        s
+    }
+
+    fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += alpha * v;
+        }
+    }
+
+    fn ln<T: Real>(x: T) -> T {
+        T::from_f64(x.to_f64().ln())
+    }
+
+    /// Causal attention forward: writes `out` `[B][S][Hq][D]` and `lse` `[B][Hq][S]` (0 on
+    /// padding). Errors on mismatched lengths, `Hq % Hkv != 0`, `seq_lens[b] > S` or a
+    /// non-finite scale.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward<T: Real>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        seq_lens: &[u32],
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: T,
+        out: &mut [T],
+        lse: &mut [T],
+    ) -> Result<()> {
+        let (nq, nk, nl) = attn_dims("attention_forward", b, s, hq, hkv, d)?;
+        check_len("attention_forward q", q.len(), nq)?;
+        check_len("attention_forward k", k.len(), nk)?;
+        check_len("attention_forward v", v.len(), nk)?;
+        check_len("attention_forward out", out.len(), nq)?;
+        check_len("attention_forward lse", lse.len(), nl)?;
+        check_lens("attention_forward seq_lens", seq_lens, b, s)?;
+        check_scale("attention_forward", scale.to_f64())?;
+        let g = hq / hkv;
+        let mut sc = vec![T::ZERO; s];
+        for (bi, &len) in seq_lens.iter().enumerate() {
+            let len = len as usize;
+            for i in 0..s {
+                for h in 0..hq {
+                    let qo = ((bi * s + i) * hq + h) * d;
+                    let li = (bi * hq + h) * s + i;
+                    let orow = &mut out[qo..qo + d];
+                    orow.fill(T::ZERO);
+                    if i >= len {
+                        lse[li] = T::ZERO;
+                        continue;
+                    }
+                    let hk = h / g;
+                    let qrow = &q[qo..qo + d];
+                    let mut m = T::ZERO;
+                    for (j, x) in sc[..=i].iter_mut().enumerate() {
+                        let ko = ((bi * s + j) * hkv + hk) * d;
+                        *x = scale * dot(qrow, &k[ko..ko + d]);
+                        m = if j == 0 { *x } else { m.max(*x) };
+                    }
+                    let mut l = T::ZERO;
+                    for (j, x) in sc[..=i].iter_mut().enumerate() {
+                        *x = (*x - m).exp();
+                        l += *x;
+                        let vo = ((bi * s + j) * hkv + hk) * d;
+                        axpy(*x, &v[vo..vo + d], orow);
+                    }
+                    let inv = T::ONE / l;
+                    for o in orow.iter_mut() {
+                        *o *= inv;
+                    }
+                    lse[li] = m + ln(l);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Causal attention backward from the forward's `out` and `lse`: ACCUMULATES into `dq`,
+    /// `dk`, `dv` (padding positions untouched). Errors as [`attention_forward`], and on a
+    /// non-finite `lse` at a valid position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward<T: Real>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        out: &[T],
+        lse: &[T],
+        dout: &[T],
+        seq_lens: &[u32],
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: T,
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) -> Result<()> {
+        let (nq, nk, nl) = attn_dims("attention_backward", b, s, hq, hkv, d)?;
+        for (what, len, want) in [
+            ("attention_backward q", q.len(), nq),
+            ("attention_backward k", k.len(), nk),
+            ("attention_backward v", v.len(), nk),
+            ("attention_backward out", out.len(), nq),
+            ("attention_backward lse", lse.len(), nl),
+            ("attention_backward dout", dout.len(), nq),
+            ("attention_backward dq", dq.len(), nq),
+            ("attention_backward dk", dk.len(), nk),
+            ("attention_backward dv", dv.len(), nk),
+        ] {
+            check_len(what, len, want)?;
+        }
+        check_lens("attention_backward seq_lens", seq_lens, b, s)?;
+        check_scale("attention_backward", scale.to_f64())?;
+        for bi in 0..b {
+            for h in 0..hq {
+                let row = &lse[(bi * hq + h) * s..(bi * hq + h) * s + seq_lens[bi] as usize];
+                if let Some(i) = row.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Invalid(format!(
+                        "attention_backward lse[b={bi}][h={h}][s={i}] = {:?} is not finite",
+                        row[i]
+                    )));
+                }
+            }
+        }
+        let g = hq / hkv;
+        for bi in 0..b {
+            let len = seq_lens[bi] as usize;
+            for i in 0..len {
+                for h in 0..hq {
+                    let hk = h / g;
+                    let qo = ((bi * s + i) * hq + h) * d;
+                    let qrow = &q[qo..qo + d];
+                    let dorow = &dout[qo..qo + d];
+                    let di = dot(dorow, &out[qo..qo + d]);
+                    let li = lse[(bi * hq + h) * s + i];
+                    for j in 0..=i {
+                        let ko = ((bi * s + j) * hkv + hk) * d;
+                        let p = (scale * dot(qrow, &k[ko..ko + d]) - li).exp();
+                        let ds = p * (dot(dorow, &v[ko..ko + d]) - di);
+                        axpy(p, dorow, &mut dv[ko..ko + d]);
+                        axpy(scale * ds, &k[ko..ko + d], &mut dq[qo..qo + d]);
+                        axpy(scale * ds, qrow, &mut dk[ko..ko + d]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention of one new query per sequence over its KV cache: `out[b][h]` =
+    /// `softmax_j(scale q·k_j) v_j` over `j < cache_lens[b]` (0 when the length is 0). Errors on
+    /// mismatched lengths, `max_len == 0`, `cache_lens[b] > max_len`, or a non-finite scale.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention<T: Real>(
+        q: &[T],
+        k_cache: &[T],
+        v_cache: &[T],
+        cache_lens: &[u32],
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        max_len: usize,
+        d: usize,
+        scale: T,
+        out: &mut [T],
+    ) -> Result<()> {
+        let (nq, nc) = decode_dims("decode_attention", b, hq, hkv, max_len, d)?;
+        check_len("decode_attention q", q.len(), nq)?;
+        check_len("decode_attention k_cache", k_cache.len(), nc)?;
+        check_len("decode_attention v_cache", v_cache.len(), nc)?;
+        check_len("decode_attention out", out.len(), nq)?;
+        check_lens("decode_attention cache_lens", cache_lens, b, max_len)?;
+        check_scale("decode_attention", scale.to_f64())?;
+        let g = hq / hkv;
+        let mut sc = vec![T::ZERO; max_len];
+        for (bi, &len) in cache_lens.iter().enumerate() {
+            let len = len as usize;
+            for h in 0..hq {
+                let hk = h / g;
+                let qo = (bi * hq + h) * d;
+                let qrow = &q[qo..qo + d];
+                let orow = &mut out[qo..qo + d];
+                orow.fill(T::ZERO);
+                if len == 0 {
+                    continue;
+                }
+                let base = (bi * hkv + hk) * max_len * d;
+                let mut m = T::ZERO;
+                for (j, x) in sc[..len].iter_mut().enumerate() {
+                    *x = scale * dot(qrow, &k_cache[base + j * d..base + (j + 1) * d]);
+                    m = if j == 0 { *x } else { m.max(*x) };
+                }
+                let mut l = T::ZERO;
+                for (j, x) in sc[..len].iter_mut().enumerate() {
+                    *x = (*x - m).exp();
+                    l += *x;
+                    axpy(*x, &v_cache[base + j * d..base + (j + 1) * d], orow);
+                }
+                let inv = T::ONE / l;
+                for o in orow.iter_mut() {
+                    *o *= inv;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the decode shape; returns the element counts of q (and out) and of one cache.
+fn decode_dims(
+    what: &str,
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    max_len: usize,
+    d: usize,
+) -> Result<(usize, usize)> {
+    attn_dims(what, b, 1, hq, hkv, d)?;
+    if max_len == 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: max_len must be at least 1"
+        )));
+    }
+    Ok((
+        mul_len(&format!("{what} q"), &[b, hq, d])?,
+        mul_len(&format!("{what} cache"), &[b, hkv, max_len, d])?,
+    ))
+}
+
+pub mod cuda {
+    //! CUDA launchers: bf16 q/k/v/o/gradients and caches, fp32 lse and workspaces, `u32`
+    //! lengths. `*_raw` take raw device pointers (`CUdeviceptr` as u64, e.g. arena offsets) and
+    //! queue work on [`CudaDevice::stream`] without synchronising; the safe wrappers take cudarc
+    //! views and check lengths. The kernels cannot read the lengths on the host: values above S
+    //! (`max_len`) are clamped on the device. Head dims: [`HEAD_DIMS`].
+    //!
+    //! bf16 accumulation of gradients: each kernel reads the existing bf16 value, adds its
+    //! contribution in fp32 and writes back one bf16 rounding (`dk`, `dv` in the main backward
+    //! kernel, `dq` after the fp32 workspace is complete), so `+=` rounds once per call.
+    //!
+    //! Views of `half::bf16` work without cudarc's `f16` feature (they only need a device
+    //! pointer): allocate `u16` and use `CudaSlice::transmute` / `transmute_mut`.
+    use super::*;
+    use crate::device::CudaDevice;
+    use cudarc::driver::{
+        CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    };
+    use half::bf16;
+
+    const FAMILY: &str = "attention";
+    /// Head dims with a compiled kernel.
+    pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+    const THREADS: u32 = 128;
+    const PAD: usize = 8;
+    /// Query rows per forward CTA, keys per forward K/V tile, keys per backward CTA.
+    const TILE: usize = 64;
+    /// Granularity of a decode split (a multiple of every decode chunk).
+    const SPLIT_GRANULE: usize = 64;
+    /// Aim of the decode grid: about this many CTAs in flight (8 per SM on a 132-SM H100).
+    const DECODE_TARGET_CTAS: usize = 1024;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const STATIC_SMEM_LIMIT: usize = 48 * 1024;
+
+    fn check_d(what: &str, d: usize) -> Result<()> {
+        if HEAD_DIMS.contains(&d) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "{what}: head dim D = {d} has no CUDA kernel (supported: {HEAD_DIMS:?})"
+            )))
+        }
+    }
+
+    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
+        if ptr == 0 || !ptr.is_multiple_of(align) {
+            return Err(Error::Invalid(format!(
+                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
+            )));
+        }
+        Ok(())
+    }
+
+    fn to_i32(what: &str, v: usize) -> Result<i32> {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
+    }
+
+    fn grid_dim(what: &str, v: usize, max: usize) -> Result<u32> {
+        if v > max {
+            return Err(Error::Shape(format!(
+                "{what} = {v} exceeds the CUDA grid limit {max}"
+            )));
+        }
+        Ok(v as u32)
+    }
+
+    fn bwd_bm(d: usize) -> usize {
+        if d >= 128 {
+            32
+        } else {
+            64
+        }
+    }
+
+    fn dec_chunk(d: usize) -> usize {
+        if d >= 128 {
+            32
+        } else {
+            64
+        }
+    }
+
+    fn fwd_smem(d: usize) -> usize {
+        3 * TILE * (d + PAD) * 2
+    }
+
+    fn bwd_smem(d: usize) -> usize {
+        let bm = bwd_bm(d);
+        (2 * TILE + 4 * bm) * (d + PAD) * 2 + TILE * (bm + PAD) * 2 + 4 * bm * 4
+    }
+
+    fn dec_smem(d: usize) -> usize {
+        let ch = dec_chunk(d);
+        (8 * d + 8 * ch + 8) * 4 + 4 * ch * (d + PAD) * 2
+    }
+
+    fn smem_opt_in(dev: &CudaDevice, f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
+        if bytes > STATIC_SMEM_LIMIT {
+            dev.set_dynamic_smem(f, bytes as u32)?;
+        }
+        Ok(())
+    }
+
+    /// f32 elements of the workspace [`attention_bwd_raw`] needs: the dQ accumulator
+    /// (`B·S·Hq·D`) followed by delta (`B·Hq·S`).
+    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize, d: usize) -> usize {
+        b * s * hq * d + b * hq * s
+    }
+
+    /// Decode split: `(number of splits, keys per split)`. Depends on the shape only (the same
+    /// on every GPU): about [`DECODE_TARGET_CTAS`] CTAs, at least 128 keys per split.
+    pub fn decode_splits(b: usize, hkv: usize, max_len: usize) -> (usize, usize) {
+        let pairs = (b * hkv).max(1);
+        let want = DECODE_TARGET_CTAS.div_ceil(pairs).max(1);
+        let most = max_len.div_ceil(128).max(1);
+        let n0 = want.min(most);
+        let split_len = max_len.max(1).div_ceil(n0).div_ceil(SPLIT_GRANULE) * SPLIT_GRANULE;
+        (max_len.max(1).div_ceil(split_len), split_len)
+    }
+
+    /// f32 elements of the workspace [`decode_attention_raw`] needs: per (batch, query head,
+    /// split) a (max, sum) pair and D partial outputs.
+    pub fn decode_workspace_len(
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        max_len: usize,
+        d: usize,
+    ) -> usize {
+        let (n, _) = decode_splits(b, hkv, max_len);
+        b * hq * n * (2 + d)
+    }
+
+    /// Grids: forward (Hq, B, S/64), backward (Hkv, B, S/64), decode (splits, Hkv, B),
+    /// combine (Hq, B): y and z are limited to 65535.
+    fn grid_checks(what: &str, b: usize, s: usize, hq: usize, hkv: usize) -> Result<()> {
+        grid_dim(&format!("{what} Hq"), hq, i32::MAX as usize)?;
+        grid_dim(&format!("{what} Hkv"), hkv, 65535)?;
+        grid_dim(&format!("{what} B"), b, 65535)?;
+        grid_dim(
+            &format!("{what} S/64"),
+            to_i32(&format!("{what} S"), s)? as usize / TILE + 1,
+            65535,
+        )?;
+        Ok(())
+    }
+
+    /// Causal attention forward on raw device pointers: `out` (bf16) and `lse` (f32).
+    ///
+    /// # Safety
+    /// `q`, `out` must hold `B·S·Hq·D` bf16, `k`, `v` `B·S·Hkv·D` bf16, `lse` `B·Hq·S` f32 and
+    /// `seq_lens` `B` u32, on `dev`'s context; outputs must not overlap each other or the inputs.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention_fwd_raw(
+        dev: &CudaDevice,
+        q: u64,
+        k: u64,
+        v: u64,
+        seq_lens: u64,
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: f32,
+        out: u64,
+        lse: u64,
+    ) -> Result<()> {
+        let (nq, _, _) = attn_dims("attention_fwd", b, s, hq, hkv, d)?;
+        check_d("attention_fwd", d)?;
+        check_scale("attention_fwd", scale as f64)?;
+        if nq == 0 {
+            return Ok(());
+        }
+        grid_checks("attention_fwd", b, s, hq, hkv)?;
+        for (what, p, a) in [
+            ("attention_fwd q", q, 16),
+            ("attention_fwd k", k, 16),
+            ("attention_fwd v", v, 16),
+            ("attention_fwd out", out, 16),
+            ("attention_fwd seq_lens", seq_lens, 4),
+            ("attention_fwd lse", lse, 4),
+        ] {
+            check_ptr(what, p, a)?;
+        }
+        let (si, hqi, hkvi) = (s as i32, hq as i32, hkv as i32);
+        let sl2 = scale * LOG2E;
+        let name = format!("attention_fwd_d{d}");
+        let f = dev.function(FAMILY, &name)?;
+        let smem = fwd_smem(d);
+        smem_opt_in(dev, &f, smem)?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&seq_lens)
+            .arg(&out)
+            .arg(&lse)
+            .arg(&si)
+            .arg(&hqi)
+            .arg(&hkvi)
+            .arg(&sl2);
+        let cfg = LaunchConfig {
+            grid_dim: (hq as u32, b as u32, s.div_ceil(TILE) as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        dev.launch(&name, a, cfg)
+    }
+
+    /// Causal attention forward (see the module doc) on device views.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd(
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        seq_lens: &CudaView<'_, u32>,
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: f32,
+        out: &mut CudaViewMut<'_, bf16>,
+        lse: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (nq, nk, nl) = attn_dims("attention_fwd", b, s, hq, hkv, d)?;
+        check_len("attention_fwd q", q.len(), nq)?;
+        check_len("attention_fwd k", k.len(), nk)?;
+        check_len("attention_fwd v", v.len(), nk)?;
+        check_len("attention_fwd seq_lens", seq_lens.len(), b)?;
+        check_len("attention_fwd out", out.len(), nq)?;
+        check_len("attention_fwd lse", lse.len(), nl)?;
+        if nq == 0 {
+            return check_d("attention_fwd", d);
+        }
+        let st = dev.stream();
+        let (qp, _gq) = q.device_ptr(st);
+        let (kp, _gk) = k.device_ptr(st);
+        let (vp, _gv) = v.device_ptr(st);
+        let (lp, _gl) = seq_lens.device_ptr(st);
+        let (op, _go) = out.device_ptr_mut(st);
+        let (sp, _gs) = lse.device_ptr_mut(st);
+        // SAFETY: lengths checked above; &mut views cannot alias each other or the inputs.
+        unsafe { attention_fwd_raw(dev, qp, kp, vp, lp, b, s, hq, hkv, d, scale, op, sp) }
+    }
+
+    /// Causal attention backward on raw device pointers: three launches (delta and workspace
+    /// zeroing; the main kernel, which adds into `dk`, `dv`; dq += scale · workspace).
+    /// `workspace` holds [`bwd_workspace_len`] f32 and is overwritten.
+    ///
+    /// # Safety
+    /// `q`, `out`, `dout`, `dq` must hold `B·S·Hq·D` bf16; `k`, `v`, `dk`, `dv` `B·S·Hkv·D` bf16;
+    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 16-byte aligned; all on
+    /// `dev`'s context. `dq`, `dk`, `dv` and `workspace` must not overlap anything else.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention_bwd_raw(
+        dev: &CudaDevice,
+        q: u64,
+        k: u64,
+        v: u64,
+        out: u64,
+        lse: u64,
+        dout: u64,
+        seq_lens: u64,
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: f32,
+        dq: u64,
+        dk: u64,
+        dv: u64,
+        workspace: u64,
+    ) -> Result<()> {
+        let (nq, _, _) = attn_dims("attention_bwd", b, s, hq, hkv, d)?;
+        check_d("attention_bwd", d)?;
+        check_scale("attention_bwd", scale as f64)?;
+        if nq == 0 {
+            return Ok(());
+        }
+        grid_checks("attention_bwd", b, s, hq, hkv)?;
+        for (what, p, a) in [
+            ("attention_bwd q", q, 16),
+            ("attention_bwd k", k, 16),
+            ("attention_bwd v", v, 16),
+            ("attention_bwd out", out, 16),
+            ("attention_bwd dout", dout, 16),
+            ("attention_bwd dq", dq, 16),
+            ("attention_bwd dk", dk, 16),
+            ("attention_bwd dv", dv, 16),
+            ("attention_bwd workspace", workspace, 16),
+            ("attention_bwd lse", lse, 4),
+            ("attention_bwd seq_lens", seq_lens, 4),
+        ] {
+            check_ptr(what, p, a)?;
+        }
+        let rows = b * s * hq;
+        let pairs = nq / 2;
+        let (bi, si, hqi, hkvi) = (
+            to_i32("attention_bwd B", b)?,
+            s as i32,
+            hq as i32,
+            hkv as i32,
+        );
+        let warps_per_block = (THREADS / 32) as usize;
+        let pre_blocks = to_i32("attention_bwd B*S*Hq", rows.div_ceil(warps_per_block))?;
+        let dq_blocks = to_i32("attention_bwd B*S*Hq*D", pairs.div_ceil(THREADS as usize))?;
+        let dq_ws = workspace;
+        let delta = workspace + 4 * nq as u64;
+        let sl2 = scale * LOG2E;
+
+        let name = format!("attention_bwd_pre_d{d}");
+        let f = dev.function(FAMILY, &name)?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&out)
+            .arg(&dout)
+            .arg(&seq_lens)
+            .arg(&delta)
+            .arg(&dq_ws)
+            .arg(&bi)
+            .arg(&si)
+            .arg(&hqi);
+        let cfg = LaunchConfig {
+            grid_dim: (pre_blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        dev.launch(&name, a, cfg)?;
+
+        let name = format!("attention_bwd_d{d}");
+        let f = dev.function(FAMILY, &name)?;
+        let smem = bwd_smem(d);
+        smem_opt_in(dev, &f, smem)?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&dout)
+            .arg(&lse)
+            .arg(&delta)
+            .arg(&seq_lens)
+            .arg(&dq_ws)
+            .arg(&dk)
+            .arg(&dv)
+            .arg(&si)
+            .arg(&hqi)
+            .arg(&hkvi)
+            .arg(&scale)
+            .arg(&sl2);
+        let cfg = LaunchConfig {
+            grid_dim: (hkv as u32, b as u32, s.div_ceil(TILE) as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        dev.launch(&name, a, cfg)?;
+
+        let name = format!("attention_bwd_dq_d{d}");
+        let f = dev.function(FAMILY, &name)?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&dq_ws)
+            .arg(&seq_lens)
+            .arg(&dq)
+            .arg(&bi)
+            .arg(&si)
+            .arg(&hqi)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (dq_blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        dev.launch(&name, a, cfg)
+    }
+
+    /// Causal attention backward (see the module doc) on device views; `dq`, `dk`, `dv`
+    /// accumulate. `workspace` holds at least [`bwd_workspace_len`] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd(
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        out: &CudaView<'_, bf16>,
+        lse: &CudaView<'_, f32>,
+        dout: &CudaView<'_, bf16>,
+        seq_lens: &CudaView<'_, u32>,
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: f32,
+        dq: &mut CudaViewMut<'_, bf16>,
+        dk: &mut CudaViewMut<'_, bf16>,
+        dv: &mut CudaViewMut<'_, bf16>,
+        workspace: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (nq, nk, nl) = attn_dims("attention_bwd", b, s, hq, hkv, d)?;
+        for (what, len, want) in [
+            ("attention_bwd q", q.len(), nq),
+            ("attention_bwd k", k.len(), nk),
+            ("attention_bwd v", v.len(), nk),
+            ("attention_bwd out", out.len(), nq),
+            ("attention_bwd lse", lse.len(), nl),
+            ("attention_bwd dout", dout.len(), nq),
+            ("attention_bwd seq_lens", seq_lens.len(), b),
+            ("attention_bwd dq", dq.len(), nq),
+            ("attention_bwd dk", dk.len(), nk),
+            ("attention_bwd dv", dv.len(), nk),
+        ] {
+            check_len(what, len, want)?;
+        }
+        let ws = bwd_workspace_len(b, s, hq, d);
+        if workspace.len() < ws {
+            return Err(Error::Shape(format!(
+                "attention_bwd workspace: length {}, needs at least {ws}",
+                workspace.len()
+            )));
+        }
+        if nq == 0 {
+            return check_d("attention_bwd", d);
+        }
+        let st = dev.stream();
+        let (qp, _g1) = q.device_ptr(st);
+        let (kp, _g2) = k.device_ptr(st);
+        let (vp, _g3) = v.device_ptr(st);
+        let (op, _g4) = out.device_ptr(st);
+        let (lp, _g5) = lse.device_ptr(st);
+        let (dop, _g6) = dout.device_ptr(st);
+        let (sp, _g7) = seq_lens.device_ptr(st);
+        let (dqp, _g8) = dq.device_ptr_mut(st);
+        let (dkp, _g9) = dk.device_ptr_mut(st);
+        let (dvp, _g10) = dv.device_ptr_mut(st);
+        let (wp, _g11) = workspace.device_ptr_mut(st);
+        // SAFETY: lengths checked above; &mut views cannot alias each other or the inputs.
+        unsafe {
+            attention_bwd_raw(
+                dev, qp, kp, vp, op, lp, dop, sp, b, s, hq, hkv, d, scale, dqp, dkp, dvp, wp,
+            )
+        }
+    }
+
+    /// Decode attention (flash-decoding) on raw device pointers: a partial kernel over
+    /// [`decode_splits`] splits of the cache, then a combine kernel writing `out`.
+    ///
+    /// # Safety
+    /// `q`, `out` must hold `B·Hq·D` bf16; `k_cache`, `v_cache` `B·Hkv·max_len·D` bf16;
+    /// `cache_lens` `B` u32; `workspace` [`decode_workspace_len`] f32; all on `dev`'s context;
+    /// `out` and `workspace` must not overlap anything else.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode_attention_raw(
+        dev: &CudaDevice,
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        cache_lens: u64,
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        max_len: usize,
+        d: usize,
+        scale: f32,
+        out: u64,
+        workspace: u64,
+    ) -> Result<()> {
+        let (nq, _) = decode_dims("decode_attention", b, hq, hkv, max_len, d)?;
+        check_d("decode_attention", d)?;
+        check_scale("decode_attention", scale as f64)?;
+        if nq == 0 {
+            return Ok(());
+        }
+        grid_checks("decode_attention", b, 1, hq, hkv)?;
+        for (what, p, a) in [
+            ("decode_attention q", q, 16),
+            ("decode_attention k_cache", k_cache, 16),
+            ("decode_attention v_cache", v_cache, 16),
+            ("decode_attention out", out, 4),
+            ("decode_attention cache_lens", cache_lens, 4),
+            ("decode_attention workspace", workspace, 4),
+        ] {
+            check_ptr(what, p, a)?;
+        }
+        let (n, split_len) = decode_splits(b, hkv, max_len);
+        let part_ml = workspace;
+        let part_acc = workspace + 4 * (b * hq * n * 2) as u64;
+        let (hqi, hkvi) = (hq as i32, hkv as i32);
+        let ml = to_i32("decode_attention max_len", max_len)?;
+        let spl = split_len as i32;
+        let ni = to_i32("decode_attention splits", n)?;
+        let sl2 = scale * LOG2E;
+
+        let name = format!("attention_decode_d{d}");
+        let f = dev.function(FAMILY, &name)?;
+        let smem = dec_smem(d);
+        smem_opt_in(dev, &f, smem)?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&q)
+            .arg(&k_cache)
+            .arg(&v_cache)
+            .arg(&cache_lens)
+            .arg(&part_ml)
+            .arg(&part_acc)
+            .arg(&hqi)
+            .arg(&hkvi)
+            .arg(&ml)
+            .arg(&spl)
+            .arg(&sl2);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_dim("decode_attention splits", n, i32::MAX as usize)?,
+                hkv as u32,
+                b as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        dev.launch(&name, a, cfg)?;
+
+        let name = format!("attention_decode_combine_d{d}");
+        let f = dev.function(FAMILY, &name)?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&part_ml).arg(&part_acc).arg(&out).arg(&hqi).arg(&ni);
+        let cfg = LaunchConfig {
+            grid_dim: (hq as u32, b as u32, 1),
+            block_dim: (d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        dev.launch(&name, a, cfg)
+    }
+
+    /// Decode attention (see the module doc) on device views. `workspace` holds at least
+    /// [`decode_workspace_len`] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        k_cache: &CudaView<'_, bf16>,
+        v_cache: &CudaView<'_, bf16>,
+        cache_lens: &CudaView<'_, u32>,
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        max_len: usize,
+        d: usize,
+        scale: f32,
+        out: &mut CudaViewMut<'_, bf16>,
+        workspace: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (nq, nc) = decode_dims("decode_attention", b, hq, hkv, max_len, d)?;
+        check_len("decode_attention q", q.len(), nq)?;
+        check_len("decode_attention k_cache", k_cache.len(), nc)?;
+        check_len("decode_attention v_cache", v_cache.len(), nc)?;
+        check_len("decode_attention cache_lens", cache_lens.len(), b)?;
+        check_len("decode_attention out", out.len(), nq)?;
+        let ws = decode_workspace_len(b, hq, hkv, max_len, d);
+        if workspace.len() < ws {
+            return Err(Error::Shape(format!(
+                "decode_attention workspace: length {}, needs at least {ws}",
+                workspace.len()
+            )));
+        }
+        if nq == 0 {
+            return check_d("decode_attention", d);
+        }
+        let st = dev.stream();
+        let (qp, _g1) = q.device_ptr(st);
+        let (kp, _g2) = k_cache.device_ptr(st);
+        let (vp, _g3) = v_cache.device_ptr(st);
+        let (lp, _g4) = cache_lens.device_ptr(st);
+        let (op, _g5) = out.device_ptr_mut(st);
+        let (wp, _g6) = workspace.device_ptr_mut(st);
+        // SAFETY: lengths checked above; &mut views cannot alias each other or the inputs.
+        unsafe { decode_attention_raw(dev, qp, kp, vp, lp, b, hq, hkv, max_len, d, scale, op, wp) }
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Mutation check of the emulator harness: applies one deliberate bug at a time to a copy of
+kernels/attention.cu, rebuilds the emulator against it and expects `run.sh quick` to fail.
+Prints CAUGHT or MISSED per mutation (the query mask of the backward is redundant with the
+zero-filled padded rows, so removing it is expected to be MISSED).
+
+    python3 tools/attention-emu/mutate.py [name ...]
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+MUTATIONS = {
+    "fwd K loaded as trans-B layout": ("att_ldsm_x4(bk, sK + off_b +", "att_ldsm_x4(bk, sK + off_bt +"),
+    "fwd V without .trans": ("att_ldsm_x4_t(bv, sV", "att_ldsm_x4(bv, sV"),
+    "fwd mid-loop barrier dropped": ("        __syncthreads();  // V_j landed; every warp is done with K_j", ""),
+    "fwd waits for V too early": ("        att_cp_wait<0>();\n        __syncthreads();  // V_j landed",
+                                  "        att_cp_wait<1>();\n        __syncthreads();  // V_j landed"),
+    "fwd causal mask off by one": ("if (key > row || row >= len) x = neg_inf;", "if (key > row + 1 || row >= len) x = neg_inf;"),
+    "padded rows not zero-filled": ("const bf16* s = ok ? src + (long long)(row0 + r) * stride + c : src;\n            att_cp16(dst + (r * LD + c) * 2, s, ok);",
+                                    "const bf16* s = src + (long long)(row0 + r) * stride + c;\n            att_cp16(dst + (r * LD + c) * 2, s, true);"),
+    "fwd P fragment halves swapped": ("pa[kk][1] = att_pack_bf16(s[2 * kk][2], s[2 * kk][3]);", "pa[kk][1] = att_pack_bf16(s[2 * kk][3], s[2 * kk][2]);"),
+    "bwd query mask dropped (redundant)": ("if (query < key || query >= len) p = 0.f;", "if (query < key) p = 0.f;"),
+    "bwd top barrier dropped": ("        __syncthreads();  // tile `it` landed", "        //"),
+    "bwd dS barrier dropped": ("        __syncthreads();  // dS^T complete", ""),
+    "bwd dS^T store misplaced": ("att_sts(reinterpret_cast<u32*>(w0 + 8), dsa[kk][2]);", "att_sts(reinterpret_cast<u32*>(w0 + 8), dsa[kk][1]);"),
+    "bwd delta columns swapped": ("((e & 1) ? d1 : d0));", "((e & 1) ? d0 : d1));"),
+    "decode scores barrier dropped": ("            __syncthreads();  // scores complete", ""),
+    "decode end-of-chunk barrier dropped": ("            __syncthreads();  // sP, sA and this chunk's buffers are free", ""),
+    "decode combine ignores the maxima": ("const float w = exp2f(part_ml[(base + s) * 2] - M);", "const float w = 1.f;"),
+}
+
+
+def main():
+    src = open(os.path.join(ROOT, "kernels", "attention.cu")).read()
+    names = sys.argv[1:] or list(MUTATIONS)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "kernels"))
+        shutil.copytree(HERE, os.path.join(tmp, "tools", "attention-emu"))
+        shutil.copy(os.path.join(ROOT, "kernels", "common.cuh"), os.path.join(tmp, "kernels"))
+        for name in names:
+            a, b = MUTATIONS[name]
+            if src.count(a) != 1:
+                print(f"{name:40s} SKIP (pattern found {src.count(a)} times)")
+                continue
+            open(os.path.join(tmp, "kernels", "attention.cu"), "w").write(src.replace(a, b))
+            r = subprocess.run(["bash", os.path.join(tmp, "tools", "attention-emu", "run.sh"), "quick", "2"],
+                               capture_output=True, text=True)
+            lines = [l for l in (r.stdout + r.stderr).splitlines()
+                     if any(x in l for x in ("MISMATCH", "RACE", "FAIL", "error"))]
+            print(f"{name:40s} {'CAUGHT' if r.returncode else 'MISSED'}  {lines[0][:110] if lines else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,7 +55,8 @@ done
 say "== PyTorch (eager) on the same card =="
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   python3 "$here/reference/torch_bench.py" --out "$logs/torch.json" 2>&1 | tee -a "$summary"
-  python3 "$here/reference/summarize.py" "$logs/criterion" "$logs/torch.json" 2>&1 | tee -a "$summary"
+  python3 "$here/reference/torch_attention_bench.py" --out "$logs/torch_attention.json" > "$logs/torch_attention.log" 2>&1
+  python3 "$here/reference/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" 2>&1 | tee -a "$summary"
 else
   say "PyTorch with CUDA not available: comparison NOT run"
 fi

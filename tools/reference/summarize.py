@@ -2,7 +2,7 @@
 """Summarises a GPU run: every criterion bench (mean time, throughput) from CRITERION_HOME, and
 the dfpo/PyTorch ratio for each pair of benches that time the same work on the same card.
 
-usage: summarize.py CRITERION_DIR TORCH_JSON
+usage: summarize.py CRITERION_DIR TORCH_JSON [TORCH_JSON ...]
 """
 import glob
 import json
@@ -36,7 +36,16 @@ def load_criterion(root):
 
 def main():
     crit = load_criterion(sys.argv[1])
-    torch = json.load(open(sys.argv[2])) if len(sys.argv) > 2 and os.path.exists(sys.argv[2]) else {}
+    torch = {}
+    for path in sys.argv[2:]:
+        if os.path.exists(path):
+            torch.update(json.load(open(path)))
+    # Attention pairs follow one naming rule: attention_cuda/{kind}_{tag} <-> attn_{kind}_{tag}_ms.
+    for name in crit:
+        m = re.match(r"^attention_cuda/(fwd_bwd|fwd|bwd|decode)_(.+)$", name)
+        if m:
+            key = f"decode_{m.group(2)}_ms" if m.group(1) == "decode" else f"attn_{m.group(1)}_{m.group(2)}_ms"
+            PAIRS.append((re.escape(name) + "$", key, f"attention {m.group(1)} {m.group(2)}"))
     print(f"{'bench':<48} {'mean ms':>10}  throughput")
     for name, (ms, thr) in sorted(crit.items()):
         t = ""

@@ -34,19 +34,20 @@ use crate::error::{check_len, Error, Result};
 /// Added to the norm in the clip scale: `min(1, max_norm / (norm + NORM_EPS))`.
 pub const NORM_EPS: f64 = 1e-6;
 
-/// AdamW hyper-parameters of one step.
+/// AdamW hyper-parameters of one step. Held in f64, like torch's Python floats: `1 − β2` from
+/// an f32 `β2 = 0.999` would be off by 1.3e-5 relative.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWParams {
     /// Learning rate (>= 0).
-    pub lr: f32,
+    pub lr: f64,
     /// β1 in [0, 1).
-    pub beta1: f32,
+    pub beta1: f64,
     /// β2 in [0, 1).
-    pub beta2: f32,
+    pub beta2: f64,
     /// ε (> 0).
-    pub eps: f32,
+    pub eps: f64,
     /// Decoupled weight decay (>= 0); 0 for tensors that do not decay.
-    pub weight_decay: f32,
+    pub weight_decay: f64,
 }
 
 impl Default for AdamWParams {
@@ -84,7 +85,7 @@ pub struct AdamWScalars {
 impl AdamWParams {
     /// Checks the ranges (see the fields).
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f32, rule: &str| {
+        let bad = |what: &str, v: f64, rule: &str| {
             Err(Error::Invalid(format!(
                 "AdamWParams.{what} = {v}: must be {rule}"
             )))
@@ -107,7 +108,7 @@ impl AdamWParams {
         Ok(())
     }
 
-    /// The scalars of step `step` (1-based), computed in f64 from the f32 parameters.
+    /// The scalars of step `step` (1-based), computed in f64.
     pub fn scalars(&self, step: u64) -> Result<AdamWScalars> {
         self.validate()?;
         if step == 0 {
@@ -116,15 +117,15 @@ impl AdamWParams {
             ));
         }
         let t = step.min(i32::MAX as u64) as i32;
-        let (lr, b1, b2) = (self.lr as f64, self.beta1 as f64, self.beta2 as f64);
+        let (lr, b1, b2) = (self.lr, self.beta1, self.beta2);
         Ok(AdamWScalars {
-            decay: 1.0 - lr * self.weight_decay as f64,
+            decay: 1.0 - lr * self.weight_decay,
             step_size: lr / (1.0 - b1.powi(t)),
             bc2_sqrt: (1.0 - b2.powi(t)).sqrt(),
             one_minus_beta1: 1.0 - b1,
             beta2: b2,
             one_minus_beta2: 1.0 - b2,
-            eps: self.eps as f64,
+            eps: self.eps,
         })
     }
 }

@@ -32,7 +32,9 @@ fn down<T: DeviceRepr + Default + Clone>(dev: &CudaDevice, x: &CudaSlice<T>) -> 
 }
 
 fn bf16_bits(x: &[f32]) -> Vec<u16> {
-    x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+    x.iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect()
 }
 
 fn bf16_f64(b: &[u16]) -> Vec<f64> {
@@ -141,8 +143,8 @@ fn cuda_xent_forward_matches_cpu() {
             assert_close(&format!("lse {what}"), &g.lse, &f32s(&lse), 2e-6, 5e-5);
             assert_close(&format!("logprob {what}"), &g.lp, &f32s(&lp), 2e-6, 5e-5);
             assert_close(&format!("entropy {what}"), &g.ent, &f32s(&ent), 2e-5, 1e-4);
-            for r in 0..n {
-                if tg[r] == IGNORE_INDEX {
+            for (r, &t) in tg.iter().enumerate() {
+                if t == IGNORE_INDEX {
                     assert_eq!(g.lp[r], 0.0, "{what}: ignored row {r}");
                 }
             }
@@ -211,8 +213,12 @@ fn cuda_xent_backward_matches_cpu() {
             )
             .unwrap();
             let mut dd = up(&dev, &init_b);
-            let (glpd, ghd, lsed, entd) =
-                (up(&dev, &glp), up(&dev, &gh), up(&dev, &g.lse), up(&dev, &g.ent));
+            let (glpd, ghd, lsed, entd) = (
+                up(&dev, &glp),
+                up(&dev, &gh),
+                up(&dev, &g.lse),
+                up(&dev, &g.ent),
+            );
             xent::cuda::backward(
                 &dev,
                 &zd.as_view(),
@@ -228,7 +234,11 @@ fn cuda_xent_backward_matches_cpu() {
             )
             .unwrap();
             let all = down(&dev, &dd);
-            assert_eq!(all[..doff], init_b[..doff], "element before the view written");
+            assert_eq!(
+                all[..doff],
+                init_b[..doff],
+                "element before the view written"
+            );
             let got = bf16_f64(&all[doff..]);
             let what = format!("V={v} case {case}");
             for r in 0..n {
@@ -300,7 +310,10 @@ fn cuda_xent_is_deterministic_and_rejects_bad_input() {
         &mut o2.as_view_mut(),
         &mut o3.as_view_mut(),
     );
-    assert!(matches!(e, Err(Error::Shape(ref s)) if s.contains("entropy")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Shape(ref s)) if s.contains("entropy")),
+        "{e:?}"
+    );
     let mut o3 = up(&dev, &vec![POISON; n]);
     let e = xent::cuda::forward(
         &dev,
@@ -315,7 +328,10 @@ fn cuda_xent_is_deterministic_and_rejects_bad_input() {
     );
     assert!(matches!(e, Err(Error::Invalid(_))), "{e:?}");
     let e = unsafe { xent::cuda::forward_raw(&dev, 0, 4, n, v, 1.0, 4, 4, 4) };
-    assert!(matches!(e, Err(Error::Invalid(ref s)) if s.contains("logits")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Invalid(ref s)) if s.contains("logits")),
+        "{e:?}"
+    );
     // Nothing was written by the refused calls.
     assert!(down(&dev, &o1).iter().all(|x| x.is_nan()));
 }
@@ -388,7 +404,10 @@ fn check_row(
     let (zmax, amax) = sample::cpu::row_max(row).unwrap();
     let lse1 = zmax + row.iter().map(|&z| (z - zmax).exp()).sum::<f64>().ln();
     let tok = g.tok[r];
-    assert!((tok as usize) < v, "{what}: row {r}: token {tok} out of range");
+    assert!(
+        (tok as usize) < v,
+        "{what}: row {r}: token {tok} out of range"
+    );
     let lpp = row[tok as usize] - lse1;
     assert!(
         (g.lpp[r] as f64 - lpp).abs() <= 1e-4 + 2e-6 * lpp.abs(),
@@ -432,8 +451,12 @@ fn check_row(
     let (ctok, cscore) = sample::cpu::race(row, kept, zmax, t, seed, counter, r);
     let mut near_race = false;
     if tok != ctok {
-        assert!(kept.contains(&tok), "{what}: row {r}: token {tok} is not kept");
-        let u = dfpo::kernels::uniform_open(seed, sample::element_counter(counter, r, v, tok as usize));
+        assert!(
+            kept.contains(&tok),
+            "{what}: row {r}: token {tok} is not kept"
+        );
+        let u =
+            dfpo::kernels::uniform_open(seed, sample::element_counter(counter, r, v, tok as usize));
         let gscore = sample::cpu::race_score(row[tok as usize], zmax, t, u);
         assert!(
             (cscore - gscore).abs() <= 5e-5 + 5e-6 * cscore.abs(),
@@ -441,7 +464,10 @@ fn check_row(
         );
         near_race = true;
     }
-    let sum: f64 = kept.iter().map(|&j| ((row[j as usize] - zmax) / t).exp()).sum();
+    let sum: f64 = kept
+        .iter()
+        .map(|&j| ((row[j as usize] - zmax) / t).exp())
+        .sum();
     let lps = (row[tok as usize] - zmax) / t - sum.ln();
     assert!(
         (g.lps[r] as f64 - lps).abs() <= 1e-4 + 1e-5 * lps.abs(),
@@ -537,7 +563,10 @@ fn cuda_sample_matches_cpu() {
         "cuda_sample_matches_cpu: {rows} rows; top-p near-ties {near_p}; tokens differing by a race near-tie {near_race}"
     );
     // Near-ties of the race are rare (a gap below ~1e-5 between the two best scores).
-    assert!(near_race * 100 <= rows, "{near_race} of {rows} rows differ by a race near-tie");
+    assert!(
+        near_race * 100 <= rows,
+        "{near_race} of {rows} rows differ by a race near-tie"
+    );
 }
 
 #[test]
@@ -619,12 +648,12 @@ fn cuda_sample_rejects_bad_input() {
         &mut b.as_view_mut(),
         None,
     );
-    assert!(matches!(e, Err(Error::Shape(ref s)) if s.contains("logprob_policy")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Shape(ref s)) if s.contains("logprob_policy")),
+        "{e:?}"
+    );
     let mut b = up(&dev, &vec![POISON; n]);
-    let bad = SampleParams {
-        top_p: 0.0,
-        ..p
-    };
+    let bad = SampleParams { top_p: 0.0, ..p };
     let e = sample::cuda::sample(
         &dev,
         &zd.as_view(),
@@ -638,9 +667,15 @@ fn cuda_sample_rejects_bad_input() {
         &mut b.as_view_mut(),
         None,
     );
-    assert!(matches!(e, Err(Error::Invalid(ref s)) if s.contains("top_p")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Invalid(ref s)) if s.contains("top_p")),
+        "{e:?}"
+    );
     let e = unsafe { sample::cuda::sample_raw(&dev, 4, n, 1 << 23, &p, 1, 0, 4, 4, 4, 0) };
-    assert!(matches!(e, Err(Error::Invalid(ref s)) if s.contains("limit")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Invalid(ref s)) if s.contains("limit")),
+        "{e:?}"
+    );
     assert!(down(&dev, &tok).iter().all(|&t| t == u32::MAX));
 }
 
@@ -727,7 +762,10 @@ fn cuda_adamw_matches_cpu_bit_for_bit() {
                 ("m", down(&dev, &md), &m),
                 ("v", down(&dev, &vd), &v),
             ] {
-                assert!(gpu[..off].iter().all(|&x| x == 0.5), "{what}: {name} padding");
+                assert!(
+                    gpu[..off].iter().all(|&x| x == 0.5),
+                    "{what}: {name} padding"
+                );
                 for i in 0..n {
                     let d = ulps(gpu[off + i], cpu[i]);
                     assert!(
@@ -745,9 +783,18 @@ fn cuda_adamw_matches_cpu_bit_for_bit() {
             for i in 0..n {
                 if with_bf16 {
                     let d = (bgot[off + i] as i32 - b[i] as i32).abs();
-                    assert!(d <= 1, "{what}: bf16[{i}] {:#x} vs {:#x}", bgot[off + i], b[i]);
+                    assert!(
+                        d <= 1,
+                        "{what}: bf16[{i}] {:#x} vs {:#x}",
+                        bgot[off + i],
+                        b[i]
+                    );
                 } else {
-                    assert_eq!(bgot[off + i], 0xFFFF, "{what}: bf16 written without a buffer");
+                    assert_eq!(
+                        bgot[off + i],
+                        0xFFFF,
+                        "{what}: bf16 written without a buffer"
+                    );
                 }
             }
         }
@@ -850,7 +897,10 @@ fn cuda_adamw_skips_the_step_on_a_nonfinite_norm() {
         assert_eq!(b(&down(&dev, &pd)), b(&p0), "params changed");
         assert_eq!(b(&down(&dev, &md)), b(&m0), "m changed");
         assert_eq!(b(&down(&dev, &vd)), b(&v0), "v changed");
-        assert!(down(&dev, &bd).iter().all(|&x| x == 0x1234), "bf16 copy written");
+        assert!(
+            down(&dev, &bd).iter().all(|&x| x == 0x1234),
+            "bf16 copy written"
+        );
     }
 }
 
@@ -878,7 +928,10 @@ fn cuda_adamw_rejects_bad_input() {
         1,
         &clip.as_view(),
     );
-    assert!(matches!(e, Err(Error::Shape(ref s)) if s.contains("adamw v")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Shape(ref s)) if s.contains("adamw v")),
+        "{e:?}"
+    );
     let mut v = up(&dev, &vec![0.0f32; n]);
     let e = adamw::cuda::step(
         &dev,
@@ -891,10 +944,22 @@ fn cuda_adamw_rejects_bad_input() {
         0,
         &clip.as_view(),
     );
-    assert!(matches!(e, Err(Error::Invalid(ref s)) if s.contains("step")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Invalid(ref s)) if s.contains("step")),
+        "{e:?}"
+    );
     let e = adamw::cuda::grad_norm(&dev, &[&g.as_view()], 0.0);
-    assert!(matches!(e, Err(Error::Invalid(ref s)) if s.contains("max_norm")), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Invalid(ref s)) if s.contains("max_norm")),
+        "{e:?}"
+    );
     let e = unsafe { adamw::cuda::step_raw(&dev, 0, 4, 4, 4, 0, n, &hp, 1, 0) };
-    assert!(matches!(e, Err(Error::Invalid(ref s)) if s.contains("params")), "{e:?}");
-    assert!(down(&dev, &p).iter().all(|&x| x == 1.0), "refused calls wrote nothing");
+    assert!(
+        matches!(e, Err(Error::Invalid(ref s)) if s.contains("params")),
+        "{e:?}"
+    );
+    assert!(
+        down(&dev, &p).iter().all(|&x| x == 1.0),
+        "refused calls wrote nothing"
+    );
 }

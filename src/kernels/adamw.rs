@@ -141,7 +141,7 @@ pub fn clip_scale(norm: f64, max_norm: f32) -> f32 {
 }
 
 fn check_max_norm(max_norm: f32) -> Result<()> {
-    if !(max_norm > 0.0) {
+    if max_norm.is_nan() || max_norm <= 0.0 {
         return Err(Error::Invalid(format!(
             "grad_norm: max_norm = {max_norm}: must be > 0 (+inf for no clipping)"
         )));
@@ -347,7 +347,7 @@ pub mod cuda {
         for g in grads {
             let (p, guard) = g.device_ptr(s);
             // An empty view may carry any address: give it a harmless aligned one.
-            bufs.push((if g.len() == 0 { 8 } else { p }, g.len()));
+            bufs.push((if g.is_empty() { 8 } else { p }, g.len()));
             guards.push(guard);
         }
         let total: usize = bufs.iter().map(|b| b.1).sum();
@@ -433,7 +433,7 @@ pub mod cuda {
         if scale != 0 {
             check_ptr("adamw scale", scale, 4)?;
         }
-        let vec = [params, grads, m, v].iter().all(|p| p % 16 == 0) && bf16_out % 8 == 0;
+        let vec = [params, grads, m, v].iter().all(|p| p % 16 == 0) && bf16_out.is_multiple_of(8);
         let vec = i32::from(vec);
         let nl = n as i64;
         let f32s = |x: f64| x as f32;

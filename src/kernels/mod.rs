@@ -2,10 +2,13 @@
 //! Rust, generic over [`Real`] so checks can run it in f64) with the CUDA launchers (fp32 over
 //! cudarc device slices).
 
+pub mod adamw;
 pub mod attention;
 pub mod flow;
 pub mod risk;
 pub mod rl;
+pub mod sample;
+pub mod xent;
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};

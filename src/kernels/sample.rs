@@ -1,0 +1,443 @@
+//! Token sampling from logits (`kernels/sample.cu`): temperature, top-k, top-p, greedy.
+//!
+//! # Semantics (the CPU reference defines them; the kernel follows)
+//! Per row of logits `z` (`[N][V]` row-major), with [`SampleParams`] `{temperature T, top_k,
+//! top_p}`:
+//! - **Order.** Tokens are totally ordered by logit descending, ties by id ascending. Every
+//!   filter keeps a prefix of this order, so a tie at a filter's boundary keeps the lower ids.
+//! - **Greedy** (`T == 0`): the first token of the order (argmax, ties to the lowest id);
+//!   `top_k`/`top_p` are ignored, the sampling log-prob is 0 (a point mass), 1 token is kept.
+//! - **Temperature** (`T > 0`): weights `w_j = exp((z_j − z_max)/T)`.
+//! - **Top-k** (`0 < k < V`; `k == 0` or `k >= V` disables it): keep the first `k` tokens of the
+//!   order — exactly `k`.
+//! - **Top-p** (`p < 1`; `p == 1` disables it; `p` must be in (0, 1]), applied after top-k on the
+//!   top-k survivors: keep the shortest prefix whose weight reaches `p·W` (`W` = the survivors'
+//!   total weight), i.e. the smallest `L` with `Σ_{i<L} w_(i) >= p·W`. At least one token is kept.
+//! - **Draw** over the kept set K, with probabilities `w_j / Σ_K w`: the exponential race (the
+//!   method of vLLM's sampler): `token = argmax_{j∈K} (z_j − z_max)/T − ln(−ln u_j)` (ties to the
+//!   lowest id), with `u_j = uniform_open(seed, element_counter(counter, row, V, j))`. The uniform
+//!   is bit-identical on CPU and GPU, so both draw the same token from the same kept set unless
+//!   two race scores are within float rounding of each other.
+//! - **Outputs**: the token; `logprob_sample = ln(w_tok / Σ_K w)` (0 for greedy);
+//!   `logprob_policy = z_tok − logsumexp(z)` (the temperature-1, unfiltered policy); optionally
+//!   the kept count `|K|`.
+//!
+//! Rows get consecutive random streams: the caller advances `counter` by at least N per call.
+//!
+//! # CUDA (bf16 logits as `u16` bits, fp32 arithmetic)
+//! One block per row; see the header of `kernels/sample.cu` for the passes. Top-k is exact (a
+//! radix select on the 16-bit order key of bf16, then a scan in id order for ties). Top-p sums
+//! weights `round(2^40·w)` as exact integers (deterministic, order-free) with `w` from fp32
+//! `exp2f`; the CPU uses f64. So the kept count of top-p can differ from the CPU only when some
+//! prefix mass is within ~1e-6 relative of `p·W` (a near-tie of the cumulative probability at the
+//! boundary, which cannot be settled in fp32); likewise the drawn token can differ only when the
+//! best two race scores are within ~1e-5. The parity tests check exactly these conditions.
+//! Tokens whose weight is below 2^-41 of the max add nothing to the top-p mass on the GPU.
+//!
+//! # Bad input
+//! The CPU reference rejects NaN and `+inf` logits and all-`-inf` rows ([`Error::Invalid`]);
+//! `-inf` logits are allowed (never drawn). The kernel cannot report errors: such rows give
+//! unspecified tokens (never an out-of-bounds access).
+
+use super::{uniform_open, Real};
+use crate::error::{check_len, Error, Result};
+
+/// Sampling settings, shared by every row of a call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    /// 0 = greedy; otherwise finite and > 0.
+    pub temperature: f32,
+    /// Keep the `top_k` best tokens; 0 (or >= V) disables.
+    pub top_k: u32,
+    /// Keep the shortest prefix with probability mass >= `top_p`; 1 disables. In (0, 1].
+    pub top_p: f32,
+}
+
+impl Default for SampleParams {
+    /// Plain sampling at temperature 1 (no top-k, no top-p).
+    fn default() -> Self {
+        SampleParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    }
+}
+
+impl SampleParams {
+    /// Greedy decoding (temperature 0).
+    pub fn greedy() -> Self {
+        SampleParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+
+    /// `temperature` finite and >= 0, `top_p` in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "SampleParams.temperature = {}: must be finite and >= 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "SampleParams.top_p = {}: must be in (0, 1] (1 disables top-p)",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+
+    /// True for temperature 0.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// The top-k in effect for a vocabulary of `v` tokens (`None`: disabled).
+    pub fn top_k_for(&self, v: usize) -> Option<usize> {
+        let k = self.top_k as usize;
+        (k != 0 && k < v).then_some(k)
+    }
+
+    /// True when top-p filters anything.
+    pub fn top_p_active(&self) -> bool {
+        self.top_p < 1.0
+    }
+}
+
+/// Counter of the uniform that token `j` of row `row` draws: `(counter + row)·v + j`
+/// (wrapping). Rows use consecutive streams of `v` counters.
+pub fn element_counter(counter: u64, row: usize, v: usize, j: usize) -> u64 {
+    counter
+        .wrapping_add(row as u64)
+        .wrapping_mul(v as u64)
+        .wrapping_add(j as u64)
+}
+
+fn dims(what: &str, n: usize, v: usize) -> Result<usize> {
+    if v == 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: v = 0: the vocabulary is empty"
+        )));
+    }
+    n.checked_mul(v)
+        .ok_or_else(|| Error::Shape(format!("{what}: n·v = {n}·{v} overflows usize")))
+}
+
+pub mod cpu {
+    //! CPU reference (f64 arithmetic inside, any [`Real`] logits) and its building blocks, which
+    //! the tests use to check kept sets and race scores independently.
+    use super::*;
+
+    /// Checks a row (no NaN, no +inf, not all -inf); returns (max logit, its lowest id).
+    pub fn row_max<T: Real>(row: &[T]) -> Result<(f64, u32)> {
+        let mut best: Option<(f64, u32)> = None;
+        for (j, &z) in row.iter().enumerate() {
+            let z = z.to_f64();
+            if z.is_nan() || z == f64::INFINITY {
+                return Err(Error::Invalid(format!(
+                    "sample: logit {j} = {z}: NaN and +inf logits are not allowed"
+                )));
+            }
+            if z.is_finite() && best.is_none_or(|(b, _)| z > b) {
+                best = Some((z, j as u32));
+            }
+        }
+        best.ok_or_else(|| {
+            Error::Invalid("sample: every logit of the row is -inf: nothing can be drawn".into())
+        })
+    }
+
+    /// Token ids in the total order: logit descending, ties by id ascending.
+    pub fn rank_order<T: Real>(row: &[T]) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        ids.sort_by(|&a, &b| {
+            let (za, zb) = (row[a as usize].to_f64(), row[b as usize].to_f64());
+            zb.partial_cmp(&za)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
+        });
+        ids
+    }
+
+    /// Number of tokens kept by top-k then top-p (`p.temperature > 0`), given `order` from
+    /// [`rank_order`] and the row's max logit. The kept set is `order[..len]`.
+    pub fn kept_len<T: Real>(row: &[T], order: &[u32], zmax: f64, p: &SampleParams) -> usize {
+        let v = row.len();
+        let k = p.top_k_for(v).unwrap_or(v);
+        if !p.top_p_active() {
+            return k;
+        }
+        let t = p.temperature as f64;
+        let w = |j: u32| ((row[j as usize].to_f64() - zmax) / t).exp();
+        let total: f64 = order[..k].iter().map(|&j| w(j)).sum();
+        let target = p.top_p as f64 * total;
+        let mut cum = 0.0;
+        for (i, &j) in order[..k].iter().enumerate() {
+            cum += w(j);
+            if cum >= target {
+                return i + 1;
+            }
+        }
+        k
+    }
+
+    /// Race score `(z_j − z_max)/T − ln(−ln u)` (natural-log units).
+    pub fn race_score(z: f64, zmax: f64, temperature: f64, u: f64) -> f64 {
+        (z - zmax) / temperature - (-u.ln()).ln()
+    }
+
+    /// The exponential race over `kept` (any order): (token, its score), ties to the lowest id.
+    /// `stream` is `counter + row` (see [`element_counter`]).
+    pub fn race<T: Real>(
+        row: &[T],
+        kept: &[u32],
+        zmax: f64,
+        temperature: f64,
+        seed: u64,
+        counter: u64,
+        r: usize,
+    ) -> (u32, f64) {
+        let v = row.len();
+        let mut best = (u32::MAX, f64::NEG_INFINITY);
+        for &j in kept {
+            let u = uniform_open(seed, element_counter(counter, r, v, j as usize));
+            let s = race_score(row[j as usize].to_f64(), zmax, temperature, u);
+            if s > best.1 || (s == best.1 && j < best.0) {
+                best = (j, s);
+            }
+        }
+        best
+    }
+
+    /// The kept tokens (in the total order) with their probabilities under the sampling
+    /// distribution (renormalised over the kept set). Greedy: the argmax with probability 1.
+    pub fn filtered_distribution<T: Real>(row: &[T], p: &SampleParams) -> Result<Vec<(u32, f64)>> {
+        p.validate()?;
+        let (zmax, amax) = row_max(row)?;
+        if p.is_greedy() {
+            return Ok(vec![(amax, 1.0)]);
+        }
+        let order = rank_order(row);
+        let len = kept_len(row, &order, zmax, p);
+        let t = p.temperature as f64;
+        let w: Vec<f64> = order[..len]
+            .iter()
+            .map(|&j| ((row[j as usize].to_f64() - zmax) / t).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        Ok(order[..len]
+            .iter()
+            .zip(&w)
+            .map(|(&j, &wj)| (j, wj / total))
+            .collect())
+    }
+
+    /// Samples one token per row (see the module doc). Writes `tokens`, `logprob_sample`,
+    /// `logprob_policy` (`[N]` each) and, when given, `n_kept`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample<T: Real>(
+        logits: &[T],
+        n: usize,
+        v: usize,
+        p: &SampleParams,
+        seed: u64,
+        counter: u64,
+        tokens: &mut [u32],
+        logprob_sample: &mut [T],
+        logprob_policy: &mut [T],
+        mut n_kept: Option<&mut [u32]>,
+    ) -> Result<()> {
+        p.validate()?;
+        let nv = dims("sample", n, v)?;
+        check_len("sample logits", logits.len(), nv)?;
+        check_len("sample tokens", tokens.len(), n)?;
+        check_len("sample logprob_sample", logprob_sample.len(), n)?;
+        check_len("sample logprob_policy", logprob_policy.len(), n)?;
+        if let Some(k) = n_kept.as_deref() {
+            check_len("sample n_kept", k.len(), n)?;
+        }
+        let t = p.temperature as f64;
+        let filtered = p.top_k_for(v).is_some() || p.top_p_active();
+        for r in 0..n {
+            let row = &logits[r * v..(r + 1) * v];
+            let (zmax, amax) = row_max(row).map_err(|e| match e {
+                Error::Invalid(m) => Error::Invalid(format!("{m} (row {r})")),
+                e => e,
+            })?;
+            let lse1 = zmax
+                + row
+                    .iter()
+                    .map(|&z| (z.to_f64() - zmax).exp())
+                    .sum::<f64>()
+                    .ln();
+            let (tok, lps, nk) = if p.is_greedy() {
+                (amax, 0.0, 1usize)
+            } else {
+                let kept: Vec<u32> = if filtered {
+                    let order = rank_order(row);
+                    let len = kept_len(row, &order, zmax, p);
+                    order[..len].to_vec()
+                } else {
+                    (0..v as u32).collect()
+                };
+                let (tok, _) = race(row, &kept, zmax, t, seed, counter, r);
+                let sum: f64 = kept
+                    .iter()
+                    .map(|&j| ((row[j as usize].to_f64() - zmax) / t).exp())
+                    .sum();
+                let lps = (row[tok as usize].to_f64() - zmax) / t - sum.ln();
+                (tok, lps, kept.len())
+            };
+            tokens[r] = tok;
+            logprob_sample[r] = T::from_f64(lps);
+            logprob_policy[r] = T::from_f64(row[tok as usize].to_f64() - lse1);
+            if let Some(k) = n_kept.as_deref_mut() {
+                k[r] = nk as u32;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub mod cuda {
+    //! CUDA launcher: bf16 logits (as `u16` bits), fp32 log-probs, u32 tokens. `sample_raw` takes
+    //! raw device pointers and queues one launch without synchronising; [`sample`] takes views.
+    use super::*;
+    use crate::device::CudaDevice;
+    use cudarc::driver::PushKernelArg;
+    use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
+
+    const FAMILY: &str = "sample";
+    /// Threads per block (`SB` in sample.cu).
+    const SAMPLE_BLOCK: u32 = 512;
+    /// Largest vocabulary: keeps count·2^40 fixed-point masses inside u64.
+    pub const MAX_VOCAB: usize = 1 << 22;
+
+    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
+        if ptr == 0 || !ptr.is_multiple_of(align) {
+            return Err(Error::Invalid(format!(
+                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Samples one token per row on raw device pointers: `logits` `[n][v]` bf16 bits (2-byte
+    /// aligned), `tokens` `[n]` u32, `logprob_sample`, `logprob_policy` `[n]` f32, `n_kept`
+    /// `[n]` u32 or 0 (not written).
+    ///
+    /// # Safety
+    /// Every non-zero pointer must address the elements above on `dev`'s context; outputs must
+    /// not overlap each other or the logits.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sample_raw(
+        dev: &CudaDevice,
+        logits: u64,
+        n: usize,
+        v: usize,
+        p: &SampleParams,
+        seed: u64,
+        counter: u64,
+        tokens: u64,
+        logprob_sample: u64,
+        logprob_policy: u64,
+        n_kept: u64,
+    ) -> Result<()> {
+        p.validate()?;
+        dims("sample", n, v)?;
+        if v > MAX_VOCAB {
+            return Err(Error::Invalid(format!(
+                "sample: v = {v} exceeds the kernel's limit {MAX_VOCAB}"
+            )));
+        }
+        let rows = u32::try_from(n)
+            .ok()
+            .filter(|&x| x <= i32::MAX as u32)
+            .ok_or_else(|| Error::Shape(format!("sample: n = {n} rows exceeds 2^31 − 1")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        check_ptr("sample logits", logits, 2)?;
+        check_ptr("sample tokens", tokens, 4)?;
+        check_ptr("sample logprob_sample", logprob_sample, 4)?;
+        check_ptr("sample logprob_policy", logprob_policy, 4)?;
+        if n_kept != 0 {
+            check_ptr("sample n_kept", n_kept, 4)?;
+        }
+        let vl = v as i64;
+        let greedy = i32::from(p.is_greedy());
+        let c = if p.is_greedy() {
+            0.0f32
+        } else {
+            (std::f64::consts::LOG2_E / p.temperature as f64) as f32
+        };
+        let top_k = p.top_k_for(v).unwrap_or(0) as u32;
+        let top_p = if p.top_p_active() { p.top_p } else { 2.0f32 };
+        let f = dev.function(FAMILY, "sample_rows")?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&logits)
+            .arg(&vl)
+            .arg(&greedy)
+            .arg(&c)
+            .arg(&top_k)
+            .arg(&top_p)
+            .arg(&seed)
+            .arg(&counter)
+            .arg(&tokens)
+            .arg(&logprob_sample)
+            .arg(&logprob_policy)
+            .arg(&n_kept);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (SAMPLE_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        dev.launch("sample_rows", a, cfg)
+    }
+
+    /// Samples one token per row (see the module doc) on device views.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        dev: &CudaDevice,
+        logits: &CudaView<'_, u16>,
+        n: usize,
+        v: usize,
+        p: &SampleParams,
+        seed: u64,
+        counter: u64,
+        tokens: &mut CudaViewMut<'_, u32>,
+        logprob_sample: &mut CudaViewMut<'_, f32>,
+        logprob_policy: &mut CudaViewMut<'_, f32>,
+        n_kept: Option<&mut CudaViewMut<'_, u32>>,
+    ) -> Result<()> {
+        p.validate()?;
+        let nv = dims("sample", n, v)?;
+        check_len("sample logits", logits.len(), nv)?;
+        check_len("sample tokens", tokens.len(), n)?;
+        check_len("sample logprob_sample", logprob_sample.len(), n)?;
+        check_len("sample logprob_policy", logprob_policy.len(), n)?;
+        if let Some(k) = n_kept.as_deref() {
+            check_len("sample n_kept", k.len(), n)?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let s = dev.stream();
+        let (zp, _g1) = logits.device_ptr(s);
+        let (tp, _g2) = tokens.device_ptr_mut(s);
+        let (lsp, _g3) = logprob_sample.device_ptr_mut(s);
+        let (lpp, _g4) = logprob_policy.device_ptr_mut(s);
+        let (kp, _g5) = match n_kept {
+            Some(k) => {
+                let (p, g) = k.device_ptr_mut(s);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        // SAFETY: lengths checked above; the &mut views cannot alias each other or the logits.
+        unsafe { sample_raw(dev, zp, n, v, p, seed, counter, tp, lsp, lpp, kp) }
+    }
+}

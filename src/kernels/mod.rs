@@ -2,9 +2,13 @@
 //! Rust, generic over [`Real`] so checks can run it in f64) with the CUDA launchers (fp32 over
 //! cudarc device slices).
 
+pub mod act;
+pub mod embed;
 pub mod flow;
+pub mod norm;
 pub mod risk;
 pub mod rl;
+pub mod rope;
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};

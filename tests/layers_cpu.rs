@@ -219,11 +219,11 @@ fn rope_fwd_matches_complex_rotation() {
         // Independent: z = x_i + i·x_{i+half} times e^{iθ}, θ = pos·theta^(−2i/D) all in f64.
         // The reference uses HF's fp32 angle; their difference is the fp32 rounding of θ.
         let check = |x0: &[f64], x: &[f64], heads: usize| {
-            for t in 0..n {
+            for (t, &p) in pos.iter().enumerate() {
                 for h in 0..heads {
                     let b = (t * heads + h) * dh;
                     for i in 0..half {
-                        let th = pos[t] as f64 * (theta as f64).powf(-2.0 * i as f64 / dh as f64);
+                        let th = p as f64 * (theta as f64).powf(-2.0 * i as f64 / dh as f64);
                         let (re, im) = (x0[b + i], x0[b + half + i]);
                         let (c, s) = (th.cos(), th.sin());
                         let (wr, wi) = (re * c - im * s, re * s + im * c);

@@ -159,9 +159,8 @@ pub mod cpu {
         mut emit: impl FnMut(usize, T),
     ) {
         let df = T::from_f64(d as f64);
-        for row in 0..n {
+        for (row, &r) in rstd.iter().enumerate().take(n) {
             let o = row * d;
-            let r = rstd[row];
             let mut c = T::ZERO;
             for j in 0..d {
                 c += (dy[o + j] * w[j]) * x[o + j];

@@ -2,11 +2,15 @@
 //! Rust, generic over [`Real`] so checks can run it in f64) with the CUDA launchers (fp32 over
 //! cudarc device slices).
 
+pub mod act;
 pub mod adamw;
 pub mod attention;
+pub mod embed;
 pub mod flow;
+pub mod norm;
 pub mod risk;
 pub mod rl;
+pub mod rope;
 pub mod sample;
 pub mod xent;
 

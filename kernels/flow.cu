@@ -20,10 +20,11 @@
 // `hp` always points at the head part of the flat parameter vector, i.e. params + C·H (b_in first).
 //
 // Tile design (fp32 SIMT; tensor cores are a later issue): a block of 256 threads owns TR rows
-// (TR = 64 for H <= 256, 32 for H = 512). Activations live in dynamic shared memory as [TR][H].
-// Hidden-layer matmuls: each thread accumulates 8 rows x 8 columns in registers; lanes take
-// consecutive columns so every W row read (through __ldg) is coalesced; the 8 rows of a warp are
-// shared-memory broadcasts. GELU + LayerNorm run one warp per row with the row in registers.
+// (TR = 64, 32, 16 for H <= 128, 256, 512). Activations live in dynamic shared memory as [TR][H].
+// Hidden-layer matmuls: each thread accumulates 8 rows x 4 columns in registers; lanes take
+// consecutive float4 columns so every W row read (through __ldg) is coalesced; the 8 rows of a
+// warp are shared-memory broadcasts. GELU + LayerNorm run one warp per row, the row staying in
+// shared memory between its passes (keeps registers <= 128, so two blocks fit per SM).
 // Everything is deterministic: no float atomics anywhere.
 #include "common.cuh"
 
@@ -43,8 +44,10 @@ __device__ __forceinline__ long long flow_layer_off(int H, int l) {
 __device__ __forceinline__ long long flow_gamma_off(int H, int l) {
     return l == 0 ? 3LL * H : flow_layer_off(H, l) + (long long)H * H + H;
 }
-// Rows per tile: 8 rows per warp row-group, 8 / ceil(H/128) row groups (64, 32 or 16 rows).
-__device__ __forceinline__ int flow_tile_rows(int H) { return 64 / ((H + 127) >> 7); }
+// Column groups of the tile matmul (128 columns each; a power of two so they divide the 8 warps)
+// and rows per tile: 8 rows per warp row-group, 8 / groups row groups (64, 32 or 16 rows).
+__device__ __forceinline__ int flow_col_groups(int H) { return H <= 128 ? 1 : (H <= 256 ? 2 : 4); }
+__device__ __forceinline__ int flow_tile_rows(int H) { return 64 / flow_col_groups(H); }
 
 // Per-block vector-gradient accumulator layout (flow_eval_bwd / flow_vec_reduce):
 //   w_z @0, w_t @H, w_out @2H, per layer l: gamma @3H+3Hl, beta @+H, b @+2H (unused for l = 0),
@@ -208,14 +211,14 @@ extern "C" __global__ void flow_transpose(const float* __restrict__ hp, int H, i
 // Tile matmul: Y[TR][H] = X[TR][H]·M[H][H] (+ bias), M row-major [in][out] in global memory, X and
 // Y in shared memory (they may be the same buffer). Preconditions: X complete (caller synced).
 // Postcondition: the caller must __syncthreads() before reading Y.
-// Warp w: column group cg = w mod CG (CG = ceil(H/128)), row group rg = w / CG; each thread owns
-// rows rg·8 .. rg·8+7 and the 4 consecutive columns cg·128 + 4·lane .. +3 (one float4 of each W
-// row: a warp reads 512 contiguous bytes), guarded by < H. Per k: 8 broadcast X reads (as float4
-// over 4 k) and one float4 W read feed 32 FMAs.
+// Warp w: column group cg = w mod CG (CG = 1, 2, 4 for H <= 128, 256, 512), row group rg = w / CG;
+// each thread owns rows rg·8 .. rg·8+7 and the 4 consecutive columns cg·128 + 4·lane .. +3 (one
+// float4 of each W row: a warp reads 512 contiguous bytes), guarded by < H. Per k: 8 broadcast X
+// reads (as float4 over 4 k) and one float4 W read feed 32 FMAs.
 __device__ __forceinline__ void flow_tile_matmul(const float* X, float* Y, const float* __restrict__ M,
                                                  const float* __restrict__ bias, int H) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int cgn = (H + 127) >> 7;
+    const int cgn = flow_col_groups(H);
     const int rg = warp / cgn, cg = warp % cgn;
     const int row0 = rg * FLOW_RT;
     const int col = cg * 128 + 4 * lane;

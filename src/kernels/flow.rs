@@ -1017,9 +1017,17 @@ pub mod cuda {
     const GEMM_TILE: usize = 64;
     const GEMM_MAX_GRID_Y: usize = 65535;
 
-    /// Rows per tile of the fused kernels at width `h` (64, 32 or 16).
+    /// Rows per tile of the fused kernels at width `h`: 64, 32 or 16 for h <= 128, 256, 512
+    /// (the tile matmul splits the 8 warps into 1, 2 or 4 column groups of 128 columns).
     pub fn tile_rows(h: usize) -> usize {
-        64 / h.div_ceil(128)
+        let col_groups = if h <= 128 {
+            1
+        } else if h <= 256 {
+            2
+        } else {
+            4
+        };
+        64 / col_groups
     }
 
     fn vec_len(h: usize, depth: usize) -> usize {
@@ -1492,7 +1500,7 @@ pub mod cuda {
         unsafe { eval_forward_raw(dev, shape, pp, up, samples_per_token, zp, tp, vp, n) }
     }
 
-    /// How eval_backward splits its work.
+    /// How eval_backward splits its work: chunks of whole tokens, and the workspace sections.
     struct BwdPlan {
         chunk_tokens: usize,
         split: (usize, usize),
@@ -1503,10 +1511,8 @@ pub mod cuda {
         total: usize,
     }
 
-    fn bwd_plan(shape: &FlowHeadShape, n_tok: usize, k: usize) -> BwdPlan {
+    fn bwd_plan(shape: &FlowHeadShape, chunk_tokens: usize, k: usize) -> BwdPlan {
         let (h, d) = (shape.width, shape.depth);
-        let per_token = (2 * d - 1) * h * k;
-        let chunk_tokens = (BWD_CHUNK_FLOATS / per_token.max(1)).clamp(1, n_tok.max(1));
         let rows = chunk_tokens * k;
         let split = split_k(h, h, rows);
         let wt = (d - 1) * h * h;
@@ -1525,8 +1531,14 @@ pub mod cuda {
         }
     }
 
-    /// f32 of workspace [`eval_backward_raw`] needs (at most about 256 MiB plus weight-sized
-    /// buffers: large problems are processed in chunks of whole tokens).
+    /// Tokens per chunk when the workspace is not a constraint: activations capped near 256 MiB.
+    fn default_chunk_tokens(shape: &FlowHeadShape, n_tok: usize, k: usize) -> usize {
+        let per_token = (2 * shape.depth - 1) * shape.width * k;
+        (BWD_CHUNK_FLOATS / per_token.max(1)).clamp(1, n_tok.max(1))
+    }
+
+    /// f32 of workspace [`eval_backward_raw`] uses by default (activations of up to about 256 MiB
+    /// per chunk plus weight-sized buffers: large problems run in chunks of whole tokens).
     pub fn eval_backward_workspace_len(
         shape: &FlowHeadShape,
         n_tok: usize,
@@ -1535,7 +1547,21 @@ pub mod cuda {
         if n_tok == 0 || samples_per_token == 0 {
             return 0;
         }
-        bwd_plan(shape, n_tok, samples_per_token).total
+        bwd_plan(
+            shape,
+            default_chunk_tokens(shape, n_tok, samples_per_token),
+            samples_per_token,
+        )
+        .total
+    }
+
+    /// The least workspace [`eval_backward_raw`] accepts (one token per chunk); any length in
+    /// between gives the largest chunks that fit.
+    pub fn eval_backward_min_workspace_len(
+        shape: &FlowHeadShape,
+        samples_per_token: usize,
+    ) -> usize {
+        bwd_plan(shape, 1, samples_per_token.max(1)).total
     }
 
     /// Given dv per row, accumulates the gradients of every head parameter except w_cond/b_in
@@ -1569,12 +1595,25 @@ pub mod cuda {
             return Ok(());
         }
         let k = samples_per_token;
-        let plan = bwd_plan(shape, n_tok, k);
+        let mut plan = bwd_plan(shape, default_chunk_tokens(shape, n_tok, k), k);
         if workspace_len < plan.total {
-            return Err(Error::Shape(format!(
-                "eval_backward workspace: length {workspace_len}, needs {}",
-                plan.total
-            )));
+            // the largest chunk that fits (the total grows with the chunk)
+            let (mut lo, mut hi) = (1usize, plan.chunk_tokens);
+            if bwd_plan(shape, 1, k).total > workspace_len {
+                return Err(Error::Shape(format!(
+                    "eval_backward workspace: length {workspace_len}, needs at least {}",
+                    bwd_plan(shape, 1, k).total
+                )));
+            }
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if bwd_plan(shape, mid, k).total <= workspace_len {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            plan = bwd_plan(shape, lo, k);
         }
         aligned16("eval_backward params", params)?;
         aligned16("eval_backward workspace", workspace)?;

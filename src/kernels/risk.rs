@@ -165,7 +165,8 @@ impl RiskLossWeights {
 /// next one). Position p = q·K − ½ (0-based) clamped to [0, K−1]; see [`quantile_sorted`].
 pub fn hazen_position(q: f32, k: usize) -> (usize, f64) {
     let p = q as f64 * k as f64 - 0.5;
-    if !(p > 0.0) || k == 0 {
+    // A NaN level reads the first sample (callers validate levels first).
+    if p.is_nan() || p <= 0.0 || k == 0 {
         return (0, 0.0);
     }
     if p >= (k - 1) as f64 {
@@ -208,7 +209,7 @@ fn check_k(k: usize) -> Result<()> {
 }
 
 fn rows_of(what: &str, len: usize, k: usize) -> Result<usize> {
-    if len % k != 0 {
+    if !len.is_multiple_of(k) {
         Err(Error::Shape(format!(
             "{what}: length {len} is not a multiple of k = {k}"
         )))
@@ -248,15 +249,19 @@ pub mod cpu {
     /// Writes into `perm` the stable ascending sort permutation of `row` (`perm[i]` = index of
     /// the i-th smallest; ties keep index order). `row` must be NaN-free.
     pub fn sort_perm<T: Real>(row: &[T], perm: &mut [u32]) {
-        for (i, p) in perm.iter_mut().enumerate() {
-            *p = i as u32;
+        let mut pairs = Vec::with_capacity(row.len());
+        sort_pairs(row, &mut pairs);
+        for (p, &(_, i)) in perm.iter_mut().zip(&pairs) {
+            *p = i;
         }
+    }
+
+    /// Fills `pairs` with (value, index) of `row` in stable ascending order.
+    fn sort_pairs<T: Real>(row: &[T], pairs: &mut Vec<(T, u32)>) {
+        pairs.clear();
+        pairs.extend(row.iter().zip(0u32..).map(|(&v, i)| (v, i)));
         // `sort_by` is stable: equal values keep increasing index order.
-        perm.sort_by(|&a, &b| {
-            row[a as usize]
-                .partial_cmp(&row[b as usize])
-                .unwrap_or(Ordering::Equal)
-        });
+        pairs.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal));
     }
 
     /// Population mean and variance (two-pass) of a non-empty slice.
@@ -331,13 +336,14 @@ pub mod cpu {
         }
         check_finite("x", x, k)?;
         let (klo, khi) = levels.counts(k);
+        let mut pairs = Vec::with_capacity(k);
         let mut pbuf = vec![0u32; k];
         let mut sbuf = vec![T::ZERO; k];
         for row in 0..r {
-            let xr = &x[row * k..(row + 1) * k];
-            sort_perm(xr, &mut pbuf);
-            for (s, &p) in sbuf.iter_mut().zip(&pbuf) {
-                *s = xr[p as usize];
+            sort_pairs(&x[row * k..(row + 1) * k], &mut pairs);
+            for ((s, p), &(v, i)) in sbuf.iter_mut().zip(pbuf.iter_mut()).zip(&pairs) {
+                *s = v;
+                *p = i;
             }
             let m = moments(&sbuf, klo, khi);
             let st = &mut stats[row * NSTATS..(row + 1) * NSTATS];
@@ -402,20 +408,20 @@ pub mod cpu {
             T::from_f64(khi as f64),
         );
         let relu = |x: T| if x > T::ZERO { x } else { T::ZERO };
+        let mut pairs = Vec::with_capacity(k);
         let mut pp = vec![0u32; k];
-        let mut tp = vec![0u32; k];
         let mut ps = vec![T::ZERO; k];
         let mut ts = vec![T::ZERO; k];
         let mut total = T::ZERO;
         for row in 0..r {
-            let pr = &pred[row * k..(row + 1) * k];
-            let tr = &target[row * k..(row + 1) * k];
-            sort_perm(pr, &mut pp);
-            sort_perm(tr, &mut tp);
-            for i in 0..k {
-                ps[i] = pr[pp[i] as usize];
-                ts[i] = tr[tp[i] as usize];
+            sort_pairs(&pred[row * k..(row + 1) * k], &mut pairs);
+            for ((s, p), &(v, i)) in ps.iter_mut().zip(pp.iter_mut()).zip(&pairs) {
+                *s = v;
+                *p = i;
             }
+            // The target needs its sorted values only.
+            ts.copy_from_slice(&target[row * k..(row + 1) * k]);
+            ts.sort_by(|a, b| a.partial_cmp(b).unwrap_or(Ordering::Equal));
             let mp = moments(&ps, klo, khi);
             let mt = moments(&ts, klo, khi);
             let dc = mp.mlo - mt.mlo;

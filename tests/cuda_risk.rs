@@ -149,6 +149,69 @@ fn layout_is_consistent() {
     }
 }
 
+/// The block size `cuda::layout` launches with is the one each kernel was compiled for
+/// (`.maxntid` in the embedded PTX comes from `__launch_bounds__(RiskCfg<P>::THREADS, 2)`).
+#[test]
+fn layout_matches_the_compiled_launch_bounds() {
+    let Some(ptx) = dfpo::device::embedded::get("risk").and_then(|k| k.ptx) else {
+        eprintln!("SKIPPED layout_matches_the_compiled_launch_bounds: this build has no PTX");
+        return;
+    };
+    for p in (0..=10).map(|s| 1usize << s) {
+        let l = cuda::layout(p);
+        for kind in ["stats", "loss"] {
+            let entry = format!(".entry risk_{kind}_p{p}(");
+            let at = ptx
+                .find(&entry)
+                .unwrap_or_else(|| panic!("no {entry} in risk PTX"));
+            let rest = &ptx[at..];
+            let body = &rest[..rest.find('{').expect("kernel body")];
+            let want = format!(".maxntid {}, 1, 1", l.threads);
+            assert!(
+                body.contains(&want),
+                "risk_{kind}_p{p}: expected {want} in {body}"
+            );
+        }
+    }
+}
+
+/// The kernels' parameter lists (byte sizes, in order) are what the launchers push:
+/// stats (x, R, K, k_lo, k_hi, quantile struct, stats, quant_out, sorted, perm) and
+/// loss (pred, target, row_scale, R, K, k_lo, k_hi, weights struct, terms, grad, row_loss).
+#[test]
+fn kernel_parameters_match_the_launchers() {
+    let Some(ptx) = dfpo::device::embedded::get("risk").and_then(|k| k.ptx) else {
+        eprintln!("SKIPPED kernel_parameters_match_the_launchers: this build has no PTX");
+        return;
+    };
+    let q = 4 + 8 * MAX_QUANTILES_CUDA;
+    let stats = [8, 4, 4, 4, 4, q, 8, 8, 8, 8];
+    let loss = [8, 8, 8, 4, 4, 4, 4, 16, 8, 8, 8];
+    for p in (0..=10).map(|s| 1usize << s) {
+        for (kind, want) in [("stats", &stats[..]), ("loss", &loss[..])] {
+            let entry = format!(".entry risk_{kind}_p{p}(");
+            let at = ptx.find(&entry).expect("kernel entry");
+            let rest = &ptx[at + entry.len()..];
+            let sizes: Vec<usize> = rest[..rest.find(')').unwrap()]
+                .lines()
+                .filter(|l| l.contains(".param"))
+                .map(|l| {
+                    if l.contains(".u64") {
+                        8
+                    } else if l.contains(".u32") {
+                        4
+                    } else {
+                        // `.param .align 4 .b8 name[N]`
+                        let n = &l[l.find('[').unwrap() + 1..l.find(']').unwrap()];
+                        n.parse().unwrap()
+                    }
+                })
+                .collect();
+            assert_eq!(sizes, want, "risk_{kind}_p{p} parameter sizes");
+        }
+    }
+}
+
 #[test]
 fn stats_match_cpu() {
     let Some(dev) = cuda_for_test("cuda_risk::stats_match_cpu") else {

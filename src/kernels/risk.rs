@@ -497,6 +497,11 @@ pub mod cuda {
     // SAFETY: plain #[repr(C)] data with the layout of the kernel's by-value struct.
     unsafe impl DeviceRepr for WeightArgs {}
 
+    // The kernels' by-value parameters are 132 and 16 bytes (tests/cuda_risk.rs checks the
+    // parameter lists in the PTX).
+    const _: () = assert!(std::mem::size_of::<QuantArgs>() == 4 + 8 * MAX_QUANTILES_CUDA);
+    const _: () = assert!(std::mem::size_of::<WeightArgs>() == 16);
+
     /// Launch layout for rows of `k` samples (mirrors `RiskCfg` in risk.cu; the kernels loop
     /// over row groups, so this only sizes the grid).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]

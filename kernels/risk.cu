@@ -7,8 +7,11 @@
 //       stats[R][7] = mean, var, CVaR_low, mean_high, var_low, var_high, std (population
 //       moments; the tails are the lowest k_lo and the highest k_hi samples);
 //       quant_out[R][quant.n] = quantiles at host-computed Hazen positions;
-//       sorted[R][K] ascending, perm[R][K] = stable sort permutation.
-//       Any output pointer may be null (= not wanted).
+//       sorted[R][K] ascending. Any output pointer may be null (= not wanted). Sorts values
+//       only and ignores `perm`.
+//   risk_stats_perm_p<P>(same arguments)
+//       the same, and perm[R][K] = stable sort permutation (perm must not be null): the sort
+//       carries each value's index (more registers, so a separate kernel).
 //   risk_loss_p<P>(pred, target, row_scale, R, K, k_lo, k_hi, w, terms, grad, row_loss)
 //       terms[R][4] = (CVaR diff)^2, (upper-tail mean diff)^2, tail-shape relus, mean-shift relu
 //       (unweighted); grad[R][K] += row_scale * d(sum_j w_j term_j)/dpred at the UNSORTED
@@ -55,7 +58,10 @@ struct RiskWeights {
 // for the grid size: the kernels loop over row groups, so any grid is correct).
 template <int P>
 struct RiskCfg {
-    static constexpr int E = P >= 256 ? P / 32 : (P < 8 ? P : 8);  // values per lane
+    // Values per lane: more values per lane means more compare-exchanges inside a lane and
+    // fewer shuffle steps (P = 64: 3 of the 21 network steps cross lanes with E = 16, 6 with
+    // E = 8), at the price of registers.
+    static constexpr int E = P < 16 ? P : (P / 32 > 16 ? P / 32 : 16);
     static constexpr int G = P / E;                                  // lanes per row
     static constexpr int RPW = 32 / G;                               // rows per warp
     static constexpr int WARPS = E > 16 ? 4 : 8;                     // keeps static smem < 48 KiB
@@ -223,7 +229,7 @@ __device__ __forceinline__ RiskMoments risk_moments(const float (&v)[RiskCfg<P>:
     return m;
 }
 
-template <int P>
+template <int P, bool WITH_PERM>
 __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int R, int K, int k_lo,
                                                 int k_hi, const RiskQuantiles& q,
                                                 float* __restrict__ stats,
@@ -232,15 +238,15 @@ __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int
                                                 unsigned* __restrict__ perm) {
     using C = RiskCfg<P>;
     constexpr int E = C::E, G = C::G;
+    // Index staging only in the permutation variant (static smem is per kernel).
     __shared__ float sv[C::ROWS * C::SROW];
-    __shared__ int si[C::ROWS * C::SROW];
+    __shared__ int si[WITH_PERM ? C::ROWS * C::SROW : 1];
     const int lane = threadIdx.x & 31;
     const int s = lane & (G - 1);
     const int slot = (threadIdx.x >> 5) * C::RPW + lane / G;
     float* rv = sv + slot * C::SROW;
-    int* ri = si + slot * C::SROW;
+    int* ri = si + (WITH_PERM ? slot * C::SROW : 0);
     // Uniform over the launch, so the branches below never split a warp.
-    const bool want_i = perm != nullptr;
     const bool want_v = sorted != nullptr || q.n > 0;
 
     for (long long base = (long long)blockIdx.x * C::ROWS; base < R;
@@ -251,10 +257,7 @@ __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int
         float v[E];
         int id[E];
         risk_load<P>(x + off, valid, K, s, v, id);
-        if (want_i)
-            risk_sort<P, true>(v, id, s);
-        else
-            risk_sort<P, false>(v, id, s);
+        risk_sort<P, WITH_PERM>(v, id, s);
         const RiskMoments m = risk_moments<P>(v, s, K, k_lo, k_hi);
 
         if (valid && stats != nullptr) {
@@ -268,7 +271,7 @@ __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int
 #pragma unroll
             for (int e = 0; e < E; ++e) rv[risk_sidx(s * E + e)] = v[e];
         }
-        if (want_i) {
+        if constexpr (WITH_PERM) {
 #pragma unroll
             for (int e = 0; e < E; ++e) ri[risk_sidx(s * E + e)] = id[e];
         }
@@ -281,7 +284,7 @@ __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int
                     if (j < K) sorted[off + j] = rv[risk_sidx(j)];
                 }
             }
-            if (want_i) {
+            if constexpr (WITH_PERM) {
 #pragma unroll
                 for (int e = 0; e < E; ++e) {
                     const int j = s + e * G;
@@ -396,7 +399,13 @@ __device__ __forceinline__ void risk_loss_impl(const float* __restrict__ pred,
         const float* __restrict__ x, int R, int K, int k_lo, int k_hi, RiskQuantiles q,         \
         float* __restrict__ stats, float* __restrict__ quant_out, float* __restrict__ sorted,   \
         unsigned* __restrict__ perm) {                                                          \
-        risk_stats_impl<P>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, perm);             \
+        risk_stats_impl<P, false>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, nullptr);   \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 1) risk_stats_perm_p##P(   \
+        const float* __restrict__ x, int R, int K, int k_lo, int k_hi, RiskQuantiles q,         \
+        float* __restrict__ stats, float* __restrict__ quant_out, float* __restrict__ sorted,   \
+        unsigned* __restrict__ perm) {                                                          \
+        risk_stats_impl<P, true>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, perm);       \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 2) risk_loss_p##P(            \
         const float* __restrict__ pred, const float* __restrict__ target,                       \

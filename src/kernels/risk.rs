@@ -459,8 +459,9 @@ pub mod cpu {
 }
 
 pub mod cuda {
-    //! fp32 CUDA launchers (kernels/risk.cu). One kernel per padded row length
-    //! P = next_pow2(K): `risk_stats_p<P>` and `risk_loss_p<P>`.
+    //! fp32 CUDA launchers (kernels/risk.cu). Kernels per padded row length P = next_pow2(K):
+    //! `risk_stats_p<P>` (values-only sort), `risk_stats_perm_p<P>` (sort carries the index,
+    //! used when `perm` is wanted) and `risk_loss_p<P>`.
     //!
     //! Quantile levels travel as a kernel argument (at most [`MAX_QUANTILES_CUDA`]): the host
     //! turns each level into its Hazen read-out position ([`hazen_position`], the CPU
@@ -521,13 +522,7 @@ pub mod cuda {
     /// The [`Layout`] of the kernels for rows of `k` samples.
     pub fn layout(k: usize) -> Layout {
         let p = k.max(1).next_power_of_two();
-        let e = if p >= 256 {
-            p / 32
-        } else if p < 8 {
-            p
-        } else {
-            8
-        };
+        let e = if p < 16 { p } else { (p / 32).max(16) };
         let g = p / e;
         let warps = if e > 16 { 4 } else { 8 };
         Layout {
@@ -614,7 +609,12 @@ pub mod cuda {
             qa.frac[i] = frac as f32;
         }
         let l = layout(k);
-        let name = format!("risk_stats_p{}", l.p);
+        // The permutation variant carries an index through the sort; the plain one does not.
+        let name = if perm != 0 {
+            format!("risk_stats_perm_p{}", l.p)
+        } else {
+            format!("risk_stats_p{}", l.p)
+        };
         let f = dev.function("risk", &name)?;
         let (ri, ki, kloi, khii) = (r as i32, k as i32, klo as i32, khi as i32);
         let mut b = dev.launch_builder(&f);

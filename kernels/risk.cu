@@ -54,7 +54,7 @@ struct RiskWeights {
     float cvar, gain, shape, mean_shift;
 };
 
-// Layout per padded length P. Mirrored by `Cfg` in src/kernels/risk.rs (the host only uses it
+// Layout per padded length P. Mirrored by `cuda::layout` in src/kernels/risk.rs (the host uses it
 // for the grid size: the kernels loop over row groups, so any grid is correct).
 template <int P>
 struct RiskCfg {
@@ -122,7 +122,8 @@ __device__ __forceinline__ void risk_keep(float& a, int& ia, float b, int ib, bo
 
 // Sorts the row held by this lane's group ascending (see the header). s = lane within the group.
 template <int P, bool IDX>
-__device__ __forceinline__ void risk_sort(float (&v)[RiskCfg<P>::E], int (&id)[RiskCfg<P>::E], int s) {
+__device__ __forceinline__ void risk_sort(float (&v)[RiskCfg<P>::E], int (&id)[RiskCfg<P>::E],
+                                          int s) {
     constexpr int E = RiskCfg<P>::E;
     constexpr int LOGP = RiskCfg<P>::LOGP;
 #pragma unroll
@@ -387,31 +388,31 @@ __device__ __forceinline__ void risk_loss_impl(const float* __restrict__ pred,
                     if (i % G == s) terms[(size_t)row * RISK_NTERMS + i] = tm[i];
             }
             if (row_loss != nullptr && s == 0)
-                row_loss[row] =
-                    sc * (w.cvar * l_cvar + w.gain * l_gain + w.shape * l_shape + w.mean_shift * l_mean);
+                row_loss[row] = sc * (w.cvar * l_cvar + w.gain * l_gain + w.shape * l_shape +
+                                      w.mean_shift * l_mean);
         }
         __syncwarp();  // the next row group reuses the staging area
     }
 }
 
-#define RISK_INSTANTIATE(P)                                                                     \
-    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 2) risk_stats_p##P(           \
-        const float* __restrict__ x, int R, int K, int k_lo, int k_hi, RiskQuantiles q,         \
-        float* __restrict__ stats, float* __restrict__ quant_out, float* __restrict__ sorted,   \
-        unsigned* __restrict__ perm) {                                                          \
-        risk_stats_impl<P, false>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, nullptr);   \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 1) risk_stats_perm_p##P(   \
-        const float* __restrict__ x, int R, int K, int k_lo, int k_hi, RiskQuantiles q,         \
-        float* __restrict__ stats, float* __restrict__ quant_out, float* __restrict__ sorted,   \
-        unsigned* __restrict__ perm) {                                                          \
-        risk_stats_impl<P, true>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, perm);       \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 2) risk_loss_p##P(            \
-        const float* __restrict__ pred, const float* __restrict__ target,                       \
-        const float* __restrict__ row_scale, int R, int K, int k_lo, int k_hi, RiskWeights w,   \
-        float* __restrict__ terms, float* __restrict__ grad, float* __restrict__ row_loss) {    \
-        risk_loss_impl<P>(pred, target, row_scale, R, K, k_lo, k_hi, w, terms, grad, row_loss); \
+#define RISK_INSTANTIATE(P)                                                                        \
+    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 2) risk_stats_p##P(          \
+        const float* __restrict__ x, int R, int K, int k_lo, int k_hi, RiskQuantiles q,            \
+        float* __restrict__ stats, float* __restrict__ quant_out, float* __restrict__ sorted,      \
+        unsigned* __restrict__ perm) {                                                             \
+        risk_stats_impl<P, false>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, nullptr);      \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 1) risk_stats_perm_p##P(     \
+        const float* __restrict__ x, int R, int K, int k_lo, int k_hi, RiskQuantiles q,            \
+        float* __restrict__ stats, float* __restrict__ quant_out, float* __restrict__ sorted,      \
+        unsigned* __restrict__ perm) {                                                             \
+        risk_stats_impl<P, true>(x, R, K, k_lo, k_hi, q, stats, quant_out, sorted, perm);          \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RiskCfg<P>::THREADS, 2) risk_loss_p##P(           \
+        const float* __restrict__ pred, const float* __restrict__ target,                          \
+        const float* __restrict__ row_scale, int R, int K, int k_lo, int k_hi, RiskWeights w,      \
+        float* __restrict__ terms, float* __restrict__ grad, float* __restrict__ row_loss) {       \
+        risk_loss_impl<P>(pred, target, row_scale, R, K, k_lo, k_hi, w, terms, grad, row_loss);    \
     }
 
 RISK_INSTANTIATE(1)

@@ -205,6 +205,7 @@ fn check_padding_zero(sh: &Shape, f: &Fwd) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_attention_fwd_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_attention_fwd_matches_cpu") else {
         return;
@@ -233,6 +234,7 @@ fn cuda_attention_fwd_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_attention_bwd_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_attention_bwd_matches_cpu") else {
         return;
@@ -334,6 +336,7 @@ fn cuda_attention_bwd_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_decode_attention_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_decode_attention_matches_cpu") else {
         return;
@@ -402,6 +405,7 @@ fn cuda_decode_attention_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_attention_rejects_bad_input() {
     let Some(dev) = cuda_for_test("cuda_attention_rejects_bad_input") else {
         return;

@@ -217,6 +217,7 @@ fn kernel_parameters_match_the_launchers() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn stats_match_cpu() {
     let Some(dev) = cuda_for_test("cuda_risk::stats_match_cpu") else {
         return;
@@ -257,6 +258,7 @@ fn stats_match_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn stats_match_cpu_at_bench_size() {
     let Some(dev) = cuda_for_test("cuda_risk::stats_match_cpu_at_bench_size") else {
         return;
@@ -310,6 +312,7 @@ fn loss_rows(rng: &mut Rng, k: usize, levels: TailLevels, kind: usize) -> (Vec<f
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn loss_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_risk::loss_matches_cpu") else {
         return;
@@ -404,6 +407,7 @@ fn loss_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn bad_inputs_are_errors() {
     let Some(dev) = cuda_for_test("cuda_risk::bad_inputs_are_errors") else {
         return;

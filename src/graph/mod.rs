@@ -324,7 +324,8 @@ impl GraphBuilder {
                 }
             }
         }
-        for &k in &self.keep {
+        // Kept tensors and the loss (returned by `run`) live to the end.
+        for &k in self.keep.iter().chain([&loss]) {
             lastu[k.0] = last;
         }
 

@@ -6,6 +6,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::{Exec, Op, TensorId};
 use crate::device::blocks_for;
 use crate::error::{check_len, Error, Result};
+use crate::kernels::flow::{self, FlowHeadShape};
 
 /// Weighted mean squared error: ins `[pred, target]` or `[pred, target, weight]` (target and
 /// weight get no gradient), out `[loss]` of length 1: loss = (1/n) Σ w (pred − target)².
@@ -94,5 +95,215 @@ impl Op for MseLoss {
             g[i] += dl * 2.0 * wi * (p[i] - t[i]) / n as f32;
         }
         Ok(())
+    }
+}
+
+/// The flow head's per-token conditioning: ins `[params, c]`, out `[u]` with
+/// u = c·W_cond + b_in ([`crate::kernels::flow`]); c gets a gradient when it needs one.
+pub struct FlowCond {
+    pub shape: FlowHeadShape,
+}
+
+impl FlowCond {
+    fn tokens(&self, c_len: usize) -> usize {
+        c_len / self.shape.cond_dim
+    }
+}
+
+impl Op for FlowCond {
+    fn name(&self) -> String {
+        "flow_cond".into()
+    }
+
+    fn backward_reads(&self) -> (bool, bool) {
+        (true, false) // params and c; u itself is not needed
+    }
+
+    fn backward_scratch(&self, ins: &[usize], _outs: &[usize], cuda: bool) -> usize {
+        if cuda {
+            flow::cuda::cond_backward_workspace_len(&self.shape, self.tokens(ins[1]))
+        } else {
+            0
+        }
+    }
+
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let (p, c, u) = (ins[0], ins[1], outs[0]);
+        if let Some(dev) = x.cuda_device() {
+            let n_tok = self.tokens(x.len(c));
+            check_len("flow_cond u", x.len(u), n_tok * self.shape.width)?;
+            // SAFETY: graph tensors of checked lengths.
+            return unsafe {
+                flow::cuda::cond_forward_raw(dev, &self.shape, x.ptr(p), x.ptr(c), x.ptr(u), n_tok)
+            };
+        }
+        flow::cpu::cond_forward(&self.shape, x.cpu(p), x.cpu(c), x.cpu_mut(u))
+    }
+
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        _outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let (p, c, du) = (ins[0], ins[1], d_outs[0]);
+        let dp = d_ins[0].ok_or_else(|| {
+            Error::Invalid("flow_cond: the head's parameters must be trainable".into())
+        })?;
+        if let Some(dev) = x.cuda_device() {
+            let n_tok = self.tokens(x.len(c));
+            let ws = x.scratch().expect("planned scratch");
+            let dc = d_ins[1].map_or(0, |t| x.ptr(t));
+            // SAFETY: graph tensors of checked lengths; scratch sized by backward_scratch.
+            return unsafe {
+                flow::cuda::cond_backward_raw(
+                    dev,
+                    &self.shape,
+                    x.ptr(p),
+                    x.ptr(c),
+                    x.ptr(du),
+                    x.ptr(dp),
+                    dc,
+                    n_tok,
+                    x.ptr(ws),
+                    x.len(ws),
+                )
+            };
+        }
+        let dc = d_ins[1].map(|t| x.cpu_mut(t));
+        flow::cpu::cond_backward(
+            &self.shape,
+            x.cpu(p),
+            x.cpu(c),
+            x.cpu(du),
+            x.cpu_mut(dp),
+            dc,
+        )
+    }
+}
+
+/// One evaluation of the flow head with gradients: ins `[params, u, z, tau]`, out `[v]`, with
+/// rows = tokens × `samples_per_token` (row r belongs to token r / K).
+pub struct FlowEval {
+    pub shape: FlowHeadShape,
+    pub samples_per_token: usize,
+}
+
+impl FlowEval {
+    fn tokens(&self, u_len: usize) -> usize {
+        u_len / self.shape.width
+    }
+}
+
+impl Op for FlowEval {
+    fn name(&self) -> String {
+        "flow_eval".into()
+    }
+
+    fn backward_reads(&self) -> (bool, bool) {
+        (true, false) // the backward recomputes the forward from its inputs
+    }
+
+    fn backward_scratch(&self, ins: &[usize], _outs: &[usize], cuda: bool) -> usize {
+        if cuda {
+            let n_tok = self.tokens(ins[1]);
+            flow::cuda::eval_backward_workspace_len(&self.shape, n_tok, self.samples_per_token)
+        } else {
+            0
+        }
+    }
+
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let (p, u, z, tau, v) = (ins[0], ins[1], ins[2], ins[3], outs[0]);
+        let k = self.samples_per_token;
+        if let Some(dev) = x.cuda_device() {
+            let n_tok = self.tokens(x.len(u));
+            for (what, t) in [("z", z), ("tau", tau), ("v", v)] {
+                check_len(&format!("flow_eval {what}"), x.len(t), n_tok * k)?;
+            }
+            // SAFETY: graph tensors of checked lengths.
+            return unsafe {
+                flow::cuda::eval_forward_raw(
+                    dev,
+                    &self.shape,
+                    x.ptr(p),
+                    x.ptr(u),
+                    k,
+                    x.ptr(z),
+                    x.ptr(tau),
+                    x.ptr(v),
+                    n_tok,
+                )
+            };
+        }
+        flow::cpu::eval_forward(
+            &self.shape,
+            x.cpu(p),
+            x.cpu(u),
+            k,
+            x.cpu(z),
+            x.cpu(tau),
+            x.cpu_mut(v),
+        )
+    }
+
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        _outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let (p, u, z, tau, dv) = (ins[0], ins[1], ins[2], ins[3], d_outs[0]);
+        let k = self.samples_per_token;
+        let dp = d_ins[0].ok_or_else(|| {
+            Error::Invalid("flow_eval: the head's parameters must be trainable".into())
+        })?;
+        if d_ins[3].is_some() {
+            return Err(Error::Invalid("flow_eval: tau gets no gradient".into()));
+        }
+        // u is computed from the parameters, so it always has a gradient here.
+        let du =
+            d_ins[1].ok_or_else(|| Error::Invalid("flow_eval: u must have a gradient".into()))?;
+        if let Some(dev) = x.cuda_device() {
+            let n_tok = self.tokens(x.len(u));
+            let ws = x.scratch().expect("planned scratch");
+            let dz = d_ins[2].map_or(0, |t| x.ptr(t));
+            // SAFETY: graph tensors of checked lengths; scratch sized by backward_scratch.
+            return unsafe {
+                flow::cuda::eval_backward_raw(
+                    dev,
+                    &self.shape,
+                    x.ptr(p),
+                    x.ptr(u),
+                    k,
+                    x.ptr(z),
+                    x.ptr(tau),
+                    x.ptr(dv),
+                    x.ptr(dp),
+                    x.ptr(du),
+                    dz,
+                    n_tok,
+                    x.ptr(ws),
+                    x.len(ws),
+                )
+            };
+        }
+        let dz = d_ins[2].map(|t| x.cpu_mut(t));
+        flow::cpu::eval_backward(
+            &self.shape,
+            x.cpu(p),
+            x.cpu(u),
+            k,
+            x.cpu(z),
+            x.cpu(tau),
+            x.cpu(dv),
+            x.cpu_mut(dp),
+            x.cpu_mut(du),
+            dz,
+        )
     }
 }

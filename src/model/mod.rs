@@ -10,3 +10,5 @@
 pub mod checkpoint;
 pub mod config;
 pub mod tokenizer;
+pub mod decoder;
+pub mod ops;

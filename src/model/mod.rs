@@ -12,3 +12,4 @@ pub mod config;
 pub mod tokenizer;
 pub mod decoder;
 pub mod ops;
+pub mod score;

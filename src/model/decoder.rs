@@ -19,8 +19,9 @@
 //! The loss is the mean of `−logprob` over tokens with a target, as the golden files define it.
 //!
 //! Device: on the CPU every tensor is f32. On CUDA the parameters are registered as bf16
-//! copies (gradients f32) and activations are bf16; the ops' CUDA paths are NOT implemented yet
-//! (they return an error), so CUDA sessions currently fail at the first op.
+//! copies (gradients f32), activations are bf16, softmax/norm statistics, log-probs and the loss
+//! f32; an extra U32 input carries the embedding backward's host-built plan. The CUDA path is
+//! compiled but has NOT been run on a GPU yet (tests/cuda_decoder.rs is its parity test).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -113,9 +114,14 @@ impl Decoder {
                 .ok_or_else(|| Error::Invalid(format!("Decoder::build: no parameter {name}")))
         };
 
+        // CUDA: the embedding backward's deterministic schedule, built on the host per batch.
+        let embed_plan =
+            cuda.then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
+        let mut embed_ins = vec![ids, p("model.embed_tokens.weight".into())?];
+        embed_ins.extend(embed_plan);
         let x0 = g.node_typed(
             Embed { n, v, d: h },
-            &[ids, p("model.embed_tokens.weight".into())?],
+            &embed_ins,
             &[("x0", n * h, act)],
         )?[0];
         let first = g.node_typed(
@@ -262,6 +268,7 @@ impl Decoder {
             pos,
             seq_lens,
             targets,
+            embed_plan,
             logits,
             logprob: lp[0],
             loss,
@@ -282,6 +289,7 @@ pub struct DecoderGraph {
     pos: TensorId,
     seq_lens: TensorId,
     targets: TensorId,
+    embed_plan: Option<TensorId>,
     logits: TensorId,
     logprob: TensorId,
     loss: TensorId,
@@ -339,6 +347,10 @@ impl DecoderGraph {
         self.session.write(self.pos, &pos)?;
         self.session.write(self.seq_lens, &lens)?;
         self.session.write(self.targets, &targets)?;
+        if let Some(t) = self.embed_plan {
+            let plan = crate::kernels::embed::EmbedBwdPlan::new(&ids, self.vocab)?;
+            self.session.write(t, plan.packed())?;
+        }
         self.lens = lens.iter().map(|&l| l as usize).collect();
         Ok(())
     }

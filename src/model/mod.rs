@@ -13,3 +13,4 @@ pub mod tokenizer;
 pub mod decoder;
 pub mod ops;
 pub mod score;
+pub mod generate;

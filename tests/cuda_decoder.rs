@@ -43,7 +43,13 @@ fn check(model: &str) {
         a.extend_from_slice(&gl[i * s * vv..(i * s + q.len()) * vv]);
         bb.extend_from_slice(&wl[i * s * vv..(i * s + q.len()) * vv]);
     }
-    assert_close(&format!("{model} logits"), &a, &bb, 2e-2, 3e-2 * max_abs(&bb));
+    assert_close(
+        &format!("{model} logits"),
+        &a,
+        &bb,
+        2e-2,
+        3e-2 * max_abs(&bb),
+    );
     assert_close(
         &format!("{model} logprobs"),
         &gpu.token_logprobs().unwrap(),
@@ -60,7 +66,13 @@ fn check(model: &str) {
         let ng: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
         let cos = dot / (nw * ng).max(1e-30);
         assert!(cos >= 0.99, "{model} d({name}): cosine {cos}");
-        assert_close(&format!("{model} d({name})"), &g, &w, 0.0, 0.1 * max_abs(&w));
+        assert_close(
+            &format!("{model} d({name})"),
+            &g,
+            &w,
+            0.0,
+            0.1 * max_abs(&w),
+        );
     }
 }
 

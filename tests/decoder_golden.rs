@@ -29,7 +29,9 @@ struct Golden {
 
 impl Golden {
     fn load(model: &str) -> Self {
-        let p = common::fixtures_dir().join(model).join("golden.safetensors");
+        let p = common::fixtures_dir()
+            .join(model)
+            .join("golden.safetensors");
         Golden {
             t: read_safetensors_any(p).unwrap(),
         }
@@ -93,7 +95,11 @@ fn check(model: &str, golden_of: &str, f16: bool) {
         got_v.extend_from_slice(&logits[r.clone()]);
         want_v.extend_from_slice(&want_logits[r]);
     }
-    let (ratol, rrtol) = if f16 { (2e-2, 0.0) } else { (1e-4 * scale, 1e-4) };
+    let (ratol, rrtol) = if f16 {
+        (2e-2, 0.0)
+    } else {
+        (1e-4 * scale, 1e-4)
+    };
     assert_close(&format!("{model} logits"), &got_v, &want_v, rrtol, ratol);
 
     // Per-token log-probs.
@@ -111,13 +117,22 @@ fn check(model: &str, golden_of: &str, f16: bool) {
         }
     }
     let (la, lr) = if f16 { (5e-2, 5e-2) } else { (1e-4, 1e-4) };
-    assert_close(&format!("{model} token_logprobs"), &got_lp, &want_lp, lr, la);
+    assert_close(
+        &format!("{model} token_logprobs"),
+        &got_lp,
+        &want_lp,
+        lr,
+        la,
+    );
 
     // Loss.
     let want_loss = gold.float("loss").1[0] as f64;
     let rel = (loss as f64 - want_loss).abs() / want_loss.abs();
     let ltol = if f16 { 1e-2 } else { 1e-5 };
-    assert!(rel <= ltol, "{model} loss {loss} want {want_loss} (rel {rel:.2e})");
+    assert!(
+        rel <= ltol,
+        "{model} loss {loss} want {want_loss} (rel {rel:.2e})"
+    );
     assert_eq!(g.loss().unwrap(), loss);
 
     // Every parameter's gradient.
@@ -127,7 +142,11 @@ fn check(model: &str, golden_of: &str, f16: bool) {
         let got = g.grad(&name).unwrap();
         let m = max_abs(&want);
         assert!(m > 0.0, "{name}: the golden gradient is all zero");
-        let (a, r) = if f16 { (5e-2 * m, 0.0) } else { (1e-4 * m, 1e-3) };
+        let (a, r) = if f16 {
+            (5e-2 * m, 0.0)
+        } else {
+            (1e-4 * m, 1e-3)
+        };
         assert_close(&format!("{model} d({name})"), &got, &want, r, a);
         n += 1;
     }
@@ -166,7 +185,10 @@ fn bad_batches_are_errors() {
     let mut g = dec.build(2, 4, &Device::Cpu).unwrap();
     let e = g.set_batch(&[vec![1, 2, 3, 4, 5]]).unwrap_err().to_string();
     assert!(e.contains("more than S"), "{e}");
-    let e = g.set_batch(&[vec![1], vec![2], vec![3]]).unwrap_err().to_string();
+    let e = g
+        .set_batch(&[vec![1], vec![2], vec![3]])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("3 sequences"), "{e}");
     let e = g.set_batch(&[vec![1, 128]]).unwrap_err().to_string();
     assert!(e.contains("vocab_size"), "{e}");

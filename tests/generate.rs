@@ -39,7 +39,11 @@ fn prompts(seed: &str, v: u32) -> Vec<Vec<u32>> {
     let mut rng = common::Rng::fresh(seed);
     [5usize, 1, 11]
         .iter()
-        .map(|&l| (0..l).map(|_| 3 + (rng.next_u64() % (v as u64 - 3)) as u32).collect())
+        .map(|&l| {
+            (0..l)
+                .map(|_| 3 + (rng.next_u64() % (v as u64 - 3)) as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -151,7 +155,9 @@ fn bad_generation_input_is_an_error() {
     let ok = GenerateParams::default();
     assert!(generate(&dec, &[], &ok).is_err());
     assert!(generate(&dec, &[vec![]], &ok).is_err());
-    let e = generate(&dec, &[vec![1, 500]], &ok).unwrap_err().to_string();
+    let e = generate(&dec, &[vec![1, 500]], &ok)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vocab_size"), "{e}");
     let long = GenerateParams {
         max_new_tokens: 1000,

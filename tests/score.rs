@@ -80,7 +80,13 @@ fn score_equals_the_decoder_forward_of_each_record() {
             let want: Vec<f32> = (0..ri.len()).map(|j| lp[pi.len() + j - 1]).collect();
             assert_eq!(s1[i].response_ids, ri);
             assert_eq!(s1[i].prompt_tokens, pi.len());
-            common::assert_close(&format!("{model} rec {i}"), &s1[i].logprobs, &want, 1e-5, 1e-5);
+            common::assert_close(
+                &format!("{model} rec {i}"),
+                &s1[i].logprobs,
+                &want,
+                1e-5,
+                1e-5,
+            );
             common::assert_close(
                 &format!("{model} rec {i} batch 3"),
                 &s3[i].logprobs,
@@ -122,9 +128,17 @@ fn bad_input_names_file_line_and_field() {
             "line 2",
             "\"prompt\" is not a string",
         ),
-        ("{\"prompt\": \"a\", \"response\": \"b\"}\nnot json\n", "line 2", "not valid JSON"),
+        (
+            "{\"prompt\": \"a\", \"response\": \"b\"}\nnot json\n",
+            "line 2",
+            "not valid JSON",
+        ),
         ("[1, 2]\n", "line 1", "not a JSON object"),
-        ("{\"prompt\": \"a\", \"response\": \"\"}\n", "line 1", "\"response\" encodes to no tokens"),
+        (
+            "{\"prompt\": \"a\", \"response\": \"\"}\n",
+            "line 1",
+            "\"response\" encodes to no tokens",
+        ),
     ];
     for (data, line, what) in cases {
         let a = args("tiny-llama", &dir, data, 2);

@@ -48,9 +48,9 @@ impl Decoder {
     /// From a config and its tensors; every expected tensor must be present with its shape.
     pub fn new(config: ModelConfig, params: TensorMap) -> Result<Self> {
         for (name, shape) in expected_tensors(&config) {
-            let t = params.get(&name).ok_or_else(|| {
-                Error::Invalid(format!("Decoder::new: missing parameter {name}"))
-            })?;
+            let t = params
+                .get(&name)
+                .ok_or_else(|| Error::Invalid(format!("Decoder::new: missing parameter {name}")))?;
             if t.shape != shape {
                 return Err(Error::Shape(format!(
                     "Decoder::new: parameter {name} has shape {:?}, expected {shape:?}",
@@ -115,15 +115,11 @@ impl Decoder {
         };
 
         // CUDA: the embedding backward's deterministic schedule, built on the host per batch.
-        let embed_plan =
-            cuda.then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
+        let embed_plan = cuda
+            .then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
         let mut embed_ins = vec![ids, p("model.embed_tokens.weight".into())?];
         embed_ins.extend(embed_plan);
-        let x0 = g.node_typed(
-            Embed { n, v, d: h },
-            &embed_ins,
-            &[("x0", n * h, act)],
-        )?[0];
+        let x0 = g.node_typed(Embed { n, v, d: h }, &embed_ins, &[("x0", n * h, act)])?[0];
         let first = g.node_typed(
             RmsNorm { n, d: h, eps },
             &[x0, p("model.layers.0.input_layernorm.weight".into())?],
@@ -182,7 +178,15 @@ impl Decoder {
                     (&format!("lse.{l}"), b * hq * s, DType::F32),
                 ],
             )?;
-            let ao = lin(&mut g, at[0], "self_attn.o_proj", c.o_proj_bias(), qd, h, "ao")?;
+            let ao = lin(
+                &mut g,
+                at[0],
+                "self_attn.o_proj",
+                c.o_proj_bias(),
+                qd,
+                h,
+                "ao",
+            )?;
             let n2 = g.node_typed(
                 AddRmsNorm { n, d: h, eps },
                 &[ao, resid, p(pn("post_attention_layernorm.weight"))?],

@@ -101,7 +101,13 @@ struct Cache {
 
 /// Runs the decoder over `ids` (`n` tokens, layout by `mode`) and returns the final hidden
 /// states `[n][H]` (after the final norm); writes the caches.
-fn forward(dec: &Decoder, ids: &[u32], rows: usize, mode: &Mode, cache: &mut Cache) -> Result<Vec<f32>> {
+fn forward(
+    dec: &Decoder,
+    ids: &[u32],
+    rows: usize,
+    mode: &Mode,
+    cache: &mut Cache,
+) -> Result<Vec<f32>> {
     let c = &dec.config;
     let pm = dec.params();
     let get = |name: &str| -> Result<&[f32]> {
@@ -235,7 +241,11 @@ fn lm_head(dec: &Decoder, hidden: &[f32], n: usize) -> Result<Vec<f32>> {
 
 /// Generates continuations of `prompts` (token ids) with `dec` on the CPU; returns
 /// `prompts.len() · n_samples` rows, prompt-major.
-pub fn generate(dec: &Decoder, prompts: &[Vec<u32>], p: &GenerateParams) -> Result<Vec<Generation>> {
+pub fn generate(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    p: &GenerateParams,
+) -> Result<Vec<Generation>> {
     p.sample.validate()?;
     let c = &dec.config;
     let v = c.vocab_size;
@@ -282,7 +292,13 @@ pub fn generate(dec: &Decoder, prompts: &[Vec<u32>], p: &GenerateParams) -> Resu
         ids[r * s..r * s + q.len()].copy_from_slice(q);
         lens[r] = q.len() as u32;
     }
-    let hidden = forward(dec, &ids, rows, &Mode::Prefill { s, lens: &lens }, &mut cache)?;
+    let hidden = forward(
+        dec,
+        &ids,
+        rows,
+        &Mode::Prefill { s, lens: &lens },
+        &mut cache,
+    )?;
     // Hidden state of each row's last prompt token.
     let h = c.hidden_size;
     let mut last = vec![0.0f32; rows * h];
@@ -331,7 +347,13 @@ pub fn generate(dec: &Decoder, prompts: &[Vec<u32>], p: &GenerateParams) -> Resu
             .map(|r| lens[r] + out[r].tokens.len() as u32 - 1)
             .collect();
         let last_tok: Vec<u32> = out.iter().map(|g| *g.tokens.last().unwrap()).collect();
-        let hid = forward(dec, &last_tok, rows, &Mode::Decode { pos: &pos }, &mut cache)?;
+        let hid = forward(
+            dec,
+            &last_tok,
+            rows,
+            &Mode::Decode { pos: &pos },
+            &mut cache,
+        )?;
         logits = lm_head(dec, &hid, rows)?;
     }
     Ok(out)

@@ -9,8 +9,8 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod tokenizer;
 pub mod decoder;
+pub mod generate;
 pub mod ops;
 pub mod score;
-pub mod generate;
+pub mod tokenizer;

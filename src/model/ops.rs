@@ -159,7 +159,12 @@ impl Op for RmsNorm {
         if let Some(dev) = x.cuda_device() {
             let (dx, dw) = (need(d_ins[0], "rmsnorm dx")?, need(d_ins[1], "rmsnorm dw")?);
             let ws = scratch(x, "rmsnorm")?;
-            let (xx, w, r, dy) = (x.ptr(ins[0]), x.ptr(ins[1]), x.ptr(outs[1]), x.ptr(d_outs[0]));
+            let (xx, w, r, dy) = (
+                x.ptr(ins[0]),
+                x.ptr(ins[1]),
+                x.ptr(outs[1]),
+                x.ptr(d_outs[0]),
+            );
             let (dx, dw, ws) = (x.ptr(dx), x.ptr(dw), x.ptr(ws));
             // SAFETY: graph tensors of the forward's lengths; workspace from backward_scratch.
             return unsafe {
@@ -335,9 +340,31 @@ impl Op for Linear {
                 for row in y.chunks_exact_mut(m) {
                     row.copy_from_slice(b);
                 }
-                f32::gemm(n, k, m, 1.0, x.cpu(ins[0]), false, x.cpu(ins[1]), true, 1.0, y);
+                f32::gemm(
+                    n,
+                    k,
+                    m,
+                    1.0,
+                    x.cpu(ins[0]),
+                    false,
+                    x.cpu(ins[1]),
+                    true,
+                    1.0,
+                    y,
+                );
             }
-            None => f32::gemm(n, k, m, 1.0, x.cpu(ins[0]), false, x.cpu(ins[1]), true, 0.0, y),
+            None => f32::gemm(
+                n,
+                k,
+                m,
+                1.0,
+                x.cpu(ins[0]),
+                false,
+                x.cpu(ins[1]),
+                true,
+                0.0,
+                y,
+            ),
         }
         Ok(())
     }
@@ -368,11 +395,33 @@ impl Op for Linear {
         let dy = x.cpu(d_outs[0]);
         if let Some(dx) = d_ins[0] {
             // dx [n][k] += dy [n][m] · W [m][k]
-            f32::gemm(n, m, k, 1.0, dy, false, x.cpu(ins[1]), false, 1.0, x.cpu_mut(dx));
+            f32::gemm(
+                n,
+                m,
+                k,
+                1.0,
+                dy,
+                false,
+                x.cpu(ins[1]),
+                false,
+                1.0,
+                x.cpu_mut(dx),
+            );
         }
         if let Some(dw) = d_ins[1] {
             // dW [m][k] += dyᵀ · x
-            f32::gemm(m, n, k, 1.0, dy, true, x.cpu(ins[0]), false, 1.0, x.cpu_mut(dw));
+            f32::gemm(
+                m,
+                n,
+                k,
+                1.0,
+                dy,
+                true,
+                x.cpu(ins[0]),
+                false,
+                1.0,
+                x.cpu_mut(dw),
+            );
         }
         if let Some(Some(db)) = d_ins.get(2) {
             let db = x.cpu_mut(*db);
@@ -458,7 +507,18 @@ impl Op for GateUp {
                     .copy_from_slice(&dgu[r * 2 * i + half * i..r * 2 * i + (half + 1) * i]);
             }
             if let Some(dx) = d_ins[0] {
-                f32::gemm(n, i, h, 1.0, &tmp, false, x.cpu(ins[w]), false, 1.0, x.cpu_mut(dx));
+                f32::gemm(
+                    n,
+                    i,
+                    h,
+                    1.0,
+                    &tmp,
+                    false,
+                    x.cpu(ins[w]),
+                    false,
+                    1.0,
+                    x.cpu_mut(dx),
+                );
             }
             if let Some(dw) = d_ins[w] {
                 f32::gemm(i, n, h, 1.0, &tmp, true, xs, false, 1.0, x.cpu_mut(dw));
@@ -732,7 +792,10 @@ impl Op for Attention {
         d_ins: &[Option<TensorId>],
     ) -> Result<()> {
         if let Some(dev) = x.cuda_device() {
-            let (dq, dk) = (need(d_ins[0], "attention dq")?, need(d_ins[1], "attention dk")?);
+            let (dq, dk) = (
+                need(d_ins[0], "attention dq")?,
+                need(d_ins[1], "attention dk")?,
+            );
             let dv = need(d_ins[2], "attention dv")?;
             let ws = scratch(x, "attention")?;
             let (q, k, v, sl) = (x.ptr(ins[0]), x.ptr(ins[1]), x.ptr(ins[2]), x.ptr(ins[3]));
@@ -1059,7 +1122,9 @@ pub mod gpu {
         beta: f32,
     ) -> Result<()> {
         // yᵀ (dout×n) = W (dout×din: stored as din×dout col-major, op T) · xᵀ (din×n).
-        gemm(dev, true, false, dout, n, din, w, din, x, din, beta, y, ldy, false)
+        gemm(
+            dev, true, false, dout, n, din, w, din, x, din, beta, y, ldy, false,
+        )
     }
 
     /// Backward of [`linear_fwd`]: `dx += dy·W` (bf16) when `dx != 0`, `dW += dyᵀ·x` (fp32)
@@ -1082,11 +1147,15 @@ pub mod gpu {
     ) -> Result<()> {
         if dx != 0 {
             // dxᵀ (din×n) = Wᵀ (din×dout, stored col-major as is) · dyᵀ (dout×n).
-            gemm(dev, false, false, din, n, dout, w, din, dy, lddy, 1.0, dx, din, false)?;
+            gemm(
+                dev, false, false, din, n, dout, w, din, dy, lddy, 1.0, dx, din, false,
+            )?;
         }
         if dw != 0 {
             // dWᵀ (din×dout) = xᵀ (din×n) · dy (n×dout: dyᵀ stored, op T).
-            gemm(dev, false, true, din, dout, n, x, din, dy, lddy, 1.0, dw, din, true)?;
+            gemm(
+                dev, false, true, din, dout, n, x, din, dy, lddy, 1.0, dw, din, true,
+            )?;
         }
         Ok(())
     }

@@ -164,9 +164,7 @@ pub fn score(args: &ScoreArgs) -> Result<Vec<Scored>> {
         g.forward()?;
         let lp = g.token_logprobs()?;
         for (b, (ln, p, r)) in chunk.iter().enumerate() {
-            let lps: Vec<f32> = (0..r.len())
-                .map(|j| lp[b * s + p.len() + j - 1])
-                .collect();
+            let lps: Vec<f32> = (0..r.len()).map(|j| lp[b * s + p.len() + j - 1]).collect();
             let sum = lps.iter().map(|&x| x as f64).sum();
             out.push(Scored {
                 line: *ln,

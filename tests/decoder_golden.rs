@@ -195,3 +195,32 @@ fn bad_batches_are_errors() {
     assert!(g.grad("nope").is_err());
     assert!(g.set_param("model.norm.weight", &[1.0; 3]).is_err());
 }
+
+#[test]
+fn decoder_new_rejects_missing_and_misshaped_parameters() {
+    let dir = common::fixtures_dir().join("tiny-llama");
+    let ck = dfpo::model::checkpoint::load_checkpoint(&dir).unwrap();
+    let mut t = ck.tensors.clone();
+    t.remove("model.layers.1.mlp.up_proj.weight");
+    let e = Decoder::new(ck.config.clone(), t)
+        .err()
+        .expect("missing parameter")
+        .to_string();
+    assert!(
+        e.contains("missing parameter model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
+    let mut t = ck.tensors.clone();
+    let w = t.get_mut("model.norm.weight").unwrap();
+    w.shape = vec![w.data.len() - 1];
+    w.data.pop();
+    let e = Decoder::new(ck.config.clone(), t)
+        .err()
+        .expect("misshaped parameter")
+        .to_string();
+    assert!(
+        e.contains("model.norm.weight") && e.contains("shape"),
+        "{e}"
+    );
+    assert!(Decoder::new(ck.config, ck.tensors).is_ok());
+}

@@ -10,9 +10,9 @@
 //! - loss: relative 1e-5;
 //! - each parameter gradient: max|diff| ≤ 1e-4·max|want| (+ 1e-3·|want| elementwise), so a
 //!   wrong sign, a missed term or a wrong layout fails while fp32 rounding passes.
-//! - The sharded fixture holds the same weights rounded to F16, so it is compared with the
-//!   tiny-llama golden at F16 tolerance (logits 2e-2 absolute as in the Python check, loss 1e-2
-//!   relative, gradients 5e-2·max|want|).
+//! - The sharded fixture holds tiny-llama's weights saved as F16 in 4 shards; tiny-llama's
+//!   weights are bf16 values that F16 represents exactly here, so it must match the tiny-llama
+//!   golden at the same tight tolerances (measured worst gradient error: 1.2e-6·max|want|).
 
 mod common;
 
@@ -174,8 +174,8 @@ fn tiny_qwen2_matches_transformers() {
 }
 
 #[test]
-fn tiny_llama_sharded_matches_transformers_at_f16() {
-    check("tiny-llama-sharded", "tiny-llama", true);
+fn tiny_llama_sharded_matches_transformers() {
+    check("tiny-llama-sharded", "tiny-llama", false);
 }
 
 #[test]

@@ -162,6 +162,20 @@ impl Session {
         self.read::<f32>(t)
     }
 
+    /// Runs the forward nodes only (inference, scoring): no gradient is seeded or computed.
+    /// Afterwards kept tensors and the loss hold this forward's values. The arena layout is the
+    /// training one, so this needs no extra memory and leaves the next [`Session::run`] intact.
+    pub fn forward(&mut self) -> Result<()> {
+        let plan = &self.plan;
+        for (i, n) in plan.nodes.iter().enumerate() {
+            let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            n.op.forward(&mut x, &n.ins, &n.outs).map_err(|e| {
+                Error::Invalid(format!("forward of node {i} ({}): {e}", n.op.name()))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Runs forward, seeds d(loss) = 1, runs the backward schedule; returns the loss.
     pub fn run(&mut self) -> Result<f32> {
         let plan = &self.plan;

@@ -9,4 +9,8 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod ops;
+pub mod score;
 pub mod tokenizer;

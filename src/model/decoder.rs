@@ -1,0 +1,437 @@
+//! The Llama/Qwen2 decoder on the graph runtime.
+//!
+//! [`Decoder`] holds a checked config and its parameters (HF names, f32). [`Decoder::build`]
+//! makes a [`DecoderGraph`] for one batch shape `(B, S)`: a planned [`Session`] of the training
+//! graph (forward, per-token log-probs, mean next-token NLL, backward to every parameter), with
+//! the parameters written in.
+//!
+//! Graph (activations token-major `[B·S][width]`):
+//! ```text
+//! x0 = embed(ids);  a = rmsnorm(x0, ln1_0);  r = x0
+//! per layer l:  q,k,v = linear(a) (+bias for qwen2)   (q_rot, k_rot) = rope(q, k, pos)
+//!               (o, lse) = attention(q_rot, k_rot, v, seq_lens)   ao = o_proj(o)
+//!               (h1, a2) = add_rmsnorm(ao, r, ln2_l)   gu = [gate|up](a2)   m = down(swiglu(gu))
+//!               (r, a) = add_rmsnorm(m, h1, ln1_{l+1} or model.norm)
+//! logits = a · (lm_head or embed_tokens)ᵀ;  logprob_t = log p(targets_t);  loss = mean NLL
+//! ```
+//! A batch is right-padded: sequence `b` has `seq_lens[b]` tokens at positions `0..len`;
+//! `targets[b][t] = ids[b][t+1]` for `t + 1 < len`, else [`IGNORE_INDEX`] (no target, log-prob 0).
+//! The loss is the mean of `−logprob` over tokens with a target, as the golden files define it.
+//!
+//! Device: on the CPU every tensor is f32. On CUDA the parameters are registered as bf16
+//! copies (gradients f32), activations are bf16, softmax/norm statistics, log-probs and the loss
+//! f32; an extra U32 input carries the embedding backward's host-built plan. The CUDA path is
+//! compiled but has NOT been run on a GPU yet (tests/cuda_decoder.rs is its parity test).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::bf16;
+
+use super::checkpoint::{expected_tensors, load_checkpoint, TensorMap};
+use super::config::ModelConfig;
+use super::ops::{
+    AddRmsNorm, Attention, Embed, GateUp, Linear, MeanNll, RmsNorm, Rope, SwiGlu, TokenLogprob,
+};
+use crate::device::Device;
+use crate::error::{check_len, Error, Result};
+use crate::graph::{DType, GraphBuilder, Session, TensorId};
+pub use crate::kernels::xent::IGNORE_INDEX;
+
+/// A decoder-only model: config and parameters by HF name.
+pub struct Decoder {
+    pub config: ModelConfig,
+    params: TensorMap,
+}
+
+impl Decoder {
+    /// From a config and its tensors; every expected tensor must be present with its shape.
+    pub fn new(config: ModelConfig, params: TensorMap) -> Result<Self> {
+        for (name, shape) in expected_tensors(&config) {
+            let t = params
+                .get(&name)
+                .ok_or_else(|| Error::Invalid(format!("Decoder::new: missing parameter {name}")))?;
+            if t.shape != shape {
+                return Err(Error::Shape(format!(
+                    "Decoder::new: parameter {name} has shape {:?}, expected {shape:?}",
+                    t.shape
+                )));
+            }
+        }
+        Ok(Decoder { config, params })
+    }
+
+    /// Loads an HF folder (config.json + safetensors, single or sharded).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let ck = load_checkpoint(dir)?;
+        Self::new(ck.config, ck.tensors)
+    }
+
+    /// The parameters by HF name.
+    pub fn params(&self) -> &TensorMap {
+        &self.params
+    }
+
+    /// Builds, plans and allocates the training graph for batches of `b` sequences of at most
+    /// `s` tokens on `device`, with the parameters written in.
+    pub fn build(&self, b: usize, s: usize, device: &Device) -> Result<DecoderGraph> {
+        if b == 0 || s == 0 {
+            return Err(Error::Invalid(format!(
+                "Decoder::build: batch {b} x {s}: both must be > 0"
+            )));
+        }
+        let c = &self.config;
+        let cuda = device.is_cuda();
+        let act = if cuda { DType::BF16 } else { DType::F32 };
+        let pdt = act;
+        let n = b * s;
+        let (h, qd, kvd, ff, v) = (
+            c.hidden_size,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let theta = c.rope_theta as f32;
+
+        let mut g = GraphBuilder::new();
+        let ids = g.input_typed("ids", n, DType::U32);
+        let pos = g.input_typed("pos", n, DType::U32);
+        let seq_lens = g.input_typed("seq_lens", b, DType::U32);
+        let targets = g.input_typed("targets", n, DType::U32);
+        let mut params = BTreeMap::new();
+        for (name, shape) in expected_tensors(c) {
+            let len = shape.iter().product();
+            let t = g.param_typed(&name, len, pdt);
+            params.insert(name, t);
+        }
+        let p = |name: String| -> Result<TensorId> {
+            params
+                .get(&name)
+                .copied()
+                .ok_or_else(|| Error::Invalid(format!("Decoder::build: no parameter {name}")))
+        };
+
+        // CUDA: the embedding backward's deterministic schedule, built on the host per batch.
+        let embed_plan = cuda
+            .then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
+        let mut embed_ins = vec![ids, p("model.embed_tokens.weight".into())?];
+        embed_ins.extend(embed_plan);
+        let x0 = g.node_typed(Embed { n, v, d: h }, &embed_ins, &[("x0", n * h, act)])?[0];
+        let first = g.node_typed(
+            RmsNorm { n, d: h, eps },
+            &[x0, p("model.layers.0.input_layernorm.weight".into())?],
+            &[("a.0", n * h, act), ("rstd.0", n, DType::F32)],
+        )?;
+        let (mut resid, mut a) = (x0, first[0]);
+        for l in 0..c.num_hidden_layers {
+            let pn = |s: &str| format!("model.layers.{l}.{s}");
+            let lin = |g: &mut GraphBuilder,
+                       x: TensorId,
+                       w: &str,
+                       bias: bool,
+                       din: usize,
+                       dout: usize,
+                       name: &str|
+             -> Result<TensorId> {
+                let mut ins = vec![x, p(pn(&format!("{w}.weight")))?];
+                if bias {
+                    ins.push(p(pn(&format!("{w}.bias")))?);
+                }
+                Ok(g.node_typed(
+                    Linear { n, din, dout },
+                    &ins,
+                    &[(&format!("{name}.{l}"), n * dout, act)],
+                )?[0])
+            };
+            let qkv_bias = c.attention_bias;
+            let q = lin(&mut g, a, "self_attn.q_proj", qkv_bias, h, qd, "q")?;
+            let k = lin(&mut g, a, "self_attn.k_proj", qkv_bias, h, kvd, "k")?;
+            let vv = lin(&mut g, a, "self_attn.v_proj", qkv_bias, h, kvd, "v")?;
+            let r = g.node_typed(
+                Rope {
+                    n,
+                    hq,
+                    hkv,
+                    head_dim: hd,
+                    theta,
+                },
+                &[q, k, pos],
+                &[
+                    (&format!("q_rot.{l}"), n * qd, act),
+                    (&format!("k_rot.{l}"), n * kvd, act),
+                ],
+            )?;
+            let at = g.node_typed(
+                Attention {
+                    b,
+                    s,
+                    hq,
+                    hkv,
+                    head_dim: hd,
+                },
+                &[r[0], r[1], vv, seq_lens],
+                &[
+                    (&format!("attn.{l}"), n * qd, act),
+                    (&format!("lse.{l}"), b * hq * s, DType::F32),
+                ],
+            )?;
+            let ao = lin(
+                &mut g,
+                at[0],
+                "self_attn.o_proj",
+                c.o_proj_bias(),
+                qd,
+                h,
+                "ao",
+            )?;
+            let n2 = g.node_typed(
+                AddRmsNorm { n, d: h, eps },
+                &[ao, resid, p(pn("post_attention_layernorm.weight"))?],
+                &[
+                    (&format!("h1.{l}"), n * h, act),
+                    (&format!("a2.{l}"), n * h, act),
+                    (&format!("rstd2.{l}"), n, DType::F32),
+                ],
+            )?;
+            let gu = g.node_typed(
+                GateUp { n, h, inter: ff },
+                &[
+                    n2[1],
+                    p(pn("mlp.gate_proj.weight"))?,
+                    p(pn("mlp.up_proj.weight"))?,
+                ],
+                &[(&format!("gu.{l}"), n * 2 * ff, act)],
+            )?[0];
+            let sw = g.node_typed(
+                SwiGlu { n, inter: ff },
+                &[gu],
+                &[(&format!("swiglu.{l}"), n * ff, act)],
+            )?[0];
+            let m = lin(&mut g, sw, "mlp.down_proj", false, ff, h, "mlp")?;
+            let next_w = if l + 1 < c.num_hidden_layers {
+                format!("model.layers.{}.input_layernorm.weight", l + 1)
+            } else {
+                "model.norm.weight".to_string()
+            };
+            let n1 = g.node_typed(
+                AddRmsNorm { n, d: h, eps },
+                &[m, n2[0], p(next_w)?],
+                &[
+                    (&format!("r.{}", l + 1), n * h, act),
+                    (&format!("a.{}", l + 1), n * h, act),
+                    (&format!("rstd.{}", l + 1), n, DType::F32),
+                ],
+            )?;
+            resid = n1[0];
+            a = n1[1];
+        }
+        let head = if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let logits = g.node_typed(
+            Linear { n, din: h, dout: v },
+            &[a, p(head.into())?],
+            &[("logits", n * v, act)],
+        )?[0];
+        let lp = g.node_typed(
+            TokenLogprob { n, v },
+            &[logits, targets],
+            &[
+                ("logprob", n, DType::F32),
+                ("xent_lse", n, DType::F32),
+                ("entropy", n, DType::F32),
+            ],
+        )?;
+        let loss = g.node_typed(MeanNll { n }, &[lp[0], targets], &[("loss", 1, DType::F32)])?[0];
+        g.keep(logits);
+        g.keep(lp[0]);
+        g.keep(loss);
+        let plan = g.plan(loss, device)?;
+        let mut session = Session::new(plan, device.clone())?;
+        for (name, &t) in &params {
+            let data = &self.params[name].data;
+            if cuda {
+                let bits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                session.write(t, &bits)?;
+            } else {
+                session.write(t, data)?;
+            }
+        }
+        Ok(DecoderGraph {
+            session,
+            b,
+            s,
+            vocab: v,
+            pad_id: c.pad_token_id.unwrap_or(0),
+            ids,
+            pos,
+            seq_lens,
+            targets,
+            embed_plan,
+            logits,
+            logprob: lp[0],
+            loss,
+            params,
+            lens: vec![0; b],
+        })
+    }
+}
+
+/// One planned batch shape of a [`Decoder`]: set a batch, run, read results.
+pub struct DecoderGraph {
+    session: Session,
+    b: usize,
+    s: usize,
+    vocab: usize,
+    pad_id: u32,
+    ids: TensorId,
+    pos: TensorId,
+    seq_lens: TensorId,
+    targets: TensorId,
+    embed_plan: Option<TensorId>,
+    logits: TensorId,
+    logprob: TensorId,
+    loss: TensorId,
+    params: BTreeMap<String, TensorId>,
+    lens: Vec<usize>,
+}
+
+impl DecoderGraph {
+    /// (B, S) of this graph.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.b, self.s)
+    }
+
+    /// The underlying session.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Binds a batch of at most B sequences of 1..=S tokens each (fewer than B: the remaining
+    /// rows are empty sequences). Right-pads with the pad id, positions `0..len`, next-token
+    /// targets.
+    pub fn set_batch(&mut self, seqs: &[Vec<u32>]) -> Result<()> {
+        if seqs.len() > self.b {
+            return Err(Error::Shape(format!(
+                "set_batch: {} sequences for a batch of {}",
+                seqs.len(),
+                self.b
+            )));
+        }
+        let (b, s) = (self.b, self.s);
+        let mut ids = vec![self.pad_id; b * s];
+        let mut targets = vec![IGNORE_INDEX; b * s];
+        let mut lens = vec![0u32; b];
+        for (i, q) in seqs.iter().enumerate() {
+            if q.len() > s {
+                return Err(Error::Shape(format!(
+                    "set_batch: sequence {i} has {} tokens, more than S = {s}",
+                    q.len()
+                )));
+            }
+            if let Some(j) = q.iter().position(|&t| t as usize >= self.vocab) {
+                return Err(Error::Invalid(format!(
+                    "set_batch: sequence {i} token {j} = {} is not below vocab_size {}",
+                    q[j], self.vocab
+                )));
+            }
+            ids[i * s..i * s + q.len()].copy_from_slice(q);
+            for t in 0..q.len().saturating_sub(1) {
+                targets[i * s + t] = q[t + 1];
+            }
+            lens[i] = q.len() as u32;
+        }
+        let pos: Vec<u32> = (0..b * s).map(|i| (i % s) as u32).collect();
+        self.session.write(self.ids, &ids)?;
+        self.session.write(self.pos, &pos)?;
+        self.session.write(self.seq_lens, &lens)?;
+        self.session.write(self.targets, &targets)?;
+        if let Some(t) = self.embed_plan {
+            let plan = crate::kernels::embed::EmbedBwdPlan::new(&ids, self.vocab)?;
+            self.session.write(t, plan.packed())?;
+        }
+        self.lens = lens.iter().map(|&l| l as usize).collect();
+        Ok(())
+    }
+
+    /// Forward + backward; returns the loss. Parameter gradients are then readable.
+    pub fn run(&mut self) -> Result<f32> {
+        self.session.run()
+    }
+
+    /// Forward only (logits, log-probs and loss readable afterwards).
+    pub fn forward(&mut self) -> Result<()> {
+        self.session.forward()
+    }
+
+    /// The loss of the last run/forward.
+    pub fn loss(&self) -> Result<f32> {
+        Ok(self.session.read_f32(self.loss)?[0])
+    }
+
+    fn read_any(&self, t: TensorId) -> Result<Vec<f32>> {
+        match self.session.plan().tensor(t).dtype {
+            DType::BF16 => Ok(self
+                .session
+                .read::<bf16>(t)?
+                .into_iter()
+                .map(f32::from)
+                .collect()),
+            _ => self.session.read_f32(t),
+        }
+    }
+
+    /// Logits `[B][S][V]` of the last run (padding rows hold unspecified values).
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        self.read_any(self.logits)
+    }
+
+    /// `[B][S]`: at `[b][t]`, `log p(ids[b][t+1] | ids[b][..=t])`; 0 where there is no target.
+    pub fn token_logprobs(&self) -> Result<Vec<f32>> {
+        self.session.read_f32(self.logprob)
+    }
+
+    /// Lengths of the sequences of the current batch.
+    pub fn seq_lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// HF names of the parameters.
+    pub fn param_names(&self) -> impl Iterator<Item = &str> {
+        self.params.keys().map(|s| s.as_str())
+    }
+
+    /// The gradient (f32, HF layout) of parameter `name` after [`DecoderGraph::run`].
+    pub fn grad(&self, name: &str) -> Result<Vec<f32>> {
+        let t = *self
+            .params
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("grad: no parameter named {name}")))?;
+        let g = self
+            .session
+            .plan()
+            .grad(t)
+            .ok_or_else(|| Error::Invalid(format!("grad: {name} has no gradient")))?;
+        self.session.read_f32(g)
+    }
+
+    /// Overwrites parameter `name` (f32 values, HF layout).
+    pub fn set_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let t = *self
+            .params
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("set_param: no parameter named {name}")))?;
+        check_len(name, data.len(), self.session.plan().tensor(t).len)?;
+        if self.session.device().is_cuda() {
+            let bits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+            self.session.write(t, &bits)
+        } else {
+            self.session.write(t, data)
+        }
+    }
+}

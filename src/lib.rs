@@ -4,6 +4,7 @@
 //! - [`kernels`]: one module per `kernels/*.cu` family: the CPU reference and the CUDA launcher.
 //! - [`graph`]: the small static graph runtime (tensors, nodes, arena planner, executor).
 
+pub mod demo;
 pub mod device;
 pub mod error;
 pub mod graph;

@@ -113,6 +113,13 @@ fn assert_scaled(what: &str, got: &[f32], want: &[f32], rtol: f64) {
     assert_close(what, got, want, rtol, rtol * scale);
 }
 
+/// Accumulated outputs: checks got − init against want − init (scaled to the gradient itself,
+/// so a missing contribution cannot hide under the initial values).
+fn assert_delta(what: &str, got: &[f32], want: &[f32], init: &[f32], rtol: f64) {
+    let d = |x: &[f32]| x.iter().zip(init).map(|(a, b)| a - b).collect::<Vec<f32>>();
+    assert_scaled(what, &d(got), &d(want), rtol);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn noise_matches_cpu() {
@@ -192,16 +199,18 @@ fn cond_forward_and_backward_match_cpu() {
         .unwrap();
         let dp = down(&dev, &dpd);
         let lay = s.layout();
-        assert_scaled(
+        assert_delta(
             &format!("cond dW_cond {sh:?}"),
             &dp[lay.w_cond.clone()],
             &dp_want[lay.w_cond.clone()],
+            &dp0[lay.w_cond.clone()],
             2e-5,
         );
-        assert_scaled(
+        assert_delta(
             &format!("cond db_in {sh:?}"),
             &dp[lay.b_in.clone()],
             &dp_want[lay.b_in.clone()],
+            &dp0[lay.b_in.clone()],
             2e-5,
         );
         assert_eq!(
@@ -209,10 +218,11 @@ fn cond_forward_and_backward_match_cpu() {
             &dp0[lay.b_in.end..],
             "cond_backward touches only w_cond and b_in"
         );
-        assert_scaled(
+        assert_delta(
             &format!("cond dc {sh:?}"),
             &down(&dev, &dcd),
             &dc_want,
+            &dc0,
             2e-5,
         );
         // without dc
@@ -349,10 +359,11 @@ fn eval_backward_matches_cpu() {
             }
         }
         for (name, r) in blocks {
-            assert_scaled(
+            assert_delta(
                 &format!("eval_backward d{name} {sh:?}"),
                 &dp[r.clone()],
-                &dp_want[r],
+                &dp_want[r.clone()],
+                &dp0[r],
                 1e-3,
             );
         }
@@ -361,16 +372,18 @@ fn eval_backward_matches_cpu() {
             &dp0[..lay.w_z.start],
             "w_cond and b_in untouched"
         );
-        assert_scaled(
+        assert_delta(
             &format!("eval_backward du {sh:?}"),
             &down(&dev, &dud),
             &du_want,
+            &du0,
             1e-3,
         );
-        assert_scaled(
+        assert_delta(
             &format!("eval_backward dz {sh:?}"),
             &down(&dev, &dzd),
             &dz_want,
+            &dz0,
             1e-3,
         );
         // without dz, run twice: bitwise deterministic
@@ -460,13 +473,14 @@ fn eval_backward_in_many_chunks_matches_cpu() {
         }
         let dp = down(&dev, &dpd);
         let lay = s.layout();
-        assert_scaled(
-            "chunked dW",
+        assert_delta(
+            "chunked dparams",
             &dp[lay.w_z.start..],
             &dp_want[lay.w_z.start..],
+            &dp0[lay.w_z.start..],
             1e-3,
         );
-        assert_scaled("chunked du", &down(&dev, &dud), &du_want, 1e-3);
+        assert_delta("chunked du", &down(&dev, &dud), &du_want, &du0, 1e-3);
     }
 }
 
@@ -588,7 +602,7 @@ fn integrate_matches_cpu() {
                     clip,
                     jacobian,
                 };
-                integrate_case(&dev, &mut rng, sh, &o, (i + steps as usize) % 2 == 0);
+                integrate_case(&dev, &mut rng, sh, &o, (i + steps as usize).is_multiple_of(2));
             }
         }
     }

@@ -126,7 +126,7 @@ impl FlowHeadShape {
         if self.cond_dim == 0 {
             return Err(Error::Invalid("flow head: cond_dim must be >= 1".into()));
         }
-        if self.width < 32 || self.width > MAX_WIDTH || self.width % 32 != 0 {
+        if self.width < 32 || self.width > MAX_WIDTH || !self.width.is_multiple_of(32) {
             return Err(Error::Invalid(format!(
                 "flow head: width {} must be a multiple of 32 in 32..={MAX_WIDTH}",
                 self.width
@@ -277,7 +277,7 @@ fn check_params(shape: &FlowHeadShape, what: &str, len: usize) -> Result<()> {
 
 /// Number of tokens of a conditioning buffer of `len` elements with `dim` columns.
 fn tokens_of(what: &str, len: usize, dim: usize) -> Result<usize> {
-    if len % dim != 0 {
+    if !len.is_multiple_of(dim) {
         return Err(Error::Shape(format!(
             "{what}: length {len} is not a multiple of its row size {dim}"
         )));
@@ -287,7 +287,7 @@ fn tokens_of(what: &str, len: usize, dim: usize) -> Result<usize> {
 
 fn check_noise(opts: &NoiseOpts, k: usize, len: usize) -> Result<()> {
     check_k(k)?;
-    if len % k != 0 {
+    if !len.is_multiple_of(k) {
         return Err(Error::Shape(format!(
             "noise out: length {len} is not a multiple of samples_per_token {k}"
         )));
@@ -561,8 +561,8 @@ pub mod cpu {
         dparams: &mut [T],
         du: &mut [T],
         mut dz: Option<&mut [T]>,
-        dh: &mut Vec<T>,
-        da: &mut Vec<T>,
+        dh: &mut [T],
+        da: &mut [T],
     ) {
         let (h, n) = (hd.h, dv.len());
         let depth = hd.layers.len();
@@ -846,7 +846,7 @@ pub mod cpu {
         let h = shape.width;
         let mut acts = Acts::new(shape.depth, h);
         let (mut dh, mut da) = (vec![T::ZERO; CHUNK * h], vec![T::ZERO; CHUNK * h]);
-        let mut v = vec![T::ZERO; CHUNK];
+        let mut v = [T::ZERO; CHUNK];
         for r0 in (0..rows).step_by(CHUNK) {
             let r1 = (r0 + CHUNK).min(rows);
             let (zc, tc) = (&z[r0..r1], &tau[r0..r1]);
@@ -914,7 +914,7 @@ pub mod cpu {
         let clip = opts
             .clip
             .map(|(lo, hi)| (T::from_f64(lo as f64), T::from_f64(hi as f64)));
-        let mut buf = vec![T::ZERO; 9 * CHUNK];
+        let mut buf = [T::ZERO; 9 * CHUNK];
         for r0 in (0..rows).step_by(CHUNK) {
             let r1 = (r0 + CHUNK).min(rows);
             let n = r1 - r0;
@@ -1051,7 +1051,7 @@ pub mod cuda {
 
     fn aligned16(what: &str, p: u64) -> Result<()> {
         nonnull(what, p)?;
-        if p % 16 != 0 {
+        if !p.is_multiple_of(16) {
             return Err(Error::Invalid(format!(
                 "{what}: device pointer {p:#x} is not 16-byte aligned"
             )));

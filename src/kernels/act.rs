@@ -82,6 +82,7 @@ pub mod cuda {
     //! [`CudaDevice::stream`] without synchronising; the safe wrappers take cudarc views.
     use super::*;
     use crate::device::CudaDevice;
+    use crate::kernels::check_ptr;
     use cudarc::driver::{
         CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
@@ -90,15 +91,6 @@ pub mod cuda {
     const THREADS: u32 = 256;
     /// Grid cap of the grid-stride loops (plenty for any GPU; keeps the grid a function of size).
     const MAX_BLOCKS: usize = 65536;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     /// (vec flag, grid) for `n` rows of `inter` columns.
     fn plan(n: usize, inter: usize, ptrs: &[u64]) -> (i32, u32) {

@@ -226,6 +226,7 @@ pub mod cuda {
     //! [`CudaDevice::stream`] without synchronising; the safe wrappers take cudarc views.
     use super::*;
     use crate::device::CudaDevice;
+    use crate::kernels::check_ptr;
     use cudarc::driver::PushKernelArg;
     use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
@@ -235,15 +236,6 @@ pub mod cuda {
     const NORM_BLOCK: u32 = 256;
     /// Most partial blocks of the norm's first pass.
     const MAX_NORM_PARTIALS: usize = 1024;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     /// Blocks of the norm's first pass over `total` elements (about 16 per thread, at most
     /// 1024, at least 1). Depends on `total` only, so the norm is identical on every GPU.

@@ -349,6 +349,7 @@ pub mod cuda {
     //! pointer): allocate `u16` and use `CudaSlice::transmute` / `transmute_mut`.
     use super::*;
     use crate::device::CudaDevice;
+    use crate::kernels::check_ptr;
     use cudarc::driver::{
         CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
@@ -376,15 +377,6 @@ pub mod cuda {
                 "{what}: head dim D = {d} has no CUDA kernel (supported: {HEAD_DIMS:?})"
             )))
         }
-    }
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
     }
 
     fn to_i32(what: &str, v: usize) -> Result<i32> {

@@ -235,6 +235,7 @@ pub mod cuda {
     //! [`CudaDevice::stream`] without synchronising; the safe wrappers take cudarc views.
     use super::*;
     use crate::device::CudaDevice;
+    use crate::kernels::check_ptr;
     use cudarc::driver::{
         CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
@@ -243,15 +244,6 @@ pub mod cuda {
     const THREADS: u32 = 128;
     const FWD_THREADS: u32 = 256;
     const MAX_BLOCKS: usize = 65536;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     fn ints(what: &str, n: usize, v: usize, d: usize) -> Result<(i32, i32, i32)> {
         let f = |x: usize, name: &str| {

@@ -144,6 +144,22 @@ macro_rules! impl_real {
 impl_real!(f32, matrixmultiply::sgemm);
 impl_real!(f64, matrixmultiply::dgemm);
 
+/// For the CUDA launchers: `Error::Invalid` unless `ptr` is a non-null, `align`-byte aligned
+/// device address.
+pub(crate) fn check_ptr(what: &str, ptr: u64, align: u64) -> crate::Result<()> {
+    if ptr == 0 || !ptr.is_multiple_of(align) {
+        return Err(crate::Error::Invalid(format!(
+            "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
+        )));
+    }
+    Ok(())
+}
+
+/// For the CUDA launchers: `v` as a kernel's i32 argument, or `Error::Shape` when it does not fit.
+pub(crate) fn check_i32(what: &str, v: usize) -> crate::Result<i32> {
+    i32::try_from(v).map_err(|_| crate::Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
+}
+
 /// splitmix64 finaliser; the same bits as `splitmix64` in kernels/common.cuh.
 pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E3779B97F4A7C15);

@@ -243,6 +243,7 @@ pub mod cuda {
     //! must not overlap inputs or each other.
     use super::*;
     use crate::device::{blocks_for, CudaDevice};
+    use crate::kernels::{check_i32, check_ptr};
     use cudarc::driver::{
         CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
@@ -258,19 +259,6 @@ pub mod cuda {
     const MAX_CHUNKS: usize = 256;
     /// At least this many rows per chunk.
     const MIN_ROWS_PER_CHUNK: usize = 64;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
-
-    fn check_i32(what: &str, v: usize) -> Result<i32> {
-        i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
-    }
 
     /// 16-byte vector path: every row starts 16-byte aligned and holds whole vectors of 8.
     fn vec_path(d: usize, ptrs: &[u64]) -> i32 {

@@ -387,6 +387,7 @@ pub mod cuda {
     //! non-zero counts as valid) or finiteness: that is the CPU references' job.
     use super::*;
     use crate::device::{blocks_for, CudaDevice};
+    use crate::kernels::{check_i32, check_ptr};
     use cudarc::driver::{CudaSlice, PushKernelArg};
     use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
@@ -397,19 +398,6 @@ pub mod cuda {
     const GAE_MAX_SEG: usize = 8;
     /// Most blocks of a partial-reduction pass (bounds the workspace and the finalize work).
     const MAX_PARTIALS: usize = 1024;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
-
-    fn check_i32(what: &str, v: usize) -> Result<i32> {
-        i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
-    }
 
     /// Blocks of a partial-reduction pass over `n` elements: about 4 per thread, at most
     /// [`MAX_PARTIALS`], at least 1. Depends on `n` only, so results are identical on every GPU.

@@ -185,6 +185,7 @@ pub mod cuda {
     //! [`CudaDevice::stream`] without synchronising; the safe wrappers take cudarc views.
     use super::*;
     use crate::device::{blocks_for, CudaDevice};
+    use crate::kernels::check_ptr;
     use cudarc::driver::{
         CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
@@ -193,15 +194,6 @@ pub mod cuda {
     /// Tokens per block and threads per block (`ROPE_TOK`, `ROPE_THREADS`).
     const TOK: u32 = 8;
     const THREADS: u32 = 256;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     #[allow(clippy::too_many_arguments)]
     unsafe fn launch(

@@ -307,6 +307,7 @@ pub mod cuda {
     //! raw device pointers and queues one launch without synchronising; [`sample`] takes views.
     use super::*;
     use crate::device::CudaDevice;
+    use crate::kernels::check_ptr;
     use cudarc::driver::PushKernelArg;
     use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
@@ -315,15 +316,6 @@ pub mod cuda {
     const SAMPLE_BLOCK: u32 = 512;
     /// Largest vocabulary: keeps count·2^40 fixed-point masses inside u64.
     pub const MAX_VOCAB: usize = 1 << 22;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     /// Samples one token per row on raw device pointers: `logits` `[n][v]` bf16 bits (2-byte
     /// aligned), `tokens` `[n]` u32, `logprob_sample`, `logprob_policy` `[n]` f32, `n_kept`

@@ -216,21 +216,13 @@ pub mod cuda {
     //! range-checked on the device (see the module doc).
     use super::*;
     use crate::device::CudaDevice;
+    use crate::kernels::check_ptr;
     use cudarc::driver::PushKernelArg;
     use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
     const FAMILY: &str = "xent";
     /// Threads per block (`XENT_BLOCK` in xent.cu).
     const XENT_BLOCK: u32 = 512;
-
-    fn check_ptr(what: &str, ptr: u64, align: u64) -> Result<()> {
-        if ptr == 0 || !ptr.is_multiple_of(align) {
-            return Err(Error::Invalid(format!(
-                "{what}: device pointer {ptr:#x} is null or not {align}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     fn check_rows(what: &str, n: usize) -> Result<u32> {
         u32::try_from(n)

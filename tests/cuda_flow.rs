@@ -596,7 +596,13 @@ fn integrate_matches_cpu() {
                     clip,
                     jacobian,
                 };
-                integrate_case(&dev, &mut rng, sh, &o, (i + steps as usize).is_multiple_of(2));
+                integrate_case(
+                    &dev,
+                    &mut rng,
+                    sh,
+                    &o,
+                    (i + steps as usize).is_multiple_of(2),
+                );
             }
         }
     }

@@ -811,7 +811,7 @@ pub mod cpu {
         Ok((n, n * k))
     }
 
-    /// v[r] = v(z[r], tau[r] | u_{r/K}).
+    /// `v[r] = v(z[r], tau[r] | u_{r/K})`.
     #[allow(clippy::too_many_arguments)]
     pub fn eval_forward<T: Real>(
         shape: &FlowHeadShape,
@@ -1461,7 +1461,7 @@ pub mod cuda {
 
     // ------------------------------------------------------------------------------- eval
 
-    /// v[r] = v(z[r], tau[r] | u_{r/K}) for R = n_tok·K rows.
+    /// `v[r] = v(z[r], tau[r] | u_{r/K})`.for R = n_tok·K rows.
     ///
     /// # Safety
     /// `params` holds `shape.param_count()` f32 (16-byte aligned), `u` n_tok·H, `z`/`tau`/`v` R.

@@ -90,7 +90,7 @@ pub struct FlowHeadShape {
 /// Where one hidden layer's parameters live in the flat vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowLayerLayout {
-    /// W_l, [H_in][H_out] row-major; `None` for layer 0 (its input weights are w_cond, w_z, w_t).
+    /// W_l, `[H_in][H_out]` row-major; `None` for layer 0 (its input weights are w_cond, w_z, w_t).
     pub w: Option<Range<usize>>,
     /// b_l; `None` for layer 0 (its bias is b_in).
     pub b: Option<Range<usize>>,

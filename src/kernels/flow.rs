@@ -58,10 +58,15 @@
 //! forward per tile, saves a_l / h_l to a workspace, backpropagates inside the block, and forms
 //! the weight gradients with a split-K SGEMM whose slices are summed in a fixed order. Nothing
 //! uses float atomics: every CUDA result is deterministic for a given GPU and problem size.
+//! Limits of one call: n_tok <= 4,194,240 for the cond op (SGEMM grid), K < 2^31.
+//!
+//! The CPU reference evaluates the same tanh-GELU through the exact identity
+//! (1 ± tanh y)/2 = σ(±2y) (one `exp`, stable in both tails), because libm's `tanh` dominated its
+//! time; the GPU uses `tanhf`. Both agree with `kernels::gelu_tanh` to rounding.
 
 use std::ops::Range;
 
-use super::{gelu_tanh, gelu_tanh_grad, inv_normal_cdf, uniform_open, Real};
+use super::{inv_normal_cdf, uniform_open, Real};
 use crate::error::{check_len, Error, Result};
 
 /// LayerNorm epsilon.
@@ -85,7 +90,7 @@ pub struct FlowHeadShape {
 /// Where one hidden layer's parameters live in the flat vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowLayerLayout {
-    /// W_l, [H_in][H_out] row-major; `None` for layer 0 (its input weights are w_cond, w_z, w_t).
+    /// W_l, `[H_in][H_out]` row-major; `None` for layer 0 (its input weights are w_cond, w_z, w_t).
     pub w: Option<Range<usize>>,
     /// b_l; `None` for layer 0 (its bias is b_in).
     pub b: Option<Range<usize>>,
@@ -401,12 +406,47 @@ pub mod cpu {
         }
     }
 
+    /// (p, q) = ((1 + t)/2, (1 − t)/2) for t = tanh(y), y = c·(x + a·x³) of the tanh-approximated
+    /// GELU, through the exact identities (1 ± t)/2 = σ(±2y) with one e = exp(−2|y|) <= 1:
+    /// σ(2|y|) = 1/(1 + e), σ(−2|y|) = e/(1 + e). No overflow, no cancellation in either tail, and
+    /// one `exp` is several times cheaper than libm's `tanh`, which dominated the CPU reference.
+    #[inline]
+    fn gelu_pq<T: Real>(x: T) -> (T, T) {
+        let c = T::from_f64(0.7978845608028654);
+        let a = T::from_f64(0.044715);
+        let y = c * (x + a * x * x * x);
+        let e = (T::from_f64(-2.0) * y.abs()).exp();
+        let big = T::ONE / (T::ONE + e);
+        let small = e * big;
+        if y >= T::ZERO {
+            (big, small)
+        } else {
+            (small, big)
+        }
+    }
+
+    /// GELU(x) = x·(1 + tanh(y))/2, the same function as `kernels::gelu_tanh`.
+    #[inline]
+    pub(crate) fn gelu<T: Real>(x: T) -> T {
+        x * gelu_pq(x).0
+    }
+
+    /// GELU'(x) = (1 + t)/2 + x·(1 − t²)/2·dy/dx, the same function as `kernels::gelu_tanh_grad`.
+    #[inline]
+    pub(crate) fn gelu_grad<T: Real>(x: T) -> T {
+        let c = T::from_f64(0.7978845608028654);
+        let a3 = T::from_f64(3.0 * 0.044715);
+        let (p, q) = gelu_pq(x);
+        // (1 − t²)/2 = 2·p·q
+        p + T::from_f64(2.0) * x * p * q * c * (T::ONE + a3 * x * x)
+    }
+
     /// GELU then LayerNorm of one row: writes xhat and h, returns rstd.
     fn gelu_ln_row<T: Real>(a: &[T], gamma: &[T], beta: &[T], xhat: &mut [T], h: &mut [T]) -> T {
         let n = T::from_f64(a.len() as f64);
         let mut s = T::ZERO;
         for (x, &ai) in xhat.iter_mut().zip(a) {
-            *x = gelu_tanh(ai);
+            *x = gelu(ai);
             s += *x;
         }
         let mean = s / n;
@@ -527,7 +567,7 @@ pub mod cpu {
                 let d = &mut cur[s];
                 let (mut m1, mut m2) = (T::ZERO, T::ZERO);
                 for j in 0..h {
-                    d[j] *= gelu_tanh_grad(a[j]); // dg
+                    d[j] *= gelu_grad(a[j]); // dg
                     m1 += d[j];
                     m2 += xh[j] * d[j];
                 }
@@ -599,7 +639,7 @@ pub mod cpu {
                 m1 *= inv_h;
                 m2 *= inv_h;
                 for j in 0..h {
-                    dar[j] = rstd * (dar[j] - m1 - xh[j] * m2) * gelu_tanh_grad(a[j]);
+                    dar[j] = rstd * (dar[j] - m1 - xh[j] * m2) * gelu_grad(a[j]);
                 }
             }
             if l > 0 {
@@ -771,7 +811,7 @@ pub mod cpu {
         Ok((n, n * k))
     }
 
-    /// v[r] = v(z[r], tau[r] | u_{r/K}).
+    /// `v[r] = v(z[r], tau[r] | u_{r/K})`.
     #[allow(clippy::too_many_arguments)]
     pub fn eval_forward<T: Real>(
         shape: &FlowHeadShape,
@@ -1421,7 +1461,7 @@ pub mod cuda {
 
     // ------------------------------------------------------------------------------- eval
 
-    /// v[r] = v(z[r], tau[r] | u_{r/K}) for R = n_tok·K rows.
+    /// `v[r] = v(z[r], tau[r] | u_{r/K})`.for R = n_tok·K rows.
     ///
     /// # Safety
     /// `params` holds `shape.param_count()` f32 (16-byte aligned), `u` n_tok·H, `z`/`tau`/`v` R.
@@ -1958,5 +1998,47 @@ pub mod cuda {
                 n,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu::{gelu, gelu_grad};
+    use crate::kernels::{gelu_tanh, gelu_tanh_grad};
+
+    #[test]
+    fn fast_gelu_is_the_tanh_gelu() {
+        for i in -4000..=4000 {
+            let x = i as f64 * 0.005; // [-20, 20], including 0 and the saturated tails
+            assert!(
+                (gelu(x) - gelu_tanh(x)).abs() <= 1e-14 * (1.0 + x.abs()),
+                "gelu({x})"
+            );
+            assert!(
+                (gelu_grad(x) - gelu_tanh_grad(x)).abs() <= 1e-14,
+                "gelu'({x})"
+            );
+            // f32: no less accurate than the libm-tanh helpers, measured against f64
+            let xf = x as f32;
+            let xd = xf as f64;
+            let err = |a: f32, truth: f64| (a as f64 - truth).abs();
+            let (g, gd) = (gelu_tanh(xd), gelu_tanh_grad(xd));
+            assert!(
+                err(gelu(xf), g) <= err(gelu_tanh(xf), g).max(1e-7 * (1.0 + xd.abs())),
+                "gelu({xf}) f32"
+            );
+            assert!(
+                err(gelu_grad(xf), gd) <= err(gelu_tanh_grad(xf), gd).max(2e-7),
+                "gelu'({xf}) f32: {} vs {} (f64 {gd})",
+                gelu_grad(xf),
+                gelu_tanh_grad(xf)
+            );
+        }
+        for x in [f64::MAX.sqrt(), -f64::MAX.sqrt(), 1e30, -1e30] {
+            assert!(gelu(x).is_finite() || x > 0.0);
+            assert!(gelu_grad(x).is_finite() || x.abs() > 1e100);
+        }
+        assert_eq!(gelu(0.0f64), 0.0);
+        assert_eq!(gelu_grad(0.0f64), 0.5);
     }
 }

@@ -291,6 +291,13 @@ impl<'a> Exec<'a> {
         self.scratch
     }
 
+    /// The scratch tensor of the running backward step, or an error naming `what` when the op's
+    /// [`super::Op::backward_scratch`] planned none.
+    pub fn require_scratch(&self, what: &str) -> Result<TensorId> {
+        self.scratch
+            .ok_or_else(|| Error::Invalid(format!("{what}: no backward scratch planned")))
+    }
+
     /// Number of elements of `t`.
     pub fn len(&self, t: TensorId) -> usize {
         self.plan.tensors[t.0].len

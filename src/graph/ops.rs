@@ -154,7 +154,7 @@ impl Op for FlowCond {
         })?;
         if let Some(dev) = x.cuda_device() {
             let n_tok = self.tokens(x.len(c));
-            let ws = x.scratch().expect("planned scratch");
+            let ws = x.require_scratch(&self.name())?;
             let dc = d_ins[1].map_or(0, |t| x.ptr(t));
             // SAFETY: graph tensors of checked lengths; scratch sized by backward_scratch.
             return unsafe {
@@ -270,7 +270,7 @@ impl Op for FlowEval {
             d_ins[1].ok_or_else(|| Error::Invalid("flow_eval: u must have a gradient".into()))?;
         if let Some(dev) = x.cuda_device() {
             let n_tok = self.tokens(x.len(u));
-            let ws = x.scratch().expect("planned scratch");
+            let ws = x.require_scratch(&self.name())?;
             let dz = d_ins[2].map_or(0, |t| x.ptr(t));
             // SAFETY: graph tensors of checked lengths; scratch sized by backward_scratch.
             return unsafe {

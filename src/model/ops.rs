@@ -23,11 +23,6 @@ fn need(t: Option<TensorId>, what: &str) -> Result<TensorId> {
     })
 }
 
-fn scratch(x: &Exec<'_>, what: &str) -> Result<TensorId> {
-    x.scratch()
-        .ok_or_else(|| Error::Invalid(format!("{what}: no backward scratch planned")))
-}
-
 fn check_t(x: &Exec<'_>, what: &str, t: TensorId, len: usize, dtype: DType) -> Result<()> {
     check_len(what, x.len(t), len)?;
     if x.dtype(t) != dtype {
@@ -92,7 +87,7 @@ impl Op for Embed {
                 Error::Invalid("embed: the CUDA backward needs the plan input (ins[2])".into())
             })?;
             check_t(x, "embed plan", plan, embed::plan_len(self.n), DType::U32)?;
-            let ws = scratch(x, "embed")?;
+            let ws = x.require_scratch("embed")?;
             let (pl, dout, dtab, w) = (x.ptr(plan), x.ptr(d_outs[0]), x.ptr(dt), x.ptr(ws));
             // SAFETY: plan of plan_len(n) u32, dout n·d bf16, dtable v·d f32, workspace sized
             // by backward_scratch.
@@ -158,7 +153,7 @@ impl Op for RmsNorm {
     ) -> Result<()> {
         if let Some(dev) = x.cuda_device() {
             let (dx, dw) = (need(d_ins[0], "rmsnorm dx")?, need(d_ins[1], "rmsnorm dw")?);
-            let ws = scratch(x, "rmsnorm")?;
+            let ws = x.require_scratch("rmsnorm")?;
             let (xx, w, r, dy) = (
                 x.ptr(ins[0]),
                 x.ptr(ins[1]),
@@ -255,7 +250,7 @@ impl Op for AddRmsNorm {
             let dx = need(d_ins[0], "add_rmsnorm dx")?;
             let dres = need(d_ins[1], "add_rmsnorm dres")?;
             let dw = need(d_ins[2], "add_rmsnorm dw")?;
-            let ws = scratch(x, "add_rmsnorm")?;
+            let ws = x.require_scratch("add_rmsnorm")?;
             let (h, w, r) = (x.ptr(outs[0]), x.ptr(ins[2]), x.ptr(outs[2]));
             let (dh, dy) = (x.ptr(d_outs[0]), x.ptr(d_outs[1]));
             let (dx, dres, dw, ws) = (x.ptr(dx), x.ptr(dres), x.ptr(dw), x.ptr(ws));
@@ -797,7 +792,7 @@ impl Op for Attention {
                 need(d_ins[1], "attention dk")?,
             );
             let dv = need(d_ins[2], "attention dv")?;
-            let ws = scratch(x, "attention")?;
+            let ws = x.require_scratch("attention")?;
             let (q, k, v, sl) = (x.ptr(ins[0]), x.ptr(ins[1]), x.ptr(ins[2]), x.ptr(ins[3]));
             let (o, l, dout) = (x.ptr(outs[0]), x.ptr(outs[1]), x.ptr(d_outs[0]));
             let (dq, dk, dv, ws) = (x.ptr(dq), x.ptr(dk), x.ptr(dv), x.ptr(ws));

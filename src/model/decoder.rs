@@ -316,6 +316,14 @@ impl DecoderGraph {
     /// rows are empty sequences). Right-pads with the pad id, positions `0..len`, next-token
     /// targets.
     pub fn set_batch(&mut self, seqs: &[Vec<u32>]) -> Result<()> {
+        self.set_batch_masked(seqs, &vec![0; seqs.len()])
+    }
+
+    /// As [`DecoderGraph::set_batch`], but sequence `i` only gets targets for the tokens at
+    /// positions `>= skip[i]` (e.g. its prompt length: the loss and log-probs then cover the
+    /// response only).
+    pub fn set_batch_masked(&mut self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<()> {
+        check_len("set_batch_masked skip", skip.len(), seqs.len())?;
         if seqs.len() > self.b {
             return Err(Error::Shape(format!(
                 "set_batch: {} sequences for a batch of {}",
@@ -341,7 +349,7 @@ impl DecoderGraph {
                 )));
             }
             ids[i * s..i * s + q.len()].copy_from_slice(q);
-            for t in 0..q.len().saturating_sub(1) {
+            for t in skip[i].saturating_sub(1)..q.len().saturating_sub(1) {
                 targets[i * s + t] = q[t + 1];
             }
             lens[i] = q.len() as u32;

@@ -1,0 +1,4 @@
+//! The DFPO trainer: configuration, optimizer, rollouts, the training step and its baselines.
+
+pub mod config;
+pub mod optim;

@@ -1,17 +1,17 @@
 //! `dfpo-train`: the DFPO trainer's command line.
 //!
-//! Until the full trainer (rollouts, policy, PPO; issue 4) lands, the default command is the
-//! critic demo (`dfpo::demo`): it trains a DFPO flow critic head on a synthetic noisy-reward
-//! return distribution through the graph runtime and reports how well its readout matches the
-//! true distribution's risk statistics.
+//! With no arguments it runs `train` on the built-in configuration: the arithmetic task, the
+//! shipped SFT warm start, DFPO with reward-flip noise 0.2, evaluation before and after on the
+//! in-domain and out-of-domain splits (CPU when there is no GPU).
 
 use clap::{Parser, Subcommand};
+use dfpo::train::config::{ConfigArgs, TrainConfig};
 
 #[derive(Parser)]
 #[command(
     name = "dfpo-train",
     version,
-    about = "DFPO post-training (distributional value-flow PPO)"
+    about = "DFPO post-training (distributional value-flow PPO) and its baselines (ppo, grpo, quantile)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -20,23 +20,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a flow critic head on a synthetic noisy-reward task and check its readout (default).
-    CriticDemo(dfpo::demo::CriticDemoArgs),
+    /// RL training (the default): rollouts, noisy rewards, critic, advantages, PPO updates.
+    #[command(after_help = train_help())]
+    Train(ConfigArgs),
+    /// Supervised warm start on prompt/answer JSONL (or the built-in arithmetic task).
+    Sft(dfpo::train::sft::SftArgs),
+    /// Clean accuracy of `model.policy` on the eval splits (greedy, or pass@k with eval.greedy=false).
+    #[command(after_help = train_help())]
+    Eval(ConfigArgs),
     /// Per-token log-probs of each {"prompt","response"} JSONL line's response under a model.
     Score(dfpo::model::score::ScoreArgs),
+    /// Prints every configuration key with its default and meaning.
+    Config,
+    /// Trains only a flow critic head on a synthetic noisy-reward task (a quick kernel check).
+    CriticDemo(dfpo::demo::CriticDemoArgs),
+}
+
+fn train_help() -> String {
+    format!(
+        "Configuration: --config FILE.toml and --set section.key=value (applied in order).\nKeys and defaults:\n{}",
+        TrainConfig::options_help()
+    )
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::CriticDemo(a)) => critic_demo(&a),
+        None => train(&ConfigArgs::default()),
+        Some(Command::Train(a)) => train(&a),
+        Some(Command::Sft(a)) => dfpo::train::sft::run(&a),
+        Some(Command::Eval(a)) => eval(&a),
         Some(Command::Score(a)) => dfpo::model::score::run(&a),
-        None => critic_demo(&dfpo::demo::CriticDemoArgs::parse_defaults()),
+        Some(Command::Config) => {
+            println!("{}", TrainConfig::options_help());
+            Ok(())
+        }
+        Some(Command::CriticDemo(a)) => critic_demo(&a),
     };
     if let Err(e) = result {
         eprintln!("dfpo-train: error: {e}");
         std::process::exit(1);
     }
+}
+
+fn train(a: &ConfigArgs) -> dfpo::Result<()> {
+    let cfg = a.resolve()?;
+    dfpo::train::trainer::run(cfg).map(|_| ())
+}
+
+fn eval(a: &ConfigArgs) -> dfpo::Result<()> {
+    let cfg = a.resolve()?;
+    let t = dfpo::train::trainer::Trainer::new(cfg)?;
+    for e in t.evaluate()? {
+        println!(
+            "{}: accuracy {:.4} unparsed {:.4} n {}",
+            e.name, e.accuracy, e.unparsed, e.n
+        );
+    }
+    Ok(())
 }
 
 fn critic_demo(a: &dfpo::demo::CriticDemoArgs) -> dfpo::Result<()> {

@@ -72,9 +72,48 @@ impl Decoder {
         &self.params
     }
 
+    /// Overwrites parameter `name`'s values (same length).
+    pub fn set_param_data(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let t = self
+            .params
+            .get_mut(name)
+            .ok_or_else(|| Error::Invalid(format!("set_param_data: no parameter {name}")))?;
+        check_len(name, data.len(), t.data.len())?;
+        t.data.copy_from_slice(data);
+        Ok(())
+    }
+
     /// Builds, plans and allocates the training graph for batches of `b` sequences of at most
     /// `s` tokens on `device`, with the parameters written in.
     pub fn build(&self, b: usize, s: usize, device: &Device) -> Result<DecoderGraph> {
+        self.build_with(b, s, device, true, |g, t| {
+            let lp = t
+                .logprob
+                .ok_or_else(|| Error::Invalid("no lm head".into()))?;
+            let loss = g.node_typed(
+                MeanNll { n: t.n },
+                &[lp, t.targets],
+                &[("loss", 1, DType::F32)],
+            )?[0];
+            Ok(HeadOut {
+                loss,
+                keep: vec![],
+                params: vec![],
+            })
+        })
+    }
+
+    /// Builds the trunk (and, with `lm_head`, the logits and per-token log-probs/entropies), then
+    /// lets `head` add its own parameters, nodes and the scalar loss the backward starts from.
+    /// The head's parameters become settable and readable by name like the decoder's.
+    pub fn build_with(
+        &self,
+        b: usize,
+        s: usize,
+        device: &Device,
+        lm_head: bool,
+        head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
+    ) -> Result<DecoderGraph> {
         if b == 0 || s == 0 {
             return Err(Error::Invalid(format!(
                 "Decoder::build: batch {b} x {s}: both must be > 0"
@@ -228,38 +267,67 @@ impl Decoder {
             resid = n1[0];
             a = n1[1];
         }
-        let head = if c.tie_word_embeddings {
-            "model.embed_tokens.weight"
+        let (logits, lp) = if lm_head {
+            let head_w = if c.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            };
+            let logits = g.node_typed(
+                Linear { n, din: h, dout: v },
+                &[a, p(head_w.into())?],
+                &[("logits", n * v, act)],
+            )?[0];
+            let lp = g.node_typed(
+                TokenLogprob { n, v },
+                &[logits, targets],
+                &[
+                    ("logprob", n, DType::F32),
+                    ("xent_lse", n, DType::F32),
+                    ("entropy", n, DType::F32),
+                ],
+            )?;
+            g.keep(logits);
+            g.keep(lp[0]);
+            g.keep(lp[2]);
+            (Some(logits), Some((lp[0], lp[2])))
         } else {
-            "lm_head.weight"
+            (None, None)
         };
-        let logits = g.node_typed(
-            Linear { n, din: h, dout: v },
-            &[a, p(head.into())?],
-            &[("logits", n * v, act)],
-        )?[0];
-        let lp = g.node_typed(
-            TokenLogprob { n, v },
-            &[logits, targets],
-            &[
-                ("logprob", n, DType::F32),
-                ("xent_lse", n, DType::F32),
-                ("entropy", n, DType::F32),
-            ],
-        )?;
-        let loss = g.node_typed(MeanNll { n }, &[lp[0], targets], &[("loss", 1, DType::F32)])?[0];
-        g.keep(logits);
-        g.keep(lp[0]);
+        let trunk = Trunk {
+            n,
+            hidden_size: h,
+            hidden: a,
+            act,
+            targets,
+            logprob: lp.map(|x| x.0),
+            entropy: lp.map(|x| x.1),
+        };
+        let out = head(&mut g, &trunk)?;
+        // Only the decoder's own parameters are written here; the head's are the caller's.
+        let decoder_params: Vec<(String, TensorId)> =
+            params.iter().map(|(k, &v)| (k.clone(), v)).collect();
+        for (name, t) in &out.params {
+            if params.insert(name.clone(), *t).is_some() {
+                return Err(Error::Invalid(format!(
+                    "Decoder::build_with: head parameter {name} clashes with a decoder parameter"
+                )));
+            }
+        }
+        let loss = out.loss;
         g.keep(loss);
+        for &t in &out.keep {
+            g.keep(t);
+        }
         let plan = g.plan(loss, device)?;
         let mut session = Session::new(plan, device.clone())?;
-        for (name, &t) in &params {
+        for (name, t) in &decoder_params {
             let data = &self.params[name].data;
             if cuda {
                 let bits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                session.write(t, &bits)?;
+                session.write(*t, &bits)?;
             } else {
-                session.write(t, data)?;
+                session.write(*t, data)?;
             }
         }
         Ok(DecoderGraph {
@@ -274,7 +342,8 @@ impl Decoder {
             targets,
             embed_plan,
             logits,
-            logprob: lp[0],
+            logprob: lp.map(|x| x.0),
+            entropy: lp.map(|x| x.1),
             loss,
             params,
             lens: vec![0; b],
@@ -294,8 +363,9 @@ pub struct DecoderGraph {
     seq_lens: TensorId,
     targets: TensorId,
     embed_plan: Option<TensorId>,
-    logits: TensorId,
-    logprob: TensorId,
+    logits: Option<TensorId>,
+    logprob: Option<TensorId>,
+    entropy: Option<TensorId>,
     loss: TensorId,
     params: BTreeMap<String, TensorId>,
     lens: Vec<usize>,
@@ -396,12 +466,27 @@ impl DecoderGraph {
 
     /// Logits `[B][S][V]` of the last run (padding rows hold unspecified values).
     pub fn logits(&self) -> Result<Vec<f32>> {
-        self.read_any(self.logits)
+        self.read_any(no_lm_head(self.logits)?)
     }
 
     /// `[B][S]`: at `[b][t]`, `log p(ids[b][t+1] | ids[b][..=t])`; 0 where there is no target.
     pub fn token_logprobs(&self) -> Result<Vec<f32>> {
-        self.session.read_f32(self.logprob)
+        self.session.read_f32(no_lm_head(self.logprob)?)
+    }
+
+    /// `[B][S]`: the entropy of the next-token distribution at every position with a target.
+    pub fn token_entropies(&self) -> Result<Vec<f32>> {
+        self.session.read_f32(no_lm_head(self.entropy)?)
+    }
+
+    /// Any tensor of the graph as f32 (bf16 widened).
+    pub fn read(&self, t: TensorId) -> Result<Vec<f32>> {
+        self.read_any(t)
+    }
+
+    /// The session, to bind a head's inputs.
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
     }
 
     /// Lengths of the sequences of the current batch.
@@ -435,11 +520,38 @@ impl DecoderGraph {
             .get(name)
             .ok_or_else(|| Error::Invalid(format!("set_param: no parameter named {name}")))?;
         check_len(name, data.len(), self.session.plan().tensor(t).len)?;
-        if self.session.device().is_cuda() {
+        if self.session.plan().tensor(t).dtype == DType::BF16 {
             let bits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
             self.session.write(t, &bits)
         } else {
             self.session.write(t, data)
         }
     }
+}
+
+fn no_lm_head(t: Option<TensorId>) -> Result<TensorId> {
+    t.ok_or_else(|| Error::Invalid("this decoder graph was built without the LM head".into()))
+}
+
+/// What [`Decoder::build_with`] hands the head: the trunk's tensors.
+pub struct Trunk {
+    /// Tokens in the graph, B·S.
+    pub n: usize,
+    pub hidden_size: usize,
+    /// The final-norm hidden states `[n][hidden_size]`, in `act`.
+    pub hidden: TensorId,
+    /// The activation dtype (f32 on the CPU, bf16 on CUDA).
+    pub act: DType,
+    /// Next-token targets (U32, [`IGNORE_INDEX`] where none).
+    pub targets: TensorId,
+    /// With the LM head: per-token log-probs and entropies (f32, n).
+    pub logprob: Option<TensorId>,
+    pub entropy: Option<TensorId>,
+}
+
+/// What a head adds: the scalar loss, tensors to keep readable, and its named parameters.
+pub struct HeadOut {
+    pub loss: TensorId,
+    pub keep: Vec<TensorId>,
+    pub params: Vec<(String, TensorId)>,
 }

@@ -83,8 +83,14 @@ impl AdamW {
             )));
         }
         let (names, params): (Vec<_>, Vec<_>) = named.into_iter().unzip();
-        let m = params.iter().map(|p: &Vec<f32>| vec![0.0; p.len()]).collect();
-        let v = params.iter().map(|p: &Vec<f32>| vec![0.0; p.len()]).collect();
+        let m = params
+            .iter()
+            .map(|p: &Vec<f32>| vec![0.0; p.len()])
+            .collect();
+        let v = params
+            .iter()
+            .map(|p: &Vec<f32>| vec![0.0; p.len()])
+            .collect();
         Ok(AdamW {
             names,
             params,
@@ -115,7 +121,11 @@ impl AdamW {
     pub fn step(&mut self, grads: &[Vec<f32>]) -> Result<StepOutcome> {
         check_len("optimizer grads", grads.len(), self.params.len())?;
         for (i, g) in grads.iter().enumerate() {
-            check_len(&format!("gradient of {}", self.names[i]), g.len(), self.params[i].len())?;
+            check_len(
+                &format!("gradient of {}", self.names[i]),
+                g.len(),
+                self.params[i].len(),
+            )?;
         }
         let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
         let norm = adamw::cpu::grad_norm(&refs);

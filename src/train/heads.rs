@@ -1,0 +1,551 @@
+//! The training heads' loss ops: the clipped-PPO actor loss, the PPO value loss, the quantile
+//! critic loss and the DFPO flow-critic loss, plus a dtype cast.
+//!
+//! Their inputs are per-token (or per token × sample) vectors, tiny next to the backbone, so
+//! each is written once, on the host, as a [`HostKernel`] (plain slices in, values and
+//! gradients out), and [`HostOp`] runs it in the graph on either device: on the CPU it works on
+//! copies of the arena slices; on CUDA it downloads its inputs and uploads its outputs and
+//! gradients (the backbone and the flow head evaluations around it stay on the device). The
+//! heavy per-sample work (flow-head evaluations) is in `FlowEval`/`FlowCond` graph ops.
+//!
+//! Token weights `tok_w` carry masking and aggregation: 0 off the response, and Σ tok_w = 1
+//! over a minibatch for the token mean (or 1/(len·#seqs) per token for the sequence mean), so
+//! every loss is Σ_t tok_w_t · loss_t.
+
+use crate::error::{check_len, Error, Result};
+use crate::graph::{DType, Exec, Op, TensorId};
+use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
+
+/// A small op computed on the host from f32 vectors.
+pub trait HostKernel {
+    fn name(&self) -> String;
+    /// Output lengths given the input lengths are implied by the op; returns the outputs.
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>>;
+    /// Gradients of the inputs flagged in `need` (None elsewhere), not accumulated.
+    fn backward(
+        &self,
+        ins: &[Vec<f32>],
+        outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>>;
+}
+
+/// Runs a [`HostKernel`] as a graph op.
+pub struct HostOp<K>(pub K);
+
+fn read_all(x: &Exec<'_>, ts: &[TensorId]) -> Result<Vec<Vec<f32>>> {
+    ts.iter().map(|&t| x.to_host(t)).collect()
+}
+
+impl<K: HostKernel> Op for HostOp<K> {
+    fn name(&self) -> String {
+        self.0.name()
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let iv = read_all(x, ins)?;
+        let ov = self.0.forward(&iv)?;
+        check_len(&format!("{} outputs", self.name()), ov.len(), outs.len())?;
+        for (&t, v) in outs.iter().zip(&ov) {
+            x.from_host(t, v)?;
+        }
+        Ok(())
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let need: Vec<bool> = d_ins.iter().map(Option::is_some).collect();
+        if !need.iter().any(|&b| b) {
+            return Ok(());
+        }
+        let iv = read_all(x, ins)?;
+        let ov = read_all(x, outs)?;
+        let dv = read_all(x, d_outs)?;
+        let grads = self.0.backward(&iv, &ov, &dv, &need)?;
+        for (i, (d, g)) in d_ins.iter().zip(grads).enumerate() {
+            let (Some(d), Some(g)) = (d, g) else { continue };
+            let mut acc = x.to_host(*d)?;
+            check_len(&format!("{} gradient {i}", self.name()), g.len(), acc.len())?;
+            for (a, v) in acc.iter_mut().zip(&g) {
+                *a += v;
+            }
+            x.from_host(*d, &acc)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_lens(what: &str, ins: &[Vec<f32>], lens: &[usize]) -> Result<()> {
+    check_len(&format!("{what} inputs"), ins.len(), lens.len())?;
+    for (i, (v, &n)) in ins.iter().zip(lens).enumerate() {
+        check_len(&format!("{what} input {i}"), v.len(), n)?;
+    }
+    Ok(())
+}
+
+/// Widens or narrows between activation dtypes: out = in (the output's dtype decides the
+/// storage); the gradient passes through.
+pub struct Cast {
+    pub n: usize,
+}
+
+impl HostKernel for Cast {
+    fn name(&self) -> String {
+        "cast".into()
+    }
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        check_lens("cast", ins, &[self.n])?;
+        Ok(vec![ins[0].clone()])
+    }
+    fn backward(
+        &self,
+        _ins: &[Vec<f32>],
+        _outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        Ok(vec![need[0].then(|| d_outs[0].clone())])
+    }
+}
+
+/// Per-token clipped-PPO surrogate and its gradient d/dlogp (method doc 2.11):
+/// ρ = exp(logp − logp_old), s1 = −Aρ, s2 = −A·clip(ρ, 1−lo, 1+hi); loss = max(s1, s2);
+/// gradient −Aρ where the unclipped branch is the max, else 0. Returns (loss, grad, clipped).
+pub fn ppo_token(logp: f32, logp_old: f32, adv: f32, lo: f32, hi: f32) -> (f32, f32, bool) {
+    let ratio = (logp - logp_old).exp();
+    let s1 = -adv * ratio;
+    let s2 = -adv * ratio.clamp(1.0 - lo, 1.0 + hi);
+    if s2 > s1 {
+        (s2, 0.0, true)
+    } else {
+        (s1, s1, false)
+    }
+}
+
+/// Clipped-PPO actor loss with an entropy bonus: ins `[logprob, entropy, logprob_old, adv,
+/// tok_w]` (each n), outs `[loss (1), stats (4) = pg_loss, clipfrac, ppo_kl, entropy]`
+/// (tok_w-weighted). loss = Σ tok_w (pg − ent_coef·H).
+pub struct ActorLoss {
+    pub n: usize,
+    pub clip_low: f32,
+    pub clip_high: f32,
+    pub ent_coef: f32,
+}
+
+impl HostKernel for ActorLoss {
+    fn name(&self) -> String {
+        "actor_loss".into()
+    }
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let n = self.n;
+        check_lens("actor_loss", ins, &[n; 5])?;
+        let (lp, ent, old, adv, w) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4]);
+        let (mut pg, mut cf, mut kl, mut h) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for i in 0..n {
+            if w[i] == 0.0 {
+                continue;
+            }
+            let (l, _, c) = ppo_token(lp[i], old[i], adv[i], self.clip_low, self.clip_high);
+            let wi = w[i] as f64;
+            pg += wi * l as f64;
+            cf += if c { wi } else { 0.0 };
+            kl += wi * (old[i] - lp[i]) as f64;
+            h += wi * ent[i] as f64;
+        }
+        let loss = pg - self.ent_coef as f64 * h;
+        Ok(vec![
+            vec![loss as f32],
+            vec![pg as f32, cf as f32, kl as f32, h as f32],
+        ])
+    }
+    fn backward(
+        &self,
+        ins: &[Vec<f32>],
+        _outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        if need[2] || need[3] || need[4] {
+            return Err(Error::Invalid(
+                "actor_loss: old log-probs, advantages and weights get no gradient".into(),
+            ));
+        }
+        let dl = d_outs[0][0];
+        let (lp, old, adv, w) = (&ins[0], &ins[2], &ins[3], &ins[4]);
+        let dlp = need[0].then(|| {
+            (0..self.n)
+                .map(|i| {
+                    if w[i] == 0.0 {
+                        return 0.0;
+                    }
+                    let (_, g, _) = ppo_token(lp[i], old[i], adv[i], self.clip_low, self.clip_high);
+                    dl * w[i] * g
+                })
+                .collect()
+        });
+        let dent = need[1].then(|| w.iter().map(|&wi| -dl * self.ent_coef * wi).collect());
+        Ok(vec![dlp, dent, None, None, None])
+    }
+}
+
+/// PPO value loss with value clipping: ins `[v, ret, v_old, tok_w]` (each n), outs
+/// `[loss (1), stats (2) = loss, clipfrac]`; loss = Σ tok_w · ½·max((v−R)², (v_clip−R)²) with
+/// v_clip = v_old + clamp(v − v_old, ±clip) (clip = 0: unclipped).
+pub struct ValueLoss {
+    pub n: usize,
+    pub clip: f32,
+}
+
+impl ValueLoss {
+    /// (loss, dloss/dv, clipped) of one token.
+    fn token(&self, v: f32, r: f32, old: f32) -> (f32, f32, bool) {
+        let l1 = 0.5 * (v - r) * (v - r);
+        if self.clip <= 0.0 {
+            return (l1, v - r, false);
+        }
+        let d = (v - old).clamp(-self.clip, self.clip);
+        let vc = old + d;
+        let l2 = 0.5 * (vc - r) * (vc - r);
+        if l2 > l1 {
+            // The clipped value moves with v only inside the clip range.
+            let inside = (v - old).abs() < self.clip;
+            (l2, if inside { vc - r } else { 0.0 }, true)
+        } else {
+            (l1, v - r, false)
+        }
+    }
+}
+
+impl HostKernel for ValueLoss {
+    fn name(&self) -> String {
+        "value_loss".into()
+    }
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        check_lens("value_loss", ins, &[self.n; 4])?;
+        let (mut l, mut cf) = (0.0f64, 0.0f64);
+        for i in 0..self.n {
+            let w = ins[3][i] as f64;
+            if w == 0.0 {
+                continue;
+            }
+            let (li, _, c) = self.token(ins[0][i], ins[1][i], ins[2][i]);
+            l += w * li as f64;
+            cf += if c { w } else { 0.0 };
+        }
+        Ok(vec![vec![l as f32], vec![l as f32, cf as f32]])
+    }
+    fn backward(
+        &self,
+        ins: &[Vec<f32>],
+        _outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        if need[1..].iter().any(|&b| b) {
+            return Err(Error::Invalid("value_loss: only v gets a gradient".into()));
+        }
+        let dl = d_outs[0][0];
+        let dv = (0..self.n)
+            .map(|i| {
+                let w = ins[3][i];
+                if w == 0.0 {
+                    0.0
+                } else {
+                    dl * w * self.token(ins[0][i], ins[1][i], ins[2][i]).1
+                }
+            })
+            .collect();
+        Ok(vec![Some(dv), None, None, None])
+    }
+}
+
+/// The risk terms shared by the quantile and flow critics, as configured.
+#[derive(Clone, Copy, Debug)]
+pub struct RiskTerms {
+    pub levels: TailLevels,
+    pub weights: RiskLossWeights,
+}
+
+impl RiskTerms {
+    fn active(&self) -> bool {
+        let w = &self.weights;
+        w.cvar != 0.0 || w.gain != 0.0 || w.shape != 0.0 || w.mean_shift != 0.0
+    }
+
+    /// Adds the weighted risk loss between `pred` and `target` (`[n][k]`, rows scaled by `tok_w`)
+    /// into `grad` (when given) and returns (total, [cvar, gain, shape] tok_w-weighted means).
+    fn apply(
+        &self,
+        pred: &[f32],
+        target: &[f32],
+        k: usize,
+        tok_w: &[f32],
+        grad: Option<&mut [f32]>,
+    ) -> Result<(f64, [f64; 3])> {
+        if !self.active() {
+            return Ok((0.0, [0.0; 3]));
+        }
+        let n = tok_w.len();
+        let mut terms = vec![0.0f32; n * risk::NTERMS];
+        let mut g = vec![0.0f32; n * k];
+        let total = risk::cpu::loss(
+            pred,
+            target,
+            k,
+            self.levels,
+            &self.weights,
+            tok_w,
+            &mut terms,
+            &mut g,
+        )?;
+        if let Some(out) = grad {
+            for (o, v) in out.iter_mut().zip(&g) {
+                *o += v;
+            }
+        }
+        let mut means = [0.0f64; 3];
+        for (i, &w) in tok_w.iter().enumerate() {
+            for (j, m) in means.iter_mut().enumerate() {
+                *m += w as f64 * terms[i * risk::NTERMS + j] as f64;
+            }
+        }
+        Ok((total as f64, means))
+    }
+}
+
+/// Quantile critic (DVPO-style): ins `[q (n·K), target (n·K), tok_w (n)]`, outs `[loss (1),
+/// stats (4) = quantile_huber, cvar, gain, shape]`. The quantile-Huber term compares each
+/// predicted quantile q_i (level τ_i = (i+½)/K) with every target sample G_j:
+/// ρ_τ(u) = |τ − 1{u<0}|·H_κ(u)/κ, u = G_j − q_i, averaged over i and j; plus the risk terms
+/// between the (sorted) quantiles and the targets.
+pub struct QuantileLoss {
+    pub n: usize,
+    pub k: usize,
+    pub kappa: f32,
+    pub risk: RiskTerms,
+}
+
+/// Huber H_κ(u) and its derivative.
+fn huber(u: f32, kappa: f32) -> (f32, f32) {
+    if u.abs() <= kappa {
+        (0.5 * u * u, u)
+    } else {
+        (kappa * (u.abs() - 0.5 * kappa), kappa * u.signum())
+    }
+}
+
+impl QuantileLoss {
+    /// Quantile-Huber loss of one row and (when asked) its gradient d/dq (unscaled).
+    fn row(&self, q: &[f32], g: &[f32], grad: Option<&mut [f32]>) -> f64 {
+        let k = self.k;
+        let inv = 1.0 / (k * k) as f32;
+        let mut total = 0.0f64;
+        let mut gr = vec![0.0f32; k];
+        for (i, &qi) in q.iter().enumerate() {
+            let tau = (i as f32 + 0.5) / k as f32;
+            for &gj in g {
+                let u = gj - qi;
+                let wt = (tau - if u < 0.0 { 1.0 } else { 0.0 }).abs();
+                let (h, dh) = huber(u, self.kappa);
+                total += (wt * h / self.kappa * inv) as f64;
+                gr[i] -= wt * dh / self.kappa * inv;
+            }
+        }
+        if let Some(out) = grad {
+            out.copy_from_slice(&gr);
+        }
+        total
+    }
+}
+
+impl HostKernel for QuantileLoss {
+    fn name(&self) -> String {
+        "quantile_loss".into()
+    }
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let (n, k) = (self.n, self.k);
+        check_lens("quantile_loss", ins, &[n * k, n * k, n])?;
+        let (q, g, w) = (&ins[0], &ins[1], &ins[2]);
+        let mut qh = 0.0f64;
+        for t in 0..n {
+            if w[t] != 0.0 {
+                qh += w[t] as f64 * self.row(&q[t * k..(t + 1) * k], &g[t * k..(t + 1) * k], None);
+            }
+        }
+        let (rt, m) = self.risk.apply(q, g, k, w, None)?;
+        Ok(vec![
+            vec![(qh + rt) as f32],
+            vec![qh as f32, m[0] as f32, m[1] as f32, m[2] as f32],
+        ])
+    }
+    fn backward(
+        &self,
+        ins: &[Vec<f32>],
+        _outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        if need[1] || need[2] {
+            return Err(Error::Invalid(
+                "quantile_loss: targets and weights get no gradient".into(),
+            ));
+        }
+        let (n, k) = (self.n, self.k);
+        let (q, g, w) = (&ins[0], &ins[1], &ins[2]);
+        let mut dq = vec![0.0f32; n * k];
+        for t in 0..n {
+            if w[t] != 0.0 {
+                let r = t * k..(t + 1) * k;
+                self.row(&q[r.clone()], &g[r.clone()], Some(&mut dq[r.clone()]));
+                for v in &mut dq[r] {
+                    *v *= w[t];
+                }
+            }
+        }
+        self.risk.apply(q, g, k, w, Some(&mut dq))?;
+        let dl = d_outs[0][0];
+        for v in &mut dq {
+            *v *= dl;
+        }
+        Ok(vec![Some(dq), None, None])
+    }
+}
+
+/// Weights of the flow critic's flow-matching and consistency terms.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowTermWeights {
+    pub dcfm: f32,
+    pub bcfm: f32,
+    pub gc: f32,
+}
+
+/// The DFPO critic loss (method doc 2.5–2.10) from three flow-head evaluations.
+///
+/// ins (rows = n tokens × K samples):
+/// 0 `v_read` = v(ε_k, 0 | h_t): the one-step readout ẑ = ε + v_read;
+/// 1 `v_b` = v(τG + (1−τ)ε, τ | h_t): the bootstrapped anchor's evaluation;
+/// 2 `v_d` = v(r_t + γ m_t z'_τ, τ | h_t): the distributional CFM evaluation;
+/// 3 `eps`, 4 `target` G (the distributional λ-returns), 5 `gc_target` (N-step solve of the
+/// rollout-time critic from ε, stop-gradient), 6 `vel_b` = G − ε, 7 `vel_d` = v_old(z'_τ, τ |
+/// h_{t+1}) (rows × K each); 8 `w_unc` (n, the confidence weight), 9 `dmask` (n, 0 where the DCFM
+/// target does not exist: the last response token), 10 `tok_w` (n).
+///
+/// outs `[loss (1), stats (6) = dcfm, bcfm, gc, cvar, gain, shape]` (tok_w-weighted means):
+/// loss = Σ_t tok_w·[ w_unc·(λ_D·mean_k dmask·(v_d − vel_d)² + λ_B·mean_k (v_b − vel_b)²)
+///                   + λ_GC·mean_k (ẑ − gc_target)² ] + risk(ẑ, G).
+pub struct FlowCriticLoss {
+    pub n: usize,
+    pub k: usize,
+    pub w: FlowTermWeights,
+    pub risk: RiskTerms,
+}
+
+impl FlowCriticLoss {
+    fn readout(&self, ins: &[Vec<f32>]) -> Vec<f32> {
+        ins[0].iter().zip(&ins[3]).map(|(v, e)| v + e).collect()
+    }
+}
+
+impl HostKernel for FlowCriticLoss {
+    fn name(&self) -> String {
+        "flow_critic_loss".into()
+    }
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let (n, k) = (self.n, self.k);
+        let nk = n * k;
+        check_lens(
+            "flow_critic_loss",
+            ins,
+            &[nk, nk, nk, nk, nk, nk, nk, nk, n, n, n],
+        )?;
+        let z1 = self.readout(ins);
+        let (vb, vd, g, gct, velb, veld) = (&ins[1], &ins[2], &ins[4], &ins[5], &ins[6], &ins[7]);
+        let (wu, dm, tw) = (&ins[8], &ins[9], &ins[10]);
+        let inv_k = 1.0 / k as f64;
+        let (mut d, mut b, mut c) = (0.0f64, 0.0f64, 0.0f64);
+        for t in 0..n {
+            if tw[t] == 0.0 {
+                continue;
+            }
+            let (mut sd, mut sb, mut sc) = (0.0f64, 0.0f64, 0.0f64);
+            for r in t * k..(t + 1) * k {
+                sd += ((vd[r] - veld[r]) as f64).powi(2);
+                sb += ((vb[r] - velb[r]) as f64).powi(2);
+                sc += ((z1[r] - gct[r]) as f64).powi(2);
+            }
+            let w = tw[t] as f64;
+            d += w * wu[t] as f64 * dm[t] as f64 * sd * inv_k;
+            b += w * wu[t] as f64 * sb * inv_k;
+            c += w * sc * inv_k;
+        }
+        let (rt, m) = self.risk.apply(&z1, g, k, tw, None)?;
+        let loss = self.w.dcfm as f64 * d + self.w.bcfm as f64 * b + self.w.gc as f64 * c + rt;
+        Ok(vec![
+            vec![loss as f32],
+            vec![
+                d as f32,
+                b as f32,
+                c as f32,
+                m[0] as f32,
+                m[1] as f32,
+                m[2] as f32,
+            ],
+        ])
+    }
+    fn backward(
+        &self,
+        ins: &[Vec<f32>],
+        _outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        if need[3..].iter().any(|&b| b) {
+            return Err(Error::Invalid(
+                "flow_critic_loss: only the three head evaluations get gradients".into(),
+            ));
+        }
+        let (n, k) = (self.n, self.k);
+        let z1 = self.readout(ins);
+        let (vb, vd, g, gct, velb, veld) = (&ins[1], &ins[2], &ins[4], &ins[5], &ins[6], &ins[7]);
+        let (wu, dm, tw) = (&ins[8], &ins[9], &ins[10]);
+        let dl = d_outs[0][0];
+        let inv_k = 1.0 / k as f32;
+        let (mut dr, mut db, mut dd) = (
+            vec![0.0f32; n * k],
+            vec![0.0f32; n * k],
+            vec![0.0f32; n * k],
+        );
+        for t in 0..n {
+            if tw[t] == 0.0 {
+                continue;
+            }
+            let s = tw[t] * inv_k * 2.0;
+            for r in t * k..(t + 1) * k {
+                dd[r] = self.w.dcfm * s * wu[t] * dm[t] * (vd[r] - veld[r]);
+                db[r] = self.w.bcfm * s * wu[t] * (vb[r] - velb[r]);
+                dr[r] = self.w.gc * s * (z1[r] - gct[r]);
+            }
+        }
+        // ẑ = ε + v_read, so d/dv_read = d/dẑ.
+        self.risk.apply(&z1, g, k, tw, Some(&mut dr))?;
+        for v in dr.iter_mut().chain(db.iter_mut()).chain(dd.iter_mut()) {
+            *v *= dl;
+        }
+        let mut out = vec![Some(dr), Some(db), Some(dd)];
+        out.extend((3..11).map(|_| None));
+        for (i, o) in out.iter_mut().enumerate().take(3) {
+            if !need[i] {
+                *o = None;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Output dtype helper for nodes built from host kernels: always f32.
+pub const HOST_DTYPE: DType = DType::F32;

@@ -1,0 +1,567 @@
+//! The policy and the critic as planned graphs with their optimizers.
+//!
+//! Both are a [`Decoder`] trunk built for one minibatch shape `(B, S)`; the policy adds the LM
+//! head and the clipped-PPO actor loss, the critic one of three heads: a scalar value head
+//! (PPO), a K-quantile head (quantile critic) or the DFPO flow head (`FlowCond` + three
+//! `FlowEval`s + [`FlowCriticLoss`]). Each owns an [`AdamW`] over its fp32 master weights and
+//! writes them back into its graph (and, for the policy, into the host [`Decoder`] that
+//! generates rollouts) after every update.
+//!
+//! Per-token vectors are `[B][S]` row-major, index t = the position of the token that PRECEDES
+//! the scored token (the log-prob at t scores token t + 1; the value at t is V(s_{t+1}) in the
+//! verl convention), matching [`DecoderGraph::token_logprobs`].
+
+use std::collections::BTreeMap;
+
+use super::heads::{
+    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, HostOp, QuantileLoss, RiskTerms, ValueLoss,
+};
+use super::optim::{AdamW, Schedule, StepOutcome};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::graph::{DType, TensorId};
+use crate::kernels::adamw::AdamWParams;
+use crate::kernels::flow::{self, FlowHeadShape};
+use crate::model::checkpoint::TensorMap;
+use crate::model::decoder::{Decoder, DecoderGraph, HeadOut};
+
+/// Optimizer settings of one model.
+#[derive(Clone, Debug)]
+pub struct OptSettings {
+    pub hp: AdamWParams,
+    pub max_grad_norm: f32,
+    pub schedule: Schedule,
+}
+
+fn optimizer(dec: &Decoder, extra: &[(String, Vec<f32>)], s: &OptSettings) -> Result<AdamW> {
+    let mut named: Vec<(String, Vec<f32>)> = dec
+        .params()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.data.clone()))
+        .collect();
+    named.extend(extra.iter().cloned());
+    AdamW::new(named, s.hp, s.max_grad_norm, s.schedule.clone())
+}
+
+/// Reads every parameter's gradient in optimizer order.
+fn grads(graph: &DecoderGraph, opt: &AdamW) -> Result<Vec<Vec<f32>>> {
+    opt.names().iter().map(|n| graph.grad(n)).collect()
+}
+
+/// Writes the optimizer's master weights into the graph.
+fn write_params(graph: &mut DecoderGraph, opt: &AdamW) -> Result<()> {
+    for (n, p) in opt.names().iter().zip(opt.params()) {
+        graph.set_param(n, p)?;
+    }
+    Ok(())
+}
+
+/// Splits rows into chunks of the graph's batch size.
+fn chunks(rows: usize, b: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..rows.div_ceil(b)).map(move |i| i * b..((i + 1) * b).min(rows))
+}
+
+/// Statistics of one actor update.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ActorStats {
+    pub loss: f64,
+    pub pg_loss: f64,
+    pub clipfrac: f64,
+    pub ppo_kl: f64,
+    pub entropy: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub applied: bool,
+}
+
+/// The policy: trunk + LM head + clipped-PPO loss.
+pub struct Policy {
+    pub graph: DecoderGraph,
+    pub opt: AdamW,
+    /// Host copy for generation, kept equal to the master weights.
+    pub dec: Decoder,
+    old_lp: TensorId,
+    adv: TensorId,
+    tok_w: TensorId,
+    stats: TensorId,
+}
+
+impl Policy {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dec: Decoder,
+        b: usize,
+        s: usize,
+        device: &Device,
+        clip_low: f32,
+        clip_high: f32,
+        ent_coef: f32,
+        opt: &OptSettings,
+    ) -> Result<Self> {
+        let mut ids = None;
+        let graph = dec.build_with(b, s, device, true, |g, t| {
+            let n = t.n;
+            let lp = t
+                .logprob
+                .ok_or_else(|| Error::Invalid("policy: no LM head".into()))?;
+            let ent = t
+                .entropy
+                .ok_or_else(|| Error::Invalid("policy: no LM head".into()))?;
+            let old_lp = g.input("old_logprob", n);
+            let adv = g.input("advantage", n);
+            let tok_w = g.input("token_weight", n);
+            let outs = g.node_typed(
+                HostOp(ActorLoss {
+                    n,
+                    clip_low,
+                    clip_high,
+                    ent_coef,
+                }),
+                &[lp, ent, old_lp, adv, tok_w],
+                &[
+                    ("actor_loss", 1, DType::F32),
+                    ("actor_stats", 4, DType::F32),
+                ],
+            )?;
+            ids = Some((old_lp, adv, tok_w, outs[1]));
+            Ok(HeadOut {
+                loss: outs[0],
+                keep: vec![outs[1]],
+                params: vec![],
+            })
+        })?;
+        let (old_lp, adv, tok_w, stats) = ids.expect("head built");
+        let opt = optimizer(&dec, &[], opt)?;
+        Ok(Policy {
+            graph,
+            opt,
+            dec,
+            old_lp,
+            adv,
+            tok_w,
+            stats,
+        })
+    }
+
+    /// Per-token log-probs and entropies (`[rows][S]`) of the response tokens (positions >=
+    /// `skip[r]`) under the current weights (forward only).
+    pub fn logprobs(&mut self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (b, s) = self.graph.shape();
+        let (mut lp, mut ent) = (Vec::with_capacity(seqs.len() * s), Vec::new());
+        for r in chunks(seqs.len(), b) {
+            let m = r.len();
+            self.graph.set_batch_masked(&seqs[r.clone()], &skip[r])?;
+            self.graph.forward()?;
+            lp.extend_from_slice(&self.graph.token_logprobs()?[..m * s]);
+            ent.extend_from_slice(&self.graph.token_entropies()?[..m * s]);
+        }
+        Ok((lp, ent))
+    }
+
+    /// One update on a minibatch (at most B rows; `old_lp`, `adv`, `tok_w` are `[rows][S]`).
+    pub fn update(
+        &mut self,
+        seqs: &[Vec<u32>],
+        skip: &[usize],
+        old_lp: &[f32],
+        adv: &[f32],
+        tok_w: &[f32],
+    ) -> Result<(ActorStats, Vec<Vec<f32>>)> {
+        let (b, s) = self.graph.shape();
+        let pad = |v: &[f32]| {
+            let mut o = v.to_vec();
+            o.resize(b * s, 0.0);
+            o
+        };
+        self.graph.set_batch_masked(seqs, skip)?;
+        let sess = self.graph.session_mut();
+        sess.write(self.old_lp, &pad(old_lp))?;
+        sess.write(self.adv, &pad(adv))?;
+        sess.write(self.tok_w, &pad(tok_w))?;
+        let loss = self.graph.run()?;
+        let st = self.graph.read(self.stats)?;
+        let g = grads(&self.graph, &self.opt)?;
+        Ok((
+            ActorStats {
+                loss: loss as f64,
+                pg_loss: st[0] as f64,
+                clipfrac: st[1] as f64,
+                ppo_kl: st[2] as f64,
+                entropy: st[3] as f64,
+                ..Default::default()
+            },
+            g,
+        ))
+    }
+
+    /// Applies an optimizer step with `grads` and syncs the weights everywhere.
+    pub fn step(&mut self, grads: &[Vec<f32>]) -> Result<StepOutcome> {
+        let out = self.opt.step(grads)?;
+        if out.applied {
+            self.sync()?;
+        }
+        Ok(out)
+    }
+
+    /// Writes the master weights into the graph and the generation copy.
+    pub fn sync(&mut self) -> Result<()> {
+        write_params(&mut self.graph, &self.opt)?;
+        for (n, p) in self.opt.names().iter().zip(self.opt.params()) {
+            self.dec.set_param_data(n, p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which critic head.
+#[derive(Clone, Debug)]
+pub enum CriticHead {
+    /// Scalar value, PPO value loss with clipping.
+    Value { clip: f32 },
+    /// K quantiles, quantile-Huber + risk terms.
+    Quantile {
+        k: usize,
+        kappa: f32,
+        risk: RiskTerms,
+    },
+    /// The DFPO flow head.
+    Flow {
+        k: usize,
+        shape: FlowHeadShape,
+        weights: FlowTermWeights,
+        risk: RiskTerms,
+        init_seed: u64,
+    },
+}
+
+impl CriticHead {
+    /// Samples per token (1 for the scalar head).
+    pub fn k(&self) -> usize {
+        match self {
+            CriticHead::Value { .. } => 1,
+            CriticHead::Quantile { k, .. } | CriticHead::Flow { k, .. } => *k,
+        }
+    }
+}
+
+/// Statistics of one critic update: the loss and the head's terms.
+#[derive(Clone, Debug, Default)]
+pub struct CriticStats {
+    pub loss: f64,
+    pub terms: Vec<(&'static str, f64)>,
+}
+
+/// The flow head's parameter name (one flat vector).
+pub const FLOW_PARAMS: &str = "flow_head.params";
+
+/// The critic: trunk + head + loss.
+pub struct Critic {
+    pub graph: DecoderGraph,
+    pub opt: AdamW,
+    pub head: CriticHead,
+    /// Host-fed inputs of the loss, in the head's order.
+    inputs: Vec<TensorId>,
+    /// What [`Critic::forward_values`] reads: values (n), quantiles (n·K) or the flow
+    /// conditioning u (n·W).
+    readout: TensorId,
+    stats: TensorId,
+    term_names: &'static [&'static str],
+}
+
+impl Critic {
+    pub fn new(
+        dec: &Decoder,
+        b: usize,
+        s: usize,
+        device: &Device,
+        head: CriticHead,
+        opt: &OptSettings,
+    ) -> Result<Self> {
+        let hidden_size = dec.config.hidden_size;
+        let mut built = None;
+        let mut extra: Vec<(String, Vec<f32>)> = Vec::new();
+        let head2 = head.clone();
+        let graph = dec.build_with(b, s, device, false, |g, t| {
+            let n = t.n;
+            let h = t.hidden_size;
+            match &head2 {
+                CriticHead::Value { clip } => {
+                    let w = g.param_typed("value_head.weight", h, t.act);
+                    let bias = g.param_typed("value_head.bias", 1, t.act);
+                    let v = g.node_typed(
+                        crate::model::ops::Linear { n, din: h, dout: 1 },
+                        &[t.hidden, w, bias],
+                        &[("value", n, t.act)],
+                    )?[0];
+                    let ins: Vec<TensorId> = ["returns", "value_old", "token_weight"]
+                        .iter()
+                        .map(|nm| g.input(nm, n))
+                        .collect();
+                    let outs = g.node_typed(
+                        HostOp(ValueLoss { n, clip: *clip }),
+                        &[v, ins[0], ins[1], ins[2]],
+                        &[
+                            ("value_loss", 1, DType::F32),
+                            ("value_stats", 2, DType::F32),
+                        ],
+                    )?;
+                    built = Some((ins, v, outs[1], &["vf_loss", "vf_clipfrac"][..]));
+                    Ok(HeadOut {
+                        loss: outs[0],
+                        keep: vec![v, outs[1]],
+                        params: vec![
+                            ("value_head.weight".into(), w),
+                            ("value_head.bias".into(), bias),
+                        ],
+                    })
+                }
+                CriticHead::Quantile { k, kappa, risk } => {
+                    let k = *k;
+                    let w = g.param_typed("quantile_head.weight", k * h, t.act);
+                    let bias = g.param_typed("quantile_head.bias", k, t.act);
+                    let q = g.node_typed(
+                        crate::model::ops::Linear { n, din: h, dout: k },
+                        &[t.hidden, w, bias],
+                        &[("quantiles", n * k, t.act)],
+                    )?[0];
+                    let tg = g.input("target", n * k);
+                    let tw = g.input("token_weight", n);
+                    let outs = g.node_typed(
+                        HostOp(QuantileLoss {
+                            n,
+                            k,
+                            kappa: *kappa,
+                            risk: *risk,
+                        }),
+                        &[q, tg, tw],
+                        &[
+                            ("quantile_loss", 1, DType::F32),
+                            ("quantile_stats", 4, DType::F32),
+                        ],
+                    )?;
+                    built = Some((
+                        vec![tg, tw],
+                        q,
+                        outs[1],
+                        &["quantile_huber", "cvar_loss", "gain_loss", "shape_loss"][..],
+                    ));
+                    Ok(HeadOut {
+                        loss: outs[0],
+                        keep: vec![q, outs[1]],
+                        params: vec![
+                            ("quantile_head.weight".into(), w),
+                            ("quantile_head.bias".into(), bias),
+                        ],
+                    })
+                }
+                CriticHead::Flow {
+                    k,
+                    shape,
+                    weights,
+                    risk,
+                    ..
+                } => {
+                    let k = *k;
+                    let c = if t.act == DType::F32 {
+                        t.hidden
+                    } else {
+                        g.node_typed(
+                            HostOp(Cast { n: n * h }),
+                            &[t.hidden],
+                            &[("hidden_f32", n * h, DType::F32)],
+                        )?[0]
+                    };
+                    let p = g.param(FLOW_PARAMS, shape.param_count());
+                    let u = g.node(flow_cond(*shape), &[p, c], &[("flow_u", n * shape.width)])?[0];
+                    let names = [
+                        "z_read",
+                        "tau_read",
+                        "z_b",
+                        "tau_b",
+                        "z_d",
+                        "tau_d",
+                        "eps",
+                        "target",
+                        "gc_target",
+                        "vel_b",
+                        "vel_d",
+                    ];
+                    let ins: Vec<TensorId> = names.iter().map(|nm| g.input(nm, n * k)).collect();
+                    let tok: Vec<TensorId> = ["w_unc", "dcfm_mask", "token_weight"]
+                        .iter()
+                        .map(|nm| g.input(nm, n))
+                        .collect();
+                    let mut evals = Vec::new();
+                    for (i, nm) in ["v_read", "v_b", "v_d"].iter().enumerate() {
+                        evals.push(
+                            g.node(
+                                flow_eval(*shape, k),
+                                &[p, u, ins[2 * i], ins[2 * i + 1]],
+                                &[(nm, n * k)],
+                            )?[0],
+                        );
+                    }
+                    let mut loss_ins = evals.clone();
+                    loss_ins.extend_from_slice(&ins[6..]);
+                    loss_ins.extend_from_slice(&tok);
+                    let outs = g.node_typed(
+                        HostOp(FlowCriticLoss {
+                            n,
+                            k,
+                            w: *weights,
+                            risk: *risk,
+                        }),
+                        &loss_ins,
+                        &[("flow_loss", 1, DType::F32), ("flow_stats", 6, DType::F32)],
+                    )?;
+                    let mut all = ins.clone();
+                    all.extend_from_slice(&tok);
+                    built = Some((
+                        all,
+                        u,
+                        outs[1],
+                        &["dcfm", "bcfm", "gc", "cvar_loss", "gain_loss", "shape_loss"][..],
+                    ));
+                    Ok(HeadOut {
+                        loss: outs[0],
+                        keep: vec![u, outs[1]],
+                        params: vec![(FLOW_PARAMS.into(), p)],
+                    })
+                }
+            }
+        })?;
+        let (inputs, readout, stats, term_names) = built.expect("head built");
+        match &head {
+            CriticHead::Value { .. } => {
+                extra.push(("value_head.weight".into(), vec![0.0; hidden_size]));
+                extra.push(("value_head.bias".into(), vec![0.0]));
+            }
+            CriticHead::Quantile { k, .. } => {
+                extra.push(("quantile_head.weight".into(), vec![0.0; k * hidden_size]));
+                extra.push(("quantile_head.bias".into(), vec![0.0; *k]));
+            }
+            CriticHead::Flow {
+                shape, init_seed, ..
+            } => {
+                extra.push((FLOW_PARAMS.into(), flow::init_params(shape, *init_seed)));
+            }
+        }
+        let opt = optimizer(dec, &extra, opt)?;
+        let mut c = Critic {
+            graph,
+            opt,
+            head,
+            inputs,
+            readout,
+            stats,
+            term_names,
+        };
+        write_params(&mut c.graph, &c.opt)?;
+        Ok(c)
+    }
+
+    /// Forward only over all rows: `[rows][S]` values, `[rows][S][K]` quantiles, or the flow
+    /// conditioning `[rows][S][W]` (then integrate with [`Critic::flow_params`]).
+    pub fn forward_readout(&mut self, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let (b, s) = self.graph.shape();
+        let per_row = self.graph.session().plan().tensor(self.readout).len / b;
+        let mut out = Vec::with_capacity(seqs.len() * per_row);
+        let _ = s;
+        for r in chunks(seqs.len(), b) {
+            let m = r.len();
+            self.graph.set_batch(&seqs[r])?;
+            self.graph.forward()?;
+            out.extend_from_slice(&self.graph.read(self.readout)?[..m * per_row]);
+        }
+        Ok(out)
+    }
+
+    /// The flow head's current parameters (flow critic only).
+    pub fn flow_params(&self) -> Option<&[f32]> {
+        self.opt.param(FLOW_PARAMS)
+    }
+
+    /// One update on a minibatch with the head's inputs (each `[rows][S]` or `[rows][S][K]`, in
+    /// the head's input order; padded here to the graph's batch).
+    pub fn update(
+        &mut self,
+        seqs: &[Vec<u32>],
+        inputs: &[Vec<f32>],
+    ) -> Result<(CriticStats, Vec<Vec<f32>>)> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::Invalid(format!(
+                "critic update: {} inputs, the head takes {}",
+                inputs.len(),
+                self.inputs.len()
+            )));
+        }
+        self.graph.set_batch(seqs)?;
+        for (&t, v) in self.inputs.iter().zip(inputs) {
+            let len = self.graph.session().plan().tensor(t).len;
+            let mut o = v.clone();
+            if o.len() > len {
+                return Err(Error::Shape(format!(
+                    "critic update: an input of {} values for a tensor of {len}",
+                    o.len()
+                )));
+            }
+            o.resize(len, 0.0);
+            self.graph.session_mut().write(t, &o)?;
+        }
+        let loss = self.graph.run()?;
+        let st = self.graph.read(self.stats)?;
+        let g = grads(&self.graph, &self.opt)?;
+        Ok((
+            CriticStats {
+                loss: loss as f64,
+                terms: self
+                    .term_names
+                    .iter()
+                    .copied()
+                    .zip(st.iter().map(|&v| v as f64))
+                    .collect(),
+            },
+            g,
+        ))
+    }
+
+    /// Applies an optimizer step and writes the weights back.
+    pub fn step(&mut self, grads: &[Vec<f32>]) -> Result<StepOutcome> {
+        let out = self.opt.step(grads)?;
+        if out.applied {
+            write_params(&mut self.graph, &self.opt)?;
+        }
+        Ok(out)
+    }
+
+    /// Writes the master weights into the graph (after a checkpoint restore).
+    pub fn sync(&mut self) -> Result<()> {
+        write_params(&mut self.graph, &self.opt)
+    }
+}
+
+fn flow_cond(shape: FlowHeadShape) -> crate::graph::ops::FlowCond {
+    crate::graph::ops::FlowCond { shape }
+}
+
+fn flow_eval(shape: FlowHeadShape, k: usize) -> crate::graph::ops::FlowEval {
+    crate::graph::ops::FlowEval {
+        shape,
+        samples_per_token: k,
+    }
+}
+
+/// The policy's master weights as an HF tensor map (for export), shaped like `dec`'s.
+pub fn tensor_map(dec: &Decoder, opt: &AdamW) -> Result<TensorMap> {
+    let mut out = BTreeMap::new();
+    for (name, t) in dec.params() {
+        let data = opt
+            .param(name)
+            .ok_or_else(|| Error::Invalid(format!("export: no master weights for {name}")))?;
+        out.insert(
+            name.clone(),
+            crate::model::checkpoint::Tensor::new(t.shape.clone(), data.to_vec())?,
+        );
+    }
+    Ok(out)
+}

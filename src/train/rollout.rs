@@ -1,0 +1,458 @@
+//! Rollout batches and what the update needs from them: rewards (clean and noisy), token
+//! rewards with the KL penalty, token weights, GRPO advantages, and the DFPO flow critic's
+//! targets. Pure functions of their inputs, so the tests can recompute every loss
+//! independently.
+
+use crate::error::{Error, Result};
+use crate::kernels::flow::{
+    self, FlowHeadShape, IntegrateOpts, Interval, Noise, NoiseOpts, Solver,
+};
+use crate::kernels::{inv_normal_cdf, splitmix64, uniform_open};
+
+/// A counter-based random stream: value i of stream (seed, tag) is a pure function, so a
+/// resumed run draws exactly what the uninterrupted one drew.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    seed: u64,
+    counter: u64,
+}
+
+impl Stream {
+    /// The stream `tag` of run seed `seed` at RL step `step`.
+    pub fn new(seed: u64, step: u64, tag: &str) -> Self {
+        let mut h = splitmix64(seed ^ 0xD1F0_0000_0000_0000);
+        h = splitmix64(h ^ step);
+        for b in tag.bytes() {
+            h = splitmix64(h ^ b as u64);
+        }
+        Stream {
+            seed: h,
+            counter: 0,
+        }
+    }
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        self.counter += 1;
+        uniform_open(self.seed, self.counter)
+    }
+    /// Standard normal (inverse CDF of a uniform).
+    pub fn normal(&mut self) -> f64 {
+        inv_normal_cdf(self.uniform())
+    }
+    /// A raw 64-bit value (seeds for other generators).
+    pub fn next_u64(&mut self) -> u64 {
+        self.counter += 1;
+        splitmix64(self.seed ^ splitmix64(self.counter))
+    }
+    /// A uniformly random permutation of 0..n (Fisher–Yates).
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.uniform() * (i + 1) as f64) as usize;
+            p.swap(i, j.min(i));
+        }
+        p
+    }
+}
+
+/// The training reward: the clean reward flipped with probability `flip_prob` (correct ↔
+/// incorrect), plus N(0, σ²).
+pub fn noisy_reward(
+    correct: bool,
+    r: &crate::train::config::RewardConfig,
+    rng: &mut Stream,
+) -> f64 {
+    let flip = r.flip_prob > 0.0 && rng.uniform() < r.flip_prob;
+    let c = correct != flip;
+    let mut v = if c { r.correct } else { r.incorrect };
+    if r.gaussian_sigma > 0.0 {
+        v += r.gaussian_sigma * rng.normal();
+    }
+    v
+}
+
+/// One rollout batch: rows = prompts × samples, prompt-major.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// Prompt + response tokens per row.
+    pub seqs: Vec<Vec<u32>>,
+    pub prompt_len: Vec<usize>,
+    pub response_len: Vec<usize>,
+    /// Prompt (group) index per row.
+    pub group: Vec<usize>,
+    /// The graph's sequence length S.
+    pub s: usize,
+    /// Clean (verifier) reward per row, and the noisy one the trainer sees.
+    pub clean: Vec<f64>,
+    pub noisy: Vec<f64>,
+    /// Whether the verifier accepted the row.
+    pub correct: Vec<bool>,
+}
+
+impl Batch {
+    pub fn rows(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// `[R][S]`: 1 at the index of every scored response token (t = prompt_len − 1 + j).
+    pub fn mask(&self) -> Vec<f32> {
+        let s = self.s;
+        let mut m = vec![0.0f32; self.rows() * s];
+        for r in 0..self.rows() {
+            let t0 = self.prompt_len[r] - 1;
+            for t in t0..t0 + self.response_len[r] {
+                m[r * s + t] = 1.0;
+            }
+        }
+        m
+    }
+
+    /// Index of row r's last scored token.
+    pub fn last(&self, r: usize) -> usize {
+        r * self.s + self.prompt_len[r] + self.response_len[r] - 2
+    }
+}
+
+/// Token rewards `[R][S]`: −β·kl_t on response tokens plus the row's reward at its last token.
+pub fn token_rewards(batch: &Batch, kl: Option<&[f32]>, beta: f64, rewards: &[f64]) -> Vec<f32> {
+    let mask = batch.mask();
+    let mut out = vec![0.0f32; mask.len()];
+    if let Some(kl) = kl {
+        for i in 0..out.len() {
+            if mask[i] != 0.0 {
+                out[i] = (-beta * kl[i] as f64) as f32;
+            }
+        }
+    }
+    for (r, &rw) in rewards.iter().enumerate() {
+        if batch.response_len[r] > 0 {
+            let i = batch.last(r);
+            out[i] = (out[i] as f64 + rw) as f32;
+        }
+    }
+    out
+}
+
+/// GRPO: (R − mean_group)/(std_group + 1e-6) (population std over the group) at every response
+/// token of the row.
+pub fn grpo_advantages(batch: &Batch, rewards: &[f64]) -> Vec<f32> {
+    let groups = batch.group.iter().copied().max().map_or(0, |g| g + 1);
+    let (mut sum, mut sq, mut cnt) = (
+        vec![0.0f64; groups],
+        vec![0.0f64; groups],
+        vec![0.0f64; groups],
+    );
+    for (r, &g) in batch.group.iter().enumerate() {
+        sum[g] += rewards[r];
+        sq[g] += rewards[r] * rewards[r];
+        cnt[g] += 1.0;
+    }
+    let mask = batch.mask();
+    let s = batch.s;
+    let mut out = vec![0.0f32; mask.len()];
+    for (r, &g) in batch.group.iter().enumerate() {
+        let mean = sum[g] / cnt[g];
+        let std = (sq[g] / cnt[g] - mean * mean).max(0.0).sqrt();
+        let a = ((rewards[r] - mean) / (std + 1e-6)) as f32;
+        for t in 0..s {
+            if mask[r * s + t] != 0.0 {
+                out[r * s + t] = a;
+            }
+        }
+    }
+    out
+}
+
+/// Token weights `[rows][S]` of a minibatch: token mean (1/#tokens) or sequence mean
+/// (1/(len·#rows with tokens)).
+pub fn token_weights(mask: &[f32], s: usize, seq_mean: bool) -> Vec<f32> {
+    let rows = mask.len() / s;
+    let total: f32 = mask.iter().sum();
+    let mut w = vec![0.0f32; mask.len()];
+    if total == 0.0 {
+        return w;
+    }
+    if !seq_mean {
+        for (o, &m) in w.iter_mut().zip(mask) {
+            *o = m / total;
+        }
+        return w;
+    }
+    let lens: Vec<f32> = (0..rows)
+        .map(|r| mask[r * s..(r + 1) * s].iter().sum())
+        .collect();
+    let nonempty = lens.iter().filter(|&&l| l > 0.0).count() as f32;
+    for r in 0..rows {
+        if lens[r] > 0.0 {
+            for t in 0..s {
+                w[r * s + t] = mask[r * s + t] / (lens[r] * nonempty);
+            }
+        }
+    }
+    w
+}
+
+/// Settings of the flow critic's no-grad solves.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowSolve {
+    pub shape: FlowHeadShape,
+    pub k: usize,
+    pub readout_steps: u32,
+    pub target_steps: u32,
+    pub solver: Solver,
+    pub clip: Option<(f32, f32)>,
+}
+
+/// The stratified noise levels ε_k = Φ⁻¹((k + ½)/K).
+pub fn stratified_eps(k: usize) -> Result<Vec<f32>> {
+    let mut e = vec![0.0f32; k];
+    flow::cpu::noise(
+        &NoiseOpts {
+            kind: Noise::Stratified,
+            truncate: None,
+        },
+        k,
+        &mut e,
+    )?;
+    Ok(e)
+}
+
+/// Gathers the conditioning rows of the masked tokens (`u` is `[R·S][W]`).
+fn gather(u: &[f32], idx: &[usize], w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(idx.len() * w);
+    for &i in idx {
+        out.extend_from_slice(&u[i * w..(i + 1) * w]);
+    }
+    out
+}
+
+/// The readout value samples `[R][S][K]` (0 off the mask): ε_k integrated over [0, 1] with
+/// `readout_steps` Euler steps, and the per-token sample std.
+pub fn flow_readout(
+    fs: &FlowSolve,
+    params: &[f32],
+    u: &[f32],
+    mask: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k, w) = (fs.k, fs.shape.width);
+    let idx: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] != 0.0).collect();
+    let us = gather(u, &idx, w);
+    let eps = stratified_eps(k)?;
+    let z0: Vec<f32> = (0..idx.len() * k).map(|r| eps[r % k]).collect();
+    let mut z1 = vec![0.0f32; z0.len()];
+    flow::cpu::integrate(
+        &fs.shape,
+        params,
+        &us,
+        k,
+        &z0,
+        Interval::Uniform(0.0, 1.0),
+        &IntegrateOpts {
+            steps: fs.readout_steps,
+            solver: Solver::Euler,
+            clip: fs.clip,
+            jacobian: false,
+        },
+        &mut z1,
+        None,
+    )?;
+    let mut z = vec![0.0f32; mask.len() * k];
+    let mut std = vec![0.0f32; mask.len()];
+    for (j, &i) in idx.iter().enumerate() {
+        let row = &z1[j * k..(j + 1) * k];
+        z[i * k..(i + 1) * k].copy_from_slice(row);
+        let m = row.iter().map(|&v| v as f64).sum::<f64>() / k as f64;
+        let var = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / k as f64;
+        std[i] = var.sqrt() as f32;
+    }
+    Ok((z, std))
+}
+
+/// Everything the flow critic's loss reads besides its own evaluations (see
+/// [`crate::train::heads::FlowCriticLoss`]); `[R][S][K]` or `[R][S]`, zeros off the mask.
+#[derive(Clone, Debug, Default)]
+pub struct FlowTargets {
+    pub z_read: Vec<f32>,
+    pub tau_read: Vec<f32>,
+    pub z_b: Vec<f32>,
+    pub tau_b: Vec<f32>,
+    pub z_d: Vec<f32>,
+    pub tau_d: Vec<f32>,
+    pub eps: Vec<f32>,
+    pub target: Vec<f32>,
+    pub gc_target: Vec<f32>,
+    pub vel_b: Vec<f32>,
+    pub vel_d: Vec<f32>,
+    pub w_unc: Vec<f32>,
+    pub dmask: Vec<f32>,
+}
+
+impl FlowTargets {
+    /// The critic head's inputs for rows `r0..r1` in its order.
+    pub fn slice(&self, r0: usize, r1: usize, s: usize, k: usize) -> Vec<Vec<f32>> {
+        let sk = |v: &Vec<f32>| v[r0 * s * k..r1 * s * k].to_vec();
+        let s1 = |v: &Vec<f32>| v[r0 * s..r1 * s].to_vec();
+        vec![
+            sk(&self.z_read),
+            sk(&self.tau_read),
+            sk(&self.z_b),
+            sk(&self.tau_b),
+            sk(&self.z_d),
+            sk(&self.tau_d),
+            sk(&self.eps),
+            sk(&self.target),
+            sk(&self.gc_target),
+            sk(&self.vel_b),
+            sk(&self.vel_d),
+            s1(&self.w_unc),
+            s1(&self.dmask),
+        ]
+    }
+}
+
+/// Options of [`flow_targets`].
+#[derive(Clone, Copy, Debug)]
+pub struct FlowTargetOpts {
+    pub gamma: f32,
+    pub kappa: f32,
+    /// +1 up-weights uncertain tokens (Value Flows), −1 down-weights them, 0 uniform.
+    pub direction: i32,
+    /// Anchor on the distributional λ-return G (else the one-step TD sample r + γ m z_{t+1}).
+    pub anchor_lambda: bool,
+}
+
+/// Builds the flow critic's targets from the rollout-time (old) critic: `u` its conditioning
+/// `[R·S][W]`, `z` its readout samples and `std` their per-token std, `ret` the distributional
+/// λ-returns G `[R][S][K]`, `rewards` the token rewards, `mask` the response tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn flow_targets(
+    fs: &FlowSolve,
+    params: &[f32],
+    u: &[f32],
+    z: &[f32],
+    std: &[f32],
+    ret: &[f32],
+    rewards: &[f32],
+    mask: &[f32],
+    s: usize,
+    o: &FlowTargetOpts,
+    rng: &mut Stream,
+) -> Result<FlowTargets> {
+    let (k, w) = (fs.k, fs.shape.width);
+    let n = mask.len();
+    if u.len() != n * w || z.len() != n * k || ret.len() != n * k || rewards.len() != n {
+        return Err(Error::Shape(format!(
+            "flow_targets: u {} z {} ret {} rewards {} for {n} tokens, K {k}, W {w}",
+            u.len(),
+            z.len(),
+            ret.len(),
+            rewards.len()
+        )));
+    }
+    let eps = stratified_eps(k)?;
+    let idx: Vec<usize> = (0..n).filter(|&i| mask[i] != 0.0).collect();
+    // The next token continues the response (same row, inside the mask).
+    let cont = |i: usize| (i + 1) % s != 0 && i + 1 < n && mask[i + 1] != 0.0;
+    let mut t = FlowTargets {
+        z_read: vec![0.0; n * k],
+        tau_read: vec![0.0; n * k],
+        z_b: vec![0.0; n * k],
+        tau_b: vec![0.0; n * k],
+        z_d: vec![0.0; n * k],
+        tau_d: vec![0.0; n * k],
+        eps: vec![0.0; n * k],
+        target: ret.to_vec(),
+        gc_target: vec![0.0; n * k],
+        vel_b: vec![0.0; n * k],
+        vel_d: vec![0.0; n * k],
+        w_unc: vec![0.0; n],
+        dmask: vec![0.0; n],
+    };
+    // τ per (token, sample), drawn in a fixed order.
+    let mut tau = vec![0.0f32; idx.len() * k];
+    for v in tau.iter_mut() {
+        *v = rng.uniform() as f32;
+    }
+    let us = gather(u, &idx, w);
+    let next: Vec<usize> = idx
+        .iter()
+        .map(|&i| if cont(i) { i + 1 } else { i })
+        .collect();
+    let un = gather(u, &next, w);
+    let z0: Vec<f32> = (0..idx.len() * k).map(|r| eps[r % k]).collect();
+    let zeros = vec![0.0f32; z0.len()];
+    // z'_τ: the old flow at h_{t+1} from ε over [0, τ]; then v_old(z'_τ, τ | h_{t+1}).
+    let mut zp = vec![0.0f32; z0.len()];
+    let opts = IntegrateOpts {
+        steps: fs.target_steps,
+        solver: fs.solver,
+        clip: fs.clip,
+        jacobian: false,
+    };
+    flow::cpu::integrate(
+        &fs.shape,
+        params,
+        &un,
+        k,
+        &z0,
+        Interval::PerRow(&zeros, &tau),
+        &opts,
+        &mut zp,
+        None,
+    )?;
+    let mut vold = vec![0.0f32; z0.len()];
+    flow::cpu::eval_forward(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
+    // Geometric-consistency target: the N-step solve from ε over [0, 1] at h_t.
+    let mut gc = vec![0.0f32; z0.len()];
+    flow::cpu::integrate(
+        &fs.shape,
+        params,
+        &us,
+        k,
+        &z0,
+        Interval::Uniform(0.0, 1.0),
+        &opts,
+        &mut gc,
+        None,
+    )?;
+    for (j, &i) in idx.iter().enumerate() {
+        let c = cont(i);
+        let sd = std[i].max(1e-6);
+        let conf = 1.0 / (1.0 + (o.kappa / sd).exp()) + 0.5; // sigmoid(−κ/σ) + 0.5
+        t.w_unc[i] = match o.direction {
+            1 => conf,
+            -1 => 1.5 - conf,
+            _ => 1.0,
+        };
+        t.dmask[i] = if c { 1.0 } else { 0.0 };
+        for kk in 0..k {
+            let (src, dst) = (j * k + kk, i * k + kk);
+            let e = eps[kk];
+            let ta = tau[src];
+            let g = if o.anchor_lambda {
+                ret[dst]
+            } else if c {
+                rewards[i] + o.gamma * z[(i + 1) * k + kk]
+            } else {
+                rewards[i]
+            };
+            t.eps[dst] = e;
+            t.z_read[dst] = e;
+            t.tau_read[dst] = 0.0;
+            t.target[dst] = ret[dst];
+            t.z_b[dst] = ta * g + (1.0 - ta) * e;
+            t.tau_b[dst] = ta;
+            t.vel_b[dst] = g - e;
+            t.tau_d[dst] = ta;
+            if c {
+                t.z_d[dst] = rewards[i] + o.gamma * zp[src];
+                t.vel_d[dst] = vold[src];
+            } else {
+                t.z_d[dst] = rewards[i];
+                t.vel_d[dst] = 0.0;
+            }
+            t.gc_target[dst] = gc[src];
+        }
+    }
+    Ok(t)
+}

@@ -1,0 +1,982 @@
+//! The RL loop: rollout → rewards (noisy for training, clean for metrics) → reference log-probs
+//! → token rewards with KL → critic readout → (distributional) GAE → whitened advantages →
+//! PPO epochs × minibatches of actor and critic updates; evaluation before and after,
+//! metrics, atomic checkpoints with resume, and the final HF export.
+//!
+//! Every random draw is a pure function of (run seed, step, purpose) ([`Stream`]), and the
+//! optimizer state is saved exactly (f32 master weights, moments, step counts), so a resumed
+//! CPU run reproduces the uninterrupted run's metrics bit for bit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{Algo, TrainConfig};
+use super::eval::{evaluate, response_text, stop_ids, EvalOpts, EvalResult};
+use super::heads::{FlowTermWeights, RiskTerms};
+use super::metrics::{MetricsWriter, Progress};
+use super::models::{tensor_map, Critic, CriticHead, OptSettings, Policy};
+use super::optim::Schedule;
+use super::rollout::{
+    flow_readout, flow_targets, grpo_advantages, noisy_reward, token_rewards, token_weights, Batch,
+    FlowSolve, FlowTargetOpts, Stream,
+};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::kernels::adamw::AdamWParams;
+use crate::kernels::flow::{FlowHeadShape, Solver};
+use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
+use crate::kernels::rl::{self, GaeParams, KlKind};
+use crate::kernels::sample::SampleParams;
+use crate::model::checkpoint::{
+    read_safetensors, save_hf_folder, save_safetensors, write_atomic, Dtype, Tensor, TensorMap,
+};
+use crate::model::decoder::{Decoder, DecoderGraph};
+use crate::model::generate::{generate, GenerateParams};
+use crate::model::tokenizer::Tokenizer;
+use crate::task::{encode_prompt, load_task, Checker, TaskData};
+
+/// What a finished run reports (also written to `out_dir/summary.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub algo: String,
+    pub seed: u64,
+    pub flip_prob: f64,
+    pub steps: u64,
+    pub seconds: f64,
+    pub before: BTreeMap<String, EvalEntry>,
+    pub after: BTreeMap<String, EvalEntry>,
+}
+
+/// One eval split's numbers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalEntry {
+    pub accuracy: f64,
+    pub unparsed: f64,
+    pub n: usize,
+}
+
+impl From<&EvalResult> for EvalEntry {
+    fn from(e: &EvalResult) -> Self {
+        EvalEntry {
+            accuracy: e.accuracy,
+            unparsed: e.unparsed,
+            n: e.n,
+        }
+    }
+}
+
+/// Checkpoint metadata (`meta.json` next to `state.safetensors`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    step: u64,
+    kl_coef: f64,
+    /// Prompts consumed so far (the data position).
+    data_position: u64,
+    seed: u64,
+    algo: String,
+    policy_opt_step: u64,
+    critic_opt_step: u64,
+    seconds: f64,
+    before: BTreeMap<String, EvalEntry>,
+}
+
+/// The device named by the config.
+pub fn resolve_device(name: &str) -> Result<Device> {
+    match name {
+        "auto" => Device::best(),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => crate::device::cuda_device()
+            .map(Device::Cuda)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "run.device = \"cuda\": {}",
+                    crate::device::cuda_unavailable_reason()
+                ))
+            }),
+        other => Err(Error::Invalid(format!(
+            "run.device = \"{other}\": expected auto, cpu or cuda"
+        ))),
+    }
+}
+
+/// The HF folder a model option names ("builtin" = the shipped warm start).
+pub fn model_dir(spec: &str) -> PathBuf {
+    if spec == "builtin" {
+        crate::task::arith::builtin_dir()
+    } else {
+        PathBuf::from(spec)
+    }
+}
+
+/// The trainer's state.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    device: Device,
+    tok: Tokenizer,
+    tok_files: Vec<PathBuf>,
+    task: TaskData,
+    train_ids: Vec<Vec<u32>>,
+    stop: Vec<u32>,
+    s: usize,
+    pub policy: Policy,
+    pub critic: Option<Critic>,
+    reference: Option<DecoderGraph>,
+    pub step: u64,
+    kl_coef: f64,
+    out: PathBuf,
+    before: BTreeMap<String, EvalEntry>,
+    seconds_before: f64,
+}
+
+fn fmt_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn io_err(p: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: fmt_path(p),
+        source: e,
+    }
+}
+
+impl Trainer {
+    /// Loads the models and data named by `cfg` (validated first).
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let device = resolve_device(&cfg.run.device)?;
+        let pdir = model_dir(&cfg.model.policy);
+        let policy_dec = Decoder::load(&pdir)?;
+        let tok = Tokenizer::from_dir(&pdir)?;
+        let tok_files: Vec<PathBuf> = [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        ]
+        .iter()
+        .map(|f| pdir.join(f))
+        .filter(|p| p.exists())
+        .collect();
+        let task = load_task(&cfg.data, cfg.run.seed)?;
+        let train_ids = task
+            .train
+            .iter()
+            .map(|e| encode_prompt(&tok, &e.prompt, cfg.data.chat_template))
+            .collect::<Result<Vec<_>>>()?;
+        if train_ids.is_empty() {
+            return Err(Error::Invalid("the training set is empty".into()));
+        }
+        let max_prompt = train_ids.iter().map(Vec::len).max().unwrap_or(1);
+        let s = max_prompt + cfg.rollout.max_new_tokens;
+        if s > policy_dec.config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "the longest training prompt ({max_prompt} tokens) + rollout.max_new_tokens ({}) exceeds the model's max_position_embeddings ({})",
+                cfg.rollout.max_new_tokens, policy_dec.config.max_position_embeddings
+            )));
+        }
+        let stop = stop_ids(&policy_dec, &tok);
+        let rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples;
+        let b = rows / cfg.ppo.minibatches;
+        let o = &cfg.optim;
+        let total = cfg.run.steps as u64 * cfg.ppo.epochs as u64 * cfg.ppo.minibatches as u64;
+        let settings = |lr: f64| OptSettings {
+            hp: AdamWParams {
+                lr,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            },
+            max_grad_norm: if o.max_grad_norm > 0.0 {
+                o.max_grad_norm as f32
+            } else {
+                f32::INFINITY
+            },
+            schedule: Schedule {
+                peak: lr,
+                warmup: (o.warmup_frac * total as f64).round() as u64,
+                total,
+                cosine: o.schedule == "cosine",
+                min_ratio: o.min_lr_ratio,
+            },
+        };
+        let reference = if cfg.kl.coef > 0.0 {
+            let rdir = if cfg.model.reference.is_empty() {
+                pdir.clone()
+            } else {
+                model_dir(&cfg.model.reference)
+            };
+            Some(Decoder::load(&rdir)?.build(b, s, &device)?)
+        } else {
+            None
+        };
+        let critic = if cfg.algo.name.has_critic() {
+            let cdir = if cfg.model.critic.is_empty() {
+                pdir.clone()
+            } else {
+                model_dir(&cfg.model.critic)
+            };
+            let cdec = Decoder::load(&cdir)?;
+            let c = &cfg.critic;
+            let risk = RiskTerms {
+                levels: TailLevels {
+                    alpha: c.alpha as f32,
+                    beta: c.beta as f32,
+                },
+                weights: RiskLossWeights {
+                    cvar: c.w_cvar as f32,
+                    gain: c.w_gain as f32,
+                    shape: c.w_shape as f32,
+                    mean_shift: 0.0,
+                },
+            };
+            let head = match cfg.algo.name {
+                Algo::Ppo => CriticHead::Value {
+                    clip: cfg.ppo.value_clip as f32,
+                },
+                Algo::Quantile => CriticHead::Quantile {
+                    k: c.k,
+                    kappa: c.huber_kappa as f32,
+                    risk,
+                },
+                Algo::Dfpo => CriticHead::Flow {
+                    k: c.k,
+                    shape: FlowHeadShape::new(cdec.config.hidden_size, c.head_width, c.head_depth)?,
+                    weights: FlowTermWeights {
+                        dcfm: c.w_dcfm as f32,
+                        bcfm: c.w_bcfm as f32,
+                        gc: c.w_gc as f32,
+                    },
+                    risk,
+                    init_seed: Stream::new(cfg.run.seed, 0, "flow-init").next_u64(),
+                },
+                Algo::Grpo => unreachable!("grpo has no critic"),
+            };
+            Some(Critic::new(
+                &cdec,
+                b,
+                s,
+                &device,
+                head,
+                &settings(o.critic_lr),
+            )?)
+        } else {
+            None
+        };
+        let pc = &cfg.ppo;
+        let policy = Policy::new(
+            policy_dec,
+            b,
+            s,
+            &device,
+            pc.clip_low as f32,
+            pc.clip_high as f32,
+            pc.ent_coef as f32,
+            &settings(o.actor_lr),
+        )?;
+        let out = PathBuf::from(&cfg.run.out_dir);
+        let kl_coef = cfg.kl.coef;
+        Ok(Trainer {
+            cfg,
+            device,
+            tok,
+            tok_files,
+            task,
+            train_ids,
+            stop,
+            s,
+            policy,
+            critic,
+            reference,
+            step: 0,
+            kl_coef,
+            out,
+            before: BTreeMap::new(),
+            seconds_before: 0.0,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The prompts of RL step `step`: consecutive slices of a per-epoch permutation.
+    fn step_prompts(&self, step: u64) -> Vec<usize> {
+        let n = self.train_ids.len();
+        let p = self.cfg.rollout.prompts_per_step;
+        let mut out = Vec::with_capacity(p);
+        let mut pos = step as usize * p;
+        let mut perm_epoch = usize::MAX;
+        let mut perm = Vec::new();
+        while out.len() < p {
+            let (epoch, i) = (pos / n, pos % n);
+            if epoch != perm_epoch {
+                perm = Stream::new(self.cfg.run.seed, epoch as u64, "data").permutation(n);
+                perm_epoch = epoch;
+            }
+            out.push(perm[i]);
+            pos += 1;
+        }
+        out
+    }
+
+    /// Evaluates the current policy on every eval split.
+    pub fn evaluate(&self) -> Result<Vec<EvalResult>> {
+        let e = &self.cfg.eval;
+        let opts = EvalOpts {
+            greedy: e.greedy,
+            pass_k: e.pass_k,
+            max_new_tokens: self.cfg.rollout.max_new_tokens,
+            temperature: self.cfg.rollout.temperature,
+            seed: self.cfg.run.seed,
+            chat_template: self.cfg.data.chat_template,
+            batch: 64,
+        };
+        self.task
+            .evals
+            .iter()
+            .map(|(name, ex)| {
+                evaluate(
+                    &self.policy.dec,
+                    &self.tok,
+                    name,
+                    ex,
+                    self.task.checker,
+                    &opts,
+                )
+            })
+            .collect()
+    }
+
+    /// Generates and scores the rollout batch of step `step`.
+    pub fn rollout(&self, step: u64) -> Result<Batch> {
+        let rc = &self.cfg.rollout;
+        let idx = self.step_prompts(step);
+        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_ids[i].clone()).collect();
+        let gp = GenerateParams {
+            max_new_tokens: rc.max_new_tokens,
+            sample: SampleParams {
+                temperature: rc.temperature,
+                top_k: rc.top_k as u32,
+                top_p: rc.top_p,
+            },
+            stop_ids: self.stop.clone(),
+            n_samples: rc.n_samples,
+            seed: Stream::new(self.cfg.run.seed, step, "rollout").next_u64(),
+        };
+        let gens = generate(&self.policy.dec, &prompts, &gp)?;
+        let mut noise = Stream::new(self.cfg.run.seed, step, "reward");
+        let mut b = Batch {
+            s: self.s,
+            ..Default::default()
+        };
+        let r = &self.cfg.reward;
+        for g in &gens {
+            let prompt = &prompts[g.prompt_index];
+            let text = response_text(&self.tok, &g.tokens, &self.stop)?;
+            let answer = &self.task.train[idx[g.prompt_index]].answer;
+            let ok = self.task.checker.check(&text, answer) == crate::task::Verdict::Correct;
+            let mut seq = prompt.clone();
+            seq.extend_from_slice(&g.tokens);
+            b.prompt_len.push(prompt.len());
+            b.response_len.push(g.tokens.len());
+            b.seqs.push(seq);
+            b.group.push(g.prompt_index);
+            b.correct.push(ok);
+            b.clean.push(if ok { r.correct } else { r.incorrect });
+            b.noisy.push(noisy_reward(ok, r, &mut noise));
+        }
+        Ok(b)
+    }
+
+    fn flow_solve(&self) -> Option<FlowSolve> {
+        let c = self.critic.as_ref()?;
+        let CriticHead::Flow { k, shape, .. } = &c.head else {
+            return None;
+        };
+        let cc = &self.cfg.critic;
+        let r = &self.cfg.reward;
+        let spread = 3.0 * r.gaussian_sigma + 1.0;
+        let clip = cc.clip_returns.then(|| {
+            (
+                (r.correct.min(r.incorrect) - spread) as f32,
+                (r.correct.max(r.incorrect) + spread) as f32,
+            )
+        });
+        Some(FlowSolve {
+            shape: *shape,
+            k: *k,
+            readout_steps: cc.readout_steps as u32,
+            target_steps: cc.target_steps as u32,
+            solver: if cc.solver == "midpoint" {
+                Solver::Midpoint
+            } else {
+                Solver::Euler
+            },
+            clip,
+        })
+    }
+
+    /// One RL step; returns its metrics.
+    pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
+        let step = self.step;
+        let t0 = Instant::now();
+        let mut m = BTreeMap::new();
+        let batch = self.rollout(step)?;
+        let t_roll = t0.elapsed().as_secs_f64();
+        let (rows, s) = (batch.rows(), self.s);
+        let mask = batch.mask();
+        let skip = batch.prompt_len.clone();
+        let ntok: f64 = mask.iter().map(|&v| v as f64).sum();
+
+        let (old_lp, old_ent) = self.policy.logprobs(&batch.seqs, &skip)?;
+        // KL against the reference policy, in the reward.
+        let kl = if let Some(r) = self.reference.as_mut() {
+            let mut ref_lp = Vec::with_capacity(rows * s);
+            let (b, _) = r.shape();
+            for c in (0..rows).step_by(b) {
+                let e = (c + b).min(rows);
+                r.set_batch_masked(&batch.seqs[c..e], &skip[c..e])?;
+                r.forward()?;
+                ref_lp.extend_from_slice(&r.token_logprobs()?[..(e - c) * s]);
+            }
+            let kind = if self.cfg.kl.estimator == "k3" {
+                KlKind::K3
+            } else {
+                KlKind::K1
+            };
+            let mut kl = vec![0.0f32; rows * s];
+            rl::cpu::kl_penalty(&old_lp, &ref_lp, &mask, kind, &mut kl, None)?;
+            Some(kl)
+        } else {
+            None
+        };
+        let rewards = token_rewards(&batch, kl.as_deref(), self.kl_coef, &batch.noisy);
+
+        // Critic readout and advantages.
+        let k = self.critic.as_ref().map_or(1, |c| c.head.k());
+        let gae = GaeParams {
+            gamma: self.cfg.ppo.gamma as f32,
+            lambda: self.cfg.ppo.lam as f32,
+        };
+        let mut values = vec![0.0f32; rows * s * k];
+        let mut flow_u = Vec::new();
+        let mut sample_std = vec![0.0f32; rows * s];
+        let fs = self.flow_solve();
+        if let Some(c) = self.critic.as_mut() {
+            let out = c.forward_readout(&batch.seqs)?;
+            match (&c.head, &fs) {
+                (CriticHead::Flow { .. }, Some(fs)) => {
+                    let params = c.flow_params().expect("flow critic").to_vec();
+                    let (z, sd) = flow_readout(fs, &params, &out, &mask)?;
+                    values = z;
+                    sample_std = sd;
+                    flow_u = out;
+                }
+                _ => {
+                    for (i, v) in out.iter().enumerate() {
+                        if mask[i / k] != 0.0 {
+                            values[i] = *v;
+                        }
+                    }
+                }
+            }
+        }
+        let mut adv_k = vec![0.0f32; rows * s * k];
+        let mut ret = vec![0.0f32; rows * s * k];
+        let mut adv = vec![0.0f32; rows * s];
+        if self.cfg.algo.name == Algo::Grpo {
+            adv = grpo_advantages(&batch, &batch.noisy);
+        } else {
+            rl::cpu::dist_gae(
+                &values, &rewards, &mask, rows, s, k, gae, &mut adv_k, &mut ret, &mut adv,
+            )?;
+            if self.cfg.ppo.whiten && ntok >= 2.0 {
+                let raw = adv.clone();
+                rl::cpu::whiten(&raw, &mask, &mut adv)?;
+            }
+        }
+        // Value statistics of the rollout-time critic.
+        if self.critic.is_some() {
+            let (mut vm, mut vs, mut cv) = (0.0f64, 0.0f64, 0.0f64);
+            let klo = risk::tail_count(self.cfg.critic.alpha as f32, k);
+            for t in 0..rows * s {
+                if mask[t] == 0.0 {
+                    continue;
+                }
+                let mut row: Vec<f64> = values[t * k..(t + 1) * k]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                row.sort_by(f64::total_cmp);
+                let mean = row.iter().sum::<f64>() / k as f64;
+                vm += mean;
+                vs += (row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / k as f64).sqrt();
+                cv += row[..klo].iter().sum::<f64>() / klo as f64;
+            }
+            let d = ntok.max(1.0);
+            m.insert("critic/value_mean".into(), vm / d);
+            m.insert("critic/value_std".into(), vs / d);
+            m.insert("critic/cvar".into(), cv / d);
+        }
+        let targets = match (&fs, self.critic.as_ref()) {
+            (Some(fs), Some(c)) => {
+                let params = c.flow_params().expect("flow critic").to_vec();
+                let cc = &self.cfg.critic;
+                let o = FlowTargetOpts {
+                    gamma: gae.gamma,
+                    kappa: cc.kappa as f32,
+                    direction: match cc.weight_direction.as_str() {
+                        "up" => 1,
+                        "down" => -1,
+                        _ => 0,
+                    },
+                    anchor_lambda: cc.anchor == "lambda",
+                };
+                let mut rng = Stream::new(self.cfg.run.seed, step, "tau");
+                Some(flow_targets(
+                    fs,
+                    &params,
+                    &flow_u,
+                    &values,
+                    &sample_std,
+                    &ret,
+                    &rewards,
+                    &mask,
+                    s,
+                    &o,
+                    &mut rng,
+                )?)
+            }
+            _ => None,
+        };
+        let t_prep = t0.elapsed().as_secs_f64() - t_roll;
+
+        // PPO epochs × minibatches.
+        let mb = self.cfg.ppo.minibatches;
+        let bsz = rows / mb;
+        let seq_mean = self.cfg.ppo.agg == "seq-mean";
+        let mut acc: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        let add = |acc: &mut BTreeMap<String, (f64, f64)>, k: &str, v: f64| {
+            let e = acc.entry(k.to_string()).or_insert((0.0, 0.0));
+            e.0 += v;
+            e.1 += 1.0;
+        };
+        let skip_nonfinite = self.cfg.run.on_nonfinite == "skip";
+        let mut skipped = 0.0;
+        for epoch in 0..self.cfg.ppo.epochs {
+            let order = Stream::new(self.cfg.run.seed, step, &format!("minibatch{epoch}"))
+                .permutation(rows);
+            for j in 0..mb {
+                let sel: Vec<usize> = order[j * bsz..(j + 1) * bsz].to_vec();
+                let gather = |v: &[f32], w: usize| -> Vec<f32> {
+                    sel.iter()
+                        .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                        .collect()
+                };
+                let seqs: Vec<Vec<u32>> = sel.iter().map(|&r| batch.seqs[r].clone()).collect();
+                let sk: Vec<usize> = sel.iter().map(|&r| skip[r]).collect();
+                let mmask = gather(&mask, s);
+                let tw = token_weights(&mmask, s, seq_mean);
+                let (st, g) =
+                    self.policy
+                        .update(&seqs, &sk, &gather(&old_lp, s), &gather(&adv, s), &tw)?;
+                if !st.loss.is_finite() {
+                    let msg = format!("step {step}: the actor loss (actor/pg_loss) is {}", st.loss);
+                    if !skip_nonfinite {
+                        return Err(Error::Invalid(format!(
+                            "{msg}; stopping (run.on_nonfinite = \"stop\")"
+                        )));
+                    }
+                    eprintln!("dfpo-train: warning: {msg}; update skipped");
+                    skipped += 1.0;
+                } else {
+                    let o = self.policy.step(&g)?;
+                    if !o.applied {
+                        let msg =
+                            format!("step {step}: the actor gradient norm is {}", o.grad_norm);
+                        if !skip_nonfinite {
+                            return Err(Error::Invalid(format!(
+                                "{msg}; stopping (run.on_nonfinite = \"stop\")"
+                            )));
+                        }
+                        eprintln!("dfpo-train: warning: {msg}; update skipped");
+                        skipped += 1.0;
+                    }
+                    add(&mut acc, "actor/grad_norm", o.grad_norm);
+                    add(&mut acc, "actor/lr", o.lr);
+                }
+                add(&mut acc, "actor/pg_loss", st.pg_loss);
+                add(&mut acc, "actor/clipfrac", st.clipfrac);
+                add(&mut acc, "actor/ppo_kl", st.ppo_kl);
+                add(&mut acc, "actor/entropy", st.entropy);
+                let Some(c) = self.critic.as_mut() else {
+                    continue;
+                };
+                let ctw = token_weights(&mmask, s, false);
+                let inputs: Vec<Vec<f32>> = match &c.head {
+                    CriticHead::Value { .. } => {
+                        vec![gather(&ret, s), gather(&values, s), ctw]
+                    }
+                    CriticHead::Quantile { .. } => vec![gather(&ret, s * k), ctw],
+                    CriticHead::Flow { .. } => {
+                        let t = targets.as_ref().expect("flow targets");
+                        let mut v: Vec<Vec<f32>> = Vec::new();
+                        for (i, full) in t.slice(0, rows, s, k).into_iter().enumerate() {
+                            let w = if i < 11 { s * k } else { s };
+                            v.push(gather(&full, w));
+                        }
+                        v.push(ctw);
+                        v
+                    }
+                };
+                let (cst, g) = c.update(&seqs, &inputs)?;
+                let finite = cst.loss.is_finite();
+                let o = if finite { Some(c.step(&g)?) } else { None };
+                if !finite || !o.is_some_and(|o| o.applied) {
+                    let bad = cst
+                        .terms
+                        .iter()
+                        .find(|(_, v)| !v.is_finite())
+                        .map_or("critic/grad_norm".to_string(), |(n, _)| {
+                            format!("critic/{n}")
+                        });
+                    let msg = format!("step {step}: the critic loss or gradient is not finite (first bad term: {bad})");
+                    if !skip_nonfinite {
+                        return Err(Error::Invalid(format!(
+                            "{msg}; stopping (run.on_nonfinite = \"stop\")"
+                        )));
+                    }
+                    eprintln!("dfpo-train: warning: {msg}; update skipped");
+                    skipped += 1.0;
+                }
+                if let Some(o) = o {
+                    add(&mut acc, "critic/grad_norm", o.grad_norm);
+                }
+                add(&mut acc, "critic/loss", cst.loss);
+                for (n, v) in &cst.terms {
+                    add(&mut acc, &format!("critic/{n}"), *v);
+                }
+            }
+        }
+        for (k, (s, c)) in acc {
+            m.insert(k, s / c);
+        }
+        let t_total = t0.elapsed().as_secs_f64();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        m.insert("reward/noisy_mean".into(), mean(&batch.noisy));
+        m.insert("reward/clean_mean".into(), mean(&batch.clean));
+        m.insert(
+            "response_length/mean".into(),
+            mean(
+                &batch
+                    .response_len
+                    .iter()
+                    .map(|&l| l as f64)
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        m.insert("rollout/entropy".into(), {
+            let e: f64 = old_ent
+                .iter()
+                .zip(&mask)
+                .map(|(&e, &k)| (e * k) as f64)
+                .sum();
+            e / ntok.max(1.0)
+        });
+        if let Some(kl) = &kl {
+            let v: f64 = kl.iter().map(|&x| x as f64).sum::<f64>() / ntok.max(1.0);
+            m.insert("actor/ref_kl".into(), v);
+            m.insert("actor/kl_coef".into(), self.kl_coef);
+            if self.cfg.kl.adaptive {
+                // Ziegler et al.: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
+                let err = (v / self.cfg.kl.target - 1.0).clamp(-0.2, 0.2);
+                self.kl_coef *= 1.0 + err * rows as f64 / self.cfg.kl.horizon;
+            }
+        }
+        m.insert("update/skipped".into(), skipped);
+        m.insert("timing/rollout_s".into(), t_roll);
+        m.insert("timing/prep_s".into(), t_prep);
+        m.insert("timing/update_s".into(), t_total - t_roll - t_prep);
+        m.insert("timing/step_s".into(), t_total);
+        let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
+        m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
+        self.step += 1;
+        Ok(m)
+    }
+
+    // ---- checkpoints ------------------------------------------------------------------------
+
+    fn ckpt_root(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    /// Writes the full state to `checkpoints/step-NNNNNN` (a temporary folder renamed into
+    /// place, so a crash never leaves a half-written checkpoint) and keeps the newest N.
+    pub fn save_checkpoint(&self, seconds: f64) -> Result<PathBuf> {
+        let root = self.ckpt_root();
+        std::fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+        let name = format!("step-{:06}", self.step);
+        let dst = root.join(&name);
+        let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let mut state: TensorMap = BTreeMap::new();
+        let mut put = |prefix: &str, st: BTreeMap<String, Vec<f32>>| {
+            for (k, v) in st {
+                let n = v.len();
+                state.insert(
+                    k,
+                    Tensor {
+                        shape: vec![n],
+                        data: v,
+                    },
+                );
+            }
+            let _ = prefix;
+        };
+        put("policy.", self.policy.opt.state("policy."));
+        if let Some(c) = &self.critic {
+            put("critic.", c.opt.state("critic."));
+        }
+        save_safetensors(tmp.join("state.safetensors"), &state, Dtype::F32)?;
+        let meta = Meta {
+            step: self.step,
+            kl_coef: self.kl_coef,
+            data_position: self.step * self.cfg.rollout.prompts_per_step as u64,
+            seed: self.cfg.run.seed,
+            algo: self.cfg.algo.name.as_str().into(),
+            policy_opt_step: self.policy.opt.step,
+            critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.step),
+            seconds,
+            before: self.before.clone(),
+        };
+        let js = serde_json::to_string_pretty(&meta)
+            .map_err(|e| Error::Invalid(format!("meta.json: {e}")))?;
+        write_atomic(tmp.join("meta.json"), |w| w.write_all(js.as_bytes()))?;
+        let toml = self.cfg.to_toml();
+        write_atomic(tmp.join("config.toml"), |w| w.write_all(toml.as_bytes()))?;
+        let _ = std::fs::remove_dir_all(&dst);
+        std::fs::rename(&tmp, &dst).map_err(|e| io_err(&dst, e))?;
+        // keep-N: remove the oldest complete checkpoints.
+        let mut all = list_checkpoints(&root)?;
+        while all.len() > self.cfg.run.keep_checkpoints {
+            let (_, p) = all.remove(0);
+            let _ = std::fs::remove_dir_all(p);
+        }
+        Ok(dst)
+    }
+
+    /// Restores the newest checkpoint, if any; returns its step.
+    pub fn resume(&mut self) -> Result<Option<u64>> {
+        let all = list_checkpoints(&self.ckpt_root())?;
+        let Some((_, dir)) = all.last() else {
+            return Ok(None);
+        };
+        let meta_path = dir.join("meta.json");
+        let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: fmt_path(&meta_path),
+            msg: e.to_string(),
+        })?;
+        if meta.algo != self.cfg.algo.name.as_str() {
+            return Err(Error::Format {
+                path: fmt_path(&meta_path),
+                msg: format!(
+                    "checkpoint was written by algo \"{}\", this run is \"{}\"",
+                    meta.algo,
+                    self.cfg.algo.name.as_str()
+                ),
+            });
+        }
+        let sp = dir.join("state.safetensors");
+        let st: BTreeMap<String, Vec<f32>> = read_safetensors(&sp)?
+            .into_iter()
+            .map(|(k, t)| (k, t.data))
+            .collect();
+        let src = fmt_path(&sp);
+        self.policy
+            .opt
+            .load_state("policy.", &st, meta.policy_opt_step, &src)?;
+        self.policy.sync()?;
+        if let Some(c) = self.critic.as_mut() {
+            c.opt
+                .load_state("critic.", &st, meta.critic_opt_step, &src)?;
+            c.sync()?;
+        }
+        self.step = meta.step;
+        self.kl_coef = meta.kl_coef;
+        self.before = meta.before;
+        self.seconds_before = meta.seconds;
+        Ok(Some(meta.step))
+    }
+
+    /// Exports the policy as an HF folder (f32 safetensors + config + tokenizer files).
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        let tensors = tensor_map(&self.policy.dec, &self.policy.opt)?;
+        let files: Vec<&Path> = self.tok_files.iter().map(|p| p.as_path()).collect();
+        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        save_hf_folder(&tmp, &self.policy.dec.config, &tensors, Dtype::F32, &files)?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+    }
+
+    /// The whole run: (resume,) eval before, the RL steps, eval after, export, summary.
+    pub fn run(&mut self) -> Result<Summary> {
+        let t0 = Instant::now();
+        std::fs::create_dir_all(&self.out).map_err(|e| io_err(&self.out, e))?;
+        let toml = self.cfg.to_toml();
+        eprintln!("dfpo-train: resolved config:\n{toml}");
+        write_atomic(self.out.join("config.toml"), |w| {
+            w.write_all(toml.as_bytes())
+        })?;
+        eprintln!(
+            "dfpo-train: {} on {}, policy {} ({} params), {} train prompts, eval splits: {}",
+            self.cfg.algo.name.as_str(),
+            self.device.describe(),
+            self.cfg.model.policy,
+            self.policy.opt.params().iter().map(Vec::len).sum::<usize>(),
+            self.train_ids.len(),
+            self.task
+                .evals
+                .iter()
+                .map(|(n, e)| format!("{n} ({})", e.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let resumed = if self.cfg.run.resume {
+            self.resume()?
+        } else {
+            None
+        };
+        if let Some(s) = resumed {
+            eprintln!("dfpo-train: resumed from step {s}");
+        } else {
+            let ev = self.evaluate()?;
+            self.before = ev
+                .iter()
+                .map(|e| (e.name.clone(), EvalEntry::from(e)))
+                .collect();
+            for e in &ev {
+                eprintln!(
+                    "dfpo-train: before: {} accuracy {:.3} (unparsed {:.3}, n {})",
+                    e.name, e.accuracy, e.unparsed, e.n
+                );
+            }
+        }
+        let mut metrics = MetricsWriter::create(&self.out.join("metrics.jsonl"), resumed)?;
+        let total = self.cfg.run.steps as u64;
+        let mut bar = Progress::new(total, self.cfg.run.progress);
+        let mut last_saved = self.step;
+        while self.step < total {
+            let mut m = self.train_step()?;
+            let ev_every = self.cfg.run.eval_every as u64;
+            if ev_every > 0 && self.step % ev_every == 0 && self.step < total {
+                for e in self.evaluate()? {
+                    m.insert(format!("eval/{}/accuracy", e.name), e.accuracy);
+                }
+            }
+            metrics.write(self.step, &m)?;
+            let shown: Vec<(&str, f64)> = [
+                ("reward", "reward/clean_mean"),
+                ("noisy", "reward/noisy_mean"),
+                ("pg", "actor/pg_loss"),
+                ("critic", "critic/loss"),
+            ]
+            .iter()
+            .filter_map(|(l, k)| m.get(*k).map(|v| (*l, *v)))
+            .collect();
+            bar.update(self.step, &shown);
+            let se = self.cfg.run.save_every as u64;
+            if se > 0 && self.step % se == 0 {
+                self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
+                last_saved = self.step;
+            }
+        }
+        bar.finish();
+        if last_saved != self.step || list_checkpoints(&self.ckpt_root())?.is_empty() {
+            self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
+        }
+        let after_ev = self.evaluate()?;
+        let after: BTreeMap<String, EvalEntry> = after_ev
+            .iter()
+            .map(|e| (e.name.clone(), EvalEntry::from(e)))
+            .collect();
+        let final_dir = self.out.join("final");
+        self.export(&final_dir)?;
+        let summary = Summary {
+            algo: self.cfg.algo.name.as_str().into(),
+            seed: self.cfg.run.seed,
+            flip_prob: self.cfg.reward.flip_prob,
+            steps: self.step,
+            seconds: self.seconds_before + t0.elapsed().as_secs_f64(),
+            before: self.before.clone(),
+            after,
+        };
+        let js =
+            serde_json::to_string_pretty(&summary).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(self.out.join("summary.json"), |w| {
+            w.write_all(js.as_bytes())
+        })?;
+        eprintln!("{}", summary_table(&summary));
+        eprintln!(
+            "dfpo-train: final policy exported to {}",
+            fmt_path(&final_dir)
+        );
+        Ok(summary)
+    }
+}
+
+/// Complete checkpoints (`step-NNNNNN` folders with meta.json), oldest first.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if e.path().join("meta.json").exists() {
+                out.push((n, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The before/after table printed at the end of a run.
+pub fn summary_table(s: &Summary) -> String {
+    let mut t = format!(
+        "\n{} | {} steps | reward flip {} | seed {} | {:.0} s\n{:<16} {:>8} {:>8} {:>8}\n",
+        s.algo, s.steps, s.flip_prob, s.seed, s.seconds, "split", "before", "after", "change"
+    );
+    for (name, a) in &s.after {
+        let b = s.before.get(name).map_or(f64::NAN, |e| e.accuracy);
+        t.push_str(&format!(
+            "{:<16} {:>7.1}% {:>7.1}% {:>+7.1}\n",
+            name,
+            100.0 * b,
+            100.0 * a.accuracy,
+            100.0 * (a.accuracy - b)
+        ));
+    }
+    t
+}
+
+/// `dfpo-train train`: load, run, report.
+pub fn run(cfg: TrainConfig) -> Result<Summary> {
+    let mut t = Trainer::new(cfg)?;
+    t.run()
+}
+
+/// The checker of a run's data (for tools that score outside the trainer).
+pub fn checker_of(cfg: &TrainConfig) -> Result<Checker> {
+    Checker::parse(&cfg.data.checker)
+}

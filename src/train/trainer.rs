@@ -129,6 +129,9 @@ pub struct Trainer {
     out: PathBuf,
     before: BTreeMap<String, EvalEntry>,
     seconds_before: f64,
+    /// Test hook: [`Trainer::run`] stops with an error right after this step (after its
+    /// metrics and checkpoint), as if the process had been killed there.
+    pub interrupt_after: Option<u64>,
 }
 
 fn fmt_path(p: &Path) -> String {
@@ -295,6 +298,7 @@ impl Trainer {
             out,
             before: BTreeMap::new(),
             seconds_before: 0.0,
+            interrupt_after: None,
         })
     }
 
@@ -894,6 +898,12 @@ impl Trainer {
             if se > 0 && self.step % se == 0 {
                 self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
                 last_saved = self.step;
+            }
+            if self.interrupt_after == Some(self.step) {
+                return Err(Error::Invalid(format!(
+                    "interrupted after step {} (test hook)",
+                    self.step
+                )));
             }
         }
         bar.finish();

@@ -1,0 +1,199 @@
+//! Finite-difference checks of the training heads' backward passes (`src/train/heads.rs`):
+//! each host kernel's analytic gradient against central differences of its own forward.
+
+use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
+use dfpo::train::heads::{
+    ActorLoss, FlowCriticLoss, FlowTermWeights, HostKernel, QuantileLoss, RiskTerms, ValueLoss,
+};
+
+mod common;
+use common::Rng;
+
+/// Checks d loss / d ins[i] for every i in `wrt` by central differences (f32 forward,
+/// relative step), on a few random coordinates each.
+fn fd_check(kern: &dyn HostKernel, ins: &[Vec<f32>], wrt: &[usize], rng: &mut Rng, tol: f64) {
+    let outs = kern.forward(ins).unwrap();
+    let d_outs: Vec<Vec<f32>> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            if i == 0 {
+                vec![1.0]
+            } else {
+                vec![0.0; o.len()]
+            }
+        })
+        .collect();
+    let need: Vec<bool> = (0..ins.len()).map(|i| wrt.contains(&i)).collect();
+    let grads = kern.backward(ins, &outs, &d_outs, &need).unwrap();
+    for &i in wrt {
+        let g = grads[i].as_ref().expect("gradient asked for");
+        assert_eq!(g.len(), ins[i].len());
+        let mut checked = 0;
+        for _ in 0..40 {
+            let j = (rng.next_u64() % ins[i].len() as u64) as usize;
+            let h = 1e-2f32;
+            let mut p = ins.to_vec();
+            p[i][j] += h;
+            let lp = kern.forward(&p).unwrap()[0][0] as f64;
+            p[i][j] -= 2.0 * h;
+            let lm = kern.forward(&p).unwrap()[0][0] as f64;
+            let fd = (lp - lm) / (2.0 * h as f64);
+            let an = g[j] as f64;
+            let err = (fd - an).abs();
+            assert!(
+                err <= tol * (1.0 + an.abs().max(fd.abs())),
+                "{}: input {i}[{j}]: analytic {an} vs finite difference {fd}",
+                kern.name()
+            );
+            checked += 1;
+        }
+        assert!(checked > 0);
+    }
+}
+
+fn weights(n: usize, rng: &mut Rng) -> Vec<f32> {
+    let w: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 4 == 3 {
+                0.0
+            } else {
+                (rng.range(0.5, 1.5) as f32)
+            }
+        })
+        .collect();
+    let s: f32 = w.iter().sum();
+    w.into_iter().map(|x| x / s).collect()
+}
+
+#[test]
+fn actor_loss_gradient_matches_finite_differences() {
+    let mut rng = Rng::fresh(module_path!());
+    let n = 64;
+    let lp: Vec<f32> = (0..n).map(|_| (rng.range(-3.0, -0.1) as f32)).collect();
+    // Old log-probs near the new ones: some ratios inside the clip range, some outside.
+    let old: Vec<f32> = lp
+        .iter()
+        .map(|&l| l + (rng.range(-0.4, 0.4) as f32))
+        .collect();
+    let ent: Vec<f32> = (0..n).map(|_| (rng.range(0.1, 2.0) as f32)).collect();
+    let adv: Vec<f32> = (0..n).map(|_| (rng.range(-2.0, 2.0) as f32)).collect();
+    let w = weights(n, &mut rng);
+    let k = ActorLoss {
+        n,
+        clip_low: 0.2,
+        clip_high: 0.28,
+        ent_coef: 0.01,
+    };
+    let ins = vec![lp, ent, old, adv, w];
+    fd_check(&k, &ins, &[0, 1], &mut rng, 2e-2);
+    // Some tokens were clipped, some not (both branches exercised).
+    let cf = k.forward(&ins).unwrap()[1][1];
+    assert!(cf > 0.0 && cf < 1.0, "clip fraction {cf}");
+}
+
+#[test]
+fn value_loss_gradient_matches_finite_differences() {
+    let mut rng = Rng::fresh(module_path!());
+    let n = 64;
+    let old: Vec<f32> = (0..n).map(|_| (rng.range(-1.0, 1.0) as f32)).collect();
+    let v: Vec<f32> = old
+        .iter()
+        .map(|&o| o + (rng.range(-0.5, 0.5) as f32))
+        .collect();
+    let ret: Vec<f32> = (0..n).map(|_| (rng.range(-1.0, 1.0) as f32)).collect();
+    let w = weights(n, &mut rng);
+    let k = ValueLoss { n, clip: 0.2 };
+    fd_check(&k, &[v, ret, old, w], &[0], &mut rng, 2e-2);
+}
+
+fn risk() -> RiskTerms {
+    RiskTerms {
+        levels: TailLevels {
+            alpha: 0.25,
+            beta: 0.25,
+        },
+        weights: RiskLossWeights {
+            cvar: 1.0,
+            gain: 0.7,
+            shape: 0.5,
+            mean_shift: 0.0,
+        },
+    }
+}
+
+#[test]
+fn quantile_loss_gradient_matches_finite_differences() {
+    let mut rng = Rng::fresh(module_path!());
+    let (n, k) = (12, 8);
+    let q: Vec<f32> = (0..n * k).map(|_| (rng.range(-1.5, 1.5) as f32)).collect();
+    let g: Vec<f32> = (0..n * k).map(|_| (rng.range(-1.0, 2.0) as f32)).collect();
+    let w = weights(n, &mut rng);
+    let kern = QuantileLoss {
+        n,
+        k,
+        kappa: 1.0,
+        risk: risk(),
+    };
+    fd_check(&kern, &[q, g, w], &[0], &mut rng, 3e-2);
+}
+
+#[test]
+fn flow_critic_loss_gradient_matches_finite_differences() {
+    let mut rng = Rng::fresh(module_path!());
+    let (n, k) = (10, 8);
+    let nk = n * k;
+    let mut r = |lo: f32, hi: f32, len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| rng.range(lo as f64, hi as f64) as f32)
+            .collect()
+    };
+    let ins = vec![
+        r(-1.0, 1.0, nk), // v_read
+        r(-1.0, 1.0, nk), // v_b
+        r(-1.0, 1.0, nk), // v_d
+        r(-2.0, 2.0, nk), // eps
+        r(-0.5, 1.5, nk), // target
+        r(-1.0, 1.0, nk), // gc_target
+        r(-1.0, 1.0, nk), // vel_b
+        r(-1.0, 1.0, nk), // vel_d
+        r(0.5, 1.0, n),   // w_unc
+        (0..n).map(|i| (i % 3 != 0) as u8 as f32).collect(),
+        {
+            let mut rr = Rng::fresh("flow_critic_loss weights");
+            weights(n, &mut rr)
+        },
+    ];
+    let kern = FlowCriticLoss {
+        n,
+        k,
+        w: FlowTermWeights {
+            dcfm: 1.0,
+            bcfm: 0.8,
+            gc: 0.5,
+        },
+        risk: risk(),
+    };
+    let mut rng = Rng::fresh(module_path!());
+    fd_check(&kern, &ins, &[0, 1, 2], &mut rng, 3e-2);
+    // Each term switches off with its weight.
+    let off = FlowCriticLoss {
+        n,
+        k,
+        w: FlowTermWeights {
+            dcfm: 0.0,
+            bcfm: 0.0,
+            gc: 0.0,
+        },
+        risk: RiskTerms {
+            weights: RiskLossWeights {
+                cvar: 0.0,
+                gain: 0.0,
+                shape: 0.0,
+                mean_shift: 0.0,
+            },
+            ..risk()
+        },
+    };
+    assert_eq!(off.forward(&ins).unwrap()[0][0], 0.0);
+}

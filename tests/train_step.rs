@@ -1,0 +1,583 @@
+//! The DFPO training step on the CPU: the actor and critic losses against independent
+//! computations, one full step of every algorithm, resume exactness, the HF export, and the
+//! trainer's error paths.
+
+use std::path::{Path, PathBuf};
+
+use dfpo::device::Device;
+use dfpo::graph::DType;
+use dfpo::kernels::flow::{self, FlowHeadShape};
+use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
+use dfpo::kernels::rl::{self, PpoParams};
+use dfpo::model::checkpoint::{save_hf_folder, Dtype};
+use dfpo::model::decoder::{Decoder, HeadOut};
+use dfpo::task::arith;
+use dfpo::train::config::TrainConfig;
+use dfpo::train::heads::{FlowTermWeights, RiskTerms};
+use dfpo::train::models::{Critic, CriticHead, OptSettings};
+use dfpo::train::optim::Schedule;
+use dfpo::train::trainer::Trainer;
+
+mod common;
+use common::Rng;
+
+/// A random tiny arithmetic model folder (shared by the tests of this file).
+fn tiny_model() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("dfpo-train-step-{}", std::process::id()));
+        let dec = dfpo::model::init::random_decoder(arith::model_config(), 11).unwrap();
+        save_hf_folder(&dir, &dec.config, dec.params(), Dtype::F32, &[]).unwrap();
+        arith::write_tokenizer_files(&dir).unwrap();
+        dir
+    })
+    .clone()
+}
+
+fn out_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dfpo-train-step-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A small, fast configuration on the tiny model.
+fn small_cfg(algo: &str, out: &Path, steps: usize) -> TrainConfig {
+    let sets: Vec<String> = [
+        format!("algo.name=\"{algo}\""),
+        format!("model.policy=\"{}\"", tiny_model().display()),
+        format!("run.out_dir=\"{}\"", out.display()),
+        format!("run.steps={steps}"),
+        "run.device=\"cpu\"".into(),
+        "run.progress=false".into(),
+        "run.save_every=2".into(),
+        "rollout.prompts_per_step=4".into(),
+        "rollout.n_samples=2".into(),
+        "rollout.max_new_tokens=5".into(),
+        "data.eval_size=8".into(),
+        "critic.k=8".into(),
+        "critic.head_width=32".into(),
+        "ppo.epochs=2".into(),
+        "ppo.minibatches=2".into(),
+        "kl.coef=0.01".into(),
+        // A high rate, so a few steps move the weights visibly.
+        "optim.actor_lr=0.01".into(),
+    ]
+    .to_vec();
+    TrainConfig::load(None, &sets).unwrap()
+}
+
+fn opt_settings() -> OptSettings {
+    OptSettings {
+        hp: dfpo::kernels::adamw::AdamWParams::default(),
+        max_grad_norm: 1.0,
+        schedule: Schedule {
+            peak: 1e-3,
+            warmup: 0,
+            total: 10,
+            cosine: false,
+            min_ratio: 1.0,
+        },
+    }
+}
+
+#[test]
+fn actor_loss_matches_an_independent_ppo_computation() {
+    let mut rng = Rng::fresh("actor_loss_matches");
+    let out = out_dir("actor");
+    let mut cfg = small_cfg("grpo", &out, 1);
+    cfg.ppo.clip_high = 0.28;
+    let mut t = Trainer::new(cfg).unwrap();
+    let batch = t.rollout(0).unwrap();
+    let mask = batch.mask();
+    let s = batch.s;
+    let rows = 4; // one minibatch
+    let seqs = &batch.seqs[..rows];
+    let skip = &batch.prompt_len[..rows];
+    let m = &mask[..rows * s];
+    let (lp, _) = t.policy.logprobs(seqs, skip).unwrap();
+    // Old log-probs perturbed so that ratios differ from 1 (some clipped).
+    let old: Vec<f32> = lp
+        .iter()
+        .map(|&l| l + (rng.range(-0.3, 0.3) as f32))
+        .collect();
+    let adv: Vec<f32> = (0..rows * s).map(|_| rng.normal() as f32).collect();
+    let tw = dfpo::train::rollout::token_weights(m, s, false);
+    let (st, _) = t.policy.update(seqs, skip, &old, &adv, &tw).unwrap();
+
+    // Independently: the plain decoder graph's log-probs and the rl kernel's PPO loss.
+    let dec = Decoder::load(tiny_model()).unwrap();
+    let mut g = dec.build(rows, s, &Device::Cpu).unwrap();
+    g.set_batch_masked(seqs, skip).unwrap();
+    g.forward().unwrap();
+    let lp2 = g.token_logprobs().unwrap();
+    let mut loss_tok = vec![0.0f32; rows * s];
+    let mut grad = vec![0.0f32; rows * s];
+    let want = rl::cpu::ppo_policy_loss(
+        &lp2,
+        &old,
+        &adv,
+        m,
+        PpoParams {
+            clip_low: 0.2,
+            clip_high: 0.28,
+        },
+        &mut loss_tok,
+        &mut grad,
+    )
+    .unwrap();
+    assert!(
+        (st.pg_loss - want.loss as f64).abs() < 1e-5,
+        "pg_loss {} vs independent {}",
+        st.pg_loss,
+        want.loss
+    );
+    assert!((st.clipfrac - want.clipfrac as f64).abs() < 1e-6);
+    assert!((st.ppo_kl - want.approx_kl as f64).abs() < 1e-5);
+    assert!(
+        want.clipfrac > 0.0,
+        "the perturbation should clip some tokens"
+    );
+}
+
+/// Hidden states of the trunk (final norm), read through a trivial head.
+fn hidden_states(dec: &Decoder, seqs: &[Vec<u32>], s: usize) -> Vec<f32> {
+    let mut ids = None;
+    let mut g = dec
+        .build_with(seqs.len(), s, &Device::Cpu, false, |g, t| {
+            let zero = g.input("zero", t.n * t.hidden_size);
+            let l = g.node(dfpo::graph::ops::MseLoss, &[t.hidden, zero], &[("l", 1)])?[0];
+            ids = Some(t.hidden);
+            Ok(HeadOut {
+                loss: l,
+                keep: vec![t.hidden],
+                params: vec![],
+            })
+        })
+        .unwrap();
+    g.set_batch(seqs).unwrap();
+    g.forward().unwrap();
+    g.read(ids.unwrap()).unwrap()
+}
+
+/// Tail statistics of one row, written out plainly: (CVaR_α, top-β mean, var low, var high).
+fn tails(row: &[f64], klo: usize, khi: usize) -> (f64, f64, f64, f64) {
+    let mut v = row.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let var = |x: &[f64]| {
+        let m = mean(x);
+        x.iter().map(|y| (y - m).powi(2)).sum::<f64>() / x.len() as f64
+    };
+    let lo = &v[..klo];
+    let hi = &v[v.len() - khi..];
+    (mean(lo), mean(hi), var(lo), var(hi))
+}
+
+#[test]
+fn flow_critic_loss_matches_an_independent_computation() {
+    let mut rng = Rng::fresh("flow_critic_loss_matches");
+    let dec = Decoder::load(tiny_model()).unwrap();
+    let (b, s, k) = (3, 9, 8);
+    let shape = FlowHeadShape::new(dec.config.hidden_size, 32, 2).unwrap();
+    let (alpha, beta) = (0.25f32, 0.25f32);
+    let w = FlowTermWeights {
+        dcfm: 0.7,
+        bcfm: 1.3,
+        gc: 0.4,
+    };
+    let rw = RiskLossWeights {
+        cvar: 1.0,
+        gain: 0.6,
+        shape: 0.8,
+        mean_shift: 0.0,
+    };
+    let head = CriticHead::Flow {
+        k,
+        shape,
+        weights: w,
+        risk: RiskTerms {
+            levels: TailLevels { alpha, beta },
+            weights: rw,
+        },
+        init_seed: rng.next_u64(),
+    };
+    let mut critic = Critic::new(&dec, b, s, &Device::Cpu, head, &opt_settings()).unwrap();
+    let seqs: Vec<Vec<u32>> = (0..b)
+        .map(|i| {
+            (0..s - i)
+                .map(|_| (rng.next_u64() % 12) as u32 + 3)
+                .collect()
+        })
+        .collect();
+    let n = b * s;
+    let nk = n * k;
+    let mut u = |lo: f64, hi: f64, len: usize| -> Vec<f32> {
+        (0..len).map(|_| rng.range(lo, hi) as f32).collect()
+    };
+    let mut inputs = vec![
+        u(-2.0, 2.0, nk), // z_read
+        vec![0.0; nk],    // tau_read
+        u(-1.0, 1.0, nk), // z_b
+        u(0.0, 1.0, nk),  // tau_b
+        u(-1.0, 1.0, nk), // z_d
+        u(0.0, 1.0, nk),  // tau_d
+        vec![0.0; nk],    // eps (= z_read below)
+        u(-0.5, 1.5, nk), // target
+        u(-1.0, 1.0, nk), // gc_target
+        u(-1.0, 1.0, nk), // vel_b
+        u(-1.0, 1.0, nk), // vel_d
+        u(0.5, 1.0, n),   // w_unc
+        (0..n).map(|i| (i % 4 != 0) as u8 as f32).collect(),
+    ];
+    inputs[6] = inputs[0].clone();
+    let mask: Vec<f32> = (0..n).map(|i| (i % 5 != 2) as u8 as f32).collect();
+    let tw = dfpo::train::rollout::token_weights(&mask, s, false);
+    inputs.push(tw.clone());
+    let (st, grads) = critic.update(&seqs, &inputs).unwrap();
+
+    // Independently: hidden → u → the three evaluations → the loss, term by term, in f64.
+    let params = critic.flow_params().unwrap().to_vec();
+    let h = hidden_states(&dec, &seqs, s);
+    let mut cu = vec![0.0f64; n * shape.width];
+    let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
+    let h64: Vec<f64> = h.iter().map(|&x| x as f64).collect();
+    flow::cpu::cond_forward(&shape, &p64, &h64, &mut cu).unwrap();
+    let eval = |z: &[f32], tau: &[f32]| -> Vec<f64> {
+        let z: Vec<f64> = z.iter().map(|&x| x as f64).collect();
+        let tau: Vec<f64> = tau.iter().map(|&x| x as f64).collect();
+        let mut v = vec![0.0f64; nk];
+        flow::cpu::eval_forward(&shape, &p64, &cu, k, &z, &tau, &mut v).unwrap();
+        v
+    };
+    let vr = eval(&inputs[0], &inputs[1]);
+    let vb = eval(&inputs[2], &inputs[3]);
+    let vd = eval(&inputs[4], &inputs[5]);
+    let klo = ((alpha * k as f32) as usize).max(1);
+    let khi = ((beta * k as f32) as usize).max(1);
+    let (mut want, mut dcfm) = (0.0f64, 0.0f64);
+    for t in 0..n {
+        let wt = tw[t] as f64;
+        if wt == 0.0 {
+            continue;
+        }
+        let (mut sd, mut sb, mut sc) = (0.0, 0.0, 0.0);
+        let mut z1 = vec![0.0f64; k];
+        let mut g = vec![0.0f64; k];
+        for j in 0..k {
+            let r = t * k + j;
+            sd += (vd[r] - inputs[10][r] as f64).powi(2);
+            sb += (vb[r] - inputs[9][r] as f64).powi(2);
+            z1[j] = inputs[6][r] as f64 + vr[r];
+            g[j] = inputs[7][r] as f64;
+            sc += (z1[j] - inputs[8][r] as f64).powi(2);
+        }
+        let wu = inputs[11][t] as f64;
+        let dm = inputs[12][t] as f64;
+        dcfm += wt * wu * dm * sd / k as f64;
+        want += wt
+            * (w.dcfm as f64 * wu * dm * sd / k as f64
+                + w.bcfm as f64 * wu * sb / k as f64
+                + w.gc as f64 * sc / k as f64);
+        let (pc, pg, pvl, pvh) = tails(&z1, klo, khi);
+        let (tc, tg, tvl, tvh) = tails(&g, klo, khi);
+        want += wt
+            * (rw.cvar as f64 * (pc - tc).powi(2)
+                + rw.gain as f64 * (pg - tg).powi(2)
+                + rw.shape as f64 * ((pvl - tvl).max(0.0) + (tvh - pvh).max(0.0)));
+    }
+    assert!(
+        (st.loss - want).abs() < 1e-4 * (1.0 + want.abs()),
+        "flow critic loss {} vs independent {want}",
+        st.loss
+    );
+    let got_dcfm = st.terms.iter().find(|(n, _)| *n == "dcfm").unwrap().1;
+    assert!((got_dcfm - dcfm).abs() < 1e-4 * (1.0 + dcfm));
+    // Every parameter got a finite gradient, the flow head's and the trunk's non-zero.
+    let names = critic.opt.names().to_vec();
+    for (name, g) in names.iter().zip(&grads) {
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{name}: non-finite gradient"
+        );
+    }
+    let norm = |name: &str| {
+        let i = names.iter().position(|n| n == name).unwrap();
+        grads[i].iter().map(|&v| (v as f64).powi(2)).sum::<f64>()
+    };
+    assert!(norm("flow_head.params") > 0.0);
+    assert!(norm("model.layers.0.mlp.down_proj.weight") > 0.0);
+}
+
+#[test]
+fn value_and_quantile_losses_match_independent_computations() {
+    let mut rng = Rng::fresh("value_and_quantile_losses");
+    let dec = Decoder::load(tiny_model()).unwrap();
+    let (b, s) = (2, 7);
+    let n = b * s;
+    let seqs: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..s).map(|_| (rng.next_u64() % 12) as u32 + 3).collect())
+        .collect();
+    let mask: Vec<f32> = (0..n).map(|i| (i % 3 != 0) as u8 as f32).collect();
+    let tw = dfpo::train::rollout::token_weights(&mask, s, false);
+    // Value head: initialised to zero, so v = 0 everywhere.
+    let mut c = Critic::new(
+        &dec,
+        b,
+        s,
+        &Device::Cpu,
+        CriticHead::Value { clip: 0.2 },
+        &opt_settings(),
+    )
+    .unwrap();
+    let ret: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    let old: Vec<f32> = (0..n).map(|_| rng.range(-0.5, 0.5) as f32).collect();
+    let (st, _) = c
+        .update(&seqs, &[ret.clone(), old.clone(), tw.clone()])
+        .unwrap();
+    let mut want = 0.0f64;
+    for t in 0..n {
+        let v = 0.0f64;
+        let (r, o) = (ret[t] as f64, old[t] as f64);
+        let vc = o + (v - o).clamp(-0.2, 0.2);
+        want += tw[t] as f64 * 0.5 * ((v - r).powi(2)).max((vc - r).powi(2));
+    }
+    assert!(
+        (st.loss - want).abs() < 1e-5,
+        "value loss {} vs {want}",
+        st.loss
+    );
+
+    // Quantile head: zero-initialised, q = 0; quantile-Huber against the targets only.
+    let k = 4;
+    let head = CriticHead::Quantile {
+        k,
+        kappa: 1.0,
+        risk: RiskTerms {
+            levels: TailLevels::default(),
+            weights: RiskLossWeights {
+                cvar: 0.0,
+                gain: 0.0,
+                shape: 0.0,
+                mean_shift: 0.0,
+            },
+        },
+    };
+    let mut c = Critic::new(&dec, b, s, &Device::Cpu, head, &opt_settings()).unwrap();
+    let g: Vec<f32> = (0..n * k).map(|_| rng.range(-2.0, 2.0) as f32).collect();
+    let (st, _) = c.update(&seqs, &[g.clone(), tw.clone()]).unwrap();
+    let mut want = 0.0f64;
+    for t in 0..n {
+        for i in 0..k {
+            let tau = (i as f64 + 0.5) / k as f64;
+            for j in 0..k {
+                let u = g[t * k + j] as f64; // q = 0
+                let h = if u.abs() <= 1.0 {
+                    0.5 * u * u
+                } else {
+                    u.abs() - 0.5
+                };
+                let wt = (tau - if u < 0.0 { 1.0 } else { 0.0 }).abs();
+                want += tw[t] as f64 * wt * h / (k * k) as f64;
+            }
+        }
+    }
+    assert!(
+        (st.loss - want).abs() < 1e-5,
+        "quantile loss {} vs {want}",
+        st.loss
+    );
+}
+
+#[test]
+fn every_algorithm_runs_a_step_and_moves_its_weights() {
+    for algo in ["dfpo", "ppo", "grpo", "quantile"] {
+        let out = out_dir(&format!("algo-{algo}"));
+        let mut t = Trainer::new(small_cfg(algo, &out, 2)).unwrap();
+        let before = t.policy.opt.params().to_vec();
+        let cbefore = t.critic.as_ref().map(|c| c.opt.params().to_vec());
+        let m = t.train_step().unwrap();
+        for (k, v) in &m {
+            assert!(v.is_finite(), "{algo}: metric {k} = {v}");
+        }
+        for key in [
+            "actor/pg_loss",
+            "reward/noisy_mean",
+            "reward/clean_mean",
+            "timing/step_s",
+        ] {
+            assert!(m.contains_key(key), "{algo}: no {key}");
+        }
+        assert_ne!(
+            before,
+            t.policy.opt.params(),
+            "{algo}: the policy did not move"
+        );
+        if let Some(cb) = cbefore {
+            assert!(m.contains_key("critic/loss") && m.contains_key("critic/value_mean"));
+            assert_ne!(
+                cb,
+                t.critic.as_ref().unwrap().opt.params(),
+                "{algo}: critic did not move"
+            );
+        }
+        if algo == "dfpo" {
+            for key in [
+                "critic/dcfm",
+                "critic/bcfm",
+                "critic/gc",
+                "critic/cvar_loss",
+                "critic/gain_loss",
+                "critic/shape_loss",
+                "critic/cvar",
+            ] {
+                assert!(m.contains_key(key), "dfpo: no {key}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(out);
+    }
+}
+
+fn strip_timing(line: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.retain(|k, _| !k.starts_with("timing/") && !k.starts_with("perf/"));
+    v
+}
+
+#[test]
+fn a_resumed_run_reproduces_the_uninterrupted_run_exactly() {
+    let a = out_dir("resume-a");
+    let b = out_dir("resume-b");
+    let sa = Trainer::new(small_cfg("dfpo", &a, 4))
+        .unwrap()
+        .run()
+        .unwrap();
+    let mut t = Trainer::new(small_cfg("dfpo", &b, 4)).unwrap();
+    t.interrupt_after = Some(2);
+    let err = t.run().unwrap_err();
+    assert!(err.to_string().contains("interrupted"), "{err}");
+    drop(t);
+    let mut cfg = small_cfg("dfpo", &b, 4);
+    cfg.run.resume = true;
+    let mut t = Trainer::new(cfg).unwrap();
+    let sb = t.run().unwrap();
+    let la: Vec<String> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let lb: Vec<String> = std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(la.len(), 4);
+    assert_eq!(
+        lb.len(),
+        4,
+        "the resumed run must not duplicate or lose steps"
+    );
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(strip_timing(x), strip_timing(y));
+    }
+    assert_eq!(sa.after, sb.after);
+    assert_eq!(sa.before, sb.before);
+    // Bit-identical exported weights.
+    let wa = std::fs::read(a.join("final/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("final/model.safetensors")).unwrap();
+    assert!(wa == wb, "exported weights differ");
+    // keep_checkpoints = 2 (default): steps 2 and 4 remain.
+    let ck = dfpo::train::trainer::list_checkpoints(&b.join("checkpoints")).unwrap();
+    assert_eq!(ck.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
+    let _ = std::fs::remove_dir_all(a);
+    let _ = std::fs::remove_dir_all(b);
+}
+
+#[test]
+fn the_export_loads_and_scores() {
+    let out = out_dir("export");
+    let mut t = Trainer::new(small_cfg("grpo", &out, 1)).unwrap();
+    t.run().unwrap();
+    let fin = out.join("final");
+    let dec = Decoder::load(&fin).unwrap();
+    for (name, tns) in dec.params() {
+        assert_eq!(
+            tns.data.as_slice(),
+            t.policy.opt.param(name).unwrap(),
+            "{name} differs from the master weights"
+        );
+    }
+    assert!(fin.join("tokenizer.json").exists());
+    let data = out.join("score.jsonl");
+    std::fs::write(&data, "{\"prompt\":\"12+34=\",\"response\":\"46\"}\n").unwrap();
+    let args = dfpo::model::score::ScoreArgs {
+        model: fin.clone(),
+        data: data.clone(),
+        out: out.join("scored.jsonl"),
+        batch: 4,
+        device: "cpu".into(),
+    };
+    dfpo::model::score::run(&args).unwrap();
+    let scored = std::fs::read_to_string(out.join("scored.jsonl")).unwrap();
+    assert!(scored.contains("logprobs"), "{scored}");
+    let summary = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert!(v["after"]["in_domain"]["accuracy"].is_number());
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn a_non_finite_loss_stops_or_skips_and_keeps_the_last_checkpoint() {
+    // Two healthy steps with a checkpoint, then a resume with a learning rate so large that the
+    // weights blow up within a step: "stop" must end the run with an error naming the step and
+    // the term, leaving the step-2 checkpoint exactly as it was.
+    let out = out_dir("nonfinite-stop");
+    let mut cfg = small_cfg("ppo", &out, 2);
+    cfg.run.save_every = 1;
+    Trainer::new(cfg.clone()).unwrap().run().unwrap();
+    let ck = out.join("checkpoints/step-000002/state.safetensors");
+    let saved = std::fs::read(&ck).unwrap();
+    cfg.run.steps = 4;
+    cfg.run.resume = true;
+    cfg.optim.actor_lr = 1e30;
+    cfg.optim.max_grad_norm = 0.0;
+    cfg.run.on_nonfinite = "stop".into();
+    let e = Trainer::new(cfg.clone())
+        .unwrap()
+        .run()
+        .expect_err("a blown-up run must stop")
+        .to_string();
+    assert!(
+        e.contains("step 2") && e.contains("actor") && e.contains("on_nonfinite"),
+        "{e}"
+    );
+    assert!(
+        std::fs::read(&ck).unwrap() == saved,
+        "the last good checkpoint changed"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
+    // "skip": the run goes on, every bad update is skipped and counted.
+    let out = out_dir("nonfinite-skip");
+    let mut cfg = small_cfg("ppo", &out, 3);
+    cfg.optim.actor_lr = 1e30;
+    cfg.optim.max_grad_norm = 0.0;
+    cfg.run.on_nonfinite = "skip".into();
+    Trainer::new(cfg).unwrap().run().unwrap();
+    let metrics = dfpo::train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let skipped: f64 = metrics.iter().map(|m| m["update/skipped"]).sum();
+    assert!(skipped > 0.0, "no update was skipped");
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn bad_model_folder_is_a_clear_error() {
+    let out = out_dir("badmodel");
+    let mut cfg = small_cfg("dfpo", &out, 1);
+    cfg.model.policy = "/nonexistent/model/dir".into();
+    let e = Trainer::new(cfg).err().expect("must fail").to_string();
+    assert!(e.contains("/nonexistent/model/dir"), "{e}");
+}
+
+#[allow(dead_code)]
+fn unused(_: DType) {}

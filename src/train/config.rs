@@ -4,7 +4,12 @@
 //! Loading, overrides, validation and the option listing live here; the trainer only reads the
 //! resolved [`TrainConfig`].
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
 
 /// Which algorithm trains the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +26,13 @@ pub enum Algo {
 }
 
 impl Algo {
+    /// Every algorithm, in the order the tools list them.
+    pub const ALL: [Algo; 4] = [Algo::Dfpo, Algo::Ppo, Algo::Grpo, Algo::Quantile];
+
+    /// The algorithm named `s` (the TOML spelling), if any.
+    pub fn parse(s: &str) -> Option<Algo> {
+        Algo::ALL.into_iter().find(|a| a.as_str() == s)
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             Algo::Dfpo => "dfpo",
@@ -381,5 +393,681 @@ pub struct AlgoSection {
 impl Default for AlgoSection {
     fn default() -> Self {
         AlgoSection { name: Algo::Dfpo }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading, overrides, validation, listing.
+// ---------------------------------------------------------------------------------------------
+
+/// One line of documentation per option key. `options_help` lists the keys in the order of the
+/// serialized defaults and takes the text from here; a unit test checks that this table and the
+/// defaults name exactly the same keys, so neither can drift.
+const OPTION_DOCS: &[(&str, &str)] = &[
+    ("algo.name", "dfpo | ppo | grpo | quantile (grpo has no critic)"),
+    ("run.out_dir", "output folder: metrics.jsonl, checkpoints/, final/ (HF export), config.toml"),
+    ("run.seed", "random seed (0 ..= 2^63-1)"),
+    ("run.device", "auto (CUDA when present, else CPU) | cpu | cuda"),
+    ("run.steps", "RL steps (one rollout batch + its PPO epochs each), >= 1"),
+    ("run.eval_every", "evaluate every this many steps (0: only before and after)"),
+    ("run.save_every", "checkpoint every this many steps (0: only at the end)"),
+    ("run.keep_checkpoints", "checkpoints kept (oldest removed first), >= 1"),
+    ("run.resume", "resume from the newest checkpoint in out_dir/checkpoints when there is one"),
+    ("run.on_nonfinite", "skip (drop the update, log it) | stop: on a non-finite loss or gradient"),
+    ("run.progress", "show the progress bar on stderr"),
+    ("model.policy", "policy init: builtin (the shipped SFT warm start) or an HF folder"),
+    ("model.critic", "critic backbone init (\"\": same as the policy)"),
+    ("model.reference", "reference policy for the KL term (\"\": the initial policy)"),
+    ("data.task", "arith (the built-in task) | jsonl (data.train_file, data.eval_files)"),
+    ("data.train_file", "JSONL {\"prompt\",\"answer\"} training prompts (needed when task = jsonl)"),
+    ("data.eval_files", "eval sets as [\"name=path.jsonl\", ...] (task = jsonl)"),
+    ("data.checker", "answer checker: arith (exact integer) | gsm8k (#### n) | math (\\boxed{})"),
+    ("data.chat_template", "apply the tokenizer's chat template to prompts"),
+    ("data.eval_size", "eval prompts per split (0: all)"),
+    ("rollout.prompts_per_step", "prompts per RL step, >= 1"),
+    ("rollout.n_samples", "samples per prompt (the GRPO group size), >= 1 (grpo: >= 2)"),
+    ("rollout.max_new_tokens", "response length limit in tokens, >= 1"),
+    ("rollout.temperature", "sampling temperature, > 0"),
+    ("rollout.top_k", "top-k sampling (0: off)"),
+    ("rollout.top_p", "nucleus sampling, in (0, 1] (1: off)"),
+    ("reward.flip_prob", "training reward flipped (correct <-> incorrect) with this probability, in [0, 1]"),
+    ("reward.gaussian_sigma", "std of zero-mean Gaussian noise added to the training reward, >= 0"),
+    ("reward.correct", "reward of a correct answer"),
+    ("reward.incorrect", "reward of an incorrect answer"),
+    ("kl.coef", "per-token KL penalty coefficient in the reward, >= 0 (0: no reference model run)"),
+    ("kl.estimator", "k1 (log-ratio) | k3 (unbiased, non-negative)"),
+    ("kl.adaptive", "adaptive KL controller (Ziegler et al.) toward kl.target"),
+    ("kl.target", "target KL of the adaptive controller, > 0"),
+    ("kl.horizon", "horizon of the adaptive controller, > 0"),
+    ("ppo.clip_low", "lower clip: ratio >= 1 - clip_low, in [0, 1)"),
+    ("ppo.clip_high", "upper clip (clip-higher): ratio <= 1 + clip_high, >= 0"),
+    ("ppo.ent_coef", "entropy bonus coefficient, >= 0"),
+    ("ppo.agg", "loss aggregation: token-mean | seq-mean"),
+    ("ppo.epochs", "PPO epochs over each rollout batch, >= 1"),
+    ("ppo.minibatches", "minibatches per epoch, >= 1, dividing prompts_per_step * n_samples"),
+    ("ppo.gamma", "discount, in [0, 1]"),
+    ("ppo.lam", "GAE lambda, in [0, 1]"),
+    ("ppo.whiten", "whiten advantages over the batch"),
+    ("ppo.value_clip", "ppo baseline: value clip range, >= 0 (0: off)"),
+    ("critic.k", "value samples (dfpo) or quantiles (quantile) per token, 2 ..= 1024"),
+    ("critic.head_width", "flow head hidden width, a multiple of 32 in 32 ..= 512"),
+    ("critic.head_depth", "flow head hidden layers, 1 ..= 8"),
+    ("critic.readout_steps", "Euler steps of the readout for values/advantages (the paper: 1), >= 1"),
+    ("critic.target_steps", "steps of the target solves (DCFM z', consistency target), >= 1"),
+    ("critic.solver", "euler | midpoint (the target solves)"),
+    ("critic.clip_returns", "clip the flow state to the reachable return range after every step"),
+    ("critic.kappa", "confidence temperature of the uncertainty weight, > 0"),
+    ("critic.weight_direction", "up (up-weight uncertain tokens, as Value Flows) | down | none"),
+    ("critic.w_dcfm", "weight of the distributional conditional flow-matching term, >= 0"),
+    ("critic.w_bcfm", "weight of the bootstrapped-anchor term (BCFM), >= 0"),
+    ("critic.w_gc", "weight of the geometric-consistency term, >= 0"),
+    ("critic.w_cvar", "weight of the lower-tail CVaR term, >= 0"),
+    ("critic.w_gain", "weight of the upper-tail (gain) term, >= 0"),
+    ("critic.w_shape", "weight of the tail-shape term, >= 0"),
+    ("critic.alpha", "lower tail fraction, in (0, 1]"),
+    ("critic.beta", "upper tail fraction, in (0, 1]"),
+    ("critic.huber_kappa", "quantile-Huber threshold (quantile critic), > 0"),
+    ("critic.anchor", "bootstrapped-anchor target: lambda (distributional lambda-return) | td"),
+    ("optim.actor_lr", "policy peak learning rate, >= 0"),
+    ("optim.critic_lr", "critic peak learning rate, >= 0"),
+    ("optim.warmup_frac", "warmup fraction of the total optimizer steps, in [0, 1]"),
+    ("optim.schedule", "cosine | constant (after warmup)"),
+    ("optim.min_lr_ratio", "cosine floor as a fraction of the peak, in [0, 1]"),
+    ("optim.weight_decay", "AdamW weight decay, >= 0"),
+    ("optim.beta1", "AdamW beta1, in [0, 1)"),
+    ("optim.beta2", "AdamW beta2, in [0, 1)"),
+    ("optim.eps", "AdamW epsilon, > 0"),
+    ("optim.max_grad_norm", "global gradient-norm clip per model, >= 0 (0: off)"),
+    ("eval.greedy", "greedy decoding in eval (else sampling at the rollout temperature)"),
+    ("eval.pass_k", "pass@k samples per prompt, >= 1 (must be 1 with greedy)"),
+];
+
+/// Where a resolved value came from, so a validation error can name the file line or `--set`.
+#[derive(Clone, Debug)]
+enum Origin {
+    File { path: String, line: usize },
+    Set(String),
+}
+
+/// A failed check: the keys it is about (the first user-set one is blamed) and the problem.
+struct Violation {
+    keys: &'static [&'static str],
+    msg: String,
+}
+
+impl TrainConfig {
+    /// Defaults ← the TOML file (if any) ← each `section.key=value` override in order, then
+    /// [`validate`](Self::validate). Every error names the file (or `--set`), the key and the
+    /// problem.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<TrainConfig> {
+        let schema = default_table();
+        let mut merged = toml::Table::new();
+        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+        if let Some(path) = path {
+            merge_file(&schema, path, &mut merged, &mut origins)?;
+        }
+        for set in sets {
+            merge_set(&schema, set, &mut merged, &mut origins)?;
+        }
+        let cfg: TrainConfig =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    // Every key and type was checked above, so this is not expected.
+                    Error::Invalid(format!("config: {}", e.to_string().trim_end()))
+                })?;
+        if let Err(v) = cfg.check() {
+            let blamed = v.keys.iter().find_map(|k| origins.get(*k).map(|o| (*k, o)));
+            return Err(match blamed {
+                Some((key, Origin::File { path, line })) => Error::Format {
+                    path: path.clone(),
+                    msg: format!("line {line}: {key}: {}", v.msg),
+                },
+                Some((key, Origin::Set(arg))) => Error::Format {
+                    path: "--set".into(),
+                    msg: format!("`{arg}`: {key}: {}", v.msg),
+                },
+                None => Error::Invalid(format!("config {}: {} (default value)", v.keys[0], v.msg)),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Checks ranges, enumerations and the cross-field rules; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        self.check()
+            .map_err(|v| Error::Invalid(format!("config {}: {}", v.keys[0], v.msg)))
+    }
+
+    /// The resolved configuration as TOML, loadable again by [`load`](Self::load).
+    pub fn to_toml(&self) -> String {
+        match toml::to_string(self) {
+            Ok(s) => format!("# dfpo-train run configuration (resolved)\n{s}"),
+            // Only a seed above i64::MAX cannot be written; validate() rejects it.
+            Err(e) => format!("# dfpo-train: this configuration cannot be written as TOML: {e}\n"),
+        }
+    }
+
+    /// Every option as `section.key = default   # doc`, one a line, in declaration order.
+    pub fn options_help() -> String {
+        let lines = default_lines();
+        let width = lines.iter().map(|(k, v)| k.len() + 3 + v.len()).max().unwrap_or(0);
+        let mut out = String::from(
+            "Options: put them in a --config TOML file under [section] headers, or override \
+             with --set section.key=value (applied in order, after the file).\n",
+        );
+        let mut section = "";
+        for (key, value) in &lines {
+            let sec = key.split('.').next().unwrap_or("");
+            if sec != section {
+                out.push('\n');
+                section = sec;
+            }
+            let doc = option_doc(key).unwrap_or("(undocumented)");
+            let left = format!("{key} = {value}");
+            out.push_str(&format!("  {left:<width$}   # {doc}\n"));
+        }
+        out
+    }
+
+    fn check(&self) -> std::result::Result<(), Violation> {
+        fn fail(keys: &'static [&'static str], msg: String) -> std::result::Result<(), Violation> {
+            Err(Violation { keys, msg })
+        }
+        macro_rules! key {
+            ($k:literal) => {
+                &[$k]
+            };
+        }
+        fn one_of(
+            keys: &'static [&'static str],
+            v: &str,
+            allowed: &[&str],
+        ) -> std::result::Result<(), Violation> {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                fail(keys, format!("must be one of {}, got {v:?}", allowed.join(" | ")))
+            }
+        }
+        fn at_least(
+            keys: &'static [&'static str],
+            v: usize,
+            min: usize,
+        ) -> std::result::Result<(), Violation> {
+            if v >= min {
+                Ok(())
+            } else {
+                fail(keys, format!("must be >= {min}, got {v}"))
+            }
+        }
+        /// `v` finite and inside the interval written as `lo`/`hi` with open/closed ends.
+        fn range(
+            keys: &'static [&'static str],
+            v: f64,
+            lo: Option<(f64, bool)>,
+            hi: Option<(f64, bool)>,
+        ) -> std::result::Result<(), Violation> {
+            let lo_ok = lo.is_none_or(|(l, closed)| if closed { v >= l } else { v > l });
+            let hi_ok = hi.is_none_or(|(h, closed)| if closed { v <= h } else { v < h });
+            if v.is_finite() && lo_ok && hi_ok {
+                return Ok(());
+            }
+            let want = match (lo, hi) {
+                (Some((l, lc)), Some((h, hc))) => format!(
+                    "in {}{l}, {h}{}",
+                    if lc { '[' } else { '(' },
+                    if hc { ']' } else { ')' }
+                ),
+                (Some((l, true)), None) => format!(">= {l}"),
+                (Some((l, false)), None) => format!("> {l}"),
+                (None, Some((h, true))) => format!("<= {h}"),
+                (None, Some((h, false))) => format!("< {h}"),
+                (None, None) => "finite".into(),
+            };
+            fail(keys, format!("must be {want}, got {v}"))
+        }
+        const NONNEG: Option<(f64, bool)> = Some((0.0, true));
+        const POS: Option<(f64, bool)> = Some((0.0, false));
+        const LE1: Option<(f64, bool)> = Some((1.0, true));
+        const LT1: Option<(f64, bool)> = Some((1.0, false));
+
+        let r = &self.run;
+        if r.out_dir.trim().is_empty() {
+            fail(key!("run.out_dir"), "must not be empty".into())?;
+        }
+        if r.seed > i64::MAX as u64 {
+            fail(key!("run.seed"), format!("must be <= {} (TOML integers are i64), got {}", i64::MAX, r.seed))?;
+        }
+        one_of(key!("run.device"), &r.device, &["auto", "cpu", "cuda"])?;
+        at_least(key!("run.steps"), r.steps, 1)?;
+        at_least(key!("run.keep_checkpoints"), r.keep_checkpoints, 1)?;
+        one_of(key!("run.on_nonfinite"), &r.on_nonfinite, &["skip", "stop"])?;
+
+        if self.model.policy.trim().is_empty() {
+            fail(key!("model.policy"), "must be \"builtin\" or an HF folder, got \"\"".into())?;
+        }
+
+        let d = &self.data;
+        one_of(key!("data.task"), &d.task, &["arith", "jsonl"])?;
+        if d.task == "jsonl" && d.train_file.trim().is_empty() {
+            fail(
+                &["data.train_file", "data.task"],
+                "data.task = \"jsonl\" needs a training file (data.train_file)".into(),
+            )?;
+        }
+        let mut names = Vec::new();
+        for spec in &d.eval_files {
+            match spec.split_once('=') {
+                Some((name, file)) if !name.trim().is_empty() && !file.trim().is_empty() => {
+                    if names.contains(&name.trim()) {
+                        fail(key!("data.eval_files"), format!("eval set name {:?} appears twice", name.trim()))?;
+                    }
+                    names.push(name.trim());
+                }
+                _ => fail(
+                    key!("data.eval_files"),
+                    format!("each entry must be \"name=path\", got {spec:?}"),
+                )?,
+            }
+        }
+        if !d.eval_files.is_empty() && d.task != "jsonl" {
+            fail(
+                &["data.eval_files", "data.task"],
+                format!("eval files are read only with data.task = \"jsonl\" (task is {:?})", d.task),
+            )?;
+        }
+        one_of(key!("data.checker"), &d.checker, &["arith", "gsm8k", "math"])?;
+
+        let ro = &self.rollout;
+        at_least(key!("rollout.prompts_per_step"), ro.prompts_per_step, 1)?;
+        at_least(key!("rollout.n_samples"), ro.n_samples, 1)?;
+        if self.algo.name == Algo::Grpo && ro.n_samples < 2 {
+            fail(
+                &["rollout.n_samples", "algo.name"],
+                format!("grpo normalises rewards within a group and needs >= 2 samples per prompt, got {}", ro.n_samples),
+            )?;
+        }
+        at_least(key!("rollout.max_new_tokens"), ro.max_new_tokens, 1)?;
+        range(key!("rollout.temperature"), ro.temperature as f64, POS, None)?;
+        range(key!("rollout.top_p"), ro.top_p as f64, POS, LE1)?;
+
+        let rw = &self.reward;
+        range(key!("reward.flip_prob"), rw.flip_prob, NONNEG, LE1)?;
+        range(key!("reward.gaussian_sigma"), rw.gaussian_sigma, NONNEG, None)?;
+        range(key!("reward.correct"), rw.correct, None, None)?;
+        range(key!("reward.incorrect"), rw.incorrect, None, None)?;
+
+        let kl = &self.kl;
+        range(key!("kl.coef"), kl.coef, NONNEG, None)?;
+        one_of(key!("kl.estimator"), &kl.estimator, &["k1", "k3"])?;
+        range(key!("kl.target"), kl.target, POS, None)?;
+        range(key!("kl.horizon"), kl.horizon, POS, None)?;
+
+        let p = &self.ppo;
+        range(key!("ppo.clip_low"), p.clip_low, NONNEG, LT1)?;
+        range(key!("ppo.clip_high"), p.clip_high, NONNEG, None)?;
+        range(key!("ppo.ent_coef"), p.ent_coef, NONNEG, None)?;
+        one_of(key!("ppo.agg"), &p.agg, &["token-mean", "seq-mean"])?;
+        at_least(key!("ppo.epochs"), p.epochs, 1)?;
+        at_least(key!("ppo.minibatches"), p.minibatches, 1)?;
+        let batch = ro.prompts_per_step * ro.n_samples;
+        if batch % p.minibatches != 0 {
+            fail(
+                &["ppo.minibatches", "rollout.prompts_per_step", "rollout.n_samples"],
+                format!(
+                    "{} minibatches do not divide the batch of prompts_per_step * n_samples = {} * {} = {batch} responses",
+                    p.minibatches, ro.prompts_per_step, ro.n_samples
+                ),
+            )?;
+        }
+        range(key!("ppo.gamma"), p.gamma, NONNEG, LE1)?;
+        range(key!("ppo.lam"), p.lam, NONNEG, LE1)?;
+        range(key!("ppo.value_clip"), p.value_clip, NONNEG, None)?;
+
+        let c = &self.critic;
+        if !(2..=crate::kernels::risk::MAX_K).contains(&c.k) {
+            fail(key!("critic.k"), format!("must be in 2 ..= {}, got {}", crate::kernels::risk::MAX_K, c.k))?;
+        }
+        let max_w = crate::kernels::flow::MAX_WIDTH;
+        if c.head_width < 32 || c.head_width > max_w || c.head_width % 32 != 0 {
+            fail(
+                key!("critic.head_width"),
+                format!("must be a multiple of 32 in 32 ..= {max_w}, got {}", c.head_width),
+            )?;
+        }
+        let max_d = crate::kernels::flow::MAX_DEPTH;
+        if !(1..=max_d).contains(&c.head_depth) {
+            fail(key!("critic.head_depth"), format!("must be in 1 ..= {max_d}, got {}", c.head_depth))?;
+        }
+        at_least(key!("critic.readout_steps"), c.readout_steps, 1)?;
+        at_least(key!("critic.target_steps"), c.target_steps, 1)?;
+        one_of(key!("critic.solver"), &c.solver, &["euler", "midpoint"])?;
+        range(key!("critic.kappa"), c.kappa, POS, None)?;
+        one_of(key!("critic.weight_direction"), &c.weight_direction, &["up", "down", "none"])?;
+        range(key!("critic.w_dcfm"), c.w_dcfm, NONNEG, None)?;
+        range(key!("critic.w_bcfm"), c.w_bcfm, NONNEG, None)?;
+        range(key!("critic.w_gc"), c.w_gc, NONNEG, None)?;
+        range(key!("critic.w_cvar"), c.w_cvar, NONNEG, None)?;
+        range(key!("critic.w_gain"), c.w_gain, NONNEG, None)?;
+        range(key!("critic.w_shape"), c.w_shape, NONNEG, None)?;
+        range(key!("critic.alpha"), c.alpha, POS, LE1)?;
+        range(key!("critic.beta"), c.beta, POS, LE1)?;
+        range(key!("critic.huber_kappa"), c.huber_kappa, POS, None)?;
+        one_of(key!("critic.anchor"), &c.anchor, &["lambda", "td"])?;
+
+        let o = &self.optim;
+        range(key!("optim.actor_lr"), o.actor_lr, NONNEG, None)?;
+        range(key!("optim.critic_lr"), o.critic_lr, NONNEG, None)?;
+        range(key!("optim.warmup_frac"), o.warmup_frac, NONNEG, LE1)?;
+        one_of(key!("optim.schedule"), &o.schedule, &["cosine", "constant"])?;
+        range(key!("optim.min_lr_ratio"), o.min_lr_ratio, NONNEG, LE1)?;
+        range(key!("optim.weight_decay"), o.weight_decay, NONNEG, None)?;
+        range(key!("optim.beta1"), o.beta1, NONNEG, LT1)?;
+        range(key!("optim.beta2"), o.beta2, NONNEG, LT1)?;
+        range(key!("optim.eps"), o.eps, POS, None)?;
+        range(key!("optim.max_grad_norm"), o.max_grad_norm, NONNEG, None)?;
+
+        at_least(key!("eval.pass_k"), self.eval.pass_k, 1)?;
+        if self.eval.greedy && self.eval.pass_k > 1 {
+            fail(
+                &["eval.pass_k", "eval.greedy"],
+                format!("pass@{} needs sampling: set eval.greedy = false (greedy decoding gives one answer per prompt)", self.eval.pass_k),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `--config FILE` and `--set section.key=value` (repeatable), shared by the commands that train.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML run configuration (sections as in `dfpo-train config`); defaults when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one option after the file, e.g. --set run.steps=10 (repeatable, applied in order).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// [`TrainConfig::load`] of these arguments.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        TrainConfig::load(self.config.as_deref(), &self.sets)
+    }
+}
+
+/// The documentation line of `key` ("section.key").
+fn option_doc(key: &str) -> Option<&'static str> {
+    OPTION_DOCS.iter().find(|(k, _)| *k == key).map(|(_, d)| *d)
+}
+
+/// The defaults as a TOML table: the schema of known sections, keys and value types.
+fn default_table() -> toml::Table {
+    match toml::Table::try_from(TrainConfig::default()) {
+        Ok(t) => t,
+        // The defaults are plain strings, numbers, booleans and string arrays.
+        Err(e) => unreachable!("the default config serializes to TOML: {e}"),
+    }
+}
+
+/// `("section.key", "default value as TOML")` in declaration order, read off the serialized
+/// defaults (toml writes `[section]` headers and `key = value` lines in struct order).
+fn default_lines() -> Vec<(String, String)> {
+    let text = toml::to_string(&TrainConfig::default()).unwrap_or_default();
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_string();
+        } else if let Some((k, v)) = line.split_once(" = ") {
+            out.push((format!("{section}.{}", k.trim()), v.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Every known "section.key".
+fn known_keys(schema: &toml::Table) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (sec, t) in schema {
+        if let Some(t) = t.as_table() {
+            keys.extend(t.keys().map(|k| format!("{sec}.{k}")));
+        }
+    }
+    keys
+}
+
+/// Levenshtein distance (characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// " (did you mean `x`?)" for the closest known name, or "" when nothing is close.
+fn suggest(given: &str, candidates: &[String]) -> String {
+    // The same key name in another section is the likeliest mistake.
+    let bare = given.rsplit('.').next().unwrap_or(given);
+    if let Some(c) = candidates.iter().find(|c| c.rsplit('.').next() == Some(bare) && c.as_str() != given) {
+        return format!(" (did you mean `{c}`?)");
+    }
+    let best = candidates
+        .iter()
+        .map(|c| (edit_distance(given, c), c))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, c)) if d <= (given.chars().count() / 3).max(2) => format!(" (did you mean `{c}`?)"),
+        _ => String::new(),
+    }
+}
+
+fn a_type(v: &toml::Value) -> String {
+    let t = v.type_str();
+    let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    match v {
+        toml::Value::String(s) => format!("a string {s:?}"),
+        toml::Value::Integer(i) => format!("an integer {i}"),
+        toml::Value::Float(f) => format!("a float {f}"),
+        toml::Value::Boolean(b) => format!("a boolean {b}"),
+        _ => format!("{article} {t}"),
+    }
+}
+
+/// Checks `value` against the default's type for `key` and returns it in the field's type
+/// (an integer where a float is expected becomes that float). Err: the problem.
+fn coerce(key: &str, default: &toml::Value, value: toml::Value) -> std::result::Result<toml::Value, String> {
+    use toml::Value as V;
+    let wrong = |want: &str, v: &V| Err(format!("expected {want}, got {}", a_type(v)));
+    match (default, value) {
+        (V::Integer(_), V::Integer(i)) if i < 0 => Err(format!("expected a non-negative integer, got {i}")),
+        (V::Integer(_), V::Integer(i)) => Ok(V::Integer(i)),
+        (V::Integer(_), v) => wrong("an integer", &v),
+        (V::Float(_), V::Float(f)) => Ok(V::Float(f)),
+        (V::Float(_), V::Integer(i)) => Ok(V::Float(i as f64)),
+        (V::Float(_), v) => wrong("a float", &v),
+        (V::Boolean(_), V::Boolean(b)) => Ok(V::Boolean(b)),
+        (V::Boolean(_), v) => wrong("a boolean (true or false)", &v),
+        (V::String(_), V::String(s)) => {
+            if key == "algo.name" && Algo::parse(&s).is_none() {
+                let names: Vec<&str> = Algo::ALL.iter().map(|a| a.as_str()).collect();
+                return Err(format!("must be one of {}, got {s:?}", names.join(" | ")));
+            }
+            Ok(V::String(s))
+        }
+        (V::String(_), v) => wrong("a string", &v),
+        (V::Array(_), V::Array(items)) => {
+            // The only array options are lists of strings.
+            for (i, item) in items.iter().enumerate() {
+                if !item.is_str() {
+                    return Err(format!("expected an array of strings, item {i} is {}", a_type(item)));
+                }
+            }
+            Ok(V::Array(items))
+        }
+        (V::Array(_), v) => wrong("an array of strings", &v),
+        (d, v) => wrong(d.type_str(), &v),
+    }
+}
+
+/// "section.key" → line (1-based) of the key in `text`, and "section" → line of its header.
+fn key_lines(text: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let line_of = |pos: usize| text[..pos.min(text.len())].matches('\n').count() + 1;
+    if let Ok(doc) = toml::de::DeTable::parse(text) {
+        for (sec, value) in doc.get_ref().iter() {
+            out.insert(sec.get_ref().to_string(), line_of(sec.span().start));
+            if let toml::de::DeValue::Table(t) = value.get_ref() {
+                for (k, _) in t.iter() {
+                    out.insert(format!("{}.{}", sec.get_ref(), k.get_ref()), line_of(k.span().start));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn merge_file(
+    schema: &toml::Table,
+    path: &Path,
+    merged: &mut toml::Table,
+    origins: &mut BTreeMap<String, Origin>,
+) -> Result<()> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Format {
+        path: p.clone(),
+        msg: format!("malformed TOML: {}", e.to_string().trim_end()),
+    })?;
+    let lines = key_lines(&text);
+    let line = |k: &str| lines.get(k).copied().unwrap_or(0);
+    let known = known_keys(schema);
+    let sections: Vec<String> = schema.keys().cloned().collect();
+    let bad = |key: &str, msg: String| Error::Format { path: p.clone(), msg: format!("line {}: {key}: {msg}", line(key)) };
+    // Report in file order, so the first problem in the file is the one shown.
+    let mut entries: Vec<(&String, &toml::Value)> = doc.iter().collect();
+    entries.sort_by_key(|(k, _)| line(k));
+    for (sec, value) in entries {
+        let Some(sec_schema) = schema.get(sec).and_then(|s| s.as_table()) else {
+            let hint = if value.is_table() { suggest(sec, &sections) } else { suggest(sec, &known) };
+            return Err(bad(
+                sec,
+                format!(
+                    "unknown {}{hint}; sections are [{}]",
+                    if value.is_table() { "section" } else { "top-level key (options go under a [section] header)" },
+                    sections.join("], [")
+                ),
+            ));
+        };
+        let Some(table) = value.as_table() else {
+            return Err(bad(sec, format!("expected a section ([{sec}] table), got {}", a_type(value))));
+        };
+        let mut keys: Vec<(&String, &toml::Value)> = table.iter().collect();
+        keys.sort_by_key(|(k, _)| line(&format!("{sec}.{k}")));
+        for (k, v) in keys {
+            let dotted = format!("{sec}.{k}");
+            let Some(default) = sec_schema.get(k) else {
+                return Err(bad(&dotted, format!("unknown key{}", suggest(&dotted, &known))));
+            };
+            let v = coerce(&dotted, default, v.clone()).map_err(|m| bad(&dotted, m))?;
+            insert(merged, sec, k, v);
+            origins.insert(dotted.clone(), Origin::File { path: p.clone(), line: line(&dotted) });
+        }
+    }
+    Ok(())
+}
+
+/// Parses `raw` as one TOML value (`v = raw`), or None when it is not a TOML literal.
+fn toml_literal(raw: &str) -> Option<toml::Value> {
+    let doc: toml::Table = format!("v = {raw}").parse().ok()?;
+    if doc.len() != 1 {
+        return None;
+    }
+    doc.get("v").cloned()
+}
+
+fn merge_set(
+    schema: &toml::Table,
+    arg: &str,
+    merged: &mut toml::Table,
+    origins: &mut BTreeMap<String, Origin>,
+) -> Result<()> {
+    let bad = |msg: String| Error::Format { path: "--set".into(), msg: format!("`{arg}`: {msg}") };
+    let Some((key, raw)) = arg.split_once('=') else {
+        return Err(bad("expected KEY=VALUE, e.g. --set run.steps=10".into()));
+    };
+    let (key, raw) = (key.trim(), raw.trim());
+    let known = known_keys(schema);
+    let default = key
+        .split_once('.')
+        .and_then(|(sec, k)| schema.get(sec)?.as_table()?.get(k).map(|d| (sec, k, d)));
+    let Some((sec, k, default)) = default else {
+        return Err(bad(format!(
+            "unknown key `{key}`{}; `dfpo-train config` lists every option",
+            suggest(key, &known)
+        )));
+    };
+    let literal = toml_literal(raw);
+    let value = match (default, literal) {
+        // A string option takes an unquoted value verbatim (--set run.out_dir=runs/2024).
+        (toml::Value::String(_), Some(toml::Value::String(s))) => toml::Value::String(s),
+        (toml::Value::String(_), _) => toml::Value::String(raw.to_string()),
+        // A list option given one bare item (--set data.eval_files=test=t.jsonl) is that list.
+        (toml::Value::Array(_), None) => toml::Value::Array(vec![toml::Value::String(raw.to_string())]),
+        (_, Some(v)) => v,
+        (_, None) => toml::Value::String(raw.to_string()),
+    };
+    let value = coerce(key, default, value).map_err(|m| bad(format!("{key}: {m}")))?;
+    insert(merged, sec, k, value);
+    origins.insert(key.to_string(), Origin::Set(arg.to_string()));
+    Ok(())
+}
+
+fn insert(merged: &mut toml::Table, sec: &str, key: &str, value: toml::Value) {
+    let entry = merged.entry(sec.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key.to_string(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_has_a_doc_and_every_doc_a_key() {
+        let keys = known_keys(&default_table());
+        for k in &keys {
+            assert!(option_doc(k).is_some(), "option {k} has no entry in OPTION_DOCS");
+        }
+        for (k, _) in OPTION_DOCS {
+            assert!(keys.iter().any(|x| x == k), "OPTION_DOCS names {k}, which is not an option");
+        }
+        let lines: Vec<String> = default_lines().into_iter().map(|(k, _)| k).collect();
+        let mut sorted_lines = lines.clone();
+        sorted_lines.sort();
+        let mut sorted_keys = keys.clone();
+        sorted_keys.sort();
+        assert_eq!(sorted_lines, sorted_keys, "the listing must cover exactly the options");
+        assert_eq!(OPTION_DOCS.len(), keys.len(), "a key is documented twice");
+    }
+
+    #[test]
+    fn suggestions() {
+        let keys = known_keys(&default_table());
+        assert_eq!(suggest("critic.kk", &keys), " (did you mean `critic.k`?)");
+        assert_eq!(suggest("run.stpes", &keys), " (did you mean `run.steps`?)");
+        assert_eq!(suggest("critic.flip_prob", &keys), " (did you mean `reward.flip_prob`?)");
+        assert_eq!(suggest("zzzzzzzzzzzzzz", &keys), "");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

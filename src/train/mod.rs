@@ -1,4 +1,5 @@
 //! The DFPO trainer: configuration, optimizer, rollouts, the training step and its baselines.
 
 pub mod config;
+pub mod metrics;
 pub mod optim;

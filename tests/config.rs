@@ -37,7 +37,10 @@ fn defaults_validate_and_load_without_inputs() {
     TrainConfig::default().validate().unwrap();
     let c = TrainConfig::load(None, &[]).unwrap();
     assert_eq!(c, TrainConfig::default());
-    assert_eq!(ConfigArgs::default().resolve().unwrap(), TrainConfig::default());
+    assert_eq!(
+        ConfigArgs::default().resolve().unwrap(),
+        TrainConfig::default()
+    );
 }
 
 #[test]
@@ -81,14 +84,14 @@ fn set_overrides_each_type_and_apply_in_order_after_the_file() {
     let c = TrainConfig::load(
         Some(&p),
         &sets(&[
-            "run.steps=3",                // int, overrides the file
-            "optim.actor_lr=5e-5",        // float
-            "reward.flip_prob=0",         // an integer for a float
-            "ppo.whiten=false",           // bool
-            "run.device=cpu",             // bare word: a string
-            "run.out_dir=\"runs/x y\"",   // quoted string
+            "run.steps=3",                 // int, overrides the file
+            "optim.actor_lr=5e-5",         // float
+            "reward.flip_prob=0",          // an integer for a float
+            "ppo.whiten=false",            // bool
+            "run.device=cpu",              // bare word: a string
+            "run.out_dir=\"runs/x y\"",    // quoted string
             "model.policy=runs/sft/final", // unquoted path
-            "run.steps = 9",              // later --set wins; spaces around '=' are fine
+            "run.steps = 9",               // later --set wins; spaces around '=' are fine
             "data.task=jsonl",
             "data.train_file=t.jsonl",
             "data.eval_files=[\"a=b.jsonl\", \"c=d.jsonl\"]", // array
@@ -108,7 +111,12 @@ fn set_overrides_each_type_and_apply_in_order_after_the_file() {
     // A string option takes a number-looking value verbatim; a list option one bare item.
     let c = TrainConfig::load(
         None,
-        &sets(&["run.out_dir=2024", "data.task=jsonl", "data.train_file=t", "data.eval_files=x=y.jsonl"]),
+        &sets(&[
+            "run.out_dir=2024",
+            "data.task=jsonl",
+            "data.train_file=t",
+            "data.eval_files=x=y.jsonl",
+        ]),
     )
     .unwrap();
     assert_eq!(c.run.out_dir, "2024");
@@ -119,50 +127,142 @@ fn set_overrides_each_type_and_apply_in_order_after_the_file() {
 fn unknown_keys_and_sections_are_named_with_a_suggestion() {
     let p = toml_file("unknown_key", "[run]\nsteps = 3\n\n[critic]\nkk = 8\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["unknown_key.toml", "line 5", "critic.kk", "unknown key", "did you mean `critic.k`"]);
+    assert_has(
+        &m,
+        &[
+            "unknown_key.toml",
+            "line 5",
+            "critic.kk",
+            "unknown key",
+            "did you mean `critic.k`",
+        ],
+    );
 
     let p = toml_file("unknown_section", "[critc]\nk = 8\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["unknown_section.toml", "line 1", "critc", "unknown section", "did you mean `critic`"]);
+    assert_has(
+        &m,
+        &[
+            "unknown_section.toml",
+            "line 1",
+            "critc",
+            "unknown section",
+            "did you mean `critic`",
+        ],
+    );
 
     let p = toml_file("top_level", "steps = 3\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["top_level.toml", "line 1", "steps", "[section]", "did you mean `run.steps`"]);
+    assert_has(
+        &m,
+        &[
+            "top_level.toml",
+            "line 1",
+            "steps",
+            "[section]",
+            "did you mean `run.steps`",
+        ],
+    );
 
     let p = toml_file("not_table", "run = 3\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["not_table.toml", "run", "expected a section", "an integer 3"]);
+    assert_has(
+        &m,
+        &[
+            "not_table.toml",
+            "run",
+            "expected a section",
+            "an integer 3",
+        ],
+    );
 
     let m = load_err(None, &["run.stpes=3"]);
-    assert_has(&m, &["--set", "run.stpes", "unknown key", "did you mean `run.steps`"]);
+    assert_has(
+        &m,
+        &[
+            "--set",
+            "run.stpes",
+            "unknown key",
+            "did you mean `run.steps`",
+        ],
+    );
     let m = load_err(None, &["steps=3"]);
-    assert_has(&m, &["--set", "steps=3", "unknown key", "did you mean `run.steps`"]);
+    assert_has(
+        &m,
+        &[
+            "--set",
+            "steps=3",
+            "unknown key",
+            "did you mean `run.steps`",
+        ],
+    );
 }
 
 #[test]
 fn wrong_types_are_named() {
     let p = toml_file("wrong_type", "[optim]\n\nactor_lr = \"fast\"\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["wrong_type.toml", "line 3", "optim.actor_lr", "expected a float, got a string \"fast\""]);
+    assert_has(
+        &m,
+        &[
+            "wrong_type.toml",
+            "line 3",
+            "optim.actor_lr",
+            "expected a float, got a string \"fast\"",
+        ],
+    );
 
     let p = toml_file("float_for_int", "[run]\nsteps = 2.5\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["float_for_int.toml", "run.steps", "expected an integer, got a float 2.5"]);
+    assert_has(
+        &m,
+        &[
+            "float_for_int.toml",
+            "run.steps",
+            "expected an integer, got a float 2.5",
+        ],
+    );
 
     let p = toml_file("negative", "[run]\nsteps = -1\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["negative.toml", "run.steps", "non-negative integer, got -1"]);
+    assert_has(
+        &m,
+        &["negative.toml", "run.steps", "non-negative integer, got -1"],
+    );
 
     let p = toml_file("bad_array", "[data]\neval_files = [\"a=b\", 3]\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["bad_array.toml", "data.eval_files", "array of strings", "item 1"]);
+    assert_has(
+        &m,
+        &[
+            "bad_array.toml",
+            "data.eval_files",
+            "array of strings",
+            "item 1",
+        ],
+    );
 
     let m = load_err(None, &["run.steps=ten"]);
-    assert_has(&m, &["--set", "run.steps", "expected an integer, got a string \"ten\""]);
+    assert_has(
+        &m,
+        &[
+            "--set",
+            "run.steps",
+            "expected an integer, got a string \"ten\"",
+        ],
+    );
     let m = load_err(None, &["ppo.whiten=yes"]);
     assert_has(&m, &["--set", "ppo.whiten", "expected a boolean"]);
     let m = load_err(None, &["algo.name=sac"]);
-    assert_has(&m, &["--set", "algo.name", "dfpo | ppo | grpo | quantile", "\"sac\""]);
+    assert_has(
+        &m,
+        &[
+            "--set",
+            "algo.name",
+            "dfpo | ppo | grpo | quantile",
+            "\"sac\"",
+        ],
+    );
 }
 
 #[test]
@@ -185,31 +285,64 @@ fn out_of_range_values_name_key_and_origin() {
     // From a file: the file, its line and the key.
     let p = toml_file("range", "[reward]\nflip_prob = 1.5\n");
     let m = load_err(Some(&p), &[]);
-    assert_has(&m, &["range.toml", "line 2", "reward.flip_prob", "[0, 1]", "1.5"]);
+    assert_has(
+        &m,
+        &["range.toml", "line 2", "reward.flip_prob", "[0, 1]", "1.5"],
+    );
     // From --set: the argument.
     let cases: &[(&[&str], &[&str])] = &[
-        (&["run.device=gpu"], &["run.device", "auto | cpu | cuda", "\"gpu\""]),
-        (&["run.on_nonfinite=ignore"], &["run.on_nonfinite", "skip | stop"]),
+        (
+            &["run.device=gpu"],
+            &["run.device", "auto | cpu | cuda", "\"gpu\""],
+        ),
+        (
+            &["run.on_nonfinite=ignore"],
+            &["run.on_nonfinite", "skip | stop"],
+        ),
         (&["ppo.agg=sum"], &["ppo.agg", "token-mean | seq-mean"]),
-        (&["critic.solver=rk4"], &["critic.solver", "euler | midpoint"]),
-        (&["critic.weight_direction=sideways"], &["critic.weight_direction", "up | down | none"]),
+        (
+            &["critic.solver=rk4"],
+            &["critic.solver", "euler | midpoint"],
+        ),
+        (
+            &["critic.weight_direction=sideways"],
+            &["critic.weight_direction", "up | down | none"],
+        ),
         (&["critic.anchor=mc"], &["critic.anchor", "lambda | td"]),
         (&["kl.estimator=k2"], &["kl.estimator", "k1 | k3"]),
-        (&["optim.schedule=linear"], &["optim.schedule", "cosine | constant"]),
+        (
+            &["optim.schedule=linear"],
+            &["optim.schedule", "cosine | constant"],
+        ),
         (&["data.task=gsm8k"], &["data.task", "arith | jsonl"]),
-        (&["data.checker=regex"], &["data.checker", "arith | gsm8k | math"]),
+        (
+            &["data.checker=regex"],
+            &["data.checker", "arith | gsm8k | math"],
+        ),
         (&["critic.k=1"], &["critic.k", "2 ..= 1024", "got 1"]),
         (&["critic.k=1025"], &["critic.k", "got 1025"]),
-        (&["critic.head_width=48"], &["critic.head_width", "multiple of 32"]),
+        (
+            &["critic.head_width=48"],
+            &["critic.head_width", "multiple of 32"],
+        ),
         (&["critic.head_depth=0"], &["critic.head_depth", "1 ..= 8"]),
         (&["run.steps=0"], &["run.steps", ">= 1", "got 0"]),
-        (&["run.keep_checkpoints=0"], &["run.keep_checkpoints", ">= 1"]),
+        (
+            &["run.keep_checkpoints=0"],
+            &["run.keep_checkpoints", ">= 1"],
+        ),
         (&["rollout.n_samples=0"], &["rollout.n_samples", ">= 1"]),
-        (&["algo.name=grpo", "rollout.n_samples=1", "ppo.minibatches=1"], &["rollout.n_samples", "grpo", ">= 2"]),
+        (
+            &["algo.name=grpo", "rollout.n_samples=1", "ppo.minibatches=1"],
+            &["rollout.n_samples", "grpo", ">= 2"],
+        ),
         (&["optim.actor_lr=-1e-4"], &["optim.actor_lr", ">= 0"]),
         (&["optim.critic_lr=nan"], &["optim.critic_lr", "got NaN"]),
         (&["optim.actor_lr=inf"], &["optim.actor_lr", "got inf"]),
-        (&["ppo.minibatches=5"], &["ppo.minibatches", "do not divide", "16 * 4 = 64"]),
+        (
+            &["ppo.minibatches=5"],
+            &["ppo.minibatches", "do not divide", "16 * 4 = 64"],
+        ),
         (&["ppo.gamma=1.1"], &["ppo.gamma", "[0, 1]"]),
         (&["ppo.clip_low=1"], &["ppo.clip_low", "[0, 1)"]),
         (&["critic.alpha=0"], &["critic.alpha", "(0, 1]"]),
@@ -217,8 +350,18 @@ fn out_of_range_values_name_key_and_origin() {
         (&["rollout.top_p=0"], &["rollout.top_p", "(0, 1]"]),
         (&["optim.beta2=1"], &["optim.beta2", "[0, 1)"]),
         (&["eval.pass_k=4"], &["eval.pass_k", "eval.greedy = false"]),
-        (&["data.task=jsonl"], &["data.train_file", "data.task = \"jsonl\""]),
-        (&["data.task=jsonl", "data.train_file=t", "data.eval_files=nameonly"], &["data.eval_files", "name=path"]),
+        (
+            &["data.task=jsonl"],
+            &["data.train_file", "data.task = \"jsonl\""],
+        ),
+        (
+            &[
+                "data.task=jsonl",
+                "data.train_file=t",
+                "data.eval_files=nameonly",
+            ],
+            &["data.eval_files", "name=path"],
+        ),
         (&["model.policy="], &["model.policy"]),
     ];
     for (args, fragments) in cases {
@@ -265,7 +408,10 @@ fn to_toml_round_trips() {
     let p = toml_file("round_trip", &text);
     let back = TrainConfig::load(Some(&p), &[]).unwrap();
     assert_eq!(back, c, "round trip through:\n{text}");
-    assert_eq!(TrainConfig::default().to_toml(), toml_file_text(&TrainConfig::default()));
+    assert_eq!(
+        TrainConfig::default().to_toml(),
+        toml_file_text(&TrainConfig::default())
+    );
 }
 
 fn toml_file_text(c: &TrainConfig) -> String {
@@ -284,13 +430,28 @@ fn options_help_lists_every_key_with_its_default() {
                 .lines()
                 .find(|l| l.trim_start().starts_with(&format!("{sec}.{k} = ")))
                 .unwrap_or_else(|| panic!("{sec}.{k} missing from options_help:\n{help}"));
-            let default = line.split(" = ").nth(1).unwrap().split("   #").next().unwrap().trim();
+            let default = line
+                .split(" = ")
+                .nth(1)
+                .unwrap()
+                .split("   #")
+                .next()
+                .unwrap()
+                .trim();
             assert_eq!(default, v.to_string(), "{line}");
-            assert!(line.contains("   # ") && !line.contains("(undocumented)"), "{line}");
+            assert!(
+                line.contains("   # ") && !line.contains("(undocumented)"),
+                "{line}"
+            );
             n += 1;
         }
     }
-    assert_eq!(help.lines().filter(|l| l.contains(" = ") && l.contains("   # ")).count(), n);
+    assert_eq!(
+        help.lines()
+            .filter(|l| l.contains(" = ") && l.contains("   # "))
+            .count(),
+        n
+    );
     assert!(help.contains("critic.k = 16"), "{help}");
     assert!(help.contains("algo.name = \"dfpo\""), "{help}");
 }

@@ -404,82 +404,220 @@ impl Default for AlgoSection {
 /// serialized defaults and takes the text from here; a unit test checks that this table and the
 /// defaults name exactly the same keys, so neither can drift.
 const OPTION_DOCS: &[(&str, &str)] = &[
-    ("algo.name", "dfpo | ppo | grpo | quantile (grpo has no critic)"),
-    ("run.out_dir", "output folder: metrics.jsonl, checkpoints/, final/ (HF export), config.toml"),
+    (
+        "algo.name",
+        "dfpo | ppo | grpo | quantile (grpo has no critic)",
+    ),
+    (
+        "run.out_dir",
+        "output folder: metrics.jsonl, checkpoints/, final/ (HF export), config.toml",
+    ),
     ("run.seed", "random seed (0 ..= 2^63-1)"),
-    ("run.device", "auto (CUDA when present, else CPU) | cpu | cuda"),
-    ("run.steps", "RL steps (one rollout batch + its PPO epochs each), >= 1"),
-    ("run.eval_every", "evaluate every this many steps (0: only before and after)"),
-    ("run.save_every", "checkpoint every this many steps (0: only at the end)"),
-    ("run.keep_checkpoints", "checkpoints kept (oldest removed first), >= 1"),
-    ("run.resume", "resume from the newest checkpoint in out_dir/checkpoints when there is one"),
-    ("run.on_nonfinite", "skip (drop the update, log it) | stop: on a non-finite loss or gradient"),
+    (
+        "run.device",
+        "auto (CUDA when present, else CPU) | cpu | cuda",
+    ),
+    (
+        "run.steps",
+        "RL steps (one rollout batch + its PPO epochs each), >= 1",
+    ),
+    (
+        "run.eval_every",
+        "evaluate every this many steps (0: only before and after)",
+    ),
+    (
+        "run.save_every",
+        "checkpoint every this many steps (0: only at the end)",
+    ),
+    (
+        "run.keep_checkpoints",
+        "checkpoints kept (oldest removed first), >= 1",
+    ),
+    (
+        "run.resume",
+        "resume from the newest checkpoint in out_dir/checkpoints when there is one",
+    ),
+    (
+        "run.on_nonfinite",
+        "skip (drop the update, log it) | stop: on a non-finite loss or gradient",
+    ),
     ("run.progress", "show the progress bar on stderr"),
-    ("model.policy", "policy init: builtin (the shipped SFT warm start) or an HF folder"),
-    ("model.critic", "critic backbone init (\"\": same as the policy)"),
-    ("model.reference", "reference policy for the KL term (\"\": the initial policy)"),
-    ("data.task", "arith (the built-in task) | jsonl (data.train_file, data.eval_files)"),
-    ("data.train_file", "JSONL {\"prompt\",\"answer\"} training prompts (needed when task = jsonl)"),
-    ("data.eval_files", "eval sets as [\"name=path.jsonl\", ...] (task = jsonl)"),
-    ("data.checker", "answer checker: arith (exact integer) | gsm8k (#### n) | math (\\boxed{})"),
-    ("data.chat_template", "apply the tokenizer's chat template to prompts"),
+    (
+        "model.policy",
+        "policy init: builtin (the shipped SFT warm start) or an HF folder",
+    ),
+    (
+        "model.critic",
+        "critic backbone init (\"\": same as the policy)",
+    ),
+    (
+        "model.reference",
+        "reference policy for the KL term (\"\": the initial policy)",
+    ),
+    (
+        "data.task",
+        "arith (the built-in task) | jsonl (data.train_file, data.eval_files)",
+    ),
+    (
+        "data.train_file",
+        "JSONL {\"prompt\",\"answer\"} training prompts (needed when task = jsonl)",
+    ),
+    (
+        "data.eval_files",
+        "eval sets as [\"name=path.jsonl\", ...] (task = jsonl)",
+    ),
+    (
+        "data.checker",
+        "answer checker: arith (exact integer) | gsm8k (#### n) | math (\\boxed{})",
+    ),
+    (
+        "data.chat_template",
+        "apply the tokenizer's chat template to prompts",
+    ),
     ("data.eval_size", "eval prompts per split (0: all)"),
     ("rollout.prompts_per_step", "prompts per RL step, >= 1"),
-    ("rollout.n_samples", "samples per prompt (the GRPO group size), >= 1 (grpo: >= 2)"),
-    ("rollout.max_new_tokens", "response length limit in tokens, >= 1"),
+    (
+        "rollout.n_samples",
+        "samples per prompt (the GRPO group size), >= 1 (grpo: >= 2)",
+    ),
+    (
+        "rollout.max_new_tokens",
+        "response length limit in tokens, >= 1",
+    ),
     ("rollout.temperature", "sampling temperature, > 0"),
     ("rollout.top_k", "top-k sampling (0: off)"),
     ("rollout.top_p", "nucleus sampling, in (0, 1] (1: off)"),
-    ("reward.flip_prob", "training reward flipped (correct <-> incorrect) with this probability, in [0, 1]"),
-    ("reward.gaussian_sigma", "std of zero-mean Gaussian noise added to the training reward, >= 0"),
+    (
+        "reward.flip_prob",
+        "training reward flipped (correct <-> incorrect) with this probability, in [0, 1]",
+    ),
+    (
+        "reward.gaussian_sigma",
+        "std of zero-mean Gaussian noise added to the training reward, >= 0",
+    ),
     ("reward.correct", "reward of a correct answer"),
     ("reward.incorrect", "reward of an incorrect answer"),
-    ("kl.coef", "per-token KL penalty coefficient in the reward, >= 0 (0: no reference model run)"),
-    ("kl.estimator", "k1 (log-ratio) | k3 (unbiased, non-negative)"),
-    ("kl.adaptive", "adaptive KL controller (Ziegler et al.) toward kl.target"),
+    (
+        "kl.coef",
+        "per-token KL penalty coefficient in the reward, >= 0 (0: no reference model run)",
+    ),
+    (
+        "kl.estimator",
+        "k1 (log-ratio) | k3 (unbiased, non-negative)",
+    ),
+    (
+        "kl.adaptive",
+        "adaptive KL controller (Ziegler et al.) toward kl.target",
+    ),
     ("kl.target", "target KL of the adaptive controller, > 0"),
     ("kl.horizon", "horizon of the adaptive controller, > 0"),
-    ("ppo.clip_low", "lower clip: ratio >= 1 - clip_low, in [0, 1)"),
-    ("ppo.clip_high", "upper clip (clip-higher): ratio <= 1 + clip_high, >= 0"),
+    (
+        "ppo.clip_low",
+        "lower clip: ratio >= 1 - clip_low, in [0, 1)",
+    ),
+    (
+        "ppo.clip_high",
+        "upper clip (clip-higher): ratio <= 1 + clip_high, >= 0",
+    ),
     ("ppo.ent_coef", "entropy bonus coefficient, >= 0"),
     ("ppo.agg", "loss aggregation: token-mean | seq-mean"),
     ("ppo.epochs", "PPO epochs over each rollout batch, >= 1"),
-    ("ppo.minibatches", "minibatches per epoch, >= 1, dividing prompts_per_step * n_samples"),
+    (
+        "ppo.minibatches",
+        "minibatches per epoch, >= 1, dividing prompts_per_step * n_samples",
+    ),
     ("ppo.gamma", "discount, in [0, 1]"),
     ("ppo.lam", "GAE lambda, in [0, 1]"),
     ("ppo.whiten", "whiten advantages over the batch"),
-    ("ppo.value_clip", "ppo baseline: value clip range, >= 0 (0: off)"),
-    ("critic.k", "value samples (dfpo) or quantiles (quantile) per token, 2 ..= 1024"),
-    ("critic.head_width", "flow head hidden width, a multiple of 32 in 32 ..= 512"),
+    (
+        "ppo.value_clip",
+        "ppo baseline: value clip range, >= 0 (0: off)",
+    ),
+    (
+        "critic.k",
+        "value samples (dfpo) or quantiles (quantile) per token, 2 ..= 1024",
+    ),
+    (
+        "critic.head_width",
+        "flow head hidden width, a multiple of 32 in 32 ..= 512",
+    ),
     ("critic.head_depth", "flow head hidden layers, 1 ..= 8"),
-    ("critic.readout_steps", "Euler steps of the readout for values/advantages (the paper: 1), >= 1"),
-    ("critic.target_steps", "steps of the target solves (DCFM z', consistency target), >= 1"),
+    (
+        "critic.readout_steps",
+        "Euler steps of the readout for values/advantages (the paper: 1), >= 1",
+    ),
+    (
+        "critic.target_steps",
+        "steps of the target solves (DCFM z', consistency target), >= 1",
+    ),
     ("critic.solver", "euler | midpoint (the target solves)"),
-    ("critic.clip_returns", "clip the flow state to the reachable return range after every step"),
-    ("critic.kappa", "confidence temperature of the uncertainty weight, > 0"),
-    ("critic.weight_direction", "up (up-weight uncertain tokens, as Value Flows) | down | none"),
-    ("critic.w_dcfm", "weight of the distributional conditional flow-matching term, >= 0"),
-    ("critic.w_bcfm", "weight of the bootstrapped-anchor term (BCFM), >= 0"),
-    ("critic.w_gc", "weight of the geometric-consistency term, >= 0"),
+    (
+        "critic.clip_returns",
+        "clip the flow state to the reachable return range after every step",
+    ),
+    (
+        "critic.kappa",
+        "confidence temperature of the uncertainty weight, > 0",
+    ),
+    (
+        "critic.weight_direction",
+        "up (up-weight uncertain tokens, as Value Flows) | down | none",
+    ),
+    (
+        "critic.w_dcfm",
+        "weight of the distributional conditional flow-matching term, >= 0",
+    ),
+    (
+        "critic.w_bcfm",
+        "weight of the bootstrapped-anchor term (BCFM), >= 0",
+    ),
+    (
+        "critic.w_gc",
+        "weight of the geometric-consistency term, >= 0",
+    ),
     ("critic.w_cvar", "weight of the lower-tail CVaR term, >= 0"),
-    ("critic.w_gain", "weight of the upper-tail (gain) term, >= 0"),
+    (
+        "critic.w_gain",
+        "weight of the upper-tail (gain) term, >= 0",
+    ),
     ("critic.w_shape", "weight of the tail-shape term, >= 0"),
     ("critic.alpha", "lower tail fraction, in (0, 1]"),
     ("critic.beta", "upper tail fraction, in (0, 1]"),
-    ("critic.huber_kappa", "quantile-Huber threshold (quantile critic), > 0"),
-    ("critic.anchor", "bootstrapped-anchor target: lambda (distributional lambda-return) | td"),
+    (
+        "critic.huber_kappa",
+        "quantile-Huber threshold (quantile critic), > 0",
+    ),
+    (
+        "critic.anchor",
+        "bootstrapped-anchor target: lambda (distributional lambda-return) | td",
+    ),
     ("optim.actor_lr", "policy peak learning rate, >= 0"),
     ("optim.critic_lr", "critic peak learning rate, >= 0"),
-    ("optim.warmup_frac", "warmup fraction of the total optimizer steps, in [0, 1]"),
+    (
+        "optim.warmup_frac",
+        "warmup fraction of the total optimizer steps, in [0, 1]",
+    ),
     ("optim.schedule", "cosine | constant (after warmup)"),
-    ("optim.min_lr_ratio", "cosine floor as a fraction of the peak, in [0, 1]"),
+    (
+        "optim.min_lr_ratio",
+        "cosine floor as a fraction of the peak, in [0, 1]",
+    ),
     ("optim.weight_decay", "AdamW weight decay, >= 0"),
     ("optim.beta1", "AdamW beta1, in [0, 1)"),
     ("optim.beta2", "AdamW beta2, in [0, 1)"),
     ("optim.eps", "AdamW epsilon, > 0"),
-    ("optim.max_grad_norm", "global gradient-norm clip per model, >= 0 (0: off)"),
-    ("eval.greedy", "greedy decoding in eval (else sampling at the rollout temperature)"),
-    ("eval.pass_k", "pass@k samples per prompt, >= 1 (must be 1 with greedy)"),
+    (
+        "optim.max_grad_norm",
+        "global gradient-norm clip per model, >= 0 (0: off)",
+    ),
+    (
+        "eval.greedy",
+        "greedy decoding in eval (else sampling at the rollout temperature)",
+    ),
+    (
+        "eval.pass_k",
+        "pass@k samples per prompt, >= 1 (must be 1 with greedy)",
+    ),
 ];
 
 /// Where a resolved value came from, so a validation error can name the file line or `--set`.
@@ -551,7 +689,11 @@ impl TrainConfig {
     /// Every option as `section.key = default   # doc`, one a line, in declaration order.
     pub fn options_help() -> String {
         let lines = default_lines();
-        let width = lines.iter().map(|(k, v)| k.len() + 3 + v.len()).max().unwrap_or(0);
+        let width = lines
+            .iter()
+            .map(|(k, v)| k.len() + 3 + v.len())
+            .max()
+            .unwrap_or(0);
         let mut out = String::from(
             "Options: put them in a --config TOML file under [section] headers, or override \
              with --set section.key=value (applied in order, after the file).\n",
@@ -587,7 +729,10 @@ impl TrainConfig {
             if allowed.contains(&v) {
                 Ok(())
             } else {
-                fail(keys, format!("must be one of {}, got {v:?}", allowed.join(" | ")))
+                fail(
+                    keys,
+                    format!("must be one of {}, got {v:?}", allowed.join(" | ")),
+                )
             }
         }
         fn at_least(
@@ -637,7 +782,14 @@ impl TrainConfig {
             fail(key!("run.out_dir"), "must not be empty".into())?;
         }
         if r.seed > i64::MAX as u64 {
-            fail(key!("run.seed"), format!("must be <= {} (TOML integers are i64), got {}", i64::MAX, r.seed))?;
+            fail(
+                key!("run.seed"),
+                format!(
+                    "must be <= {} (TOML integers are i64), got {}",
+                    i64::MAX,
+                    r.seed
+                ),
+            )?;
         }
         one_of(key!("run.device"), &r.device, &["auto", "cpu", "cuda"])?;
         at_least(key!("run.steps"), r.steps, 1)?;
@@ -645,7 +797,10 @@ impl TrainConfig {
         one_of(key!("run.on_nonfinite"), &r.on_nonfinite, &["skip", "stop"])?;
 
         if self.model.policy.trim().is_empty() {
-            fail(key!("model.policy"), "must be \"builtin\" or an HF folder, got \"\"".into())?;
+            fail(
+                key!("model.policy"),
+                "must be \"builtin\" or an HF folder, got \"\"".into(),
+            )?;
         }
 
         let d = &self.data;
@@ -661,7 +816,10 @@ impl TrainConfig {
             match spec.split_once('=') {
                 Some((name, file)) if !name.trim().is_empty() && !file.trim().is_empty() => {
                     if names.contains(&name.trim()) {
-                        fail(key!("data.eval_files"), format!("eval set name {:?} appears twice", name.trim()))?;
+                        fail(
+                            key!("data.eval_files"),
+                            format!("eval set name {:?} appears twice", name.trim()),
+                        )?;
                     }
                     names.push(name.trim());
                 }
@@ -674,10 +832,17 @@ impl TrainConfig {
         if !d.eval_files.is_empty() && d.task != "jsonl" {
             fail(
                 &["data.eval_files", "data.task"],
-                format!("eval files are read only with data.task = \"jsonl\" (task is {:?})", d.task),
+                format!(
+                    "eval files are read only with data.task = \"jsonl\" (task is {:?})",
+                    d.task
+                ),
             )?;
         }
-        one_of(key!("data.checker"), &d.checker, &["arith", "gsm8k", "math"])?;
+        one_of(
+            key!("data.checker"),
+            &d.checker,
+            &["arith", "gsm8k", "math"],
+        )?;
 
         let ro = &self.rollout;
         at_least(key!("rollout.prompts_per_step"), ro.prompts_per_step, 1)?;
@@ -689,12 +854,22 @@ impl TrainConfig {
             )?;
         }
         at_least(key!("rollout.max_new_tokens"), ro.max_new_tokens, 1)?;
-        range(key!("rollout.temperature"), ro.temperature as f64, POS, None)?;
+        range(
+            key!("rollout.temperature"),
+            ro.temperature as f64,
+            POS,
+            None,
+        )?;
         range(key!("rollout.top_p"), ro.top_p as f64, POS, LE1)?;
 
         let rw = &self.reward;
         range(key!("reward.flip_prob"), rw.flip_prob, NONNEG, LE1)?;
-        range(key!("reward.gaussian_sigma"), rw.gaussian_sigma, NONNEG, None)?;
+        range(
+            key!("reward.gaussian_sigma"),
+            rw.gaussian_sigma,
+            NONNEG,
+            None,
+        )?;
         range(key!("reward.correct"), rw.correct, None, None)?;
         range(key!("reward.incorrect"), rw.incorrect, None, None)?;
 
@@ -712,7 +887,7 @@ impl TrainConfig {
         at_least(key!("ppo.epochs"), p.epochs, 1)?;
         at_least(key!("ppo.minibatches"), p.minibatches, 1)?;
         let batch = ro.prompts_per_step * ro.n_samples;
-        if batch % p.minibatches != 0 {
+        if !batch.is_multiple_of(p.minibatches) {
             fail(
                 &["ppo.minibatches", "rollout.prompts_per_step", "rollout.n_samples"],
                 format!(
@@ -727,24 +902,41 @@ impl TrainConfig {
 
         let c = &self.critic;
         if !(2..=crate::kernels::risk::MAX_K).contains(&c.k) {
-            fail(key!("critic.k"), format!("must be in 2 ..= {}, got {}", crate::kernels::risk::MAX_K, c.k))?;
+            fail(
+                key!("critic.k"),
+                format!(
+                    "must be in 2 ..= {}, got {}",
+                    crate::kernels::risk::MAX_K,
+                    c.k
+                ),
+            )?;
         }
         let max_w = crate::kernels::flow::MAX_WIDTH;
-        if c.head_width < 32 || c.head_width > max_w || c.head_width % 32 != 0 {
+        if c.head_width < 32 || c.head_width > max_w || !c.head_width.is_multiple_of(32) {
             fail(
                 key!("critic.head_width"),
-                format!("must be a multiple of 32 in 32 ..= {max_w}, got {}", c.head_width),
+                format!(
+                    "must be a multiple of 32 in 32 ..= {max_w}, got {}",
+                    c.head_width
+                ),
             )?;
         }
         let max_d = crate::kernels::flow::MAX_DEPTH;
         if !(1..=max_d).contains(&c.head_depth) {
-            fail(key!("critic.head_depth"), format!("must be in 1 ..= {max_d}, got {}", c.head_depth))?;
+            fail(
+                key!("critic.head_depth"),
+                format!("must be in 1 ..= {max_d}, got {}", c.head_depth),
+            )?;
         }
         at_least(key!("critic.readout_steps"), c.readout_steps, 1)?;
         at_least(key!("critic.target_steps"), c.target_steps, 1)?;
         one_of(key!("critic.solver"), &c.solver, &["euler", "midpoint"])?;
         range(key!("critic.kappa"), c.kappa, POS, None)?;
-        one_of(key!("critic.weight_direction"), &c.weight_direction, &["up", "down", "none"])?;
+        one_of(
+            key!("critic.weight_direction"),
+            &c.weight_direction,
+            &["up", "down", "none"],
+        )?;
         range(key!("critic.w_dcfm"), c.w_dcfm, NONNEG, None)?;
         range(key!("critic.w_bcfm"), c.w_bcfm, NONNEG, None)?;
         range(key!("critic.w_gc"), c.w_gc, NONNEG, None)?;
@@ -858,7 +1050,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 fn suggest(given: &str, candidates: &[String]) -> String {
     // The same key name in another section is the likeliest mistake.
     let bare = given.rsplit('.').next().unwrap_or(given);
-    if let Some(c) = candidates.iter().find(|c| c.rsplit('.').next() == Some(bare) && c.as_str() != given) {
+    if let Some(c) = candidates
+        .iter()
+        .find(|c| c.rsplit('.').next() == Some(bare) && c.as_str() != given)
+    {
         return format!(" (did you mean `{c}`?)");
     }
     let best = candidates
@@ -866,14 +1061,20 @@ fn suggest(given: &str, candidates: &[String]) -> String {
         .map(|c| (edit_distance(given, c), c))
         .min_by_key(|(d, _)| *d);
     match best {
-        Some((d, c)) if d <= (given.chars().count() / 3).max(2) => format!(" (did you mean `{c}`?)"),
+        Some((d, c)) if d <= (given.chars().count() / 3).max(2) => {
+            format!(" (did you mean `{c}`?)")
+        }
         _ => String::new(),
     }
 }
 
 fn a_type(v: &toml::Value) -> String {
     let t = v.type_str();
-    let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
     match v {
         toml::Value::String(s) => format!("a string {s:?}"),
         toml::Value::Integer(i) => format!("an integer {i}"),
@@ -885,11 +1086,17 @@ fn a_type(v: &toml::Value) -> String {
 
 /// Checks `value` against the default's type for `key` and returns it in the field's type
 /// (an integer where a float is expected becomes that float). Err: the problem.
-fn coerce(key: &str, default: &toml::Value, value: toml::Value) -> std::result::Result<toml::Value, String> {
+fn coerce(
+    key: &str,
+    default: &toml::Value,
+    value: toml::Value,
+) -> std::result::Result<toml::Value, String> {
     use toml::Value as V;
     let wrong = |want: &str, v: &V| Err(format!("expected {want}, got {}", a_type(v)));
     match (default, value) {
-        (V::Integer(_), V::Integer(i)) if i < 0 => Err(format!("expected a non-negative integer, got {i}")),
+        (V::Integer(_), V::Integer(i)) if i < 0 => {
+            Err(format!("expected a non-negative integer, got {i}"))
+        }
         (V::Integer(_), V::Integer(i)) => Ok(V::Integer(i)),
         (V::Integer(_), v) => wrong("an integer", &v),
         (V::Float(_), V::Float(f)) => Ok(V::Float(f)),
@@ -909,7 +1116,10 @@ fn coerce(key: &str, default: &toml::Value, value: toml::Value) -> std::result::
             // The only array options are lists of strings.
             for (i, item) in items.iter().enumerate() {
                 if !item.is_str() {
-                    return Err(format!("expected an array of strings, item {i} is {}", a_type(item)));
+                    return Err(format!(
+                        "expected an array of strings, item {i} is {}",
+                        a_type(item)
+                    ));
                 }
             }
             Ok(V::Array(items))
@@ -928,7 +1138,10 @@ fn key_lines(text: &str) -> BTreeMap<String, usize> {
             out.insert(sec.get_ref().to_string(), line_of(sec.span().start));
             if let toml::de::DeValue::Table(t) = value.get_ref() {
                 for (k, _) in t.iter() {
-                    out.insert(format!("{}.{}", sec.get_ref(), k.get_ref()), line_of(k.span().start));
+                    out.insert(
+                        format!("{}.{}", sec.get_ref(), k.get_ref()),
+                        line_of(k.span().start),
+                    );
                 }
             }
         }
@@ -943,7 +1156,10 @@ fn merge_file(
     origins: &mut BTreeMap<String, Origin>,
 ) -> Result<()> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: p.clone(),
+        source,
+    })?;
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Format {
         path: p.clone(),
         msg: format!("malformed TOML: {}", e.to_string().trim_end()),
@@ -952,35 +1168,58 @@ fn merge_file(
     let line = |k: &str| lines.get(k).copied().unwrap_or(0);
     let known = known_keys(schema);
     let sections: Vec<String> = schema.keys().cloned().collect();
-    let bad = |key: &str, msg: String| Error::Format { path: p.clone(), msg: format!("line {}: {key}: {msg}", line(key)) };
+    let bad = |key: &str, msg: String| Error::Format {
+        path: p.clone(),
+        msg: format!("line {}: {key}: {msg}", line(key)),
+    };
     // Report in file order, so the first problem in the file is the one shown.
     let mut entries: Vec<(&String, &toml::Value)> = doc.iter().collect();
     entries.sort_by_key(|(k, _)| line(k));
     for (sec, value) in entries {
         let Some(sec_schema) = schema.get(sec).and_then(|s| s.as_table()) else {
-            let hint = if value.is_table() { suggest(sec, &sections) } else { suggest(sec, &known) };
+            let hint = if value.is_table() {
+                suggest(sec, &sections)
+            } else {
+                suggest(sec, &known)
+            };
             return Err(bad(
                 sec,
                 format!(
                     "unknown {}{hint}; sections are [{}]",
-                    if value.is_table() { "section" } else { "top-level key (options go under a [section] header)" },
+                    if value.is_table() {
+                        "section"
+                    } else {
+                        "top-level key (options go under a [section] header)"
+                    },
                     sections.join("], [")
                 ),
             ));
         };
         let Some(table) = value.as_table() else {
-            return Err(bad(sec, format!("expected a section ([{sec}] table), got {}", a_type(value))));
+            return Err(bad(
+                sec,
+                format!("expected a section ([{sec}] table), got {}", a_type(value)),
+            ));
         };
         let mut keys: Vec<(&String, &toml::Value)> = table.iter().collect();
         keys.sort_by_key(|(k, _)| line(&format!("{sec}.{k}")));
         for (k, v) in keys {
             let dotted = format!("{sec}.{k}");
             let Some(default) = sec_schema.get(k) else {
-                return Err(bad(&dotted, format!("unknown key{}", suggest(&dotted, &known))));
+                return Err(bad(
+                    &dotted,
+                    format!("unknown key{}", suggest(&dotted, &known)),
+                ));
             };
             let v = coerce(&dotted, default, v.clone()).map_err(|m| bad(&dotted, m))?;
             insert(merged, sec, k, v);
-            origins.insert(dotted.clone(), Origin::File { path: p.clone(), line: line(&dotted) });
+            origins.insert(
+                dotted.clone(),
+                Origin::File {
+                    path: p.clone(),
+                    line: line(&dotted),
+                },
+            );
         }
     }
     Ok(())
@@ -1001,7 +1240,10 @@ fn merge_set(
     merged: &mut toml::Table,
     origins: &mut BTreeMap<String, Origin>,
 ) -> Result<()> {
-    let bad = |msg: String| Error::Format { path: "--set".into(), msg: format!("`{arg}`: {msg}") };
+    let bad = |msg: String| Error::Format {
+        path: "--set".into(),
+        msg: format!("`{arg}`: {msg}"),
+    };
     let Some((key, raw)) = arg.split_once('=') else {
         return Err(bad("expected KEY=VALUE, e.g. --set run.steps=10".into()));
     };
@@ -1022,7 +1264,9 @@ fn merge_set(
         (toml::Value::String(_), Some(toml::Value::String(s))) => toml::Value::String(s),
         (toml::Value::String(_), _) => toml::Value::String(raw.to_string()),
         // A list option given one bare item (--set data.eval_files=test=t.jsonl) is that list.
-        (toml::Value::Array(_), None) => toml::Value::Array(vec![toml::Value::String(raw.to_string())]),
+        (toml::Value::Array(_), None) => {
+            toml::Value::Array(vec![toml::Value::String(raw.to_string())])
+        }
         (_, Some(v)) => v,
         (_, None) => toml::Value::String(raw.to_string()),
     };
@@ -1033,7 +1277,9 @@ fn merge_set(
 }
 
 fn insert(merged: &mut toml::Table, sec: &str, key: &str, value: toml::Value) {
-    let entry = merged.entry(sec.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let entry = merged
+        .entry(sec.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(t) = entry {
         t.insert(key.to_string(), value);
     }
@@ -1047,17 +1293,26 @@ mod tests {
     fn every_key_has_a_doc_and_every_doc_a_key() {
         let keys = known_keys(&default_table());
         for k in &keys {
-            assert!(option_doc(k).is_some(), "option {k} has no entry in OPTION_DOCS");
+            assert!(
+                option_doc(k).is_some(),
+                "option {k} has no entry in OPTION_DOCS"
+            );
         }
         for (k, _) in OPTION_DOCS {
-            assert!(keys.iter().any(|x| x == k), "OPTION_DOCS names {k}, which is not an option");
+            assert!(
+                keys.iter().any(|x| x == k),
+                "OPTION_DOCS names {k}, which is not an option"
+            );
         }
         let lines: Vec<String> = default_lines().into_iter().map(|(k, _)| k).collect();
         let mut sorted_lines = lines.clone();
         sorted_lines.sort();
         let mut sorted_keys = keys.clone();
         sorted_keys.sort();
-        assert_eq!(sorted_lines, sorted_keys, "the listing must cover exactly the options");
+        assert_eq!(
+            sorted_lines, sorted_keys,
+            "the listing must cover exactly the options"
+        );
         assert_eq!(OPTION_DOCS.len(), keys.len(), "a key is documented twice");
     }
 
@@ -1066,7 +1321,10 @@ mod tests {
         let keys = known_keys(&default_table());
         assert_eq!(suggest("critic.kk", &keys), " (did you mean `critic.k`?)");
         assert_eq!(suggest("run.stpes", &keys), " (did you mean `run.steps`?)");
-        assert_eq!(suggest("critic.flip_prob", &keys), " (did you mean `reward.flip_prob`?)");
+        assert_eq!(
+            suggest("critic.flip_prob", &keys),
+            " (did you mean `reward.flip_prob`?)"
+        );
         assert_eq!(suggest("zzzzzzzzzzzzzz", &keys), "");
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }

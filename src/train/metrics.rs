@@ -28,7 +28,10 @@ impl MetricsWriter {
     /// middle of a write) is dropped; a malformed line elsewhere is an error.
     pub fn create(path: &Path, resume_from_step: Option<u64>) -> Result<Self> {
         let p = path.display().to_string();
-        let io = |source| Error::Io { path: p.clone(), source };
+        let io = |source| Error::Io {
+            path: p.clone(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::Io {
                 path: dir.display().to_string(),
@@ -46,8 +49,15 @@ impl MetricsWriter {
                 File::create(path).map_err(io)?;
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-        Ok(MetricsWriter { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(MetricsWriter {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// Writes `{"step": step, name: value, ...}` as one line and flushes it. The name "step"
@@ -63,7 +73,10 @@ impl MetricsWriter {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
-            .map_err(|source| Error::Io { path: self.path.display().to_string(), source })
+            .map_err(|source| Error::Io {
+                path: self.path.display().to_string(),
+                source,
+            })
     }
 }
 
@@ -122,13 +135,19 @@ fn parse_line(path: &Path, lineno: usize, line: &str) -> Result<BTreeMap<String,
         let x = match &v {
             serde_json::Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
             serde_json::Value::Null => f64::NAN,
-            other => return Err(bad(format!("{k:?}: expected a number or null, got {other}"))),
+            other => {
+                return Err(bad(format!(
+                    "{k:?}: expected a number or null, got {other}"
+                )))
+            }
         };
         out.insert(k, x);
     }
     match out.get("step") {
         Some(s) if s.is_finite() && *s >= 0.0 && s.fract() == 0.0 => Ok(out),
-        Some(s) => Err(bad(format!("\"step\" must be a non-negative integer, got {s}"))),
+        Some(s) => Err(bad(format!(
+            "\"step\" must be a non-negative integer, got {s}"
+        ))),
         None => Err(bad("missing \"step\"".into())),
     }
 }
@@ -136,8 +155,10 @@ fn parse_line(path: &Path, lineno: usize, line: &str) -> Result<BTreeMap<String,
 /// Every line of a metrics file as name → value (including "step"; `null` reads as NaN).
 /// Blank lines are skipped; any other malformed line is an error naming the file and line.
 pub fn read_metrics(path: &Path) -> Result<Vec<BTreeMap<String, f64>>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -201,10 +222,17 @@ impl Progress {
         if !self.enabled {
             return None;
         }
-        let line = Self::render(self.total, done, now.saturating_duration_since(self.start), shown);
+        let line = Self::render(
+            self.total,
+            done,
+            now.saturating_duration_since(self.start),
+            shown,
+        );
         let every = if self.tty { TTY_EVERY } else { PLAIN_EVERY };
         let due = done >= self.total
-            || self.last_draw.is_none_or(|t| now.saturating_duration_since(t) >= every);
+            || self
+                .last_draw
+                .is_none_or(|t| now.saturating_duration_since(t) >= every);
         if !due {
             self.pending = Some(line);
             return None;
@@ -228,7 +256,11 @@ impl Progress {
         if !self.enabled {
             return None;
         }
-        let mut out = self.pending.take().map(|l| self.frame(l)).unwrap_or_default();
+        let mut out = self
+            .pending
+            .take()
+            .map(|l| self.frame(l))
+            .unwrap_or_default();
         if self.tty && self.last_draw.is_some() {
             out.push('\n');
         }
@@ -252,7 +284,11 @@ impl Progress {
     /// (elapsed / done × remaining; `--` before the first step) and the shown values.
     pub fn render(total: u64, done: u64, elapsed: Duration, shown: &[(&str, f64)]) -> String {
         let done_c = done.min(total);
-        let frac = if total == 0 { 1.0 } else { done_c as f64 / total as f64 };
+        let frac = if total == 0 {
+            1.0
+        } else {
+            done_c as f64 / total as f64
+        };
         let filled = ((frac * BAR_WIDTH as f64).floor() as usize).min(BAR_WIDTH);
         let bar = format!("{}{}", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled));
         let pct = (frac * 100.0).floor() as u64;

@@ -887,7 +887,7 @@ impl TrainConfig {
         at_least(key!("ppo.epochs"), p.epochs, 1)?;
         at_least(key!("ppo.minibatches"), p.minibatches, 1)?;
         let batch = ro.prompts_per_step * ro.n_samples;
-        if batch % p.minibatches != 0 {
+        if !batch.is_multiple_of(p.minibatches) {
             fail(
                 &["ppo.minibatches", "rollout.prompts_per_step", "rollout.n_samples"],
                 format!(
@@ -912,7 +912,7 @@ impl TrainConfig {
             )?;
         }
         let max_w = crate::kernels::flow::MAX_WIDTH;
-        if c.head_width < 32 || c.head_width > max_w || c.head_width % 32 != 0 {
+        if c.head_width < 32 || c.head_width > max_w || !c.head_width.is_multiple_of(32) {
             fail(
                 key!("critic.head_width"),
                 format!(

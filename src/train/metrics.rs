@@ -3,7 +3,8 @@
 //!
 //! A line is `{"step": n, "<name>": value, ...}` with the names in sorted order. Non-finite
 //! values are written as `null` so every line stays valid JSON; [`read_metrics`] reads `null`
-//! back as NaN.
+//! back as NaN. Values are written in the shortest round-trip form; serde_json's default
+//! (fast) float parser may read a few of them back an ulp off, which no plot can see.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

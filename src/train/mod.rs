@@ -1,7 +1,10 @@
 //! The DFPO trainer: configuration, optimizer, rollouts, the training step and its baselines.
 
 pub mod config;
+pub mod eval;
+pub mod heads;
 pub mod metrics;
+pub mod models;
 pub mod optim;
 pub mod rollout;
 pub mod sft;

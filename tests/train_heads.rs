@@ -58,7 +58,7 @@ fn weights(n: usize, rng: &mut Rng) -> Vec<f32> {
             if i % 4 == 3 {
                 0.0
             } else {
-                (rng.range(0.5, 1.5) as f32)
+                rng.range(0.5, 1.5) as f32
             }
         })
         .collect();
@@ -70,14 +70,14 @@ fn weights(n: usize, rng: &mut Rng) -> Vec<f32> {
 fn actor_loss_gradient_matches_finite_differences() {
     let mut rng = Rng::fresh(module_path!());
     let n = 64;
-    let lp: Vec<f32> = (0..n).map(|_| (rng.range(-3.0, -0.1) as f32)).collect();
+    let lp: Vec<f32> = (0..n).map(|_| rng.range(-3.0, -0.1) as f32).collect();
     // Old log-probs near the new ones: some ratios inside the clip range, some outside.
     let old: Vec<f32> = lp
         .iter()
         .map(|&l| l + (rng.range(-0.4, 0.4) as f32))
         .collect();
-    let ent: Vec<f32> = (0..n).map(|_| (rng.range(0.1, 2.0) as f32)).collect();
-    let adv: Vec<f32> = (0..n).map(|_| (rng.range(-2.0, 2.0) as f32)).collect();
+    let ent: Vec<f32> = (0..n).map(|_| rng.range(0.1, 2.0) as f32).collect();
+    let adv: Vec<f32> = (0..n).map(|_| rng.range(-2.0, 2.0) as f32).collect();
     let w = weights(n, &mut rng);
     let k = ActorLoss {
         n,
@@ -96,12 +96,12 @@ fn actor_loss_gradient_matches_finite_differences() {
 fn value_loss_gradient_matches_finite_differences() {
     let mut rng = Rng::fresh(module_path!());
     let n = 64;
-    let old: Vec<f32> = (0..n).map(|_| (rng.range(-1.0, 1.0) as f32)).collect();
+    let old: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
     let v: Vec<f32> = old
         .iter()
         .map(|&o| o + (rng.range(-0.5, 0.5) as f32))
         .collect();
-    let ret: Vec<f32> = (0..n).map(|_| (rng.range(-1.0, 1.0) as f32)).collect();
+    let ret: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
     let w = weights(n, &mut rng);
     let k = ValueLoss { n, clip: 0.2 };
     fd_check(&k, &[v, ret, old, w], &[0], &mut rng, 2e-2);
@@ -126,8 +126,8 @@ fn risk() -> RiskTerms {
 fn quantile_loss_gradient_matches_finite_differences() {
     let mut rng = Rng::fresh(module_path!());
     let (n, k) = (12, 8);
-    let q: Vec<f32> = (0..n * k).map(|_| (rng.range(-1.5, 1.5) as f32)).collect();
-    let g: Vec<f32> = (0..n * k).map(|_| (rng.range(-1.0, 2.0) as f32)).collect();
+    let q: Vec<f32> = (0..n * k).map(|_| rng.range(-1.5, 1.5) as f32).collect();
+    let g: Vec<f32> = (0..n * k).map(|_| rng.range(-1.0, 2.0) as f32).collect();
     let w = weights(n, &mut rng);
     let kern = QuantileLoss {
         n,

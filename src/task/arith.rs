@@ -187,7 +187,7 @@ pub fn example(a: u32, b: u32) -> Example {
 /// Whether (a, b) is in the fixed held-out (evaluation) partition.
 pub fn is_held_out(a: u32, b: u32) -> bool {
     let key = ((a as u64) << 32) | b as u64;
-    splitmix64(key ^ 0xA11_7E57_5EED) % HELD_OUT_ONE_IN == 0
+    splitmix64(key ^ 0xA11_7E57_5EED).is_multiple_of(HELD_OUT_ONE_IN)
 }
 
 /// Every (a, b) of `ranges` on the held-out side (`held_out`) or the training side.

@@ -228,6 +228,7 @@ impl HostKernel for ValueLoss {
     fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
         check_lens("value_loss", ins, &[self.n; 4])?;
         let (mut l, mut cf) = (0.0f64, 0.0f64);
+        #[allow(clippy::needless_range_loop)] // four parallel inputs
         for i in 0..self.n {
             let w = ins[3][i] as f64;
             if w == 0.0 {
@@ -398,6 +399,7 @@ impl HostKernel for QuantileLoss {
         let (n, k) = (self.n, self.k);
         let (q, g, w) = (&ins[0], &ins[1], &ins[2]);
         let mut dq = vec![0.0f32; n * k];
+        #[allow(clippy::needless_range_loop)] // rows of q, g and dq by token
         for t in 0..n {
             if w[t] != 0.0 {
                 let r = t * k..(t + 1) * k;

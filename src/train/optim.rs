@@ -139,6 +139,7 @@ impl AdamW {
             });
         }
         self.step += 1;
+        #[allow(clippy::needless_range_loop)] // params, grads, m, v by tensor
         for i in 0..self.params.len() {
             let hp = AdamWParams {
                 lr,

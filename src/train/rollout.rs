@@ -352,7 +352,7 @@ pub fn flow_targets(
     let eps = stratified_eps(k)?;
     let idx: Vec<usize> = (0..n).filter(|&i| mask[i] != 0.0).collect();
     // The next token continues the response (same row, inside the mask).
-    let cont = |i: usize| (i + 1) % s != 0 && i + 1 < n && mask[i + 1] != 0.0;
+    let cont = |i: usize| !(i + 1).is_multiple_of(s) && i + 1 < n && mask[i + 1] != 0.0;
     let mut t = FlowTargets {
         z_read: vec![0.0; n * k],
         tau_read: vec![0.0; n * k],

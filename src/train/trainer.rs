@@ -878,7 +878,7 @@ impl Trainer {
         while self.step < total {
             let mut m = self.train_step()?;
             let ev_every = self.cfg.run.eval_every as u64;
-            if ev_every > 0 && self.step % ev_every == 0 && self.step < total {
+            if ev_every > 0 && self.step.is_multiple_of(ev_every) && self.step < total {
                 for e in self.evaluate()? {
                     m.insert(format!("eval/{}/accuracy", e.name), e.accuracy);
                 }
@@ -895,7 +895,7 @@ impl Trainer {
             .collect();
             bar.update(self.step, &shown);
             let se = self.cfg.run.save_every as u64;
-            if se > 0 && self.step % se == 0 {
+            if se > 0 && self.step.is_multiple_of(se) {
                 self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
                 last_saved = self.step;
             }

@@ -1,0 +1,218 @@
+//! CUDA parity of the training step: the policy's PPO update and every critic head's update on
+//! CUDA (bf16 backbone, f32 heads) against the CPU (f32) on the same weights and batch, within
+//! bf16 tolerance; then a full RL step of every algorithm on CUDA. Ignored without a GPU
+//! (`DFPO_REQUIRE_CUDA=1` makes a missing GPU a failure).
+
+use dfpo::device::Device;
+use dfpo::kernels::flow::FlowHeadShape;
+use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
+use dfpo::model::checkpoint::{save_hf_folder, Dtype};
+use dfpo::model::decoder::Decoder;
+use dfpo::task::arith;
+use dfpo::train::config::TrainConfig;
+use dfpo::train::heads::{FlowTermWeights, RiskTerms};
+use dfpo::train::models::{Critic, CriticHead, OptSettings, Policy};
+use dfpo::train::optim::Schedule;
+use dfpo::train::trainer::Trainer;
+
+mod common;
+use common::Rng;
+
+fn opt() -> OptSettings {
+    OptSettings {
+        hp: dfpo::kernels::adamw::AdamWParams::default(),
+        max_grad_norm: 1.0,
+        schedule: Schedule {
+            peak: 1e-3,
+            warmup: 0,
+            total: 10,
+            cosine: false,
+            min_ratio: 1.0,
+        },
+    }
+}
+
+fn close(what: &str, got: f64, want: f64, rtol: f64) {
+    assert!(
+        got.is_finite() && (got - want).abs() <= rtol * (1e-3 + want.abs()),
+        "{what}: CUDA {got} vs CPU {want}"
+    );
+}
+
+fn batch(rng: &mut Rng, b: usize, s: usize) -> (Vec<Vec<u32>>, Vec<usize>, Vec<f32>) {
+    let seqs: Vec<Vec<u32>> = (0..b)
+        .map(|i| {
+            (0..s - i % 3)
+                .map(|_| (rng.next_u64() % 12) as u32 + 3)
+                .collect()
+        })
+        .collect();
+    let skip: Vec<usize> = (0..b).map(|_| 4).collect();
+    let mut mask = vec![0.0f32; b * s];
+    for (r, q) in seqs.iter().enumerate() {
+        for t in 3..q.len() - 1 {
+            mask[r * s + t] = 1.0;
+        }
+    }
+    (seqs, skip, mask)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_policy_and_critic_updates_match_the_cpu() {
+    let Some(dev) = dfpo::device::cuda_for_test("cuda_policy_and_critic_updates_match_the_cpu")
+    else {
+        return;
+    };
+    let cuda = Device::Cuda(dev);
+    let mut rng = Rng::fresh("cuda_train");
+    let dec = dfpo::model::init::random_decoder(arith::model_config(), rng.next_u64()).unwrap();
+    let (b, s) = (4, 12);
+    let (seqs, skip, mask) = batch(&mut rng, b, s);
+    let tw = dfpo::train::rollout::token_weights(&mask, s, false);
+
+    // Policy.
+    let mk = |d: &Device| Policy::new(dec_clone(&dec), b, s, d, 0.2, 0.2, 0.01, &opt()).unwrap();
+    let (mut pc, mut pg) = (mk(&Device::Cpu), mk(&cuda));
+    let (lp, _) = pc.logprobs(&seqs, &skip).unwrap();
+    let (lpg, _) = pg.logprobs(&seqs, &skip).unwrap();
+    for i in 0..lp.len() {
+        if mask[i] != 0.0 {
+            close(&format!("logprob[{i}]"), lpg[i] as f64, lp[i] as f64, 5e-2);
+        }
+    }
+    let old: Vec<f32> = lp
+        .iter()
+        .map(|&l| l + (rng.range(-0.2, 0.2) as f32))
+        .collect();
+    let adv: Vec<f32> = (0..b * s).map(|_| rng.normal() as f32).collect();
+    let (a, ga) = pc.update(&seqs, &skip, &old, &adv, &tw).unwrap();
+    let (c, gc) = pg.update(&seqs, &skip, &old, &adv, &tw).unwrap();
+    close("actor pg_loss", c.pg_loss, a.pg_loss, 5e-2);
+    close("actor entropy", c.entropy, a.entropy, 5e-2);
+    let norm = |g: &[Vec<f32>]| {
+        g.iter()
+            .flatten()
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    close("actor grad norm", norm(&gc), norm(&ga), 1e-1);
+
+    // Critic heads.
+    let k = 8;
+    let risk = RiskTerms {
+        levels: TailLevels {
+            alpha: 0.25,
+            beta: 0.25,
+        },
+        weights: RiskLossWeights::default(),
+    };
+    let shape = FlowHeadShape::new(dec.config.hidden_size, 32, 2).unwrap();
+    let heads = [
+        CriticHead::Value { clip: 0.2 },
+        CriticHead::Quantile {
+            k,
+            kappa: 1.0,
+            risk,
+        },
+        CriticHead::Flow {
+            k,
+            shape,
+            weights: FlowTermWeights {
+                dcfm: 1.0,
+                bcfm: 1.0,
+                gc: 0.5,
+            },
+            risk,
+            init_seed: 5,
+        },
+    ];
+    for head in heads {
+        let n = b * s;
+        let kk = head.k();
+        let inputs: Vec<Vec<f32>> = match &head {
+            CriticHead::Value { .. } => vec![
+                (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect(),
+                (0..n).map(|_| rng.range(-0.5, 0.5) as f32).collect(),
+                tw.clone(),
+            ],
+            CriticHead::Quantile { .. } => vec![
+                (0..n * kk).map(|_| rng.range(-1.0, 2.0) as f32).collect(),
+                tw.clone(),
+            ],
+            CriticHead::Flow { .. } => {
+                let mut v: Vec<Vec<f32>> = (0..11)
+                    .map(|i| {
+                        (0..n * kk)
+                            .map(|_| {
+                                if i == 1 {
+                                    0.0
+                                } else if i % 2 == 1 && i < 6 {
+                                    rng.range(0.0, 1.0) as f32
+                                } else {
+                                    rng.range(-1.0, 1.0) as f32
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                v[6] = v[0].clone();
+                v.push((0..n).map(|_| rng.range(0.5, 1.0) as f32).collect());
+                v.push(mask.clone());
+                v.push(tw.clone());
+                v
+            }
+        };
+        let mut cc = Critic::new(&dec, b, s, &Device::Cpu, head.clone(), &opt()).unwrap();
+        let mut cg = Critic::new(&dec, b, s, &cuda, head.clone(), &opt()).unwrap();
+        let (x, gx) = cc.update(&seqs, &inputs).unwrap();
+        let (y, gy) = cg.update(&seqs, &inputs).unwrap();
+        close(&format!("{head:?} loss"), y.loss, x.loss, 5e-2);
+        for ((n1, v1), (_, v2)) in x.terms.iter().zip(&y.terms) {
+            close(&format!("{n1}"), *v2, *v1, 8e-2);
+        }
+        close("critic grad norm", norm(&gy), norm(&gx), 1.5e-1);
+    }
+}
+
+fn dec_clone(d: &Decoder) -> Decoder {
+    Decoder::new(d.config.clone(), d.params().clone()).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_full_steps_of_every_algorithm_are_finite() {
+    if dfpo::device::cuda_for_test("cuda_full_steps_of_every_algorithm_are_finite").is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dfpo-cuda-train-{}", std::process::id()));
+    let dec = dfpo::model::init::random_decoder(arith::model_config(), 3).unwrap();
+    save_hf_folder(&dir, &dec.config, dec.params(), Dtype::F32, &[]).unwrap();
+    arith::write_tokenizer_files(&dir).unwrap();
+    for algo in ["dfpo", "ppo", "grpo", "quantile"] {
+        let out = dir.join(format!("run-{algo}"));
+        let sets: Vec<String> = vec![
+            format!("algo.name={algo}"),
+            format!("model.policy={}", dir.display()),
+            format!("run.out_dir={}", out.display()),
+            "run.device=cuda".into(),
+            "run.steps=2".into(),
+            "run.progress=false".into(),
+            "rollout.prompts_per_step=4".into(),
+            "rollout.n_samples=2".into(),
+            "data.eval_size=8".into(),
+            "critic.k=8".into(),
+            "kl.coef=0.01".into(),
+        ];
+        let cfg = TrainConfig::load(None, &sets).unwrap();
+        let mut t = Trainer::new(cfg).unwrap();
+        for _ in 0..2 {
+            let m = t.train_step().unwrap();
+            for (k, v) in &m {
+                assert!(v.is_finite(), "{algo}: {k} = {v}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -452,7 +452,7 @@ fn options_help_lists_every_key_with_its_default() {
             .count(),
         n
     );
-    assert!(help.contains("critic.k = 16"), "{help}");
+    assert!(help.contains("critic.k = 8"), "{help}");
     assert!(help.contains("algo.name = \"dfpo\""), "{help}");
 }
 

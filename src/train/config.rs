@@ -76,9 +76,9 @@ impl Default for RunConfig {
             out_dir: "runs/default".into(),
             seed: 1,
             device: "auto".into(),
-            steps: 40,
+            steps: 100,
             eval_every: 0,
-            save_every: 20,
+            save_every: 50,
             keep_checkpoints: 2,
             resume: false,
             on_nonfinite: "skip".into(),
@@ -135,7 +135,7 @@ impl Default for DataConfig {
             eval_files: Vec::new(),
             checker: "arith".into(),
             chat_template: false,
-            eval_size: 200,
+            eval_size: 500,
         }
     }
 }
@@ -290,11 +290,11 @@ pub struct CriticConfig {
 impl Default for CriticConfig {
     fn default() -> Self {
         CriticConfig {
-            k: 16,
-            head_width: 64,
+            k: 8,
+            head_width: 32,
             head_depth: 2,
             readout_steps: 1,
-            target_steps: 4,
+            target_steps: 2,
             solver: "euler".into(),
             clip_returns: true,
             kappa: 0.3,
@@ -335,7 +335,7 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            actor_lr: 2e-4,
+            actor_lr: 1e-4,
             critic_lr: 1e-3,
             warmup_frac: 0.1,
             schedule: "cosine".into(),

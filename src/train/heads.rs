@@ -113,6 +113,72 @@ impl HostKernel for Cast {
     }
 }
 
+/// Row gather: ins `[x (n·w), rows (m; f32 row indices, −1 = none)]`, out `[y (m·w)]` with
+/// y[i] = x[rows[i]] (zeros for −1); the backward scatter-adds into x. Lets the flow head
+/// evaluate only the response tokens of a minibatch.
+pub struct GatherRows {
+    pub n: usize,
+    pub m: usize,
+    pub w: usize,
+}
+
+impl GatherRows {
+    fn rows(&self, idx: &[f32]) -> Result<Vec<Option<usize>>> {
+        idx.iter()
+            .map(|&r| {
+                if r < 0.0 {
+                    Ok(None)
+                } else if r.fract() == 0.0 && (r as usize) < self.n {
+                    Ok(Some(r as usize))
+                } else {
+                    Err(Error::Invalid(format!(
+                        "gather_rows: row index {r} is not an integer in 0..{}",
+                        self.n
+                    )))
+                }
+            })
+            .collect()
+    }
+}
+
+impl HostKernel for GatherRows {
+    fn name(&self) -> String {
+        "gather_rows".into()
+    }
+    fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        check_lens("gather_rows", ins, &[self.n * self.w, self.m])?;
+        let w = self.w;
+        let mut y = vec![0.0f32; self.m * w];
+        for (i, r) in self.rows(&ins[1])?.into_iter().enumerate() {
+            if let Some(r) = r {
+                y[i * w..(i + 1) * w].copy_from_slice(&ins[0][r * w..(r + 1) * w]);
+            }
+        }
+        Ok(vec![y])
+    }
+    fn backward(
+        &self,
+        ins: &[Vec<f32>],
+        _outs: &[Vec<f32>],
+        d_outs: &[Vec<f32>],
+        need: &[bool],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        if need[1] {
+            return Err(Error::Invalid("gather_rows: indices get no gradient".into()));
+        }
+        let w = self.w;
+        let mut dx = vec![0.0f32; self.n * w];
+        for (i, r) in self.rows(&ins[1])?.into_iter().enumerate() {
+            if let Some(r) = r {
+                for (d, g) in dx[r * w..(r + 1) * w].iter_mut().zip(&d_outs[0][i * w..(i + 1) * w]) {
+                    *d += g;
+                }
+            }
+        }
+        Ok(vec![need[0].then_some(dx), None])
+    }
+}
+
 /// Per-token clipped-PPO surrogate and its gradient d/dlogp (method doc 2.11):
 /// ρ = exp(logp − logp_old), s1 = −Aρ, s2 = −A·clip(ρ, 1−lo, 1+hi); loss = max(s1, s2);
 /// gradient −Aρ where the unclipped branch is the max, else 0. Returns (loss, grad, clipped).

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use super::heads::{
-    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, HostOp, QuantileLoss, RiskTerms, ValueLoss,
+    ActorLoss, Cast, FlowCriticLoss, GatherRows, FlowTermWeights, HostOp, QuantileLoss, RiskTerms, ValueLoss,
 };
 use super::optim::{AdamW, Schedule, StepOutcome};
 use crate::device::Device;
@@ -227,6 +227,9 @@ pub enum CriticHead {
     /// The DFPO flow head.
     Flow {
         k: usize,
+        /// Token capacity of a minibatch's response (the flow head and its loss run on these
+        /// gathered rows only; the first input of an update lists them).
+        max_tokens: usize,
         shape: FlowHeadShape,
         weights: FlowTermWeights,
         risk: RiskTerms,
@@ -356,12 +359,14 @@ impl Critic {
                 }
                 CriticHead::Flow {
                     k,
+                    max_tokens,
                     shape,
                     weights,
                     risk,
                     ..
                 } => {
                     let k = *k;
+                    let m = *max_tokens;
                     let c = if t.act == DType::F32 {
                         t.hidden
                     } else {
@@ -373,6 +378,16 @@ impl Critic {
                     };
                     let p = g.param(FLOW_PARAMS, shape.param_count());
                     let u = g.node(flow_cond(*shape), &[p, c], &[("flow_u", n * shape.width)])?[0];
+                    let rows = g.input("flow_rows", m);
+                    let us = g.node_typed(
+                        HostOp(GatherRows {
+                            n,
+                            m,
+                            w: shape.width,
+                        }),
+                        &[u, rows],
+                        &[("flow_u_rows", m * shape.width, DType::F32)],
+                    )?[0];
                     let names = [
                         "z_read",
                         "tau_read",
@@ -386,18 +401,18 @@ impl Critic {
                         "vel_b",
                         "vel_d",
                     ];
-                    let ins: Vec<TensorId> = names.iter().map(|nm| g.input(nm, n * k)).collect();
+                    let ins: Vec<TensorId> = names.iter().map(|nm| g.input(nm, m * k)).collect();
                     let tok: Vec<TensorId> = ["w_unc", "dcfm_mask", "token_weight"]
                         .iter()
-                        .map(|nm| g.input(nm, n))
+                        .map(|nm| g.input(nm, m))
                         .collect();
                     let mut evals = Vec::new();
                     for (i, nm) in ["v_read", "v_b", "v_d"].iter().enumerate() {
                         evals.push(
                             g.node(
                                 flow_eval(*shape, k),
-                                &[p, u, ins[2 * i], ins[2 * i + 1]],
-                                &[(nm, n * k)],
+                                &[p, us, ins[2 * i], ins[2 * i + 1]],
+                                &[(nm, m * k)],
                             )?[0],
                         );
                     }
@@ -406,7 +421,7 @@ impl Critic {
                     loss_ins.extend_from_slice(&tok);
                     let outs = g.node_typed(
                         HostOp(FlowCriticLoss {
-                            n,
+                            n: m,
                             k,
                             w: *weights,
                             risk: *risk,
@@ -414,7 +429,8 @@ impl Critic {
                         &loss_ins,
                         &[("flow_loss", 1, DType::F32), ("flow_stats", 6, DType::F32)],
                     )?;
-                    let mut all = ins.clone();
+                    let mut all = vec![rows];
+                    all.extend_from_slice(&ins);
                     all.extend_from_slice(&tok);
                     built = Some((
                         all,
@@ -474,6 +490,14 @@ impl Critic {
             out.extend_from_slice(&self.graph.read(self.readout)?[..m * per_row]);
         }
         Ok(out)
+    }
+
+    /// The flow head's token capacity per minibatch (flow critic only).
+    pub fn flow_capacity(&self) -> Option<usize> {
+        match self.head {
+            CriticHead::Flow { max_tokens, .. } => Some(max_tokens),
+            _ => None,
+        }
     }
 
     /// The flow head's current parameters (flow critic only).

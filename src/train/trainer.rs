@@ -246,6 +246,7 @@ impl Trainer {
                 },
                 Algo::Dfpo => CriticHead::Flow {
                     k: c.k,
+                    max_tokens: b * cfg.rollout.max_new_tokens,
                     shape: FlowHeadShape::new(cdec.config.hidden_size, c.head_width, c.head_depth)?,
                     weights: FlowTermWeights {
                         dcfm: c.w_dcfm as f32,
@@ -626,13 +627,33 @@ impl Trainer {
                     }
                     CriticHead::Quantile { .. } => vec![gather(&ret, s * k), ctw],
                     CriticHead::Flow { .. } => {
+                        // Only the minibatch's response tokens: graph row r·S + t, rollout
+                        // token sel[r]·S + t.
                         let t = targets.as_ref().expect("flow targets");
-                        let mut v: Vec<Vec<f32>> = Vec::new();
-                        for (i, full) in t.slice(0, rows, s, k).into_iter().enumerate() {
-                            let w = if i < 11 { s * k } else { s };
-                            v.push(gather(&full, w));
+                        let (mut local, mut global) = (Vec::new(), Vec::new());
+                        for (r, &row) in sel.iter().enumerate() {
+                            for tt in 0..s {
+                                if mask[row * s + tt] != 0.0 {
+                                    local.push(r * s + tt);
+                                    global.push(row * s + tt);
+                                }
+                            }
                         }
-                        v.push(ctw);
+                        let pick = |full: &[f32], w: usize| -> Vec<f32> {
+                            global
+                                .iter()
+                                .flat_map(|&i| full[i * w..(i + 1) * w].iter().copied())
+                                .collect()
+                        };
+                        let mut v: Vec<Vec<f32>> = vec![local.iter().map(|&i| i as f32).collect()];
+                        for (i, full) in t.slice(0, rows, s, k).into_iter().enumerate() {
+                            v.push(pick(&full, if i < 11 { k } else { 1 }));
+                        }
+                        let lw: Vec<f32> = local.iter().map(|&i| ctw[i]).collect();
+                        v.push(lw);
+                        // Unused capacity: no row (−1), zero weight.
+                        let cap = c.flow_capacity().unwrap_or(0);
+                        v[0].resize(cap, -1.0);
                         v
                     }
                 };

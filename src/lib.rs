@@ -10,6 +10,7 @@ pub mod error;
 pub mod graph;
 pub mod kernels;
 pub mod model;
+pub mod task;
 pub mod train;
 
 pub use device::Device;

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod init;
 pub mod ops;
 pub mod score;
 pub mod tokenizer;

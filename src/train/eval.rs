@@ -1,0 +1,146 @@
+//! Evaluation: generate answers to eval prompts and score them with a [`Checker`].
+//!
+//! Generation is [`crate::model::generate::generate`] (CPU, KV cache) in batches of
+//! `opts.batch` prompts, stopping at EOS (the tokenizer's and the config's EOS ids). Greedy
+//! decoding takes one answer per prompt; otherwise `pass_k` samples at `temperature`, and a
+//! prompt counts as solved when ANY of them is correct (pass@k). `unparsed` is the share of all
+//! generated responses from which the checker could extract no answer.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::kernels::sample::SampleParams;
+use crate::kernels::splitmix64;
+use crate::model::decoder::Decoder;
+use crate::model::generate::{generate, GenerateParams};
+use crate::model::tokenizer::Tokenizer;
+use crate::task::{encode_prompt, Checker, Example, Verdict};
+
+/// How to evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalOpts {
+    /// Greedy decoding, one answer per prompt (else `pass_k` samples at `temperature`).
+    pub greedy: bool,
+    pub pass_k: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+    pub chat_template: bool,
+    /// Prompts per generate call.
+    pub batch: usize,
+}
+
+impl Default for EvalOpts {
+    fn default() -> Self {
+        EvalOpts {
+            greedy: true,
+            pass_k: 1,
+            max_new_tokens: 8,
+            temperature: 1.0,
+            seed: 0,
+            chat_template: false,
+            batch: 64,
+        }
+    }
+}
+
+/// The result of one eval set.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalResult {
+    pub name: String,
+    /// Prompts evaluated.
+    pub n: usize,
+    /// Share of prompts solved (pass@k when sampling).
+    pub accuracy: f64,
+    /// Share of responses with no extractable answer.
+    pub unparsed: f64,
+}
+
+/// The ids that end a response: the tokenizer's EOS and the config's `eos_token_id`s.
+pub fn stop_ids(dec: &Decoder, tok: &Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = dec.config.eos_token_ids.clone();
+    ids.extend(tok.eos_token_id());
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The response text of generated tokens: a final stop id dropped, special tokens skipped.
+pub fn response_text(tok: &Tokenizer, tokens: &[u32], stop: &[u32]) -> Result<String> {
+    let body = match tokens.last() {
+        Some(t) if stop.contains(t) => &tokens[..tokens.len() - 1],
+        _ => tokens,
+    };
+    tok.decode(body, true)
+}
+
+/// Evaluates `dec` on `examples` (see the module doc).
+pub fn evaluate(
+    dec: &Decoder,
+    tok: &Tokenizer,
+    name: &str,
+    examples: &[Example],
+    checker: Checker,
+    opts: &EvalOpts,
+) -> Result<EvalResult> {
+    if opts.batch == 0 || opts.max_new_tokens == 0 {
+        return Err(Error::Invalid(format!(
+            "evaluate {name}: batch = {} and max_new_tokens = {} must be >= 1",
+            opts.batch, opts.max_new_tokens
+        )));
+    }
+    if !opts.greedy && opts.pass_k == 0 {
+        return Err(Error::Invalid(format!(
+            "evaluate {name}: pass_k must be >= 1"
+        )));
+    }
+    if examples.is_empty() {
+        return Err(Error::Invalid(format!("evaluate {name}: no examples")));
+    }
+    let (k, sample) = if opts.greedy {
+        (1, SampleParams::greedy())
+    } else {
+        (
+            opts.pass_k,
+            SampleParams {
+                temperature: opts.temperature,
+                ..SampleParams::default()
+            },
+        )
+    };
+    let stop = stop_ids(dec, tok);
+    let (mut solved, mut unparsed, mut responses) = (0usize, 0usize, 0usize);
+    for (bi, chunk) in examples.chunks(opts.batch).enumerate() {
+        let prompts = chunk
+            .iter()
+            .map(|e| encode_prompt(tok, &e.prompt, opts.chat_template))
+            .collect::<Result<Vec<_>>>()?;
+        let params = GenerateParams {
+            max_new_tokens: opts.max_new_tokens,
+            sample,
+            stop_ids: stop.clone(),
+            n_samples: k,
+            seed: splitmix64(opts.seed ^ splitmix64(bi as u64)),
+        };
+        let gens = generate(dec, &prompts, &params).map_err(|e| {
+            Error::Invalid(format!("evaluate {name}: batch {bi}: {e}"))
+        })?;
+        let mut ok = vec![false; chunk.len()];
+        for g in &gens {
+            let text = response_text(tok, &g.tokens, &stop)?;
+            responses += 1;
+            match checker.check(&text, &chunk[g.prompt_index].answer) {
+                Verdict::Correct => ok[g.prompt_index] = true,
+                Verdict::Incorrect => {}
+                Verdict::Unparsed => unparsed += 1,
+            }
+        }
+        solved += ok.iter().filter(|&&b| b).count();
+    }
+    Ok(EvalResult {
+        name: name.to_string(),
+        n: examples.len(),
+        accuracy: solved as f64 / examples.len() as f64,
+        unparsed: unparsed as f64 / responses as f64,
+    })
+}

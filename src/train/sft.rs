@@ -1,0 +1,460 @@
+//! Supervised fine-tuning (the warm start of RL): next-token cross-entropy on the ANSWER tokens
+//! of prompt + answer + EOS (the prompt is context only: `DecoderGraph::set_batch_masked`),
+//! AdamW over fp32 master weights (`train::optim`, warmup + cosine), greedy evaluation before
+//! and after, and the result saved as an HF folder.
+//!
+//! `--model builtin-init` starts from a random init ([`crate::model::init::random_decoder`]) of
+//! the built-in arithmetic model with the tokenizer we build ([`crate::task::arith`]);
+//! `--data arith` trains on the built-in task's SFT mix (in-domain training prompts plus a share
+//! `--ood-frac` of out-of-domain-shaped ones, never a held-out eval prompt). Otherwise `--model`
+//! is an HF folder and `--data` a JSONL `{"prompt","answer"}` file.
+//!
+//! Output: `--out` receives config.json, model.safetensors (f32), the tokenizer files and
+//! `sft_eval.json` (before/after evals, loss curve). The folder is written in a sibling staging
+//! folder and renamed into place, so an interrupted run never leaves a half-written `--out`.
+//! Everything is deterministic per `--seed` on the CPU (the same seed gives the same bytes).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::eval::{evaluate, EvalOpts, EvalResult};
+use super::optim::{AdamW, Schedule};
+use crate::error::{Error, Result};
+use crate::kernels::adamw::AdamWParams;
+use crate::model::checkpoint::{save_hf_folder, write_atomic, Dtype, Tensor, TensorMap};
+use crate::model::decoder::Decoder;
+use crate::model::init::random_decoder;
+use crate::model::score::parse_device;
+use crate::model::tokenizer::Tokenizer;
+use crate::task::{arith, dataset, encode_prompt, parse_eval_spec, Checker, Example};
+
+/// `--model` value for a random init of the built-in model.
+pub const BUILTIN_INIT: &str = "builtin-init";
+
+/// Arguments of `dfpo-train sft`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SftArgs {
+    /// An HF model folder, or "builtin-init" (random init of the built-in arithmetic model with
+    /// the tokenizer we build).
+    #[arg(long, default_value = BUILTIN_INIT)]
+    pub model: String,
+    /// "arith" (the built-in task) or a JSONL file of {"prompt","answer"} lines.
+    #[arg(long, default_value = "arith")]
+    pub data: String,
+    /// Eval sets for JSONL data, "name=path" (repeatable). The arith task has its own.
+    #[arg(long = "eval-file")]
+    pub eval_files: Vec<String>,
+    /// Answer checker for the evals of JSONL data: arith, gsm8k or math.
+    #[arg(long, default_value = "arith")]
+    pub checker: String,
+    /// Output HF folder (replaced atomically).
+    #[arg(long, default_value = "runs/sft")]
+    pub out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 700)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Warmup as a fraction of the steps (then cosine to 10% of the peak).
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup_frac: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Seeds the init, the data order and the eval prompts.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Eval prompts per eval set (0: all of a JSONL set; the arith splits' pool of 2000).
+    #[arg(long, default_value_t = 500)]
+    pub eval_size: usize,
+    /// Arith data: share of out-of-domain-shaped examples in the SFT mix.
+    #[arg(long, default_value_t = arith::SFT_OOD_FRACTION)]
+    pub ood_frac: f64,
+    /// Arith data: number of distinct training examples (0: steps x batch).
+    #[arg(long, default_value_t = 0)]
+    pub train_size: usize,
+    /// Longest generated answer in the evals.
+    #[arg(long, default_value_t = 8)]
+    pub max_new_tokens: usize,
+    /// Wrap prompts in the tokenizer's chat template.
+    #[arg(long)]
+    pub chat_template: bool,
+    /// cpu, cuda or auto. The CPU is the default: it is the tested, deterministic path.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the mean loss every this many steps (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+    /// Skip the evaluation before training.
+    #[arg(long)]
+    pub no_eval_before: bool,
+}
+
+impl SftArgs {
+    /// The defaults, as `dfpo-train sft` with no flags gets them.
+    pub fn parse_defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            a: SftArgs,
+        }
+        <Wrap as clap::Parser>::parse_from(["sft"]).a
+    }
+}
+
+/// What a run did (also written to `<out>/sft_eval.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct SftReport {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub train_examples: usize,
+    /// Mean answer-token loss of each step's batch (before its update).
+    pub losses: Vec<f32>,
+    pub before: Vec<EvalResult>,
+    pub after: Vec<EvalResult>,
+    pub seconds: f64,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A sibling path of `out` with a suffix (for staging and the swap).
+fn sibling(out: &Path, tag: &str) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!(".{name}.{tag}.{}", std::process::id()))
+}
+
+/// The tokenizer files of an HF folder that are copied into the output.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Token sequences (prompt + answer + EOS) and their prompt lengths.
+fn tokenize(
+    tok: &Tokenizer,
+    examples: &[Example],
+    eos: u32,
+    chat: bool,
+    max_len: usize,
+    source: &str,
+) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
+    let mut seqs = Vec::with_capacity(examples.len());
+    let mut skips = Vec::with_capacity(examples.len());
+    for (i, e) in examples.iter().enumerate() {
+        let mut s = encode_prompt(tok, &e.prompt, chat)?;
+        let p = s.len();
+        s.extend(tok.encode(&e.answer, false)?);
+        s.push(eos);
+        if s.len() > max_len {
+            return Err(Error::Invalid(format!(
+                "{source}: example {} (prompt {:?}) is {} tokens with its answer and EOS, \
+                 above max_position_embeddings {max_len}",
+                i + 1,
+                e.prompt,
+                s.len()
+            )));
+        }
+        seqs.push(s);
+        skips.push(p);
+    }
+    Ok((seqs, skips))
+}
+
+/// Runs SFT as described in the module doc and returns its report.
+pub fn train(args: &SftArgs) -> Result<SftReport> {
+    let t0 = Instant::now();
+    if args.steps == 0 || args.batch == 0 {
+        return Err(Error::Invalid(format!(
+            "sft: --steps {} and --batch {} must be >= 1",
+            args.steps, args.batch
+        )));
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        return Err(Error::Invalid(format!("sft: --lr {} must be > 0", args.lr)));
+    }
+    if !(0.0..=1.0).contains(&args.warmup_frac) || !(0.0..=1.0).contains(&args.ood_frac) {
+        return Err(Error::Invalid(format!(
+            "sft: --warmup-frac {} and --ood-frac {} must be in [0, 1]",
+            args.warmup_frac, args.ood_frac
+        )));
+    }
+    let device = parse_device(&args.device)?;
+    let staging = sibling(&args.out, "tmp");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| io_err(&staging, e))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(|e| io_err(&staging, e))?;
+    let result = train_into(args, &device, &staging, t0);
+    match result {
+        Ok(report) => {
+            // Swap the staging folder into place.
+            let old = sibling(&args.out, "old");
+            if args.out.exists() {
+                std::fs::rename(&args.out, &old).map_err(|e| io_err(&args.out, e))?;
+            }
+            std::fs::rename(&staging, &args.out).map_err(|e| io_err(&args.out, e))?;
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| io_err(&old, e))?;
+            }
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn train_into(
+    args: &SftArgs,
+    device: &crate::Device,
+    staging: &Path,
+    t0: Instant,
+) -> Result<SftReport> {
+    // Model and tokenizer.
+    let (dec, tok, tok_files) = if args.model == BUILTIN_INIT {
+        arith::write_tokenizer_files(staging)?;
+        let dec = random_decoder(arith::model_config(), args.seed)?;
+        (dec, Tokenizer::from_dir(staging)?, Vec::new())
+    } else {
+        let dir = Path::new(&args.model);
+        let dec = Decoder::load(dir)?;
+        let tok = Tokenizer::from_dir(dir)?;
+        let files: Vec<PathBuf> = TOKENIZER_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.is_file())
+            .collect();
+        (dec, tok, files)
+    };
+    if tok.vocab_size() > dec.config.vocab_size {
+        return Err(Error::Invalid(format!(
+            "sft: the tokenizer of {} has {} tokens, the model's vocab_size is {}",
+            args.model,
+            tok.vocab_size(),
+            dec.config.vocab_size
+        )));
+    }
+    let eos = tok
+        .eos_token_id()
+        .or_else(|| dec.config.eos_token_ids.first().copied())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "sft: {} has no EOS token (tokenizer_config.json eos_token or config.json \
+                 eos_token_id): answers could not be terminated",
+                args.model
+            ))
+        })?;
+
+    // Data.
+    let (train, evals, checker) = if args.data == "arith" {
+        let n = if args.train_size > 0 {
+            args.train_size
+        } else {
+            args.steps * args.batch
+        };
+        let evals = vec![
+            ("in_domain".to_string(), arith::in_domain(eval_n(args), args.seed)),
+            (
+                "out_of_domain".to_string(),
+                arith::out_of_domain(eval_n(args), args.seed),
+            ),
+        ];
+        (
+            arith::sft_examples(n, args.ood_frac, args.seed),
+            evals,
+            Checker::Arith,
+        )
+    } else {
+        let train = dataset::read_jsonl(Path::new(&args.data))?;
+        let mut evals = Vec::new();
+        for spec in &args.eval_files {
+            let (name, path) = parse_eval_spec(spec)?;
+            let mut ex = dataset::read_jsonl(Path::new(&path))?;
+            if args.eval_size > 0 {
+                ex.truncate(args.eval_size);
+            }
+            evals.push((name, ex));
+        }
+        (train, evals, Checker::parse(&args.checker)?)
+    };
+    let max_len = dec.config.max_position_embeddings;
+    let (seqs, skips) = tokenize(&tok, &train, eos, args.chat_template, max_len, &args.data)?;
+    let s = seqs.iter().map(Vec::len).max().unwrap_or(1);
+
+    let eval_opts = EvalOpts {
+        greedy: true,
+        pass_k: 1,
+        max_new_tokens: args.max_new_tokens,
+        temperature: 1.0,
+        seed: args.seed,
+        chat_template: args.chat_template,
+        batch: 100,
+    };
+    let run_evals = |d: &Decoder, when: &str| -> Result<Vec<EvalResult>> {
+        let mut out = Vec::new();
+        for (name, ex) in &evals {
+            let r = evaluate(d, &tok, name, ex, checker, &eval_opts)?;
+            println!(
+                "sft {when}: {name}: accuracy {:.3} unparsed {:.3} (n = {})",
+                r.accuracy, r.unparsed, r.n
+            );
+            out.push(r);
+        }
+        Ok(out)
+    };
+    let before = if args.no_eval_before {
+        Vec::new()
+    } else {
+        run_evals(&dec, "before")?
+    };
+
+    // Optimizer over the graph's parameters.
+    let mut graph = dec.build(args.batch, s, device)?;
+    let names: Vec<String> = graph.param_names().map(str::to_string).collect();
+    let named = names
+        .iter()
+        .map(|n| (n.clone(), dec.params()[n].data.clone()))
+        .collect();
+    let warmup = (args.warmup_frac * args.steps as f64).round() as u64;
+    let hp = AdamWParams {
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        ..AdamWParams::default()
+    };
+    let clip = if args.max_grad_norm > 0.0 {
+        args.max_grad_norm as f32
+    } else {
+        f32::INFINITY
+    };
+    let mut opt = AdamW::new(
+        named,
+        hp,
+        clip,
+        Schedule {
+            peak: args.lr,
+            warmup,
+            total: args.steps as u64,
+            cosine: true,
+            min_ratio: 0.1,
+        },
+    )?;
+
+    let mut losses = Vec::with_capacity(args.steps);
+    let n = seqs.len();
+    for step in 0..args.steps {
+        let idx: Vec<usize> = (0..args.batch).map(|j| (step * args.batch + j) % n).collect();
+        let batch: Vec<Vec<u32>> = idx.iter().map(|&i| seqs[i].clone()).collect();
+        let skip: Vec<usize> = idx.iter().map(|&i| skips[i]).collect();
+        graph.set_batch_masked(&batch, &skip)?;
+        let loss = graph.run()?;
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "sft: step {}: the loss is {loss} (lower --lr?)",
+                step + 1
+            )));
+        }
+        losses.push(loss);
+        let grads = names
+            .iter()
+            .map(|nm| graph.grad(nm))
+            .collect::<Result<Vec<_>>>()?;
+        let o = opt.step(&grads)?;
+        if !o.applied {
+            return Err(Error::Invalid(format!(
+                "sft: step {}: gradient norm {} is not finite",
+                step + 1,
+                o.grad_norm
+            )));
+        }
+        for (nm, p) in names.iter().zip(opt.params()) {
+            graph.set_param(nm, p)?;
+        }
+        if args.log_every > 0 && (step + 1) % args.log_every == 0 {
+            let w = &losses[losses.len().saturating_sub(args.log_every)..];
+            let mean = w.iter().sum::<f32>() / w.len() as f32;
+            println!(
+                "sft step {:>5}/{}: loss {mean:.4} lr {:.2e} |g| {:.3} ({:.1} s)",
+                step + 1,
+                args.steps,
+                o.lr,
+                o.grad_norm,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    // The trained model.
+    let mut tensors = TensorMap::new();
+    for (nm, p) in names.iter().zip(opt.params()) {
+        let shape = dec.params()[nm].shape.clone();
+        tensors.insert(nm.clone(), Tensor::new(shape, p.clone())?);
+    }
+    let trained = Decoder::new(dec.config.clone(), tensors.clone())?;
+    let after = run_evals(&trained, "after")?;
+    let file_refs: Vec<&Path> = tok_files.iter().map(PathBuf::as_path).collect();
+    save_hf_folder(staging, &dec.config, &tensors, Dtype::F32, &file_refs)?;
+    let report = SftReport {
+        steps: args.steps,
+        batch: args.batch,
+        lr: args.lr,
+        seed: args.seed,
+        train_examples: n,
+        losses,
+        before,
+        after,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    // The report without the wall time, so the folder is the same bytes for the same seed.
+    let mut json = serde_json::to_value(&report).map_err(|e| Error::Invalid(e.to_string()))?;
+    if let Some(o) = json.as_object_mut() {
+        o.remove("seconds");
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(staging.join("sft_eval.json"), |w| {
+        w.write_all(text.as_bytes())?;
+        w.write_all(b"\n")
+    })?;
+    Ok(report)
+}
+
+fn eval_n(args: &SftArgs) -> usize {
+    if args.eval_size == 0 {
+        crate::task::ARITH_EVAL_ALL
+    } else {
+        args.eval_size
+    }
+}
+
+/// `dfpo-train sft`: [`train`], reporting to stdout.
+pub fn run(args: &SftArgs) -> Result<()> {
+    let r = train(args)?;
+    println!(
+        "sft: {} steps in {:.1} s; saved {}",
+        r.steps,
+        r.seconds,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -41,9 +41,9 @@ pub const HELD_OUT_ONE_IN: u64 = 5;
 pub const SFT_OOD_FRACTION: f64 = 0.1;
 
 /// Operand ranges (inclusive) of the in-domain split: (a, b).
-pub const IN_DOMAIN: ((u32, u32), (u32, u32)) = ((0, 99), (0, 99));
+pub const IN_DOMAIN: ((u32, u32), (u32, u32)) = ((10, 99), (10, 99));
 /// Operand ranges (inclusive) of the out-of-domain split: (a, b).
-pub const OUT_OF_DOMAIN: ((u32, u32), (u32, u32)) = ((100, 999), (0, 99));
+pub const OUT_OF_DOMAIN: ((u32, u32), (u32, u32)) = ((100, 999), (10, 99));
 
 /// The folder of the shipped warm start: `<crate root>/assets/arith-sft`.
 pub fn builtin_dir() -> PathBuf {

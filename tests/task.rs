@@ -9,7 +9,7 @@ use dfpo::model::config::ModelConfig;
 use dfpo::model::decoder::Decoder;
 use dfpo::model::init::random_decoder;
 use dfpo::model::tokenizer::Tokenizer;
-use dfpo::task::{self, arith, dataset, encode_prompt, load_task, Checker, Verdict};
+use dfpo::task::{arith, dataset, encode_prompt, load_task, Checker, Verdict};
 use dfpo::train::config::DataConfig;
 use dfpo::Error;
 
@@ -195,7 +195,7 @@ fn operands(prompt: &str) -> (u32, u32) {
 #[test]
 fn arith_answers_are_correct_by_construction_and_in_range() {
     let splits = [
-        ("in_domain", arith::in_domain(2000, 3), arith::IN_DOMAIN),
+        ("in_domain", arith::in_domain(arith::in_domain_pool_size(), 3), arith::IN_DOMAIN),
         ("out_of_domain", arith::out_of_domain(3000, 3), arith::OUT_OF_DOMAIN),
         ("train", arith::train_examples(5000, 3), arith::IN_DOMAIN),
     ];
@@ -211,10 +211,10 @@ fn arith_answers_are_correct_by_construction_and_in_range() {
         assert_eq!(distinct.len(), ex.len(), "{name}: distinct while the pool lasts");
     }
     // The SFT mix holds the requested share of out-of-domain-shaped examples, none held out.
-    let mix = arith::sft_examples(1000, 0.1, 5);
+    let mix = arith::sft_examples(1000, 0.3, 5);
     assert_eq!(mix.len(), 1000);
     let ood = mix.iter().filter(|e| operands(&e.prompt).0 >= 100).count();
-    assert_eq!(ood, 100);
+    assert_eq!(ood, 300);
     assert!(mix.iter().all(|e| {
         let (a, b) = operands(&e.prompt);
         !arith::is_held_out(a, b)
@@ -232,7 +232,8 @@ fn load_task_arith_splits_are_disjoint_and_deterministic() {
     let names: Vec<&str> = t.evals.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["in_domain", "out_of_domain"]);
     assert!(t.evals.iter().all(|(_, e)| e.len() == 300));
-    assert!(t.train.len() >= 5000);
+    assert_eq!(t.train.len(), arith::train_pool_size());
+    assert!(t.train.len() > 6000);
     let train: HashSet<&str> = t.train.iter().map(|e| e.prompt.as_str()).collect();
     for (name, ex) in &t.evals {
         for e in ex {
@@ -250,10 +251,16 @@ fn load_task_arith_splits_are_disjoint_and_deterministic() {
     assert_eq!(again.evals, t.evals);
     assert_ne!(other.train, t.train);
     assert_ne!(other.evals[0].1, t.evals[0].1);
-    // The in-domain split holds all prompt shapes of its distribution (1- and 2-digit operands).
+    // eval_size 0: the whole held-out in-domain pool, each prompt once.
     let all = load_task(&DataConfig { eval_size: 0, ..DataConfig::default() }, 11).unwrap();
-    assert_eq!(all.evals[0].1.len(), task::ARITH_EVAL_ALL);
-    assert!(all.evals[0].1.iter().any(|e| operands(&e.prompt).0 < 10));
+    assert_eq!(all.evals[0].1.len(), arith::in_domain_pool_size());
+    let distinct: HashSet<_> = all.evals[0].1.iter().map(|e| e.prompt.clone()).collect();
+    assert_eq!(distinct.len(), all.evals[0].1.len());
+    // About 1 in HELD_OUT_ONE_IN prompts is held out.
+    let total = 90 * 90;
+    let held = arith::in_domain_pool_size();
+    assert!((held as f64 / total as f64 - 0.2).abs() < 0.02, "{held} of {total}");
+    assert_eq!(held + arith::train_pool_size(), total);
 }
 
 #[test]

@@ -53,13 +53,13 @@ pub struct SftArgs {
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 700)]
+    #[arg(long, default_value_t = 1000)]
     pub steps: usize,
     /// Sequences per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 1.5e-3)]
     pub lr: f64,
     /// Warmup as a fraction of the steps (then cosine to 10% of the peak).
     #[arg(long, default_value_t = 0.05)]
@@ -72,7 +72,8 @@ pub struct SftArgs {
     /// Seeds the init, the data order and the eval prompts.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Eval prompts per eval set (0: all of a JSONL set; the arith splits' pool of 2000).
+    /// Eval prompts per eval set (0: all of a JSONL set; for arith the held-out in-domain pool's
+    /// size, ~1 600).
     #[arg(long, default_value_t = 500)]
     pub eval_size: usize,
     /// Arith data: share of out-of-domain-shaped examples in the SFT mix.
@@ -464,7 +465,7 @@ fn master_tensors(dec: &Decoder, names: &[String], opt: &AdamW) -> Result<Tensor
 
 fn eval_n(args: &SftArgs) -> usize {
     if args.eval_size == 0 {
-        crate::task::ARITH_EVAL_ALL
+        arith::in_domain_pool_size()
     } else {
         args.eval_size
     }

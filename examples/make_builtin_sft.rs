@@ -33,7 +33,11 @@ fn main() {
 
 fn run(cli: &Cli) -> dfpo::Result<()> {
     let report = sft::train(&cli.sft)?;
-    println!("sft done in {:.1} s -> {}", report.seconds, cli.sft.out.display());
+    println!(
+        "sft done in {:.1} s -> {}",
+        report.seconds,
+        cli.sft.out.display()
+    );
     if cli.no_sampling_stats {
         return Ok(());
     }

@@ -26,7 +26,10 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 fn shipped() -> (Decoder, Tokenizer) {
     let dir = arith::builtin_dir();
-    (Decoder::load(&dir).unwrap(), Tokenizer::from_dir(&dir).unwrap())
+    (
+        Decoder::load(&dir).unwrap(),
+        Tokenizer::from_dir(&dir).unwrap(),
+    )
 }
 
 fn greedy() -> EvalOpts {
@@ -37,14 +40,26 @@ fn greedy() -> EvalOpts {
 fn shipped_warm_start_greedy_accuracy_is_in_the_documented_bands() {
     let (dec, tok) = shipped();
     for (name, ex, (lo, hi)) in [
-        ("in_domain", arith::in_domain(500, EVAL_SEED), IN_DOMAIN_BAND),
-        ("out_of_domain", arith::out_of_domain(500, EVAL_SEED), OUT_OF_DOMAIN_BAND),
+        (
+            "in_domain",
+            arith::in_domain(500, EVAL_SEED),
+            IN_DOMAIN_BAND,
+        ),
+        (
+            "out_of_domain",
+            arith::out_of_domain(500, EVAL_SEED),
+            OUT_OF_DOMAIN_BAND,
+        ),
     ] {
         let r = evaluate(&dec, &tok, name, &ex, Checker::Arith, &greedy()).unwrap();
         eprintln!("{name}: {r:?}");
         assert_eq!(r.n, 500);
         assert_eq!(r.name, name);
-        assert!(lo < r.accuracy && r.accuracy < hi, "{name}: accuracy {} not in ({lo}, {hi})", r.accuracy);
+        assert!(
+            lo < r.accuracy && r.accuracy < hi,
+            "{name}: accuracy {} not in ({lo}, {hi})",
+            r.accuracy
+        );
         assert!(r.unparsed < 0.05, "{name}: unparsed {}", r.unparsed);
     }
 }
@@ -55,14 +70,24 @@ fn corrupted_answer_key_scores_zero_and_wrong_format_is_unparsed() {
     let ex = arith::in_domain(200, 2);
     let good = evaluate(&dec, &tok, "good", &ex, Checker::Arith, &greedy()).unwrap();
     assert!(good.accuracy > 0.1, "{good:?}");
+    // Every key shifted by 5000: no sum of the task is that large (the model does make off-by-one
+    // carry errors, so a +1 shift would sometimes match).
     let corrupted: Vec<Example> = ex
         .iter()
         .map(|e| Example {
             prompt: e.prompt.clone(),
-            answer: (e.answer.parse::<u64>().unwrap() + 1).to_string(),
+            answer: (e.answer.parse::<u64>().unwrap() + 5000).to_string(),
         })
         .collect();
-    let bad = evaluate(&dec, &tok, "corrupted", &corrupted, Checker::Arith, &greedy()).unwrap();
+    let bad = evaluate(
+        &dec,
+        &tok,
+        "corrupted",
+        &corrupted,
+        Checker::Arith,
+        &greedy(),
+    )
+    .unwrap();
     assert_eq!(bad.accuracy, 0.0, "{bad:?}");
     assert_eq!(bad.unparsed, good.unparsed, "the responses are the same");
     // The model never writes "#### n": with the GSM8K checker every response is unparsed.
@@ -85,11 +110,25 @@ fn sampling_gives_a_mix_and_pass_at_k_is_deterministic() {
     let p4 = evaluate(&dec, &tok, "t1", &ex, Checker::Arith, &opts(4, 9)).unwrap();
     eprintln!("pass@1 {p1:?}\npass@4 {p4:?}");
     assert!(0.1 < p1.accuracy && p1.accuracy < 0.9, "{p1:?}");
-    assert!(p4.accuracy > p1.accuracy + 0.05, "pass@4 {p4:?} vs pass@1 {p1:?}");
+    assert!(
+        p4.accuracy > p1.accuracy + 0.05,
+        "pass@4 {p4:?} vs pass@1 {p1:?}"
+    );
     let again = evaluate(&dec, &tok, "t1", &ex, Checker::Arith, &opts(4, 9)).unwrap();
     assert_eq!((again.accuracy, again.unparsed), (p4.accuracy, p4.unparsed));
     // Batching does not change greedy results.
-    let a = evaluate(&dec, &tok, "b", &ex, Checker::Arith, &EvalOpts { batch: 7, ..greedy() }).unwrap();
+    let a = evaluate(
+        &dec,
+        &tok,
+        "b",
+        &ex,
+        Checker::Arith,
+        &EvalOpts {
+            batch: 7,
+            ..greedy()
+        },
+    )
+    .unwrap();
     let b = evaluate(&dec, &tok, "b", &ex, Checker::Arith, &greedy()).unwrap();
     assert_eq!(a.accuracy, b.accuracy);
 }
@@ -100,15 +139,35 @@ fn evaluate_errors() {
     let ex = arith::in_domain(4, 1);
     let e = evaluate(&dec, &tok, "x", &[], Checker::Arith, &greedy()).unwrap_err();
     assert!(e.to_string().contains("no examples"), "{e}");
-    let e = evaluate(&dec, &tok, "x", &ex, Checker::Arith, &EvalOpts { batch: 0, ..greedy() })
-        .unwrap_err();
+    let e = evaluate(
+        &dec,
+        &tok,
+        "x",
+        &ex,
+        Checker::Arith,
+        &EvalOpts {
+            batch: 0,
+            ..greedy()
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("batch"), "{e}");
-    let o = EvalOpts { greedy: false, pass_k: 0, ..greedy() };
+    let o = EvalOpts {
+        greedy: false,
+        pass_k: 0,
+        ..greedy()
+    };
     let e = evaluate(&dec, &tok, "x", &ex, Checker::Arith, &o).unwrap_err();
     assert!(e.to_string().contains("pass_k"), "{e}");
-    let o = EvalOpts { max_new_tokens: 60, ..greedy() };
+    let o = EvalOpts {
+        max_new_tokens: 60,
+        ..greedy()
+    };
     let e = evaluate(&dec, &tok, "setname", &ex, Checker::Arith, &o).unwrap_err();
-    assert!(e.to_string().contains("setname") && e.to_string().contains("max_position"), "{e}");
+    assert!(
+        e.to_string().contains("setname") && e.to_string().contains("max_position"),
+        "{e}"
+    );
 }
 
 fn quick_args(out: &Path) -> SftArgs {
@@ -163,7 +222,10 @@ fn short_sft_lowers_the_answer_loss_and_writes_a_loadable_deterministic_folder()
     assert!(l0 > 2.5, "a random init is near ln(V): {l0}");
     assert!(l1 < l0 - 0.5, "SFT lowered the loss: {l0} -> {l1}");
     assert!(out.join("sft_eval.json").is_file());
-    assert_eq!(std::fs::read_to_string(out.join("tokenizer.json")).unwrap(), arith::tokenizer_json());
+    assert_eq!(
+        std::fs::read_to_string(out.join("tokenizer.json")).unwrap(),
+        arith::tokenizer_json()
+    );
     // No staging folders left beside it.
     let leftovers: Vec<_> = std::fs::read_dir(&d)
         .unwrap()
@@ -176,11 +238,22 @@ fn short_sft_lowers_the_answer_loss_and_writes_a_loadable_deterministic_folder()
     let out2 = d.join("again");
     sft::train(&quick_args(&out2)).unwrap();
     for f in ["model.safetensors", "config.json", "sft_eval.json"] {
-        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(out2.join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(out2.join(f)).unwrap(),
+            "{f}"
+        );
     }
     let out3 = d.join("seed2");
-    sft::train(&SftArgs { seed: 2, ..quick_args(&out3) }).unwrap();
-    assert_ne!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(out3.join("model.safetensors")).unwrap());
+    sft::train(&SftArgs {
+        seed: 2,
+        ..quick_args(&out3)
+    })
+    .unwrap();
+    assert_ne!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out3.join("model.safetensors")).unwrap()
+    );
 }
 
 #[test]
@@ -189,13 +262,23 @@ fn sft_from_an_hf_folder_on_jsonl_data() {
     let data = d.join("train.jsonl");
     let lines: String = arith::train_examples(40, 4)
         .iter()
-        .map(|e| format!("{{\"prompt\": \"{}\", \"answer\": \"{}\"}}\n", e.prompt, e.answer))
+        .map(|e| {
+            format!(
+                "{{\"prompt\": \"{}\", \"answer\": \"{}\"}}\n",
+                e.prompt, e.answer
+            )
+        })
         .collect();
     std::fs::write(&data, lines).unwrap();
     let evalf = d.join("eval.jsonl");
     let lines: String = arith::in_domain(10, 4)
         .iter()
-        .map(|e| format!("{{\"prompt\": \"{}\", \"answer\": \"{}\"}}\n", e.prompt, e.answer))
+        .map(|e| {
+            format!(
+                "{{\"prompt\": \"{}\", \"answer\": \"{}\"}}\n",
+                e.prompt, e.answer
+            )
+        })
         .collect();
     std::fs::write(&evalf, lines).unwrap();
     let out = d.join("tuned");
@@ -232,38 +315,90 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
     let err = |a: SftArgs| sft::train(&a).unwrap_err().to_string();
 
     let missing = d.join("no-such.jsonl");
-    let e = err(SftArgs { data: missing.display().to_string(), ..base.clone() });
+    let e = err(SftArgs {
+        data: missing.display().to_string(),
+        ..base.clone()
+    });
     assert!(e.contains("no-such.jsonl"), "{e}");
 
     let bad = d.join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n{\"prompt\": \"2+2=\"}\n").unwrap();
-    let e = err(SftArgs { data: bad.display().to_string(), ..base.clone() });
-    assert!(e.contains("bad.jsonl") && e.contains("line 2") && e.contains("\"answer\""), "{e}");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n{\"prompt\": \"2+2=\"}\n",
+    )
+    .unwrap();
+    let e = err(SftArgs {
+        data: bad.display().to_string(),
+        ..base.clone()
+    });
+    assert!(
+        e.contains("bad.jsonl") && e.contains("line 2") && e.contains("\"answer\""),
+        "{e}"
+    );
 
     let long = d.join("long.jsonl");
-    std::fs::write(&long, format!("{{\"prompt\": \"{}\", \"answer\": \"2\"}}\n", "1".repeat(70))).unwrap();
-    let e = err(SftArgs { data: long.display().to_string(), ..base.clone() });
-    assert!(e.contains("example 1") && e.contains("max_position_embeddings"), "{e}");
+    std::fs::write(
+        &long,
+        format!(
+            "{{\"prompt\": \"{}\", \"answer\": \"2\"}}\n",
+            "1".repeat(70)
+        ),
+    )
+    .unwrap();
+    let e = err(SftArgs {
+        data: long.display().to_string(),
+        ..base.clone()
+    });
+    assert!(
+        e.contains("example 1") && e.contains("max_position_embeddings"),
+        "{e}"
+    );
 
-    let e = err(SftArgs { model: d.join("no-model").display().to_string(), ..base.clone() });
+    let e = err(SftArgs {
+        model: d.join("no-model").display().to_string(),
+        ..base.clone()
+    });
     assert!(e.contains("no-model"), "{e}");
-    let e = err(SftArgs { steps: 0, ..base.clone() });
+    let e = err(SftArgs {
+        steps: 0,
+        ..base.clone()
+    });
     assert!(e.contains("--steps"), "{e}");
-    let e = err(SftArgs { lr: -1.0, ..base.clone() });
+    let e = err(SftArgs {
+        lr: -1.0,
+        ..base.clone()
+    });
     assert!(e.contains("--lr"), "{e}");
-    let e = err(SftArgs { ood_frac: 2.0, ..base.clone() });
+    let e = err(SftArgs {
+        ood_frac: 2.0,
+        ..base.clone()
+    });
     assert!(e.contains("--ood-frac"), "{e}");
     let ok_data = d.join("ok.jsonl");
     std::fs::write(&ok_data, "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n").unwrap();
-    let e = err(SftArgs { data: ok_data.display().to_string(), eval_files: vec!["noequals".into()], ..base.clone() });
+    let e = err(SftArgs {
+        data: ok_data.display().to_string(),
+        eval_files: vec!["noequals".into()],
+        ..base.clone()
+    });
     assert!(e.contains("name=path"), "{e}");
-    let e = err(SftArgs { data: ok_data.display().to_string(), checker: "nope".into(), ..base.clone() });
+    let e = err(SftArgs {
+        data: ok_data.display().to_string(),
+        checker: "nope".into(),
+        ..base.clone()
+    });
     assert!(e.contains("nope"), "{e}");
-    let e = err(SftArgs { device: "tpu".into(), ..base.clone() });
+    let e = err(SftArgs {
+        device: "tpu".into(),
+        ..base.clone()
+    });
     assert!(e.contains("tpu"), "{e}");
 
     // The existing output is untouched and nothing is left beside it.
-    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
     let names: Vec<_> = std::fs::read_dir(&d)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -76,7 +76,11 @@ fn gsm8k_checker_cases() {
         ("#### 5\nnext question ... #### 6", "5", Incorrect),
         ("#### 8", "7", Incorrect),
         // The reference may itself be a full GSM8K solution.
-        ("#### 18", "Janet sells 16 - 3 - 4 = 9 eggs ... 9 * 2 = 18\n#### 18", Correct),
+        (
+            "#### 18",
+            "Janet sells 16 - 3 - 4 = 9 eggs ... 9 * 2 = 18\n#### 18",
+            Correct,
+        ),
         ("#### 17", "Janet ... 9 * 2 = 18\n#### 18", Incorrect),
         ("the answer is 7", "7", Unparsed),
         ("#### ", "7", Unparsed),
@@ -99,7 +103,11 @@ fn math_checker_cases() {
         ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", Correct),
         ("\\boxed{\\tfrac12}", "\\frac12", Correct),
         ("\\boxed{\\left(1, 2\\right)}", "(1,2)", Correct),
-        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", Correct),
+        (
+            "\\boxed{\\frac{\\sqrt{3}}{2}}",
+            "\\frac{\\sqrt{3}}{2}",
+            Correct,
+        ),
         ("\\boxed{x^{2^{3}}}", "x^{2^{3}}", Correct),
         ("\\boxed{\\{1,2\\}}", "\\{1,2\\}", Correct),
         ("first \\boxed{3} then \\boxed{4}", "4", Correct),
@@ -160,13 +168,41 @@ fn read_jsonl_errors_name_file_line_and_field() {
     let d = tmpdir("jsonl-bad");
     let good = "{\"prompt\": \"a\", \"answer\": \"1\"}\n";
     for (name, text, want) in [
-        ("missing-prompt", format!("{good}{{\"answer\": \"1\"}}\n"), vec!["line 2", "\"prompt\"", "missing"]),
-        ("missing-answer", format!("{good}{good}{{\"prompt\": \"x\"}}\n"), vec!["line 3", "\"answer\"", "missing"]),
-        ("answer-number", format!("{{\"prompt\": \"a\", \"answer\": 5}}\n"), vec!["line 1", "\"answer\"", "not a string"]),
-        ("prompt-null", format!("{good}\n{{\"prompt\": null, \"answer\": \"1\"}}\n"), vec!["line 3", "\"prompt\"", "not a string"]),
-        ("prompt-empty", format!("{{\"prompt\": \"\", \"answer\": \"1\"}}\n"), vec!["line 1", "\"prompt\"", "empty"]),
-        ("bad-json", format!("{good}{{\"prompt\": \"a\", \n"), vec!["line 2", "not valid JSON"]),
-        ("not-object", format!("[1, 2]\n"), vec!["line 1", "not a JSON object"]),
+        (
+            "missing-prompt",
+            format!("{good}{{\"answer\": \"1\"}}\n"),
+            vec!["line 2", "\"prompt\"", "missing"],
+        ),
+        (
+            "missing-answer",
+            format!("{good}{good}{{\"prompt\": \"x\"}}\n"),
+            vec!["line 3", "\"answer\"", "missing"],
+        ),
+        (
+            "answer-number",
+            "{\"prompt\": \"a\", \"answer\": 5}\n".to_string(),
+            vec!["line 1", "\"answer\"", "not a string"],
+        ),
+        (
+            "prompt-null",
+            format!("{good}\n{{\"prompt\": null, \"answer\": \"1\"}}\n"),
+            vec!["line 3", "\"prompt\"", "not a string"],
+        ),
+        (
+            "prompt-empty",
+            "{\"prompt\": \"\", \"answer\": \"1\"}\n".to_string(),
+            vec!["line 1", "\"prompt\"", "empty"],
+        ),
+        (
+            "bad-json",
+            format!("{good}{{\"prompt\": \"a\", \n"),
+            vec!["line 2", "not valid JSON"],
+        ),
+        (
+            "not-object",
+            "[1, 2]\n".to_string(),
+            vec!["line 1", "not a JSON object"],
+        ),
         ("empty", String::new(), vec!["no records"]),
         ("blank", "\n \n".to_string(), vec!["no records"]),
     ] {
@@ -195,20 +231,39 @@ fn operands(prompt: &str) -> (u32, u32) {
 #[test]
 fn arith_answers_are_correct_by_construction_and_in_range() {
     let splits = [
-        ("in_domain", arith::in_domain(arith::in_domain_pool_size(), 3), arith::IN_DOMAIN),
-        ("out_of_domain", arith::out_of_domain(3000, 3), arith::OUT_OF_DOMAIN),
+        (
+            "in_domain",
+            arith::in_domain(arith::in_domain_pool_size(), 3),
+            arith::IN_DOMAIN,
+        ),
+        (
+            "out_of_domain",
+            arith::out_of_domain(3000, 3),
+            arith::OUT_OF_DOMAIN,
+        ),
         ("train", arith::train_examples(5000, 3), arith::IN_DOMAIN),
     ];
     for (name, ex, ((a0, a1), (b0, b1))) in splits {
         for e in &ex {
             let (a, b) = operands(&e.prompt);
-            assert!((a0..=a1).contains(&a) && (b0..=b1).contains(&b), "{name}: {e:?}");
-            assert_eq!(e.answer.parse::<u64>().unwrap(), a as u64 + b as u64, "{name}: {e:?}");
+            assert!(
+                (a0..=a1).contains(&a) && (b0..=b1).contains(&b),
+                "{name}: {e:?}"
+            );
+            assert_eq!(
+                e.answer.parse::<u64>().unwrap(),
+                a as u64 + b as u64,
+                "{name}: {e:?}"
+            );
             assert_eq!(e.answer, (a + b).to_string(), "{name}: canonical form");
             assert_eq!(Checker::Arith.check(&e.answer, &e.answer), Correct);
         }
         let distinct: HashSet<_> = ex.iter().map(|e| e.prompt.clone()).collect();
-        assert_eq!(distinct.len(), ex.len(), "{name}: distinct while the pool lasts");
+        assert_eq!(
+            distinct.len(),
+            ex.len(),
+            "{name}: distinct while the pool lasts"
+        );
     }
     // The SFT mix holds the requested share of out-of-domain-shaped examples, none held out.
     let mix = arith::sft_examples(1000, 0.3, 5);
@@ -237,7 +292,11 @@ fn load_task_arith_splits_are_disjoint_and_deterministic() {
     let train: HashSet<&str> = t.train.iter().map(|e| e.prompt.as_str()).collect();
     for (name, ex) in &t.evals {
         for e in ex {
-            assert!(!train.contains(e.prompt.as_str()), "{name} prompt {} is in train", e.prompt);
+            assert!(
+                !train.contains(e.prompt.as_str()),
+                "{name} prompt {} is in train",
+                e.prompt
+            );
         }
     }
     // Eval prompts of other seeds are also never training prompts of this one.
@@ -252,26 +311,43 @@ fn load_task_arith_splits_are_disjoint_and_deterministic() {
     assert_ne!(other.train, t.train);
     assert_ne!(other.evals[0].1, t.evals[0].1);
     // eval_size 0: the whole held-out in-domain pool, each prompt once.
-    let all = load_task(&DataConfig { eval_size: 0, ..DataConfig::default() }, 11).unwrap();
+    let all = load_task(
+        &DataConfig {
+            eval_size: 0,
+            ..DataConfig::default()
+        },
+        11,
+    )
+    .unwrap();
     assert_eq!(all.evals[0].1.len(), arith::in_domain_pool_size());
     let distinct: HashSet<_> = all.evals[0].1.iter().map(|e| e.prompt.clone()).collect();
     assert_eq!(distinct.len(), all.evals[0].1.len());
     // About 1 in HELD_OUT_ONE_IN prompts is held out.
     let total = 90 * 90;
     let held = arith::in_domain_pool_size();
-    assert!((held as f64 / total as f64 - 0.2).abs() < 0.02, "{held} of {total}");
+    assert!(
+        (held as f64 / total as f64 - 0.2).abs() < 0.02,
+        "{held} of {total}"
+    );
     assert_eq!(held + arith::train_pool_size(), total);
 }
 
 #[test]
 fn load_task_jsonl_and_config_errors() {
     let d = tmpdir("load-jsonl");
-    let tr = write(&d, "train.jsonl", "{\"prompt\": \"q1\", \"answer\": \"#### 1\"}\n{\"prompt\": \"q2\", \"answer\": \"2\"}\n");
+    let tr = write(
+        &d,
+        "train.jsonl",
+        "{\"prompt\": \"q1\", \"answer\": \"#### 1\"}\n{\"prompt\": \"q2\", \"answer\": \"2\"}\n",
+    );
     let ev = write(&d, "test.jsonl", "{\"prompt\": \"q3\", \"answer\": \"3\"}\n{\"prompt\": \"q4\", \"answer\": \"4\"}\n{\"prompt\": \"q5\", \"answer\": \"5\"}\n");
     let cfg = DataConfig {
         task: "jsonl".into(),
         train_file: tr.display().to_string(),
-        eval_files: vec![format!("test={}", ev.display()), format!("small = {}", ev.display())],
+        eval_files: vec![
+            format!("test={}", ev.display()),
+            format!("small = {}", ev.display()),
+        ],
         checker: "gsm8k".into(),
         eval_size: 2,
         ..DataConfig::default()
@@ -286,19 +362,40 @@ fn load_task_jsonl_and_config_errors() {
     assert_eq!(t.evals[0].1[1].prompt, "q4");
 
     let err = |c: DataConfig| load_task(&c, 0).unwrap_err().to_string();
-    let e = err(DataConfig { eval_files: vec!["nameless".into()], ..cfg.clone() });
+    let e = err(DataConfig {
+        eval_files: vec!["nameless".into()],
+        ..cfg.clone()
+    });
     assert!(e.contains("name=path"), "{e}");
-    let e = err(DataConfig { eval_files: vec![format!("a={}", ev.display()), format!("a={}", ev.display())], ..cfg.clone() });
+    let e = err(DataConfig {
+        eval_files: vec![format!("a={}", ev.display()), format!("a={}", ev.display())],
+        ..cfg.clone()
+    });
     assert!(e.contains("used twice"), "{e}");
-    let e = err(DataConfig { train_file: String::new(), ..cfg.clone() });
+    let e = err(DataConfig {
+        train_file: String::new(),
+        ..cfg.clone()
+    });
     assert!(e.contains("train_file"), "{e}");
-    let e = err(DataConfig { train_file: d.join("missing.jsonl").display().to_string(), ..cfg.clone() });
+    let e = err(DataConfig {
+        train_file: d.join("missing.jsonl").display().to_string(),
+        ..cfg.clone()
+    });
     assert!(e.contains("missing.jsonl"), "{e}");
-    let e = err(DataConfig { task: "csv".into(), ..cfg.clone() });
+    let e = err(DataConfig {
+        task: "csv".into(),
+        ..cfg.clone()
+    });
     assert!(e.contains("data.task") && e.contains("csv"), "{e}");
-    let e = err(DataConfig { checker: "exact".into(), ..cfg.clone() });
+    let e = err(DataConfig {
+        checker: "exact".into(),
+        ..cfg.clone()
+    });
     assert!(e.contains("exact"), "{e}");
-    let e = err(DataConfig { checker: "math".into(), ..DataConfig::default() });
+    let e = err(DataConfig {
+        checker: "math".into(),
+        ..DataConfig::default()
+    });
     assert!(e.contains("arith"), "{e}");
 }
 
@@ -327,7 +424,11 @@ fn tokenizer_round_trips_every_task_string() {
     for s in &strings {
         let ids = tok.encode(s, true).unwrap();
         assert_eq!(ids[0], arith::BOS_ID, "{s:?}: BOS first");
-        assert_eq!(ids.len(), s.chars().count() + 1, "{s:?}: one token per char");
+        assert_eq!(
+            ids.len(),
+            s.chars().count() + 1,
+            "{s:?}: one token per char"
+        );
         assert!(!ids[1..].contains(&arith::UNK_ID), "{s:?}");
         assert_eq!(tok.decode(&ids, true).unwrap(), *s, "{s:?}: round trip");
         let plain = tok.encode(s, false).unwrap();
@@ -353,7 +454,10 @@ fn encode_prompt_chat_template() {
     let tok = Tokenizer::from_dir(&fx).unwrap();
     let ids = encode_prompt(&tok, "hello", true).unwrap();
     let text = tok
-        .apply_chat_template(&[dfpo::model::tokenizer::ChatMessage::new("user", "hello")], true)
+        .apply_chat_template(
+            &[dfpo::model::tokenizer::ChatMessage::new("user", "hello")],
+            true,
+        )
         .unwrap();
     assert_eq!(ids, tok.encode(&text, false).unwrap());
     assert_ne!(ids, encode_prompt(&tok, "hello", false).unwrap());
@@ -364,7 +468,10 @@ fn model_config_is_the_tiny_llama_and_round_trips() {
     let c = arith::model_config();
     c.validate("model_config").unwrap();
     assert_eq!(c.vocab_size, arith::vocab().len());
-    assert!(c.head_dim == 64 || c.head_dim == 128, "CUDA attention head sizes");
+    assert!(
+        c.head_dim == 64 || c.head_dim == 128,
+        "CUDA attention head sizes"
+    );
     assert!(c.tie_word_embeddings);
     let back = ModelConfig::from_json_str(&c.to_json(), "config.json").unwrap();
     assert_eq!(back, c);
@@ -388,15 +495,29 @@ fn random_decoder_shapes_init_and_determinism() {
     for (name, shape) in &want {
         let t = &a.params()[name];
         assert_eq!(&t.shape, shape, "{name}");
-        assert_eq!(t.data, b.params()[name].data, "{name}: same seed, same values");
+        assert_eq!(
+            t.data,
+            b.params()[name].data,
+            "{name}: same seed, same values"
+        );
         if name.ends_with("norm.weight") {
             assert!(t.data.iter().all(|&x| x == 1.0), "{name}: ones");
             continue;
         }
-        assert_ne!(t.data, other.params()[name].data, "{name}: another seed differs");
+        assert_ne!(
+            t.data,
+            other.params()[name].data,
+            "{name}: another seed differs"
+        );
         let n = t.data.len() as f64;
         let mean = t.data.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let std = (t.data.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let std = (t
+            .data
+            .iter()
+            .map(|&x| (x as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
         assert!(mean.abs() < 0.003, "{name}: mean {mean}");
         assert!((std - 0.02).abs() < 0.002, "{name}: std {std}");
     }
@@ -404,7 +525,11 @@ fn random_decoder_shapes_init_and_determinism() {
     let mut cb = c.clone();
     cb.attention_bias = true;
     let d = random_decoder(cb, 1).unwrap();
-    let biases: Vec<_> = d.params().iter().filter(|(n, _)| n.ends_with(".bias")).collect();
+    let biases: Vec<_> = d
+        .params()
+        .iter()
+        .filter(|(n, _)| n.ends_with(".bias"))
+        .collect();
     assert!(!biases.is_empty());
     assert!(biases.iter().all(|(_, t)| t.data.iter().all(|&x| x == 0.0)));
     // An invalid config is an error, not a panic.
@@ -416,7 +541,9 @@ fn random_decoder_shapes_init_and_determinism() {
 #[test]
 fn shipped_warm_start_is_small_loadable_and_built_from_our_tokenizer() {
     let dir = arith::builtin_dir();
-    let size = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+    let size = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
     assert!(size < 2_000_000, "model.safetensors is {size} bytes");
     let dec = Decoder::load(&dir).unwrap();
     let mut want = arith::model_config();
@@ -424,7 +551,11 @@ fn shipped_warm_start_is_small_loadable_and_built_from_our_tokenizer() {
     assert_eq!(dec.config, want);
     assert_eq!(dec.config.torch_dtype.as_deref(), Some("float32"));
     let shipped = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
-    assert_eq!(shipped, arith::tokenizer_json(), "tokenizer.json is the one we build");
+    assert_eq!(
+        shipped,
+        arith::tokenizer_json(),
+        "tokenizer.json is the one we build"
+    );
     let shipped = std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap();
     assert_eq!(shipped, arith::tokenizer_config_json());
     let tok = Tokenizer::from_dir(&dir).unwrap();

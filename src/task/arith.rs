@@ -188,7 +188,7 @@ pub fn example(a: u32, b: u32) -> Example {
 /// Whether (a, b) is in the fixed held-out (evaluation) partition.
 pub fn is_held_out(a: u32, b: u32) -> bool {
     let key = ((a as u64) << 32) | b as u64;
-    splitmix64(key ^ 0xA11_7E57_5EED) % HELD_OUT_ONE_IN == 0
+    splitmix64(key ^ 0xA11_7E57_5EED).is_multiple_of(HELD_OUT_ONE_IN)
 }
 
 /// Every (a, b) of `ranges` on the held-out side (`held_out`) or the training side.
@@ -209,7 +209,7 @@ fn pool(ranges: ((u32, u32), (u32, u32)), held_out: bool) -> Vec<(u32, u32)> {
 /// the pool again in a fresh order (so any `n` works; the pools hold 1 600 to 65 000 prompts).
 fn draw(pool: &[(u32, u32)], n: usize, seed: u64) -> Vec<Example> {
     let mut out = Vec::with_capacity(n);
-    let mut state = splitmix64(seed ^ 0x5EED_0F_A817);
+    let mut state = splitmix64(seed ^ 0x005E_ED0F_A817);
     let mut round = 0u64;
     while out.len() < n && !pool.is_empty() {
         let mut p = pool.to_vec();

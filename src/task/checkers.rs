@@ -143,7 +143,9 @@ pub fn math_extract(s: &str) -> Option<String> {
     } else if rest.starts_with(' ') {
         // "\boxed 5": the next token.
         let r = rest.trim_start();
-        let e = r.find(|c: char| c.is_whitespace() || c == '$').unwrap_or(r.len());
+        let e = r
+            .find(|c: char| c.is_whitespace() || c == '$')
+            .unwrap_or(r.len());
         &r[..e]
     } else {
         return None;

@@ -79,8 +79,9 @@ impl Checker {
     pub fn reference(&self, answer: &str) -> String {
         match self {
             Checker::Arith => checkers::arith_extract(answer),
-            Checker::Gsm8k => checkers::gsm8k_extract(answer)
-                .or_else(|| checkers::gsm8k_normalise(answer)),
+            Checker::Gsm8k => {
+                checkers::gsm8k_extract(answer).or_else(|| checkers::gsm8k_normalise(answer))
+            }
             Checker::Math => {
                 checkers::math_extract(answer).or_else(|| Some(checkers::math_normalise(answer)))
             }

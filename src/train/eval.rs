@@ -122,9 +122,8 @@ pub fn evaluate(
             n_samples: k,
             seed: splitmix64(opts.seed ^ splitmix64(bi as u64)),
         };
-        let gens = generate(dec, &prompts, &params).map_err(|e| {
-            Error::Invalid(format!("evaluate {name}: batch {bi}: {e}"))
-        })?;
+        let gens = generate(dec, &prompts, &params)
+            .map_err(|e| Error::Invalid(format!("evaluate {name}: batch {bi}: {e}")))?;
         let mut ok = vec![false; chunk.len()];
         for g in &gens {
             let text = response_text(tok, &g.tokens, &stop)?;

@@ -288,7 +288,10 @@ fn train_into(
             args.steps * args.batch
         };
         let evals = vec![
-            ("in_domain".to_string(), arith::in_domain(eval_n(args), args.seed)),
+            (
+                "in_domain".to_string(),
+                arith::in_domain(eval_n(args), args.seed),
+            ),
             (
                 "out_of_domain".to_string(),
                 arith::out_of_domain(eval_n(args), args.seed),
@@ -377,7 +380,9 @@ fn train_into(
     let mut losses = Vec::with_capacity(args.steps);
     let n = seqs.len();
     for step in 0..args.steps {
-        let idx: Vec<usize> = (0..args.batch).map(|j| (step * args.batch + j) % n).collect();
+        let idx: Vec<usize> = (0..args.batch)
+            .map(|j| (step * args.batch + j) % n)
+            .collect();
         let batch: Vec<Vec<u32>> = idx.iter().map(|&i| seqs[i].clone()).collect();
         let skip: Vec<usize> = idx.iter().map(|&i| skips[i]).collect();
         graph.set_batch_masked(&batch, &skip)?;

@@ -3,10 +3,11 @@
 //! in `assets/arith-sft`, made by `tools/make-builtin-sft`).
 //!
 //! Splits (prompts are `"{a}+{b}="`, answers `"{a+b}"`; the model answers digits then EOS):
-//! - in-domain: a, b uniform in 0..=99 (10 000 prompts).
-//! - out-of-domain: a in 100..=999, b in 0..=99 (a three-digit first operand: a longer prompt
-//!   and an answer up to 1098). The SFT warm start sees this shape only in a small share of its
-//!   data ([`SFT_OOD_FRACTION`]), so it transfers partially; RL trains on in-domain prompts only.
+//! - in-domain: a, b uniform in 10..=99 (two-digit operands; 8 100 prompts).
+//! - out-of-domain: a in 100..=999, b in 10..=99 (a three-digit first operand: a longer prompt,
+//!   other digit positions, answers up to 1098). The SFT warm start sees this shape in a minority
+//!   of its data ([`SFT_OOD_FRACTION`]), so it transfers partially; RL trains on in-domain
+//!   prompts only.
 //!
 //! Every prompt belongs to a fixed held-out partition or not (a hash of (a, b), independent of
 //! any seed; 1 in [`HELD_OUT_ONE_IN`]). Eval prompts come from the held-out partition, training
@@ -38,12 +39,12 @@ pub const UNK_ID: u32 = 3;
 /// One prompt in this many is held out for evaluation.
 pub const HELD_OUT_ONE_IN: u64 = 5;
 /// Share of out-of-domain-shaped examples in the SFT data of the shipped warm start.
-pub const SFT_OOD_FRACTION: f64 = 0.1;
+pub const SFT_OOD_FRACTION: f64 = 0.3;
 
 /// Operand ranges (inclusive) of the in-domain split: (a, b).
-pub const IN_DOMAIN: ((u32, u32), (u32, u32)) = ((0, 99), (0, 99));
+pub const IN_DOMAIN: ((u32, u32), (u32, u32)) = ((10, 99), (10, 99));
 /// Operand ranges (inclusive) of the out-of-domain split: (a, b).
-pub const OUT_OF_DOMAIN: ((u32, u32), (u32, u32)) = ((100, 999), (0, 99));
+pub const OUT_OF_DOMAIN: ((u32, u32), (u32, u32)) = ((100, 999), (10, 99));
 
 /// The folder of the shipped warm start: `<crate root>/assets/arith-sft`.
 pub fn builtin_dir() -> PathBuf {
@@ -205,10 +206,10 @@ fn pool(ranges: ((u32, u32), (u32, u32)), held_out: bool) -> Vec<(u32, u32)> {
 }
 
 /// `n` examples from `pool` in a seed-determined order: distinct while `n` fits the pool, then
-/// the pool again in a fresh order (so any `n` works; the pools hold 2 000 to 65 000 prompts).
+/// the pool again in a fresh order (so any `n` works; the pools hold 1 600 to 65 000 prompts).
 fn draw(pool: &[(u32, u32)], n: usize, seed: u64) -> Vec<Example> {
     let mut out = Vec::with_capacity(n);
-    let mut state = splitmix64(seed ^ 0x5EED_0F_A817);
+    let mut state = splitmix64(seed ^ 0x005E_ED0F_A817);
     let mut round = 0u64;
     while out.len() < n && !pool.is_empty() {
         let mut p = pool.to_vec();
@@ -224,7 +225,17 @@ fn draw(pool: &[(u32, u32)], n: usize, seed: u64) -> Vec<Example> {
     out
 }
 
-/// `n` held-out in-domain eval examples (distinct up to the pool's ~2 000).
+/// Number of held-out in-domain prompts (the most distinct in-domain eval prompts).
+pub fn in_domain_pool_size() -> usize {
+    pool(IN_DOMAIN, true).len()
+}
+
+/// Number of in-domain training prompts (the most distinct [`train_examples`]).
+pub fn train_pool_size() -> usize {
+    pool(IN_DOMAIN, false).len()
+}
+
+/// `n` held-out in-domain eval examples (distinct up to [`in_domain_pool_size`], ~1 600).
 pub fn in_domain(n: usize, seed: u64) -> Vec<Example> {
     draw(&pool(IN_DOMAIN, true), n, seed)
 }
@@ -234,7 +245,8 @@ pub fn out_of_domain(n: usize, seed: u64) -> Vec<Example> {
     draw(&pool(OUT_OF_DOMAIN, true), n, seed.wrapping_add(1))
 }
 
-/// `n` in-domain training examples (never a held-out prompt; distinct up to ~8 000).
+/// `n` in-domain training examples (never a held-out prompt; distinct up to
+/// [`train_pool_size`], ~6 500).
 pub fn train_examples(n: usize, seed: u64) -> Vec<Example> {
     draw(&pool(IN_DOMAIN, false), n, seed.wrapping_add(2))
 }

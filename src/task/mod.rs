@@ -111,14 +111,9 @@ pub struct TaskData {
     pub checker: Checker,
 }
 
-/// Training prompts of the built-in task in [`load_task`] (the whole non-held-out in-domain
-/// pool, about 8 000, in a seed-determined order).
-pub const ARITH_TRAIN_SIZE: usize = 8000;
-/// Eval prompts per built-in split when `eval_size` is 0 ("all"): the in-domain held-out pool.
-pub const ARITH_EVAL_ALL: usize = 2000;
-
-/// Built-in ("arith": splits "in_domain", "out_of_domain", `eval_size` each; train prompts from
-/// the in-domain distribution, disjoint from the eval prompts) or JSONL (`train_file`,
+/// Built-in ("arith": splits "in_domain", "out_of_domain", `eval_size` each, or with `eval_size`
+/// 0 the whole held-out in-domain pool's size each; train = every in-domain training prompt,
+/// disjoint from the eval prompts, in a seed-determined order) or JSONL (`train_file`,
 /// `eval_files` "name=path"; `eval_size` > 0 keeps the first `eval_size` of each).
 pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
     let checker = Checker::parse(&cfg.checker)?;
@@ -131,12 +126,12 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
                 )));
             }
             let n = if cfg.eval_size == 0 {
-                ARITH_EVAL_ALL
+                arith::in_domain_pool_size()
             } else {
                 cfg.eval_size
             };
             Ok(TaskData {
-                train: arith::train_examples(ARITH_TRAIN_SIZE, seed),
+                train: arith::train_examples(arith::train_pool_size(), seed),
                 evals: vec![
                     ("in_domain".into(), arith::in_domain(n, seed)),
                     ("out_of_domain".into(), arith::out_of_domain(n, seed)),

@@ -53,13 +53,13 @@ pub struct SftArgs {
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 700)]
+    #[arg(long, default_value_t = 1000)]
     pub steps: usize,
     /// Sequences per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 1.5e-3)]
     pub lr: f64,
     /// Warmup as a fraction of the steps (then cosine to 10% of the peak).
     #[arg(long, default_value_t = 0.05)]
@@ -72,7 +72,8 @@ pub struct SftArgs {
     /// Seeds the init, the data order and the eval prompts.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Eval prompts per eval set (0: all of a JSONL set; the arith splits' pool of 2000).
+    /// Eval prompts per eval set (0: all of a JSONL set; for arith the held-out in-domain pool's
+    /// size, ~1 600).
     #[arg(long, default_value_t = 500)]
     pub eval_size: usize,
     /// Arith data: share of out-of-domain-shaped examples in the SFT mix.
@@ -93,6 +94,12 @@ pub struct SftArgs {
     /// Print the mean loss every this many steps (0: never).
     #[arg(long, default_value_t = 50)]
     pub log_every: usize,
+    /// Learning-rate schedule after warmup: "cosine" (to 10% of the peak) or "constant".
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Also evaluate every this many steps (0: only before and after).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
     /// Skip the evaluation before training.
     #[arg(long)]
     pub no_eval_before: bool,
@@ -197,6 +204,12 @@ pub fn train(args: &SftArgs) -> Result<SftReport> {
         return Err(Error::Invalid(format!(
             "sft: --warmup-frac {} and --ood-frac {} must be in [0, 1]",
             args.warmup_frac, args.ood_frac
+        )));
+    }
+    if args.schedule != "cosine" && args.schedule != "constant" {
+        return Err(Error::Invalid(format!(
+            "sft: --schedule {}: expected cosine or constant",
+            args.schedule
         )));
     }
     let device = parse_device(&args.device)?;
@@ -359,7 +372,7 @@ fn train_into(
             peak: args.lr,
             warmup,
             total: args.steps as u64,
-            cosine: true,
+            cosine: args.schedule == "cosine",
             min_ratio: 0.1,
         },
     )?;
@@ -408,14 +421,15 @@ fn train_into(
                 t0.elapsed().as_secs_f64()
             );
         }
+
+        if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
+            let d = Decoder::new(dec.config.clone(), master_tensors(&dec, &names, &opt)?)?;
+            run_evals(&d, &format!("step {}", step + 1))?;
+        }
     }
 
     // The trained model.
-    let mut tensors = TensorMap::new();
-    for (nm, p) in names.iter().zip(opt.params()) {
-        let shape = dec.params()[nm].shape.clone();
-        tensors.insert(nm.clone(), Tensor::new(shape, p.clone())?);
-    }
+    let tensors = master_tensors(&dec, &names, &opt)?;
     let trained = Decoder::new(dec.config.clone(), tensors.clone())?;
     let after = run_evals(&trained, "after")?;
     let file_refs: Vec<&Path> = tok_files.iter().map(PathBuf::as_path).collect();
@@ -444,9 +458,19 @@ fn train_into(
     Ok(report)
 }
 
+/// The optimizer's master weights as a tensor map with the model's shapes.
+fn master_tensors(dec: &Decoder, names: &[String], opt: &AdamW) -> Result<TensorMap> {
+    let mut tensors = TensorMap::new();
+    for (nm, p) in names.iter().zip(opt.params()) {
+        let shape = dec.params()[nm].shape.clone();
+        tensors.insert(nm.clone(), Tensor::new(shape, p.clone())?);
+    }
+    Ok(tensors)
+}
+
 fn eval_n(args: &SftArgs) -> usize {
     if args.eval_size == 0 {
-        crate::task::ARITH_EVAL_ALL
+        arith::in_domain_pool_size()
     } else {
         args.eval_size
     }

@@ -2,5 +2,10 @@
 
 pub mod config;
 pub mod eval;
+pub mod heads;
+pub mod metrics;
+pub mod models;
 pub mod optim;
+pub mod rollout;
 pub mod sft;
+pub mod trainer;

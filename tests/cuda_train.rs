@@ -118,6 +118,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
         },
         CriticHead::Flow {
             k,
+            max_tokens: 4 * 12,
             shape,
             weights: FlowTermWeights {
                 dcfm: 1.0,
@@ -161,7 +162,10 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
                 v.push((0..n).map(|_| rng.range(0.5, 1.0) as f32).collect());
                 v.push(mask.clone());
                 v.push(tw.clone());
-                v
+                // Every token listed (identity gather).
+                let mut all = vec![(0..n).map(|i| i as f32).collect::<Vec<f32>>()];
+                all.extend(v);
+                all
             }
         };
         let mut cc = Critic::new(&dec, b, s, &Device::Cpu, head.clone(), &opt()).unwrap();

@@ -197,3 +197,31 @@ fn flow_critic_loss_gradient_matches_finite_differences() {
     };
     assert_eq!(off.forward(&ins).unwrap()[0][0], 0.0);
 }
+
+#[test]
+fn gather_rows_backward_is_the_adjoint_of_its_forward() {
+    use dfpo::train::heads::GatherRows;
+    let mut rng = Rng::fresh(module_path!());
+    let (n, m, w) = (9, 7, 5);
+    let x: Vec<f32> = (0..n * w).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    // Repeats, a skipped row (−1) and unlisted rows.
+    let rows: Vec<f32> = vec![3.0, 0.0, 3.0, -1.0, 8.0, 5.0, 1.0];
+    let k = GatherRows { n, m, w };
+    let ins = vec![x.clone(), rows.clone()];
+    let y = k.forward(&ins).unwrap().remove(0);
+    assert_eq!(&y[0..w], &x[3 * w..4 * w]);
+    assert!(y[3 * w..4 * w].iter().all(|&v| v == 0.0));
+    let dy: Vec<f32> = (0..m * w).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    let dx = k
+        .backward(&ins, &[y.clone()], &[dy.clone()], &[true, false])
+        .unwrap()[0]
+        .clone()
+        .unwrap();
+    // <G x, dy> = <x, Gᵀ dy> for every x: check on the unit vectors' sums.
+    let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| (a * b) as f64).sum();
+    let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| (a * b) as f64).sum();
+    assert!((lhs - rhs).abs() < 1e-5, "{lhs} vs {rhs}");
+    assert!(k
+        .forward(&[x, vec![0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+        .is_err());
+}

@@ -191,8 +191,11 @@ fn flow_critic_loss_matches_an_independent_computation() {
         shape: 0.8,
         mean_shift: 0.0,
     };
+    let (b, s) = (b, s);
+    let cap = b * s + 3; // more capacity than tokens: the spare rows are −1
     let head = CriticHead::Flow {
         k,
+        max_tokens: cap,
         shape,
         weights: w,
         risk: RiskTerms {
@@ -233,7 +236,23 @@ fn flow_critic_loss_matches_an_independent_computation() {
     let mask: Vec<f32> = (0..n).map(|i| (i % 5 != 2) as u8 as f32).collect();
     let tw = dfpo::train::rollout::token_weights(&mask, s, false);
     inputs.push(tw.clone());
-    let (st, grads) = critic.update(&seqs, &inputs).unwrap();
+    // The head sees only the listed tokens (those with a weight), in a shuffled order.
+    let mut rows: Vec<usize> = (0..n).filter(|&i| tw[i] != 0.0).collect();
+    for i in (1..rows.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        rows.swap(i, j);
+    }
+    let mut gathered: Vec<Vec<f32>> = vec![rows.iter().map(|&r| r as f32).collect()];
+    gathered[0].resize(cap, -1.0);
+    for (i, full) in inputs.iter().enumerate() {
+        let w = if i < 11 { k } else { 1 };
+        gathered.push(
+            rows.iter()
+                .flat_map(|&r| full[r * w..(r + 1) * w].to_vec())
+                .collect(),
+        );
+    }
+    let (st, grads) = critic.update(&seqs, &gathered).unwrap();
 
     // Independently: hidden → u → the three evaluations → the loss, term by term, in f64.
     let params = critic.flow_params().unwrap().to_vec();

@@ -164,13 +164,18 @@ impl HostKernel for GatherRows {
         need: &[bool],
     ) -> Result<Vec<Option<Vec<f32>>>> {
         if need[1] {
-            return Err(Error::Invalid("gather_rows: indices get no gradient".into()));
+            return Err(Error::Invalid(
+                "gather_rows: indices get no gradient".into(),
+            ));
         }
         let w = self.w;
         let mut dx = vec![0.0f32; self.n * w];
         for (i, r) in self.rows(&ins[1])?.into_iter().enumerate() {
             if let Some(r) = r {
-                for (d, g) in dx[r * w..(r + 1) * w].iter_mut().zip(&d_outs[0][i * w..(i + 1) * w]) {
+                for (d, g) in dx[r * w..(r + 1) * w]
+                    .iter_mut()
+                    .zip(&d_outs[0][i * w..(i + 1) * w])
+                {
                     *d += g;
                 }
             }

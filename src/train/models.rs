@@ -14,7 +14,8 @@
 use std::collections::BTreeMap;
 
 use super::heads::{
-    ActorLoss, Cast, FlowCriticLoss, GatherRows, FlowTermWeights, HostOp, QuantileLoss, RiskTerms, ValueLoss,
+    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, GatherRows, HostOp, QuantileLoss, RiskTerms,
+    ValueLoss,
 };
 use super::optim::{AdamW, Schedule, StepOutcome};
 use crate::device::Device;

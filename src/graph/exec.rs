@@ -354,10 +354,47 @@ impl<'a> Exec<'a> {
         self.slice_mut::<f32>(t)
     }
 
+    /// Downloads `n` elements of `T` at `t` (the stream synchronised before returning).
+    fn download<T: bytemuck::Pod + Default>(
+        &self,
+        dev: &CudaDevice,
+        t: TensorId,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); self.len(t)];
+        // SAFETY: the tensor holds len elements of T at ptr(t); the stream is synchronised
+        // before `out` is read or dropped.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut out,
+                self.ptr(t),
+                dev.stream().cu_stream(),
+            )?
+        };
+        dev.synchronize()?;
+        Ok(out)
+    }
+
+    /// Uploads `data` to `t` (synchronised, so `data` may go away afterwards).
+    fn upload<T: bytemuck::Pod>(&self, dev: &CudaDevice, t: TensorId, data: &[T]) -> Result<()> {
+        // SAFETY: the tensor holds data.len() elements of T at ptr(t) (lengths checked by the
+        // callers); synchronised before `data` can go away.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(self.ptr(t), data, dev.stream().cu_stream())?
+        };
+        dev.synchronize()?;
+        Ok(())
+    }
+
+    fn not_float(&self, what: &str, t: TensorId) -> Error {
+        Error::Invalid(format!(
+            "{what}: tensor {} holds u32",
+            self.plan.tensors[t.0].name
+        ))
+    }
+
     /// `t` (f32 or bf16, widened) copied to the host: a copy on the CPU, a download (the
     /// stream synchronised) on CUDA. For ops whose work is small enough to do on the host.
     pub fn to_host(&self, t: TensorId) -> Result<Vec<f32>> {
-        let n = self.len(t);
         match (self.cuda_device(), self.dtype(t)) {
             (None, DType::F32) => Ok(self.cpu(t).to_vec()),
             (None, DType::BF16) => Ok(self
@@ -365,46 +402,24 @@ impl<'a> Exec<'a> {
                 .iter()
                 .map(|v| v.to_f32())
                 .collect()),
-            (Some(dev), DType::F32) => {
-                let mut out = vec![0.0f32; n];
-                // SAFETY: the tensor holds n f32 at ptr(t); the stream is synchronised before
-                // `out` is read or dropped.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut out,
-                        self.ptr(t),
-                        dev.stream().cu_stream(),
-                    )?
-                };
-                dev.synchronize()?;
-                Ok(out)
-            }
-            (Some(dev), DType::BF16) => {
-                let mut out = vec![0u16; n];
-                // SAFETY: as above, n bf16.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut out,
-                        self.ptr(t),
-                        dev.stream().cu_stream(),
-                    )?
-                };
-                dev.synchronize()?;
-                Ok(out
-                    .into_iter()
-                    .map(|b| half::bf16::from_bits(b).to_f32())
-                    .collect())
-            }
-            (_, DType::U32) => Err(Error::Invalid(format!(
-                "to_host: tensor {} holds u32",
-                self.plan.tensors[t.0].name
-            ))),
+            (Some(dev), DType::F32) => self.download::<f32>(dev, t),
+            (Some(dev), DType::BF16) => Ok(self
+                .download::<u16>(dev, t)?
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect()),
+            (_, DType::U32) => Err(self.not_float("to_host", t)),
         }
     }
 
     /// Overwrites `t` (f32 or bf16, rounded) with host data (CUDA: an upload, synchronised).
     pub fn from_host(&self, t: TensorId, data: &[f32]) -> Result<()> {
         crate::error::check_len(&self.plan.tensors[t.0].name, data.len(), self.len(t))?;
+        let bits = || -> Vec<u16> {
+            data.iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect()
+        };
         match (self.cuda_device(), self.dtype(t)) {
             (None, DType::F32) => self.cpu_mut(t).copy_from_slice(data),
             (None, DType::BF16) => {
@@ -412,38 +427,9 @@ impl<'a> Exec<'a> {
                     *o = half::bf16::from_f32(v);
                 }
             }
-            (Some(dev), DType::F32) => {
-                // SAFETY: n f32 at ptr(t); synchronised before `data` can go away.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        self.ptr(t),
-                        data,
-                        dev.stream().cu_stream(),
-                    )?
-                };
-                dev.synchronize()?;
-            }
-            (Some(dev), DType::BF16) => {
-                let bits: Vec<u16> = data
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
-                // SAFETY: as above, n bf16.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        self.ptr(t),
-                        &bits,
-                        dev.stream().cu_stream(),
-                    )?
-                };
-                dev.synchronize()?;
-            }
-            (_, DType::U32) => {
-                return Err(Error::Invalid(format!(
-                    "from_host: tensor {} holds u32",
-                    self.plan.tensors[t.0].name
-                )))
-            }
+            (Some(dev), DType::F32) => self.upload(dev, t, data)?,
+            (Some(dev), DType::BF16) => self.upload(dev, t, &bits())?,
+            (_, DType::U32) => return Err(self.not_float("from_host", t)),
         }
         Ok(())
     }
@@ -452,19 +438,7 @@ impl<'a> Exec<'a> {
     pub fn to_host_u32(&self, t: TensorId) -> Result<Vec<u32>> {
         match self.cuda_device() {
             None => Ok(self.slice::<u32>(t).to_vec()),
-            Some(dev) => {
-                let mut out = vec![0u32; self.len(t)];
-                // SAFETY: the tensor holds len u32; synchronised before use.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut out,
-                        self.ptr(t),
-                        dev.stream().cu_stream(),
-                    )?
-                };
-                dev.synchronize()?;
-                Ok(out)
-            }
+            Some(dev) => self.download::<u32>(dev, t),
         }
     }
 

@@ -83,23 +83,9 @@ struct Meta {
     before: BTreeMap<String, EvalEntry>,
 }
 
-/// The device named by the config.
+/// The device named by `run.device` ("auto": CUDA when present, else the CPU).
 pub fn resolve_device(name: &str) -> Result<Device> {
-    match name {
-        "auto" => Device::best(),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => crate::device::cuda_device()
-            .map(Device::Cuda)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "run.device = \"cuda\": {}",
-                    crate::device::cuda_unavailable_reason()
-                ))
-            }),
-        other => Err(Error::Invalid(format!(
-            "run.device = \"{other}\": expected auto, cpu or cuda"
-        ))),
-    }
+    crate::model::score::parse_device(name)
 }
 
 /// The HF folder a model option names ("builtin" = the shipped warm start).

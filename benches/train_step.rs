@@ -26,7 +26,7 @@
 //!   rewards), the shape `tools/reference/torch_dfpo_step.py` times in PyTorch.
 //!   `step`: 4 prompts × 2 samples, 1 minibatch, 8 new tokens; rollouts decode a 0.5B model on
 //!   the host, so one step takes seconds and criterion's minimum of 10 samples does not fit: it
-//!   is timed by hand (1 warm-up + `DFPO_BENCH_CUDA_STEPS`, default 3, median printed).
+//!   is timed by hand (1 warm-up + `DFPO_BENCH_CUDA_STEPS`, default 2, median printed).
 //!
 //! `DFPO_BENCH_BIG_CPU=1` runs the CUDA section's code on the CPU with a reduced Qwen2-like
 //! shape (d 128, 2 layers, the full 151936 vocabulary, S = 64), to check that code without a GPU.
@@ -39,7 +39,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
+};
 use dfpo::kernels::flow::Solver;
 use dfpo::kernels::rl::{self, GaeParams};
 use dfpo::model::checkpoint::{save_hf_folder, Dtype};
@@ -54,7 +56,7 @@ use dfpo::train::rollout::{
     FlowTargetOpts, Stream,
 };
 use dfpo::train::trainer::Trainer;
-use dfpo::{Device, Error, Result};
+use dfpo::{Error, Result};
 
 /// Every bench's per-call mean iteration time (s), so the ratio lines need no criterion output.
 #[derive(Default)]
@@ -83,6 +85,15 @@ impl Record {
         });
     }
 
+    /// Records the phase times `train_step` reports in its metrics (rollout, prep, update).
+    fn phases(&self, algo: Algo, m: &BTreeMap<String, f64>) {
+        for ph in PHASES {
+            if let Some(&v) = m.get(&format!("timing/{ph}_s")) {
+                self.push(&format!("{}/phase/{ph}", algo.as_str()), v);
+            }
+        }
+    }
+
     fn push(&self, id: &str, secs: f64) {
         self.0
             .borrow_mut()
@@ -102,6 +113,9 @@ impl Record {
     }
 }
 
+/// The phases of `Trainer::train_step` (its `timing/*_s` metrics).
+const PHASES: [&str; 3] = ["rollout", "prep", "update"];
+
 /// Prints one line per algo (time, tokens/s, ratio to PPO) and the DFPO/PPO line for `phase`.
 fn report(section: &str, rec: &Record, algos: &[Algo], phase: &str, tokens: usize) {
     let key = |a: Algo| format!("{}/{phase}", a.as_str());
@@ -113,8 +127,21 @@ fn report(section: &str, rec: &Record, algos: &[Algo], phase: &str, tokens: usiz
         let ratio = ppo.map_or("no ppo time".to_string(), |p| {
             format!("{:.3}x PPO's time", t / p)
         });
+        // The whole step's breakdown, from the trainer's own timing metrics (medians).
+        let parts: Vec<String> = PHASES
+            .iter()
+            .filter_map(|ph| {
+                let v = rec.median(&format!("{}/phase/{ph}", a.as_str()))?;
+                Some(format!("{ph} {:.2}", v * 1e3))
+            })
+            .collect();
+        let parts = if phase == "step" && !parts.is_empty() {
+            format!(" [ms: {}]", parts.join(", "))
+        } else {
+            String::new()
+        };
         println!(
-            "{section}/{}/{phase}: {:.2} ms, {:.0} tokens/s ({tokens} tokens), {ratio}",
+            "{section}/{}/{phase}: {:.2} ms, {:.0} tokens/s ({tokens} tokens), {ratio}{parts}",
             a.as_str(),
             t * 1e3,
             tokens as f64 / t
@@ -129,8 +156,15 @@ fn report(section: &str, rec: &Record, algos: &[Algo], phase: &str, tokens: usiz
     }
 }
 
-fn fail(what: &str) -> impl Fn(Error) -> ! + '_ {
-    move |e| panic!("train_step bench: {what}: {e}")
+/// Benches stop at the first error, naming what failed.
+trait OrDie<T> {
+    fn or_die(self, what: &str) -> T;
+}
+
+impl<T> OrDie<T> for Result<T> {
+    fn or_die(self, what: &str) -> T {
+        self.unwrap_or_else(|e| panic!("train_step bench: {what}: {e}"))
+    }
 }
 
 /// A scratch folder removed on drop.
@@ -359,7 +393,7 @@ fn tiny_policy(dir: &Path) -> Result<(PathBuf, &'static str)> {
 
 fn cpu(c: &mut Criterion) {
     let scratch = Scratch::new("cpu");
-    let (policy, what) = tiny_policy(&scratch.0).unwrap_or_else(fail("tiny model"));
+    let (policy, what) = tiny_policy(&scratch.0).or_die("tiny model");
     let rec = Record::default();
     let mut grp = c.benchmark_group("train_step_cpu");
     grp.sample_size(10)
@@ -369,7 +403,7 @@ fn cpu(c: &mut Criterion) {
     for algo in Algo::ALL {
         let out = scratch.0.join(algo.as_str());
         let cfg = base_config(algo, &policy, "cpu", &out);
-        let mut tr = Trainer::new(cfg).unwrap_or_else(fail("Trainer::new"));
+        let mut tr = Trainer::new(cfg).or_die("Trainer::new");
         let (b, s, rows) = shape_of(&tr);
         if algo == Algo::Dfpo {
             println!(
@@ -380,15 +414,25 @@ fn cpu(c: &mut Criterion) {
         }
         step_tokens = rows * s;
         update_tokens = b * s;
-        rec.bench(&mut grp, &format!("{}/step", algo.as_str()), rows * s, || {
-            tr.train_step().unwrap_or_else(fail("train_step"));
-        });
-        let batch = tr.rollout(0).unwrap_or_else(fail("rollout"));
-        let mb = prepare(&tr.cfg, &mut tr.policy, tr.critic.as_mut(), &batch, b)
-            .unwrap_or_else(fail("prepare"));
-        rec.bench(&mut grp, &format!("{}/update", algo.as_str()), b * s, || {
-            update(&mut tr.policy, tr.critic.as_mut(), &mb).unwrap_or_else(fail("update"));
-        });
+        rec.bench(
+            &mut grp,
+            &format!("{}/step", algo.as_str()),
+            rows * s,
+            || {
+                let m = tr.train_step().or_die("train_step");
+                rec.phases(algo, &m);
+            },
+        );
+        let batch = tr.rollout(0).or_die("rollout");
+        let mb = prepare(&tr.cfg, &mut tr.policy, tr.critic.as_mut(), &batch, b).or_die("prepare");
+        rec.bench(
+            &mut grp,
+            &format!("{}/update", algo.as_str()),
+            b * s,
+            || {
+                update(&mut tr.policy, tr.critic.as_mut(), &mb).or_die("update");
+            },
+        );
     }
     grp.finish();
     report("train_step_cpu", &rec, &Algo::ALL, "step", step_tokens);
@@ -398,7 +442,13 @@ fn cpu(c: &mut Criterion) {
 // ---- CUDA: the Qwen2-0.5B shape --------------------------------------------------------------
 
 /// A Qwen2 config with the arithmetic tokenizer's special ids.
-fn qwen2_config(name: &str, hidden: usize, layers: usize, heads: usize, inter: usize) -> ModelConfig {
+fn qwen2_config(
+    name: &str,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    inter: usize,
+) -> ModelConfig {
     let text = format!(
         r#"{{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
             "hidden_size": {hidden}, "intermediate_size": {inter}, "num_hidden_layers": {layers},
@@ -410,7 +460,7 @@ fn qwen2_config(name: &str, hidden: usize, layers: usize, heads: usize, inter: u
         arith::EOS_ID,
         arith::PAD_ID
     );
-    ModelConfig::from_json_str(&text, name).unwrap_or_else(fail("model config"))
+    ModelConfig::from_json_str(&text, name).or_die("model config")
 }
 
 /// The arithmetic tokenizer with its vocabulary padded by filler tokens to `vocab` entries, so
@@ -507,7 +557,7 @@ fn big(c: &mut Criterion, sh: BigShape) {
     let scratch = Scratch::new(sh.name);
     let dir = scratch.0.join("model");
     let t0 = Instant::now();
-    write_big_model(&dir, &sh.config).unwrap_or_else(fail("random model"));
+    write_big_model(&dir, &sh.config).or_die("random model");
     println!(
         "{}: random model written in {:.1} s; update minibatch B = {} x S = {} ({} prompt + {} \
          response tokens)",
@@ -520,7 +570,9 @@ fn big(c: &mut Criterion, sh: BigShape) {
     );
     let rec = Record::default();
     let mut grp = c.benchmark_group(sh.name);
+    // Flat: 10 samples of equal iteration counts (linear sampling would run 55 iterations).
     grp.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     // The update phase: a trainer whose graphs are (B, S) = (8, 512), fed a synthetic batch.
@@ -529,24 +581,28 @@ fn big(c: &mut Criterion, sh: BigShape) {
         cfg.rollout.prompts_per_step = sh.b / 4;
         cfg.rollout.n_samples = 4;
         cfg.ppo.minibatches = 1;
-        let mp = max_prompt(&cfg, &dir).unwrap_or_else(fail("prompt lengths"));
+        let mp = max_prompt(&cfg, &dir).or_die("prompt lengths");
         cfg.rollout.max_new_tokens = sh.s - mp;
         let t0 = Instant::now();
-        let mut tr = Trainer::new(cfg).unwrap_or_else(fail("Trainer::new"));
+        let mut tr = Trainer::new(cfg).or_die("Trainer::new");
         let (b, s, _) = shape_of(&tr);
         assert_eq!((b, s), (sh.b, sh.s), "the update graphs' shape");
         let batch = synthetic_batch(b, s, sh.prompt, sh.config.vocab_size, 5);
-        let mb = prepare(&tr.cfg, &mut tr.policy, tr.critic.as_mut(), &batch, b)
-            .unwrap_or_else(fail("prepare"));
+        let mb = prepare(&tr.cfg, &mut tr.policy, tr.critic.as_mut(), &batch, b).or_die("prepare");
         println!(
             "{}: {} trainer built and minibatch prepared in {:.1} s",
             sh.name,
             algo.as_str(),
             t0.elapsed().as_secs_f64()
         );
-        rec.bench(&mut grp, &format!("{}/update", algo.as_str()), b * s, || {
-            update(&mut tr.policy, tr.critic.as_mut(), &mb).unwrap_or_else(fail("update"));
-        });
+        rec.bench(
+            &mut grp,
+            &format!("{}/update", algo.as_str()),
+            b * s,
+            || {
+                update(&mut tr.policy, tr.critic.as_mut(), &mb).or_die("update");
+            },
+        );
     }
     grp.finish();
     report(sh.name, &rec, &algos, "update", sh.b * sh.s);
@@ -555,7 +611,7 @@ fn big(c: &mut Criterion, sh: BigShape) {
     let reps: usize = std::env::var("DFPO_BENCH_CUDA_STEPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(2)
         .max(1);
     let mut tokens = 0;
     for &algo in &algos {
@@ -563,14 +619,18 @@ fn big(c: &mut Criterion, sh: BigShape) {
         cfg.rollout.prompts_per_step = 4;
         cfg.rollout.n_samples = 2;
         cfg.ppo.minibatches = 1;
-        let mut tr = Trainer::new(cfg).unwrap_or_else(fail("Trainer::new"));
+        let mut tr = Trainer::new(cfg).or_die("Trainer::new");
         let (_, s, rows) = shape_of(&tr);
         tokens = rows * s;
-        tr.train_step().unwrap_or_else(fail("train_step"));
+        tr.train_step().or_die("train_step");
         for _ in 0..reps {
             let t0 = Instant::now();
-            tr.train_step().unwrap_or_else(fail("train_step"));
-            rec.push(&format!("{}/step", algo.as_str()), t0.elapsed().as_secs_f64());
+            let m = tr.train_step().or_die("train_step");
+            rec.push(
+                &format!("{}/step", algo.as_str()),
+                t0.elapsed().as_secs_f64(),
+            );
+            rec.phases(algo, &m);
         }
         println!(
             "{}: {} step: {rows} rows x S = {s}, 1 warm-up + {reps} timed steps",

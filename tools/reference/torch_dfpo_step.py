@@ -71,8 +71,8 @@ def init_decoder(cfg, device, dtype, gen):
     d, hd = cfg["hidden"], cfg["head_dim"]
     qd, kvd = cfg["heads"] * hd, cfg["kv_heads"] * hd
 
-    def mat(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    def mat(*shape):  # drawn on the device: a 0.5B model's weights in seconds
+        return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(dtype)
 
     def vec(n, v):
         return torch.full((n,), v, device=device, dtype=dtype)
@@ -294,8 +294,9 @@ class Step:
         self.algo, self.cfg, self.x, self.k, self.depth = algo, cfg, x, k, depth
         s = x["ids"].shape[1]
         self.rope = rope_tables(cfg, s, device, dtype)
-        self.policy = init_decoder(cfg, device, dtype, gen)
-        self.critic = init_decoder(cfg, device, dtype, gen)
+        dev_gen = torch.Generator(device=device).manual_seed(1)
+        self.policy = init_decoder(cfg, device, dtype, dev_gen)
+        self.critic = init_decoder(cfg, device, dtype, dev_gen)
         if algo == "dfpo":
             self.head = flow_head_init(cfg["hidden"], width, depth, device, gen)
         else:
@@ -357,7 +358,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="the tiny model's shape in fp32 (CPU check)")
     ap.add_argument("--batch", type=int, help="rows B (default 8; --tiny 32)")
-    ap.add_argument("--seq", type=int, help="tokens per row S (default 512; --tiny 16)")
+    ap.add_argument("--seq", type=int, help="tokens per row S (default 512; --tiny 15)")
     ap.add_argument("--prompt", type=int, help="prompt tokens per row (default 64; --tiny 7)")
     ap.add_argument("--k", type=int, default=16, help="value samples per token")
     ap.add_argument("--width", type=int, default=64, help="flow head width")
@@ -372,7 +373,7 @@ def main():
         ap.error("--device cuda: torch.cuda.is_available() is False")
     cfg = tiny() if a.tiny else qwen05b()
     b = a.batch or (32 if a.tiny else 8)
-    s = a.seq or (16 if a.tiny else 512)
+    s = a.seq or (15 if a.tiny else 512)
     prompt = a.prompt or (7 if a.tiny else 64)
     if not 2 <= prompt < s:
         ap.error(f"--prompt {prompt} must be in 2 .. S - 1 = {s - 1}")

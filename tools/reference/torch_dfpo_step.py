@@ -37,7 +37,9 @@ positions P - 1 .. S - 2, as in the Rust bench's synthetic batch.
 
 Shapes: default (GPU) the Qwen2-0.5B shape (24 layers, d 896, I 4864, 14 q / 2 kv heads of 64,
 V 151936, tied, q/k/v biases) in bf16, B = 8, S = 512. --tiny: the tiny arithmetic model's shape
-(Llama: 2 layers, d 128, I 256, 2 q / 1 kv heads of 64, V 20, tied) in fp32, for a CPU check.
+(Llama: 2 layers, d 128, I 256, 2 q / 1 kv heads of 64, V 20, tied) in fp32 at B = 32, S = 15,
+prompt 7 (the Rust CPU update minibatch's shape; its rows come from a real rollout, so its
+responses are often shorter than these full rows), for a CPU check.
 
 Timing: --warmup untimed updates, then --reps timed ones (CUDA events on the GPU, wall clock on
 the CPU); the median is reported. Prints one JSON line per algo
@@ -175,7 +177,11 @@ class MasterAdamW:
         torch.nn.utils.clip_grad_norm_(self.master, self.max_grad_norm)
         self.opt.step()
         if not self.same:
-            torch._foreach_copy_(self.model, self.master)
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(self.model, self.master)
+            else:
+                for t, m in zip(self.model, self.master):
+                    t.copy_(m)
 
 
 def flow_head_init(d, width, depth, device, gen):
@@ -367,8 +373,11 @@ def main():
     ap.add_argument("--algos", default="dfpo,ppo")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", default="torch_dfpo_step.json")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False")
     cfg = tiny() if a.tiny else qwen05b()

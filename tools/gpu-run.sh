@@ -3,7 +3,7 @@
 #   ./run.sh LOGDIR
 # 1. the GPU (nvidia-smi); 2. every test with DFPO_REQUIRE_CUDA=1 (a skipped GPU test fails);
 # 3. compute-sanitizer memcheck + racecheck on the CUDA parity tests; 4. criterion benches;
-# 5. PyTorch timings of the same work; 6. a summary with ratios. Exit status: 1 if any test or
+# 5. PyTorch timings of the same work (incl. the DFPO/PPO update step); 6. a summary with ratios. Exit status: 1 if any test or
 # sanitizer run failed.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -48,15 +48,23 @@ say "== benches =="
 export CRITERION_HOME="$logs/criterion"
 for b in "$here"/bin/bench-*; do
   name=$(basename "$b")
-  timeout 300 "$b" --bench --warm-up-time 1 --measurement-time 3 > "$logs/$name.log" 2>&1 || say "$name: exit $?"
+  # train_step builds Qwen2-0.5B-shaped trainers and times updates of seconds each: more time.
+  limit=300; [[ $name == bench-train_step ]] && limit=600
+  timeout $limit "$b" --bench --warm-up-time 1 --measurement-time 3 > "$logs/$name.log" 2>&1 || say "$name: exit $?"
   grep -E "^[a-z_/0-9 -]+time:|thrpt:" -B0 "$logs/$name.log" | head -60 >> "$summary"
+  # train_step's own lines: per-algo times, DFPO/PPO ratios, the hand-timed CUDA whole step.
+  grep -E "^train_step_[a-z]+(/[a-z]+/(step|update): |: DFPO/PPO )" "$logs/$name.log" >> "$summary"
 done
 
 say "== PyTorch (eager) on the same card =="
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   python3 "$here/reference/torch_bench.py" --out "$logs/torch.json" 2>&1 | tee -a "$summary"
   python3 "$here/reference/torch_attention_bench.py" --out "$logs/torch_attention.json" > "$logs/torch_attention.log" 2>&1
-  python3 "$here/reference/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" 2>&1 | tee -a "$summary"
+  # The DFPO / PPO update step in PyTorch (Qwen2-0.5B shape, bf16, B = 8, S = 512).
+  timeout 600 python3 "$here/reference/torch_dfpo_step.py" --out "$logs/torch_dfpo_step.json" > "$logs/torch_dfpo_step.log" 2>&1 ||
+    say "torch_dfpo_step.py: exit $? (see torch_dfpo_step.log)"
+  grep -h '"bench": "torch_dfpo_step"' "$logs/torch_dfpo_step.log" >> "$summary"
+  python3 "$here/reference/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" "$logs/torch_dfpo_step.json" 2>&1 | tee -a "$summary"
 else
   say "PyTorch with CUDA not available: comparison NOT run"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Summarises a GPU run: every criterion bench (mean time, throughput) from CRITERION_HOME, and
-the dfpo/PyTorch ratio for each pair of benches that time the same work on the same card.
+the dfpo/PyTorch ratio for each pair of benches that time the same work on the same card, and
+issue 4's training-step ratios (DFPO/PPO time; ours / torch tokens/s of the DFPO update step).
 
 usage: summarize.py CRITERION_DIR TORCH_JSON [TORCH_JSON ...]
 """
@@ -65,6 +66,46 @@ def main():
                 continue
             n, (ms, _) = hits[0]
             print(f"  {what}: dfpo {ms:.4f} ms, torch {torch[key]:.4f} ms -> {torch[key] / ms:.2f}x  [{n}]")
+    train_step_ratios(crit, torch.get("torch_dfpo_step"))
+
+
+def train_step_ratios(crit, ref):
+    """Issue 4's targets from benches/train_step.rs (criterion) and torch_dfpo_step.py (ref):
+    DFPO/PPO time per section and phase (<= 1.15), and ours / torch tokens/s of the DFPO update
+    on the same card (>= 1.5)."""
+    sections = sorted({n.split("/")[0] for n in crit if n.startswith("train_step_")})
+    if not sections and not ref:
+        return
+    print("\nDFPO training step (benches/train_step.rs; tools/reference/torch_dfpo_step.py):")
+    for sec in sections:
+        for phase in ("step", "update"):
+            d, p = crit.get(f"{sec}/dfpo/{phase}"), crit.get(f"{sec}/ppo/{phase}")
+            if d and p:
+                r = d[0] / p[0]
+                print(f"  {sec} {phase}: DFPO/PPO time {r:.3f} (dfpo {d[0]:.2f} ms, ppo {p[0]:.2f} ms; "
+                      f"target <= 1.15: {'met' if r <= 1.15 else 'NOT met'})")
+    if ref:
+        if "dfpo_over_ppo" in ref:
+            print(f"  torch {ref.get('shape')} update: DFPO/PPO time {ref['dfpo_over_ppo']:.3f}")
+        for algo in ("dfpo", "ppo"):
+            ours = crit.get(f"train_step_cuda/{algo}/update")
+            t = ref.get(algo)
+            if not ours or not t:
+                print(f"  {algo} update, ours vs torch: missing ({'no dfpo bench' if not ours else 'no torch time'})")
+                continue
+            ms, thr = ours
+            tokens = thr.get("Elements")
+            if not tokens:
+                print(f"  {algo} update, ours vs torch: the criterion bench has no token count")
+                continue
+            ours_tps = tokens / (ms * 1e-3)
+            r = ours_tps / t["tokens_per_s"]
+            note = ""
+            if tokens != ref.get("B", 0) * ref.get("S", 0):
+                note = f" (SHAPES DIFFER: ours {tokens} tokens, torch {ref.get('B')} x {ref.get('S')})"
+            target = f"; target >= 1.5: {'met' if r >= 1.5 else 'NOT met'}" if algo == "dfpo" else ""
+            print(f"  {algo} update, ours / torch tokens/s: {ours_tps:.0f} / {t['tokens_per_s']:.0f} = {r:.2f}x"
+                  f" on {ref.get('device')} ({ref.get('dtype')}){target}{note}")
 
 
 if __name__ == "__main__":

@@ -42,19 +42,13 @@ use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
 };
-use dfpo::kernels::flow::Solver;
-use dfpo::kernels::rl::{self, GaeParams};
 use dfpo::model::checkpoint::{save_hf_folder, Dtype};
 use dfpo::model::config::ModelConfig;
 use dfpo::model::init::{random_decoder, random_params};
 use dfpo::model::tokenizer::Tokenizer;
 use dfpo::task::arith;
 use dfpo::train::config::{Algo, TrainConfig};
-use dfpo::train::models::{Critic, CriticHead, Policy};
-use dfpo::train::rollout::{
-    flow_readout, flow_targets, grpo_advantages, token_rewards, token_weights, Batch, FlowSolve,
-    FlowTargetOpts, Stream,
-};
+use dfpo::train::rollout::{Batch, Stream};
 use dfpo::train::trainer::Trainer;
 use dfpo::{Error, Result};
 
@@ -202,173 +196,6 @@ fn base_config(algo: Algo, policy: &Path, device: &str, out: &Path) -> TrainConf
     c
 }
 
-/// The flow critic's solve settings, as `Trainer::flow_solve` derives them from the config.
-fn flow_solve(cfg: &TrainConfig, head: &CriticHead) -> Option<FlowSolve> {
-    let CriticHead::Flow { k, shape, .. } = head else {
-        return None;
-    };
-    let (cc, r) = (&cfg.critic, &cfg.reward);
-    let spread = 3.0 * r.gaussian_sigma + 1.0;
-    let clip = cc.clip_returns.then(|| {
-        (
-            (r.correct.min(r.incorrect) - spread) as f32,
-            (r.correct.max(r.incorrect) + spread) as f32,
-        )
-    });
-    Some(FlowSolve {
-        shape: *shape,
-        k: *k,
-        readout_steps: cc.readout_steps as u32,
-        target_steps: cc.target_steps as u32,
-        solver: if cc.solver == "midpoint" {
-            Solver::Midpoint
-        } else {
-            Solver::Euler
-        },
-        clip,
-    })
-}
-
-/// One minibatch with everything the policy and critic updates read.
-struct Minibatch {
-    seqs: Vec<Vec<u32>>,
-    skip: Vec<usize>,
-    old_lp: Vec<f32>,
-    adv: Vec<f32>,
-    tok_w: Vec<f32>,
-    critic: Option<Vec<Vec<f32>>>,
-}
-
-/// The first `rows` rows of `batch` prepared as `Trainer::train_step` prepares a minibatch
-/// (no KL reference: the default kl.coef is 0): old log-probs, token rewards, critic readout,
-/// advantages (GRPO group-normalised, else distributional GAE, whitened), the flow critic's
-/// targets, token weights.
-fn prepare(
-    cfg: &TrainConfig,
-    policy: &mut Policy,
-    mut critic: Option<&mut Critic>,
-    batch: &Batch,
-    rows: usize,
-) -> Result<Minibatch> {
-    let (n, s) = (batch.rows(), batch.s);
-    if rows > n {
-        return Err(Error::Invalid(format!(
-            "prepare: {rows} rows from a batch of {n}"
-        )));
-    }
-    let mask = batch.mask();
-    let skip = batch.prompt_len.clone();
-    let ntok: f32 = mask.iter().sum();
-    let (old_lp, _) = policy.logprobs(&batch.seqs, &skip)?;
-    let rewards = token_rewards(batch, None, 0.0, &batch.noisy);
-    let k = critic.as_ref().map_or(1, |c| c.head.k());
-    let gae = GaeParams {
-        gamma: cfg.ppo.gamma as f32,
-        lambda: cfg.ppo.lam as f32,
-    };
-    let fs = critic.as_ref().and_then(|c| flow_solve(cfg, &c.head));
-    let mut values = vec![0.0f32; n * s * k];
-    let mut sample_std = vec![0.0f32; n * s];
-    let mut flow_u = Vec::new();
-    if let Some(c) = critic.as_deref_mut() {
-        let out = c.forward_readout(&batch.seqs)?;
-        if let Some(fs) = &fs {
-            let params = c.flow_params().expect("a flow critic has flow params");
-            let (z, sd) = flow_readout(fs, params, &out, &mask)?;
-            values = z;
-            sample_std = sd;
-            flow_u = out;
-        } else {
-            for (i, v) in out.iter().enumerate() {
-                if mask[i / k] != 0.0 {
-                    values[i] = *v;
-                }
-            }
-        }
-    }
-    let mut adv_k = vec![0.0f32; n * s * k];
-    let mut ret = vec![0.0f32; n * s * k];
-    let mut adv = vec![0.0f32; n * s];
-    if cfg.algo.name == Algo::Grpo {
-        adv = grpo_advantages(batch, &batch.noisy);
-    } else {
-        rl::cpu::dist_gae(
-            &values, &rewards, &mask, n, s, k, gae, &mut adv_k, &mut ret, &mut adv,
-        )?;
-        if cfg.ppo.whiten && ntok >= 2.0 {
-            let raw = adv.clone();
-            rl::cpu::whiten(&raw, &mask, &mut adv)?;
-        }
-    }
-    let targets = match (&fs, critic.as_deref()) {
-        (Some(fs), Some(c)) => {
-            let cc = &cfg.critic;
-            let o = FlowTargetOpts {
-                gamma: gae.gamma,
-                kappa: cc.kappa as f32,
-                direction: match cc.weight_direction.as_str() {
-                    "up" => 1,
-                    "down" => -1,
-                    _ => 0,
-                },
-                anchor_lambda: cc.anchor == "lambda",
-            };
-            let mut rng = Stream::new(cfg.run.seed, 0, "tau");
-            let params = c.flow_params().expect("a flow critic has flow params");
-            Some(flow_targets(
-                fs,
-                params,
-                &flow_u,
-                &values,
-                &sample_std,
-                &ret,
-                &rewards,
-                &mask,
-                s,
-                &o,
-                &mut rng,
-            )?)
-        }
-        _ => None,
-    };
-    let mmask = mask[..rows * s].to_vec();
-    let seq_mean = cfg.ppo.agg == "seq-mean";
-    let ctw = token_weights(&mmask, s, false);
-    let critic_inputs = critic.as_deref().map(|c| match &c.head {
-        CriticHead::Value { .. } => vec![
-            ret[..rows * s].to_vec(),
-            values[..rows * s].to_vec(),
-            ctw.clone(),
-        ],
-        CriticHead::Quantile { .. } => vec![ret[..rows * s * k].to_vec(), ctw.clone()],
-        CriticHead::Flow { .. } => {
-            let t = targets.as_ref().expect("flow targets for a flow critic");
-            let mut v = t.slice(0, rows, s, k);
-            v.push(ctw.clone());
-            v
-        }
-    });
-    Ok(Minibatch {
-        seqs: batch.seqs[..rows].to_vec(),
-        skip: skip[..rows].to_vec(),
-        old_lp: old_lp[..rows * s].to_vec(),
-        adv: adv[..rows * s].to_vec(),
-        tok_w: token_weights(&mmask, s, seq_mean),
-        critic: critic_inputs,
-    })
-}
-
-/// The update phase of one minibatch: actor update + optimizer step, then the critic's.
-fn update(policy: &mut Policy, critic: Option<&mut Critic>, mb: &Minibatch) -> Result<()> {
-    let (_, g) = policy.update(&mb.seqs, &mb.skip, &mb.old_lp, &mb.adv, &mb.tok_w)?;
-    policy.step(&g)?;
-    if let (Some(c), Some(ins)) = (critic, &mb.critic) {
-        let (_, g) = c.update(&mb.seqs, ins)?;
-        c.step(&g)?;
-    }
-    Ok(())
-}
-
 /// The graph's (B, S) and the rows of one RL step of `tr`.
 fn shape_of(tr: &Trainer) -> (usize, usize, usize) {
     let (b, s) = tr.policy.graph.shape();
@@ -423,14 +250,15 @@ fn cpu(c: &mut Criterion) {
                 rec.phases(algo, &m);
             },
         );
-        let batch = tr.rollout(0).or_die("rollout");
-        let mb = prepare(&tr.cfg, &mut tr.policy, tr.critic.as_mut(), &batch, b).or_die("prepare");
+        let p = tr.prepare().or_die("prepare");
+        let sel: Vec<usize> = (0..b).collect();
         rec.bench(
             &mut grp,
             &format!("{}/update", algo.as_str()),
             b * s,
             || {
-                update(&mut tr.policy, tr.critic.as_mut(), &mb).or_die("update");
+                let mut acc = BTreeMap::new();
+                tr.update_minibatch(&p, &sel, &mut acc).or_die("update");
             },
         );
     }
@@ -588,7 +416,8 @@ fn big(c: &mut Criterion, sh: BigShape) {
         let (b, s, _) = shape_of(&tr);
         assert_eq!((b, s), (sh.b, sh.s), "the update graphs' shape");
         let batch = synthetic_batch(b, s, sh.prompt, sh.config.vocab_size, 5);
-        let mb = prepare(&tr.cfg, &mut tr.policy, tr.critic.as_mut(), &batch, b).or_die("prepare");
+        let p = tr.prepare_batch(batch).or_die("prepare");
+        let sel: Vec<usize> = (0..b).collect();
         println!(
             "{}: {} trainer built and minibatch prepared in {:.1} s",
             sh.name,
@@ -600,7 +429,8 @@ fn big(c: &mut Criterion, sh: BigShape) {
             &format!("{}/update", algo.as_str()),
             b * s,
             || {
-                update(&mut tr.policy, tr.critic.as_mut(), &mb).or_die("update");
+                let mut acc = BTreeMap::new();
+                tr.update_minibatch(&p, &sel, &mut acc).or_die("update");
             },
         );
     }

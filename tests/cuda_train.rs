@@ -174,7 +174,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
         let (y, gy) = cg.update(&seqs, &inputs).unwrap();
         close(&format!("{head:?} loss"), y.loss, x.loss, 5e-2);
         for ((n1, v1), (_, v2)) in x.terms.iter().zip(&y.terms) {
-            close(&format!("{n1}"), *v2, *v1, 8e-2);
+            close(n1, *v2, *v1, 8e-2);
         }
         close("critic grad norm", norm(&gy), norm(&gx), 1.5e-1);
     }

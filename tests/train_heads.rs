@@ -213,7 +213,12 @@ fn gather_rows_backward_is_the_adjoint_of_its_forward() {
     assert!(y[3 * w..4 * w].iter().all(|&v| v == 0.0));
     let dy: Vec<f32> = (0..m * w).map(|_| rng.range(-1.0, 1.0) as f32).collect();
     let dx = k
-        .backward(&ins, &[y.clone()], &[dy.clone()], &[true, false])
+        .backward(
+            &ins,
+            std::slice::from_ref(&y),
+            std::slice::from_ref(&dy),
+            &[true, false],
+        )
         .unwrap()[0]
         .clone()
         .unwrap();

@@ -98,7 +98,7 @@ fn actor_loss_matches_an_independent_ppo_computation() {
     // Old log-probs perturbed so that ratios differ from 1 (some clipped).
     let old: Vec<f32> = lp
         .iter()
-        .map(|&l| l + (rng.range(-0.3, 0.3) as f32))
+        .map(|&l| l + (rng.range(-1.0, 1.0) as f32))
         .collect();
     let adv: Vec<f32> = (0..rows * s).map(|_| rng.normal() as f32).collect();
     let tw = dfpo::train::rollout::token_weights(m, s, false);

@@ -21,7 +21,7 @@ use super::models::{tensor_map, Critic, CriticHead, OptSettings, Policy};
 use super::optim::Schedule;
 use super::rollout::{
     flow_readout, flow_targets, grpo_advantages, noisy_reward, token_rewards, token_weights, Batch,
-    FlowSolve, FlowTargetOpts, Stream,
+    FlowSolve, FlowTargetOpts, FlowTargets, Stream,
 };
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -95,6 +95,27 @@ pub fn model_dir(spec: &str) -> PathBuf {
     } else {
         PathBuf::from(spec)
     }
+}
+
+/// What the update phase of one RL step reads (see [`Trainer::prepare`]). Per-token vectors
+/// are `[rows][S]` (× K for the value samples), rows prompt-major.
+pub struct Prepared {
+    pub batch: Batch,
+    pub mask: Vec<f32>,
+    pub skip: Vec<usize>,
+    pub ntok: f64,
+    pub old_lp: Vec<f32>,
+    pub old_ent: Vec<f32>,
+    pub kl: Option<Vec<f32>>,
+    pub values: Vec<f32>,
+    pub ret: Vec<f32>,
+    pub adv: Vec<f32>,
+    pub k: usize,
+    pub targets: Option<FlowTargets>,
+    /// The critic readout's statistics.
+    pub metrics: BTreeMap<String, f64>,
+    pub t_roll: f64,
+    pub t_prep: f64,
 }
 
 /// The trainer's state.
@@ -410,13 +431,31 @@ impl Trainer {
         })
     }
 
-    /// One RL step; returns its metrics.
-    pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
+    /// The first half of RL step `self.step`: rollout, rewards, reference log-probs, token
+    /// rewards, the critic readout, advantages and (DFPO) the flow critic's targets.
+    pub fn prepare(&mut self) -> Result<Prepared> {
+        let t0 = Instant::now();
+        let batch = self.rollout(self.step)?;
+        let t_roll = t0.elapsed().as_secs_f64();
+        let mut p = self.prepare_batch(batch)?;
+        p.t_roll = t_roll;
+        Ok(p)
+    }
+
+    /// [`Trainer::prepare`] on a given rollout batch (benches feed synthetic ones).
+    pub fn prepare_batch(&mut self, batch: Batch) -> Result<Prepared> {
         let step = self.step;
         let t0 = Instant::now();
         let mut m = BTreeMap::new();
-        let batch = self.rollout(step)?;
-        let t_roll = t0.elapsed().as_secs_f64();
+        let t_roll = 0.0;
+        if batch.s != self.s || batch.rows() == 0 {
+            return Err(Error::Shape(format!(
+                "prepare_batch: {} rows of S = {}, the trainer's S is {}",
+                batch.rows(),
+                batch.s,
+                self.s
+            )));
+        }
         let (rows, s) = (batch.rows(), self.s);
         let mask = batch.mask();
         let skip = batch.prompt_len.clone();
@@ -545,133 +584,177 @@ impl Trainer {
         };
         let t_prep = t0.elapsed().as_secs_f64() - t_roll;
 
-        // PPO epochs × minibatches.
-        let mb = self.cfg.ppo.minibatches;
-        let bsz = rows / mb;
-        let seq_mean = self.cfg.ppo.agg == "seq-mean";
-        let mut acc: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        Ok(Prepared {
+            batch,
+            mask,
+            skip,
+            ntok,
+            old_lp,
+            old_ent,
+            kl,
+            values,
+            ret,
+            adv,
+            k,
+            targets,
+            metrics: m,
+            t_roll,
+            t_prep,
+        })
+    }
+
+    /// The critic head's inputs for the minibatch of rollout rows `sel`.
+    fn critic_inputs(&self, p: &Prepared, sel: &[usize]) -> Option<Vec<Vec<f32>>> {
+        let c = self.critic.as_ref()?;
+        let (s, k, rows) = (self.s, p.k, p.batch.rows());
+        let gather = |v: &[f32], w: usize| -> Vec<f32> {
+            sel.iter()
+                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                .collect()
+        };
+        let mmask = gather(&p.mask, s);
+        let ctw = token_weights(&mmask, s, false);
+        Some(match &c.head {
+            CriticHead::Value { .. } => vec![gather(&p.ret, s), gather(&p.values, s), ctw],
+            CriticHead::Quantile { .. } => vec![gather(&p.ret, s * k), ctw],
+            CriticHead::Flow { .. } => {
+                // Only the minibatch's response tokens: graph row r·S + t, rollout token
+                // sel[r]·S + t.
+                let t = p.targets.as_ref().expect("flow targets");
+                let (mut local, mut global) = (Vec::new(), Vec::new());
+                for (r, &row) in sel.iter().enumerate() {
+                    for tt in 0..s {
+                        if p.mask[row * s + tt] != 0.0 {
+                            local.push(r * s + tt);
+                            global.push(row * s + tt);
+                        }
+                    }
+                }
+                let pick = |full: &[f32], w: usize| -> Vec<f32> {
+                    global
+                        .iter()
+                        .flat_map(|&i| full[i * w..(i + 1) * w].iter().copied())
+                        .collect()
+                };
+                let mut v: Vec<Vec<f32>> = vec![local.iter().map(|&i| i as f32).collect()];
+                for (i, full) in t.slice(0, rows, s, k).into_iter().enumerate() {
+                    v.push(pick(&full, if i < 11 { k } else { 1 }));
+                }
+                v.push(local.iter().map(|&i| ctw[i]).collect());
+                // Unused capacity: no row (−1), zero weight.
+                v[0].resize(c.flow_capacity().unwrap_or(0), -1.0);
+                v
+            }
+        })
+    }
+
+    /// One actor update and one critic update on the minibatch of rollout rows `sel`
+    /// (metrics accumulated into `acc`); returns how many updates were skipped as non-finite.
+    pub fn update_minibatch(
+        &mut self,
+        p: &Prepared,
+        sel: &[usize],
+        acc: &mut BTreeMap<String, (f64, f64)>,
+    ) -> Result<f64> {
+        let (step, s) = (self.step, self.s);
         let add = |acc: &mut BTreeMap<String, (f64, f64)>, k: &str, v: f64| {
             let e = acc.entry(k.to_string()).or_insert((0.0, 0.0));
             e.0 += v;
             e.1 += 1.0;
         };
         let skip_nonfinite = self.cfg.run.on_nonfinite == "skip";
+        let seq_mean = self.cfg.ppo.agg == "seq-mean";
+        let mut skipped = 0.0;
+        let gather = |v: &[f32], w: usize| -> Vec<f32> {
+            sel.iter()
+                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                .collect()
+        };
+        let seqs: Vec<Vec<u32>> = sel.iter().map(|&r| p.batch.seqs[r].clone()).collect();
+        let sk: Vec<usize> = sel.iter().map(|&r| p.skip[r]).collect();
+        let tw = token_weights(&gather(&p.mask, s), s, seq_mean);
+        let (st, g) =
+            self.policy
+                .update(&seqs, &sk, &gather(&p.old_lp, s), &gather(&p.adv, s), &tw)?;
+        let stop = |msg: String| -> Result<()> {
+            if !skip_nonfinite {
+                return Err(Error::Invalid(format!(
+                    "{msg}; stopping (run.on_nonfinite = \"stop\")"
+                )));
+            }
+            eprintln!("dfpo-train: warning: {msg}; update skipped");
+            Ok(())
+        };
+        if !st.loss.is_finite() {
+            stop(format!(
+                "step {step}: the actor loss (actor/pg_loss) is {}",
+                st.loss
+            ))?;
+            skipped += 1.0;
+        } else {
+            let o = self.policy.step(&g)?;
+            if !o.applied {
+                stop(format!(
+                    "step {step}: the actor gradient norm is {}",
+                    o.grad_norm
+                ))?;
+                skipped += 1.0;
+            }
+            add(acc, "actor/grad_norm", o.grad_norm);
+            add(acc, "actor/lr", o.lr);
+        }
+        add(acc, "actor/pg_loss", st.pg_loss);
+        add(acc, "actor/clipfrac", st.clipfrac);
+        add(acc, "actor/ppo_kl", st.ppo_kl);
+        add(acc, "actor/entropy", st.entropy);
+        let Some(inputs) = self.critic_inputs(p, sel) else {
+            return Ok(skipped);
+        };
+        let c = self.critic.as_mut().expect("critic inputs imply a critic");
+        let (cst, g) = c.update(&seqs, &inputs)?;
+        let finite = cst.loss.is_finite();
+        let o = if finite { Some(c.step(&g)?) } else { None };
+        if !finite || !o.is_some_and(|o| o.applied) {
+            let bad = cst
+                .terms
+                .iter()
+                .find(|(_, v)| !v.is_finite())
+                .map_or("critic/grad_norm".to_string(), |(n, _)| {
+                    format!("critic/{n}")
+                });
+            stop(format!(
+                "step {step}: the critic loss or gradient is not finite (first bad term: {bad})"
+            ))?;
+            skipped += 1.0;
+        }
+        if let Some(o) = o {
+            add(acc, "critic/grad_norm", o.grad_norm);
+        }
+        add(acc, "critic/loss", cst.loss);
+        for (n, v) in &cst.terms {
+            add(acc, &format!("critic/{n}"), *v);
+        }
+        Ok(skipped)
+    }
+
+    /// One RL step (prepare, then PPO epochs × minibatches); returns its metrics.
+    pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
+        let t0 = Instant::now();
+        let p = self.prepare()?;
+        let step = self.step;
+        let rows = p.batch.rows();
+        let bsz = rows / self.cfg.ppo.minibatches;
+        let mut acc: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         let mut skipped = 0.0;
         for epoch in 0..self.cfg.ppo.epochs {
             let order = Stream::new(self.cfg.run.seed, step, &format!("minibatch{epoch}"))
                 .permutation(rows);
-            for j in 0..mb {
-                let sel: Vec<usize> = order[j * bsz..(j + 1) * bsz].to_vec();
-                let gather = |v: &[f32], w: usize| -> Vec<f32> {
-                    sel.iter()
-                        .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
-                        .collect()
-                };
-                let seqs: Vec<Vec<u32>> = sel.iter().map(|&r| batch.seqs[r].clone()).collect();
-                let sk: Vec<usize> = sel.iter().map(|&r| skip[r]).collect();
-                let mmask = gather(&mask, s);
-                let tw = token_weights(&mmask, s, seq_mean);
-                let (st, g) =
-                    self.policy
-                        .update(&seqs, &sk, &gather(&old_lp, s), &gather(&adv, s), &tw)?;
-                if !st.loss.is_finite() {
-                    let msg = format!("step {step}: the actor loss (actor/pg_loss) is {}", st.loss);
-                    if !skip_nonfinite {
-                        return Err(Error::Invalid(format!(
-                            "{msg}; stopping (run.on_nonfinite = \"stop\")"
-                        )));
-                    }
-                    eprintln!("dfpo-train: warning: {msg}; update skipped");
-                    skipped += 1.0;
-                } else {
-                    let o = self.policy.step(&g)?;
-                    if !o.applied {
-                        let msg =
-                            format!("step {step}: the actor gradient norm is {}", o.grad_norm);
-                        if !skip_nonfinite {
-                            return Err(Error::Invalid(format!(
-                                "{msg}; stopping (run.on_nonfinite = \"stop\")"
-                            )));
-                        }
-                        eprintln!("dfpo-train: warning: {msg}; update skipped");
-                        skipped += 1.0;
-                    }
-                    add(&mut acc, "actor/grad_norm", o.grad_norm);
-                    add(&mut acc, "actor/lr", o.lr);
-                }
-                add(&mut acc, "actor/pg_loss", st.pg_loss);
-                add(&mut acc, "actor/clipfrac", st.clipfrac);
-                add(&mut acc, "actor/ppo_kl", st.ppo_kl);
-                add(&mut acc, "actor/entropy", st.entropy);
-                let Some(c) = self.critic.as_mut() else {
-                    continue;
-                };
-                let ctw = token_weights(&mmask, s, false);
-                let inputs: Vec<Vec<f32>> = match &c.head {
-                    CriticHead::Value { .. } => {
-                        vec![gather(&ret, s), gather(&values, s), ctw]
-                    }
-                    CriticHead::Quantile { .. } => vec![gather(&ret, s * k), ctw],
-                    CriticHead::Flow { .. } => {
-                        // Only the minibatch's response tokens: graph row r·S + t, rollout
-                        // token sel[r]·S + t.
-                        let t = targets.as_ref().expect("flow targets");
-                        let (mut local, mut global) = (Vec::new(), Vec::new());
-                        for (r, &row) in sel.iter().enumerate() {
-                            for tt in 0..s {
-                                if mask[row * s + tt] != 0.0 {
-                                    local.push(r * s + tt);
-                                    global.push(row * s + tt);
-                                }
-                            }
-                        }
-                        let pick = |full: &[f32], w: usize| -> Vec<f32> {
-                            global
-                                .iter()
-                                .flat_map(|&i| full[i * w..(i + 1) * w].iter().copied())
-                                .collect()
-                        };
-                        let mut v: Vec<Vec<f32>> = vec![local.iter().map(|&i| i as f32).collect()];
-                        for (i, full) in t.slice(0, rows, s, k).into_iter().enumerate() {
-                            v.push(pick(&full, if i < 11 { k } else { 1 }));
-                        }
-                        let lw: Vec<f32> = local.iter().map(|&i| ctw[i]).collect();
-                        v.push(lw);
-                        // Unused capacity: no row (−1), zero weight.
-                        let cap = c.flow_capacity().unwrap_or(0);
-                        v[0].resize(cap, -1.0);
-                        v
-                    }
-                };
-                let (cst, g) = c.update(&seqs, &inputs)?;
-                let finite = cst.loss.is_finite();
-                let o = if finite { Some(c.step(&g)?) } else { None };
-                if !finite || !o.is_some_and(|o| o.applied) {
-                    let bad = cst
-                        .terms
-                        .iter()
-                        .find(|(_, v)| !v.is_finite())
-                        .map_or("critic/grad_norm".to_string(), |(n, _)| {
-                            format!("critic/{n}")
-                        });
-                    let msg = format!("step {step}: the critic loss or gradient is not finite (first bad term: {bad})");
-                    if !skip_nonfinite {
-                        return Err(Error::Invalid(format!(
-                            "{msg}; stopping (run.on_nonfinite = \"stop\")"
-                        )));
-                    }
-                    eprintln!("dfpo-train: warning: {msg}; update skipped");
-                    skipped += 1.0;
-                }
-                if let Some(o) = o {
-                    add(&mut acc, "critic/grad_norm", o.grad_norm);
-                }
-                add(&mut acc, "critic/loss", cst.loss);
-                for (n, v) in &cst.terms {
-                    add(&mut acc, &format!("critic/{n}"), *v);
-                }
+            for j in 0..self.cfg.ppo.minibatches {
+                skipped += self.update_minibatch(&p, &order[j * bsz..(j + 1) * bsz], &mut acc)?;
             }
         }
+        let (batch, mask, ntok, kl) = (&p.batch, &p.mask, p.ntok, &p.kl);
+        let mut m = p.metrics.clone();
         for (k, (s, c)) in acc {
             m.insert(k, s / c);
         }
@@ -690,9 +773,10 @@ impl Trainer {
             ),
         );
         m.insert("rollout/entropy".into(), {
-            let e: f64 = old_ent
+            let e: f64 = p
+                .old_ent
                 .iter()
-                .zip(&mask)
+                .zip(mask)
                 .map(|(&e, &k)| (e * k) as f64)
                 .sum();
             e / ntok.max(1.0)
@@ -708,9 +792,9 @@ impl Trainer {
             }
         }
         m.insert("update/skipped".into(), skipped);
-        m.insert("timing/rollout_s".into(), t_roll);
-        m.insert("timing/prep_s".into(), t_prep);
-        m.insert("timing/update_s".into(), t_total - t_roll - t_prep);
+        m.insert("timing/rollout_s".into(), p.t_roll);
+        m.insert("timing/prep_s".into(), p.t_prep);
+        m.insert("timing/update_s".into(), t_total - p.t_roll - p.t_prep);
         m.insert("timing/step_s".into(), t_total);
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));

@@ -382,39 +382,51 @@ pub fn flow_targets(
     let z0: Vec<f32> = (0..idx.len() * k).map(|r| eps[r % k]).collect();
     let zeros = vec![0.0f32; z0.len()];
     // z'_τ: the old flow at h_{t+1} from ε over [0, τ]; then v_old(z'_τ, τ | h_{t+1}).
-    let mut zp = vec![0.0f32; z0.len()];
     let opts = IntegrateOpts {
         steps: fs.target_steps,
         solver: fs.solver,
         clip: fs.clip,
         jacobian: false,
     };
-    flow::cpu::integrate(
-        &fs.shape,
-        params,
-        &un,
-        k,
-        &z0,
-        Interval::PerRow(&zeros, &tau),
-        &opts,
-        &mut zp,
-        None,
-    )?;
-    let mut vold = vec![0.0f32; z0.len()];
-    flow::cpu::eval_forward(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
-    // Geometric-consistency target: the N-step solve from ε over [0, 1] at h_t.
-    let mut gc = vec![0.0f32; z0.len()];
-    flow::cpu::integrate(
-        &fs.shape,
-        params,
-        &us,
-        k,
-        &z0,
-        Interval::Uniform(0.0, 1.0),
-        &opts,
-        &mut gc,
-        None,
-    )?;
+    // The two solves are independent: the DCFM one on a second thread.
+    let (dcfm, gc) = std::thread::scope(|sc| {
+        let dcfm = sc.spawn(|| -> Result<(Vec<f32>, Vec<f32>)> {
+            let mut zp = vec![0.0f32; z0.len()];
+            flow::cpu::integrate(
+                &fs.shape,
+                params,
+                &un,
+                k,
+                &z0,
+                Interval::PerRow(&zeros, &tau),
+                &opts,
+                &mut zp,
+                None,
+            )?;
+            let mut vold = vec![0.0f32; z0.len()];
+            flow::cpu::eval_forward(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
+            Ok((zp, vold))
+        });
+        // Geometric-consistency target: the N-step solve from ε over [0, 1] at h_t.
+        let mut gc = vec![0.0f32; z0.len()];
+        let r = flow::cpu::integrate(
+            &fs.shape,
+            params,
+            &us,
+            k,
+            &z0,
+            Interval::Uniform(0.0, 1.0),
+            &opts,
+            &mut gc,
+            None,
+        );
+        let d = dcfm
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid("flow_targets: DCFM solve panicked".into())));
+        (d, r.map(|_| gc))
+    });
+    let (zp, vold) = dcfm?;
+    let gc = gc?;
     for (j, &i) in idx.iter().enumerate() {
         let c = cont(i);
         let sd = std[i].max(1e-6);

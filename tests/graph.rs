@@ -172,3 +172,28 @@ fn long_chain_reuses_memory_and_backpropagates_exactly() {
         1e-7,
     );
 }
+
+#[test]
+fn forward_to_runs_only_the_prefix_that_produces_a_tensor() {
+    let mut rng = Rng::fresh("forward_to");
+    let n = 64;
+    let mut g = GraphBuilder::new();
+    let p = g.param("p", n);
+    let t = g.input("t", n);
+    let a = g.node(Scale(2.0), &[p], &[("a", n)]).unwrap()[0];
+    let b = g.node(Scale(3.0), &[a], &[("b", n)]).unwrap()[0];
+    let loss = g.node(MseLoss, &[b, t], &[("l", 1)]).unwrap()[0];
+    g.keep(a);
+    let plan = g.plan(loss, &Device::Cpu).unwrap();
+    let mut s = dfpo::graph::Session::new(plan, Device::Cpu).unwrap();
+    let pv = rng.normal_vec(n, 1.0);
+    s.write(p, &pv).unwrap();
+    s.write(t, &rng.normal_vec(n, 1.0)).unwrap();
+    s.forward_to(a).unwrap();
+    let want: Vec<f32> = pv.iter().map(|v| 2.0 * v).collect();
+    assert_close("a", &s.read_f32(a).unwrap(), &want, 0.0, 0.0);
+    // The loss node did not run: the arena starts as NaN on the CPU.
+    assert!(s.read_f32(loss).unwrap()[0].is_nan());
+    // An input is produced by no node.
+    assert!(s.forward_to(t).is_err());
+}

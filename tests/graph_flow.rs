@@ -13,9 +13,19 @@ use flow_graph::build;
 
 #[test]
 fn flow_training_graph_matches_direct_composition() {
-    let mut rng = Rng::fresh("flow_training_graph");
+    check(37, 4, "flow_training_graph");
+}
+
+/// Large enough (>= 1024 rows) that the CPU FlowEval op splits its tokens over two threads;
+/// the direct composition below is single-threaded.
+#[test]
+fn flow_training_graph_matches_direct_composition_on_two_threads() {
+    check(301, 8, "flow_training_graph_two_threads");
+}
+
+fn check(n_tok: usize, k: usize, name: &str) {
+    let mut rng = Rng::fresh(name);
     let shape = FlowHeadShape::new(12, 64, 3).unwrap();
-    let (n_tok, k) = (37, 4);
     let rows = n_tok * k;
     let mut fg = build(shape, n_tok, k, Device::Cpu);
     println!("{}", fg.session.plan().describe());

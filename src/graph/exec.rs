@@ -176,6 +176,30 @@ impl Session {
         Ok(())
     }
 
+    /// Runs the forward nodes up to the one that produces `t` (nodes run in the order they were
+    /// added, which is a topological order), e.g. to read a head's input without running the
+    /// loss. `t` must be a node's output (and kept, to be readable afterwards).
+    pub fn forward_to(&mut self, t: TensorId) -> Result<()> {
+        let plan = &self.plan;
+        let last = plan
+            .nodes
+            .iter()
+            .rposition(|n| n.outs.contains(&t))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "forward_to: tensor {} is not produced by any node",
+                    plan.tensors[t.0].name
+                ))
+            })?;
+        for (i, n) in plan.nodes.iter().enumerate().take(last + 1) {
+            let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            n.op.forward(&mut x, &n.ins, &n.outs).map_err(|e| {
+                Error::Invalid(format!("forward of node {i} ({}): {e}", n.op.name()))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Runs forward, seeds d(loss) = 1, runs the backward schedule; returns the loss.
     pub fn run(&mut self) -> Result<f32> {
         let plan = &self.plan;

@@ -238,15 +238,41 @@ impl Op for FlowEval {
                 )
             };
         }
-        flow::cpu::eval_forward(
-            &self.shape,
-            x.cpu(p),
-            x.cpu(u),
-            k,
-            x.cpu(z),
-            x.cpu(tau),
-            x.cpu_mut(v),
-        )
+        let (w, n_tok) = (self.shape.width, self.tokens(x.len(u)));
+        let (pp, uu, zz, tt, vv) = (x.cpu(p), x.cpu(u), x.cpu(z), x.cpu(tau), x.cpu_mut(v));
+        check_len("flow_eval v", vv.len(), n_tok * k)?;
+        // Two halves of the tokens on two threads (rows are independent).
+        let Some(h) = cpu_split(n_tok, k) else {
+            return flow::cpu::eval_forward(&self.shape, pp, uu, k, zz, tt, vv);
+        };
+        let (v0, v1) = vv.split_at_mut(h * k);
+        std::thread::scope(|sc| {
+            let t = sc.spawn(|| {
+                let r = h * k..;
+                flow::cpu::eval_forward(
+                    &self.shape,
+                    pp,
+                    &uu[h * w..],
+                    k,
+                    &zz[r.clone()],
+                    &tt[r],
+                    v1,
+                )
+            });
+            let a = flow::cpu::eval_forward(
+                &self.shape,
+                pp,
+                &uu[..h * w],
+                k,
+                &zz[..h * k],
+                &tt[..h * k],
+                v0,
+            );
+            let b = t
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("flow_eval: worker panicked".into())));
+            a.and(b)
+        })
     }
 
     fn backward(
@@ -293,17 +319,68 @@ impl Op for FlowEval {
             };
         }
         let dz = d_ins[2].map(|t| x.cpu_mut(t));
-        flow::cpu::eval_backward(
-            &self.shape,
-            x.cpu(p),
-            x.cpu(u),
-            k,
-            x.cpu(z),
-            x.cpu(tau),
-            x.cpu(dv),
-            x.cpu_mut(dp),
-            x.cpu_mut(du),
-            dz,
-        )
+        let (w, n_tok) = (self.shape.width, self.tokens(x.len(u)));
+        let (pp, uu, zz, tt, dvv) = (x.cpu(p), x.cpu(u), x.cpu(z), x.cpu(tau), x.cpu(dv));
+        let (dpp, duu) = (x.cpu_mut(dp), x.cpu_mut(du));
+        let Some(h) = cpu_split(n_tok, k) else {
+            return flow::cpu::eval_backward(&self.shape, pp, uu, k, zz, tt, dvv, dpp, duu, dz);
+        };
+        // Two halves of the tokens on two threads: du and dz split with them; the second half's
+        // parameter gradient goes to its own buffer and is added afterwards (fixed order, so
+        // the result is deterministic).
+        let (du0, du1) = duu.split_at_mut(h * w);
+        let (dz0, dz1) = match dz {
+            Some(d) => {
+                let (a, b) = d.split_at_mut(h * k);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        let mut dp1 = vec![0.0f32; dpp.len()];
+        let (r0, r1) = (..h * k, h * k..);
+        std::thread::scope(|sc| {
+            let t = sc.spawn(|| {
+                flow::cpu::eval_backward(
+                    &self.shape,
+                    pp,
+                    &uu[h * w..],
+                    k,
+                    &zz[r1.clone()],
+                    &tt[r1.clone()],
+                    &dvv[r1],
+                    &mut dp1,
+                    du1,
+                    dz1,
+                )
+            });
+            let a = flow::cpu::eval_backward(
+                &self.shape,
+                pp,
+                &uu[..h * w],
+                k,
+                &zz[r0],
+                &tt[r0],
+                &dvv[r0],
+                dpp,
+                du0,
+                dz0,
+            );
+            let b = t
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("flow_eval: worker panicked".into())));
+            a.and(b)
+        })?;
+        for (a, b) in dpp.iter_mut().zip(&dp1) {
+            *a += b;
+        }
+        Ok(())
     }
+}
+
+/// Where the CPU flow evaluation splits `n_tok` tokens between two threads: None (one thread)
+/// for small problems or a single core.
+fn cpu_split(n_tok: usize, k: usize) -> Option<usize> {
+    const MIN_ROWS: usize = 1024;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores >= 2 && n_tok >= 2 && n_tok * k >= MIN_ROWS).then_some(n_tok / 2)
 }

@@ -442,6 +442,11 @@ impl DecoderGraph {
         self.session.run()
     }
 
+    /// Forward only up to the node producing `t` (see [`Session::forward_to`]).
+    pub fn forward_to(&mut self, t: TensorId) -> Result<()> {
+        self.session.forward_to(t)
+    }
+
     /// Forward only (logits, log-probs and loss readable afterwards).
     pub fn forward(&mut self) -> Result<()> {
         self.session.forward()

@@ -487,7 +487,8 @@ impl Critic {
         for r in chunks(seqs.len(), b) {
             let m = r.len();
             self.graph.set_batch(&seqs[r])?;
-            self.graph.forward()?;
+            // Only the trunk and the head's readout: the loss nodes need targets.
+            self.graph.forward_to(self.readout)?;
             out.extend_from_slice(&self.graph.read(self.readout)?[..m * per_row]);
         }
         Ok(out)

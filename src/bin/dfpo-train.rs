@@ -69,7 +69,10 @@ fn train(a: &ConfigArgs) -> dfpo::Result<()> {
 }
 
 fn eval(a: &ConfigArgs) -> dfpo::Result<()> {
-    let cfg = a.resolve()?;
+    let mut cfg = a.resolve()?;
+    // Evaluation needs the policy only: no critic, no reference model.
+    cfg.algo.name = dfpo::train::config::Algo::Grpo;
+    cfg.kl.coef = 0.0;
     let t = dfpo::train::trainer::Trainer::new(cfg)?;
     for e in t.evaluate()? {
         println!(

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use dfpo::device::Device;
-use dfpo::graph::DType;
 use dfpo::kernels::flow::{self, FlowHeadShape};
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::kernels::rl::{self, PpoParams};
@@ -597,6 +596,3 @@ fn bad_model_folder_is_a_clear_error() {
     let e = Trainer::new(cfg).err().expect("must fail").to_string();
     assert!(e.contains("/nonexistent/model/dir"), "{e}");
 }
-
-#[allow(dead_code)]
-fn unused(_: DType) {}

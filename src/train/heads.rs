@@ -13,7 +13,7 @@
 //! every loss is Σ_t tok_w_t · loss_t.
 
 use crate::error::{check_len, Error, Result};
-use crate::graph::{DType, Exec, Op, TensorId};
+use crate::graph::{Exec, Op, TensorId};
 use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
 
 /// A small op computed on the host from f32 vectors.
@@ -619,6 +619,3 @@ impl HostKernel for FlowCriticLoss {
         Ok(out)
     }
 }
-
-/// Output dtype helper for nodes built from host kernels: always f32.
-pub const HOST_DTYPE: DType = DType::F32;

@@ -480,10 +480,9 @@ impl Critic {
     /// Forward only over all rows: `[rows][S]` values, `[rows][S][K]` quantiles, or the flow
     /// conditioning `[rows][S][W]` (then integrate with [`Critic::flow_params`]).
     pub fn forward_readout(&mut self, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let (b, s) = self.graph.shape();
+        let (b, _) = self.graph.shape();
         let per_row = self.graph.session().plan().tensor(self.readout).len / b;
         let mut out = Vec::with_capacity(seqs.len() * per_row);
-        let _ = s;
         for r in chunks(seqs.len(), b) {
             let m = r.len();
             self.graph.set_batch(&seqs[r])?;

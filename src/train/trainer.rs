@@ -36,7 +36,7 @@ use crate::model::checkpoint::{
 use crate::model::decoder::{Decoder, DecoderGraph};
 use crate::model::generate::{generate, GenerateParams};
 use crate::model::tokenizer::Tokenizer;
-use crate::task::{encode_prompt, load_task, Checker, TaskData};
+use crate::task::{encode_prompt, load_task, TaskData};
 
 /// What a finished run reports (also written to `out_dir/summary.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -819,22 +819,15 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         let mut state: TensorMap = BTreeMap::new();
-        let mut put = |prefix: &str, st: BTreeMap<String, Vec<f32>>| {
+        let mut put = |st: BTreeMap<String, Vec<f32>>| {
             for (k, v) in st {
-                let n = v.len();
-                state.insert(
-                    k,
-                    Tensor {
-                        shape: vec![n],
-                        data: v,
-                    },
-                );
+                let shape = vec![v.len()];
+                state.insert(k, Tensor { shape, data: v });
             }
-            let _ = prefix;
         };
-        put("policy.", self.policy.opt.state("policy."));
+        put(self.policy.opt.state("policy."));
         if let Some(c) = &self.critic {
-            put("critic.", c.opt.state("critic."));
+            put(c.opt.state("critic."));
         }
         save_safetensors(tmp.join("state.safetensors"), &state, Dtype::F32)?;
         let meta = Meta {
@@ -1075,9 +1068,4 @@ pub fn summary_table(s: &Summary) -> String {
 pub fn run(cfg: TrainConfig) -> Result<Summary> {
     let mut t = Trainer::new(cfg)?;
     t.run()
-}
-
-/// The checker of a run's data (for tools that score outside the trainer).
-pub fn checker_of(cfg: &TrainConfig) -> Result<Checker> {
-    Checker::parse(&cfg.data.checker)
 }

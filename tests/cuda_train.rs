@@ -12,25 +12,10 @@ use dfpo::task::arith;
 use dfpo::train::config::TrainConfig;
 use dfpo::train::heads::{FlowTermWeights, RiskTerms};
 use dfpo::train::models::{Critic, CriticHead, OptSettings, Policy};
-use dfpo::train::optim::Schedule;
 use dfpo::train::trainer::Trainer;
 
 mod common;
 use common::Rng;
-
-fn opt() -> OptSettings {
-    OptSettings {
-        hp: dfpo::kernels::adamw::AdamWParams::default(),
-        max_grad_norm: 1.0,
-        schedule: Schedule {
-            peak: 1e-3,
-            warmup: 0,
-            total: 10,
-            cosine: false,
-            min_ratio: 1.0,
-        },
-    }
-}
 
 fn close(what: &str, got: f64, want: f64, rtol: f64) {
     assert!(
@@ -72,7 +57,19 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
     let tw = dfpo::train::rollout::token_weights(&mask, s, false);
 
     // Policy.
-    let mk = |d: &Device| Policy::new(dec_clone(&dec), b, s, d, 0.2, 0.2, 0.01, &opt()).unwrap();
+    let mk = |d: &Device| {
+        Policy::new(
+            dec_clone(&dec),
+            b,
+            s,
+            d,
+            0.2,
+            0.2,
+            0.01,
+            &OptSettings::constant(1e-3),
+        )
+        .unwrap()
+    };
     let (mut pc, mut pg) = (mk(&Device::Cpu), mk(&cuda));
     let (lp, _) = pc.logprobs(&seqs, &skip).unwrap();
     let (lpg, _) = pg.logprobs(&seqs, &skip).unwrap();
@@ -168,8 +165,24 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
                 all
             }
         };
-        let mut cc = Critic::new(&dec, b, s, &Device::Cpu, head.clone(), &opt()).unwrap();
-        let mut cg = Critic::new(&dec, b, s, &cuda, head.clone(), &opt()).unwrap();
+        let mut cc = Critic::new(
+            &dec,
+            b,
+            s,
+            &Device::Cpu,
+            head.clone(),
+            &OptSettings::constant(1e-3),
+        )
+        .unwrap();
+        let mut cg = Critic::new(
+            &dec,
+            b,
+            s,
+            &cuda,
+            head.clone(),
+            &OptSettings::constant(1e-3),
+        )
+        .unwrap();
         let (x, gx) = cc.update(&seqs, &inputs).unwrap();
         let (y, gy) = cg.update(&seqs, &inputs).unwrap();
         close(&format!("{head:?} loss"), y.loss, x.loss, 5e-2);

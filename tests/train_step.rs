@@ -14,7 +14,6 @@ use dfpo::task::arith;
 use dfpo::train::config::TrainConfig;
 use dfpo::train::heads::{FlowTermWeights, RiskTerms};
 use dfpo::train::models::{Critic, CriticHead, OptSettings};
-use dfpo::train::optim::Schedule;
 use dfpo::train::trainer::Trainer;
 
 mod common;
@@ -63,20 +62,6 @@ fn small_cfg(algo: &str, out: &Path, steps: usize) -> TrainConfig {
     ]
     .to_vec();
     TrainConfig::load(None, &sets).unwrap()
-}
-
-fn opt_settings() -> OptSettings {
-    OptSettings {
-        hp: dfpo::kernels::adamw::AdamWParams::default(),
-        max_grad_norm: 1.0,
-        schedule: Schedule {
-            peak: 1e-3,
-            warmup: 0,
-            total: 10,
-            cosine: false,
-            min_ratio: 1.0,
-        },
-    }
 }
 
 #[test]
@@ -203,7 +188,8 @@ fn flow_critic_loss_matches_an_independent_computation() {
         },
         init_seed: rng.next_u64(),
     };
-    let mut critic = Critic::new(&dec, b, s, &Device::Cpu, head, &opt_settings()).unwrap();
+    let mut critic =
+        Critic::new(&dec, b, s, &Device::Cpu, head, &OptSettings::constant(1e-3)).unwrap();
     let seqs: Vec<Vec<u32>> = (0..b)
         .map(|i| {
             (0..s - i)
@@ -344,7 +330,7 @@ fn value_and_quantile_losses_match_independent_computations() {
         s,
         &Device::Cpu,
         CriticHead::Value { clip: 0.2 },
-        &opt_settings(),
+        &OptSettings::constant(1e-3),
     )
     .unwrap();
     let ret: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
@@ -380,7 +366,7 @@ fn value_and_quantile_losses_match_independent_computations() {
             },
         },
     };
-    let mut c = Critic::new(&dec, b, s, &Device::Cpu, head, &opt_settings()).unwrap();
+    let mut c = Critic::new(&dec, b, s, &Device::Cpu, head, &OptSettings::constant(1e-3)).unwrap();
     let g: Vec<f32> = (0..n * k).map(|_| rng.range(-2.0, 2.0) as f32).collect();
     let (st, _) = c.update(&seqs, &[g.clone(), tw.clone()]).unwrap();
     let mut want = 0.0f64;

@@ -34,6 +34,26 @@ pub struct OptSettings {
     pub schedule: Schedule,
 }
 
+impl OptSettings {
+    /// torch's AdamW defaults at a constant rate `lr`, global-norm clip 1.0.
+    pub fn constant(lr: f64) -> Self {
+        OptSettings {
+            hp: AdamWParams {
+                lr,
+                ..AdamWParams::default()
+            },
+            max_grad_norm: 1.0,
+            schedule: Schedule {
+                peak: lr,
+                warmup: 0,
+                total: 0,
+                cosine: false,
+                min_ratio: 1.0,
+            },
+        }
+    }
+}
+
 fn optimizer(dec: &Decoder, extra: &[(String, Vec<f32>)], s: &OptSettings) -> Result<AdamW> {
     let mut named: Vec<(String, Vec<f32>)> = dec
         .params()

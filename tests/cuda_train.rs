@@ -63,6 +63,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
             b,
             s,
             d,
+            0.8,
             0.2,
             0.2,
             0.01,

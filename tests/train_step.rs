@@ -582,3 +582,58 @@ fn bad_model_folder_is_a_clear_error() {
     let e = Trainer::new(cfg).err().expect("must fail").to_string();
     assert!(e.contains("/nonexistent/model/dir"), "{e}");
 }
+
+#[test]
+fn policy_log_probs_are_those_of_the_tempered_sampler() {
+    // PPO's old log-probs must be the behaviour policy's: at rollout temperature 0.7 the policy
+    // graph's log-probs equal the sampler's (no top-k/top-p) for the sampled tokens.
+    use dfpo::model::generate::{generate, GenerateParams};
+    use dfpo::train::models::Policy;
+    let dec = Decoder::load(tiny_model()).unwrap();
+    let temp = 0.7;
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 6, 7, 14, 8, 9, 17], vec![1, 5, 14, 6, 17]];
+    let gp = GenerateParams {
+        max_new_tokens: 5,
+        sample: dfpo::kernels::sample::SampleParams {
+            temperature: temp,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        stop_ids: vec![2],
+        n_samples: 2,
+        seed: 9,
+    };
+    let gens = generate(&dec, &prompts, &gp).unwrap();
+    let s = 7 + 5;
+    let mut p = Policy::new(
+        Decoder::load(tiny_model()).unwrap(),
+        gens.len(),
+        s,
+        &Device::Cpu,
+        temp,
+        0.2,
+        0.2,
+        0.0,
+        &OptSettings::constant(1e-3),
+    )
+    .unwrap();
+    let seqs: Vec<Vec<u32>> = gens
+        .iter()
+        .map(|g| {
+            let mut q = prompts[g.prompt_index].clone();
+            q.extend(&g.tokens);
+            q
+        })
+        .collect();
+    let skip: Vec<usize> = gens.iter().map(|g| prompts[g.prompt_index].len()).collect();
+    let (lp, _) = p.logprobs(&seqs, &skip).unwrap();
+    for (r, g) in gens.iter().enumerate() {
+        for (j, &want) in g.logprobs.iter().enumerate() {
+            let got = lp[r * s + skip[r] - 1 + j];
+            assert!(
+                (got - want).abs() < 1e-4,
+                "row {r} token {j}: graph {got} vs sampler {want}"
+            );
+        }
+    }
+}

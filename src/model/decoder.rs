@@ -114,6 +114,26 @@ impl Decoder {
         lm_head: bool,
         head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
     ) -> Result<DecoderGraph> {
+        self.build_tempered(b, s, device, 1.0, lm_head, head)
+    }
+
+    /// [`Decoder::build_with`] with the per-token log-probs and entropies taken at softmax
+    /// `temperature` (the sampler's, so that PPO ratios compare the distributions the rollouts
+    /// were drawn from).
+    pub fn build_tempered(
+        &self,
+        b: usize,
+        s: usize,
+        device: &Device,
+        temperature: f32,
+        lm_head: bool,
+        head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
+    ) -> Result<DecoderGraph> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "Decoder::build_tempered: temperature {temperature} must be finite and > 0"
+            )));
+        }
         if b == 0 || s == 0 {
             return Err(Error::Invalid(format!(
                 "Decoder::build: batch {b} x {s}: both must be > 0"
@@ -279,7 +299,7 @@ impl Decoder {
                 &[("logits", n * v, act)],
             )?[0];
             let lp = g.node_typed(
-                TokenLogprob { n, v },
+                TokenLogprob { n, v, temperature },
                 &[logits, targets],
                 &[
                     ("logprob", n, DType::F32),

@@ -864,12 +864,15 @@ impl Op for Attention {
     }
 }
 
-/// Per-token log-prob of the target token (temperature 1) through the fused xent: ins
+/// Per-token log-prob of the target token (at `temperature`) through the fused xent: ins
 /// `[logits (n·V), targets (U32, n; [`xent::IGNORE_INDEX`] = no target, log-prob 0)]`, outs
 /// `[logprob (n), lse (n), entropy (n)]`.
 pub struct TokenLogprob {
     pub n: usize,
     pub v: usize,
+    /// Softmax temperature (1: the model's distribution; a sampler's temperature makes the
+    /// log-probs those of the tempered sampling distribution).
+    pub temperature: f32,
 }
 
 impl Op for TokenLogprob {
@@ -884,7 +887,7 @@ impl Op for TokenLogprob {
             let (lp, lse, ent) = (x.ptr(outs[0]), x.ptr(outs[1]), x.ptr(outs[2]));
             // SAFETY: logits n·V bf16, targets n u32, outputs n f32.
             return unsafe {
-                xent::cuda::forward_raw(dev, z, t, self.n, self.v, 1.0, lp, lse, ent)
+                xent::cuda::forward_raw(dev, z, t, self.n, self.v, self.temperature, lp, lse, ent)
             };
         }
         xent::cpu::forward(
@@ -892,7 +895,7 @@ impl Op for TokenLogprob {
             x.slice::<u32>(ins[1]),
             self.n,
             self.v,
-            1.0,
+            self.temperature,
             x.cpu_mut(outs[0]),
             x.cpu_mut(outs[1]),
             x.cpu_mut(outs[2]),
@@ -914,7 +917,7 @@ impl Op for TokenLogprob {
             let (n, v) = (self.n, self.v);
             // SAFETY: as in forward; d_logits n·V bf16.
             return unsafe {
-                xent::cuda::backward_raw(dev, z, t, n, v, 1.0, lse, ent, dlp, dent, dz)
+                xent::cuda::backward_raw(dev, z, t, n, v, self.temperature, lse, ent, dlp, dent, dz)
             };
         }
         xent::cpu::backward(
@@ -922,7 +925,7 @@ impl Op for TokenLogprob {
             x.slice::<u32>(ins[1]),
             self.n,
             self.v,
-            1.0,
+            self.temperature,
             x.cpu(outs[1]),
             x.cpu(outs[2]),
             Some(x.cpu(d_outs[0])),

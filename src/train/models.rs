@@ -114,13 +114,14 @@ impl Policy {
         b: usize,
         s: usize,
         device: &Device,
+        temperature: f32,
         clip_low: f32,
         clip_high: f32,
         ent_coef: f32,
         opt: &OptSettings,
     ) -> Result<Self> {
         let mut ids = None;
-        let graph = dec.build_with(b, s, device, true, |g, t| {
+        let graph = dec.build_tempered(b, s, device, temperature, true, |g, t| {
             let n = t.n;
             let lp = t
                 .logprob

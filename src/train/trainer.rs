@@ -277,11 +277,18 @@ impl Trainer {
             None
         };
         let pc = &cfg.ppo;
+        // Log-probs at the sampling temperature (temperature 0, greedy rollouts: at 1).
+        let temp = if cfg.rollout.temperature > 0.0 {
+            cfg.rollout.temperature
+        } else {
+            1.0
+        };
         let policy = Policy::new(
             policy_dec,
             b,
             s,
             &device,
+            temp,
             pc.clip_low as f32,
             pc.clip_high as f32,
             pc.ent_coef as f32,

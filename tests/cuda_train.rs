@@ -160,6 +160,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
                 v.push((0..n).map(|_| rng.range(0.5, 1.0) as f32).collect());
                 v.push(mask.clone());
                 v.push(tw.clone());
+                v.push(tw.clone());
                 // Every token listed (identity gather).
                 let mut all = vec![(0..n).map(|i| i as f32).collect::<Vec<f32>>()];
                 all.extend(v);

@@ -163,6 +163,8 @@ fn flow_critic_loss_gradient_matches_finite_differences() {
             let mut rr = Rng::fresh("flow_critic_loss weights");
             weights(n, &mut rr)
         },
+        // Risk-term row weights: other rows than the token weights.
+        (0..n).map(|i| if i % 2 == 0 { 0.2 } else { 0.0 }).collect(),
     ];
     let kern = FlowCriticLoss {
         n,

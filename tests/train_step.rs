@@ -221,6 +221,11 @@ fn flow_critic_loss_matches_an_independent_computation() {
     let mask: Vec<f32> = (0..n).map(|i| (i % 5 != 2) as u8 as f32).collect();
     let tw = dfpo::train::rollout::token_weights(&mask, s, false);
     inputs.push(tw.clone());
+    // The risk terms weigh every other token (as with critic.risk_targets = "prompt").
+    let risk_w: Vec<f32> = (0..n)
+        .map(|i| if i % 2 == 0 { tw[i] } else { 0.0 })
+        .collect();
+    inputs.push(risk_w.clone());
     // The head sees only the listed tokens (those with a weight), in a shuffled order.
     let mut rows: Vec<usize> = (0..n).filter(|&i| tw[i] != 0.0).collect();
     for i in (1..rows.len()).rev() {
@@ -284,7 +289,7 @@ fn flow_critic_loss_matches_an_independent_computation() {
                 + w.gc as f64 * sc / k as f64);
         let (pc, pg, pvl, pvh) = tails(&z1, klo, khi);
         let (tc, tg, tvl, tvh) = tails(&g, klo, khi);
-        want += wt
+        want += risk_w[t] as f64
             * (rw.cvar as f64 * (pc - tc).powi(2)
                 + rw.gain as f64 * (pg - tg).powi(2)
                 + rw.shape as f64 * ((pvl - tvl).max(0.0) + (tvh - pvh).max(0.0)));
@@ -634,6 +639,41 @@ fn policy_log_probs_are_those_of_the_tempered_sampler() {
                 (got - want).abs() < 1e-4,
                 "row {r} token {j}: graph {got} vs sampler {want}"
             );
+        }
+    }
+}
+
+#[test]
+fn prompt_pooled_risk_targets_replace_only_first_tokens() {
+    use dfpo::train::rollout::{pool_first_token_targets, Batch};
+    let (s, k) = (6, 2);
+    let b = Batch {
+        seqs: vec![vec![1; 5], vec![1; 6], vec![1; 4], vec![1; 5]],
+        prompt_len: vec![3, 3, 2, 2],
+        response_len: vec![2, 3, 2, 3],
+        group: vec![0, 0, 1, 1],
+        s,
+        ..Default::default()
+    };
+    let mut t: Vec<f32> = (0..4 * s * k).map(|i| i as f32).collect();
+    let orig = t.clone();
+    pool_first_token_targets(&b, &mut t, k);
+    // Group 0: first tokens at row 0 t=2 and row 1 t=2 → pooled {4, 5, 16, 17} → levels
+    // 1/4 and 3/4 → nearest rank 1 and 3 → [5, 17] for both rows.
+    assert_eq!(&t[(0 * s + 2) * k..(0 * s + 2) * k + 2], &[5.0, 17.0]);
+    assert_eq!(&t[(1 * s + 2) * k..(1 * s + 2) * k + 2], &[5.0, 17.0]);
+    // Group 1: rows 2 and 3, t = 1: {26, 27, 38, 39} → [27, 39].
+    assert_eq!(&t[(2 * s + 1) * k..(2 * s + 1) * k + 2], &[27.0, 39.0]);
+    // Everything else unchanged.
+    let firsts = [
+        (0 * s + 2) * k,
+        (1 * s + 2) * k,
+        (2 * s + 1) * k,
+        (3 * s + 1) * k,
+    ];
+    for i in 0..t.len() {
+        if !firsts.iter().any(|&f| (f..f + k).contains(&i)) {
+            assert_eq!(t[i], orig[i], "element {i} changed");
         }
     }
 }

@@ -285,6 +285,11 @@ pub struct CriticConfig {
     pub huber_kappa: f64,
     /// Bootstrapped-anchor target: "lambda" (the distributional λ-return G) or "td" (r + γ z').
     pub anchor: String,
+    /// What the DFPO risk terms (CVaR, upper tail, tail shape) compare with: "token" (each
+    /// response token's own distributional-GAE targets, as the method doc specifies) or
+    /// "prompt" (only at the first response token, whose state the n samples of a prompt
+    /// share, against the pooled targets of the group).
+    pub risk_targets: String,
 }
 
 impl Default for CriticConfig {
@@ -309,6 +314,7 @@ impl Default for CriticConfig {
             beta: 0.1,
             huber_kappa: 1.0,
             anchor: "lambda".into(),
+            risk_targets: "token".into(),
         }
     }
 }
@@ -590,6 +596,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "critic.anchor",
         "bootstrapped-anchor target: lambda (distributional lambda-return) | td",
+    ),
+    (
+        "critic.risk_targets",
+        "dfpo risk terms against each token's own targets (token) or the group-pooled targets at the first response token (prompt)",
     ),
     ("optim.actor_lr", "policy peak learning rate, >= 0"),
     ("optim.critic_lr", "critic peak learning rate, >= 0"),
@@ -947,6 +957,11 @@ impl TrainConfig {
         range(key!("critic.beta"), c.beta, POS, LE1)?;
         range(key!("critic.huber_kappa"), c.huber_kappa, POS, None)?;
         one_of(key!("critic.anchor"), &c.anchor, &["lambda", "td"])?;
+        one_of(
+            key!("critic.risk_targets"),
+            &c.risk_targets,
+            &["token", "prompt"],
+        )?;
 
         let o = &self.optim;
         range(key!("optim.actor_lr"), o.actor_lr, NONNEG, None)?;

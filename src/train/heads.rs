@@ -506,11 +506,12 @@ pub struct FlowTermWeights {
 /// 3 `eps`, 4 `target` G (the distributional λ-returns), 5 `gc_target` (N-step solve of the
 /// rollout-time critic from ε, stop-gradient), 6 `vel_b` = G − ε, 7 `vel_d` = v_old(z'_τ, τ |
 /// h_{t+1}) (rows × K each); 8 `w_unc` (n, the confidence weight), 9 `dmask` (n, 0 where the DCFM
-/// target does not exist: the last response token), 10 `tok_w` (n).
+/// target does not exist: the last response token), 10 `tok_w` (n), 11 `risk_w` (n, the row
+/// weights of the risk terms: `tok_w`, or only the rows whose targets are pooled).
 ///
 /// outs `[loss (1), stats (6) = dcfm, bcfm, gc, cvar, gain, shape]` (tok_w-weighted means):
 /// loss = Σ_t tok_w·[ w_unc·(λ_D·mean_k dmask·(v_d − vel_d)² + λ_B·mean_k (v_b − vel_b)²)
-///                   + λ_GC·mean_k (ẑ − gc_target)² ] + risk(ẑ, G).
+///                   + λ_GC·mean_k (ẑ − gc_target)² ] + risk(ẑ, G; rows weighted by risk_w).
 pub struct FlowCriticLoss {
     pub n: usize,
     pub k: usize,
@@ -534,7 +535,7 @@ impl HostKernel for FlowCriticLoss {
         check_lens(
             "flow_critic_loss",
             ins,
-            &[nk, nk, nk, nk, nk, nk, nk, nk, n, n, n],
+            &[nk, nk, nk, nk, nk, nk, nk, nk, n, n, n, n],
         )?;
         let z1 = self.readout(ins);
         let (vb, vd, g, gct, velb, veld) = (&ins[1], &ins[2], &ins[4], &ins[5], &ins[6], &ins[7]);
@@ -556,7 +557,7 @@ impl HostKernel for FlowCriticLoss {
             b += w * wu[t] as f64 * sb * inv_k;
             c += w * sc * inv_k;
         }
-        let (rt, m) = self.risk.apply(&z1, g, k, tw, None)?;
+        let (rt, m) = self.risk.apply(&z1, g, k, &ins[11], None)?;
         let loss = self.w.dcfm as f64 * d + self.w.bcfm as f64 * b + self.w.gc as f64 * c + rt;
         Ok(vec![
             vec![loss as f32],
@@ -605,12 +606,12 @@ impl HostKernel for FlowCriticLoss {
             }
         }
         // ẑ = ε + v_read, so d/dv_read = d/dẑ.
-        self.risk.apply(&z1, g, k, tw, Some(&mut dr))?;
+        self.risk.apply(&z1, g, k, &ins[11], Some(&mut dr))?;
         for v in dr.iter_mut().chain(db.iter_mut()).chain(dd.iter_mut()) {
             *v *= dl;
         }
         let mut out = vec![Some(dr), Some(db), Some(dd)];
-        out.extend((3..11).map(|_| None));
+        out.extend((3..12).map(|_| None));
         for (i, o) in out.iter_mut().enumerate().take(3) {
             if !need[i] {
                 *o = None;

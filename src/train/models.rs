@@ -424,7 +424,7 @@ impl Critic {
                         "vel_d",
                     ];
                     let ins: Vec<TensorId> = names.iter().map(|nm| g.input(nm, m * k)).collect();
-                    let tok: Vec<TensorId> = ["w_unc", "dcfm_mask", "token_weight"]
+                    let tok: Vec<TensorId> = ["w_unc", "dcfm_mask", "token_weight", "risk_weight"]
                         .iter()
                         .map(|nm| g.input(nm, m))
                         .collect();

@@ -192,6 +192,37 @@ pub fn token_weights(mask: &[f32], s: usize, seq_mean: bool) -> Vec<f32> {
     w
 }
 
+/// `critic.risk_targets = "prompt"`: the risk terms' targets at each row's first response token
+/// (a state the n samples of a prompt share) become K quantiles of the group's pooled targets
+/// there (n·K values; level (j + ½)/K, nearest rank). `target` is `[R][S][K]`.
+pub fn pool_first_token_targets(batch: &Batch, target: &mut [f32], k: usize) {
+    let s = batch.s;
+    let groups = batch.group.iter().copied().max().map_or(0, |g| g + 1);
+    for g in 0..groups {
+        let rows: Vec<usize> = (0..batch.rows())
+            .filter(|&r| batch.group[r] == g && batch.response_len[r] > 0)
+            .collect();
+        let first = |r: usize| (r * s + batch.prompt_len[r] - 1) * k;
+        let mut pool: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| target[first(r)..first(r) + k].to_vec())
+            .collect();
+        if pool.is_empty() {
+            continue;
+        }
+        pool.sort_by(f32::total_cmp);
+        let q: Vec<f32> = (0..k)
+            .map(|j| {
+                let i = ((j as f64 + 0.5) / k as f64 * pool.len() as f64) as usize;
+                pool[i.min(pool.len() - 1)]
+            })
+            .collect();
+        for &r in &rows {
+            target[first(r)..first(r) + k].copy_from_slice(&q);
+        }
+    }
+}
+
 /// Settings of the flow critic's no-grad solves.
 #[derive(Clone, Copy, Debug)]
 pub struct FlowSolve {

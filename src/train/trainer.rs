@@ -20,8 +20,8 @@ use super::metrics::{MetricsWriter, Progress};
 use super::models::{tensor_map, Critic, CriticHead, OptSettings, Policy};
 use super::optim::Schedule;
 use super::rollout::{
-    flow_readout, flow_targets, grpo_advantages, noisy_reward, token_rewards, token_weights, Batch,
-    FlowSolve, FlowTargetOpts, FlowTargets, Stream,
+    flow_readout, flow_targets, grpo_advantages, noisy_reward, pool_first_token_targets,
+    token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, Stream,
 };
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -573,7 +573,7 @@ impl Trainer {
                     anchor_lambda: cc.anchor == "lambda",
                 };
                 let mut rng = Stream::new(self.cfg.run.seed, step, "tau");
-                Some(flow_targets(
+                let mut t = flow_targets(
                     fs,
                     &params,
                     &flow_u,
@@ -585,7 +585,11 @@ impl Trainer {
                     s,
                     &o,
                     &mut rng,
-                )?)
+                )?;
+                if cc.risk_targets == "prompt" {
+                    pool_first_token_targets(&batch, &mut t.target, fs.k);
+                }
+                Some(t)
             }
             _ => None,
         };
@@ -648,6 +652,23 @@ impl Trainer {
                     v.push(pick(&full, if i < 11 { k } else { 1 }));
                 }
                 v.push(local.iter().map(|&i| ctw[i]).collect());
+                // The risk terms' row weights: every response token, or (risk_targets =
+                // "prompt") the first response tokens only, equally.
+                let risk_w: Vec<f32> = if self.cfg.critic.risk_targets == "prompt" {
+                    let first: Vec<bool> = local
+                        .iter()
+                        .zip(&global)
+                        .map(|(_, &gi)| gi % s + 1 == p.skip[gi / s])
+                        .collect();
+                    let nf = first.iter().filter(|&&f| f).count().max(1) as f32;
+                    first
+                        .iter()
+                        .map(|&f| if f { 1.0 / nf } else { 0.0 })
+                        .collect()
+                } else {
+                    v.last().expect("token weights").clone()
+                };
+                v.push(risk_w);
                 // Unused capacity: no row (−1), zero weight.
                 v[0].resize(c.flow_capacity().unwrap_or(0), -1.0);
                 v

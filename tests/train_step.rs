@@ -660,14 +660,14 @@ fn prompt_pooled_risk_targets_replace_only_first_tokens() {
     pool_first_token_targets(&b, &mut t, k);
     // Group 0: first tokens at row 0 t=2 and row 1 t=2 → pooled {4, 5, 16, 17} → levels
     // 1/4 and 3/4 → nearest rank 1 and 3 → [5, 17] for both rows.
-    assert_eq!(&t[(0 * s + 2) * k..(0 * s + 2) * k + 2], &[5.0, 17.0]);
-    assert_eq!(&t[(1 * s + 2) * k..(1 * s + 2) * k + 2], &[5.0, 17.0]);
+    assert_eq!(&t[2 * k..2 * k + 2], &[5.0, 17.0]);
+    assert_eq!(&t[(s + 2) * k..(s + 2) * k + 2], &[5.0, 17.0]);
     // Group 1: rows 2 and 3, t = 1: {26, 27, 38, 39} → [27, 39].
     assert_eq!(&t[(2 * s + 1) * k..(2 * s + 1) * k + 2], &[27.0, 39.0]);
     // Everything else unchanged.
     let firsts = [
-        (0 * s + 2) * k,
-        (1 * s + 2) * k,
+        2 * k,
+        (s + 2) * k,
         (2 * s + 1) * k,
         (3 * s + 1) * k,
     ];

@@ -286,8 +286,9 @@ pub struct CriticConfig {
     /// Bootstrapped-anchor target: "lambda" (the distributional λ-return G) or "td" (r + γ z').
     pub anchor: String,
     /// What the DFPO risk terms (CVaR, upper tail, tail shape) compare with: "token" (each
-    /// response token's own distributional-GAE targets, as the method doc specifies) or
-    /// "prompt" (only at the first response token, whose state the n samples of a prompt
+    /// response token's own distributional-GAE targets, as the method doc specifies; these
+    /// come from one trajectory and collapse the critic's spread, docs/RESULTS.md) or "prompt"
+    /// (the default: only at the first response token, whose state the n samples of a prompt
     /// share, against the pooled targets of the group).
     pub risk_targets: String,
 }
@@ -314,7 +315,7 @@ impl Default for CriticConfig {
             beta: 0.1,
             huber_kappa: 1.0,
             anchor: "lambda".into(),
-            risk_targets: "token".into(),
+            risk_targets: "prompt".into(),
         }
     }
 }

@@ -665,15 +665,28 @@ fn prompt_pooled_risk_targets_replace_only_first_tokens() {
     // Group 1: rows 2 and 3, t = 1: {26, 27, 38, 39} → [27, 39].
     assert_eq!(&t[(2 * s + 1) * k..(2 * s + 1) * k + 2], &[27.0, 39.0]);
     // Everything else unchanged.
-    let firsts = [
-        2 * k,
-        (s + 2) * k,
-        (2 * s + 1) * k,
-        (3 * s + 1) * k,
-    ];
+    let firsts = [2 * k, (s + 2) * k, (2 * s + 1) * k, (3 * s + 1) * k];
     for i in 0..t.len() {
         if !firsts.iter().any(|&f| (f..f + k).contains(&i)) {
             assert_eq!(t[i], orig[i], "element {i} changed");
         }
     }
+}
+
+#[test]
+fn reference_log_probs_use_the_rollout_temperature() {
+    // At step 0 the policy is the reference, so the per-token KL must vanish, also when the
+    // rollouts are tempered (both log-probs at the sampling temperature).
+    let out = out_dir("ref-temp");
+    let mut cfg = small_cfg("grpo", &out, 1);
+    cfg.rollout.temperature = 0.7;
+    let mut t = Trainer::new(cfg).unwrap();
+    let p = t.prepare().unwrap();
+    let kl = p.kl.expect("kl.coef > 0 runs the reference");
+    assert!(p.ntok > 0.0);
+    assert!(
+        kl.iter().all(|&v| v.abs() < 1e-5),
+        "max |kl| {:?}",
+        kl.iter().map(|v| v.abs()).fold(0.0f32, f32::max)
+    );
 }

@@ -86,7 +86,18 @@ impl Decoder {
     /// Builds, plans and allocates the training graph for batches of `b` sequences of at most
     /// `s` tokens on `device`, with the parameters written in.
     pub fn build(&self, b: usize, s: usize, device: &Device) -> Result<DecoderGraph> {
-        self.build_with(b, s, device, true, |g, t| {
+        self.build_nll(b, s, device, 1.0)
+    }
+
+    /// [`Decoder::build`] with the log-probs, entropies and loss at softmax `temperature`.
+    pub fn build_nll(
+        &self,
+        b: usize,
+        s: usize,
+        device: &Device,
+        temperature: f32,
+    ) -> Result<DecoderGraph> {
+        self.build_tempered(b, s, device, temperature, true, |g, t| {
             let lp = t
                 .logprob
                 .ok_or_else(|| Error::Invalid("no lm head".into()))?;

@@ -82,6 +82,25 @@ fn chunks(rows: usize, b: usize) -> impl Iterator<Item = std::ops::Range<usize>>
     (0..rows.div_ceil(b)).map(move |i| i * b..((i + 1) * b).min(rows))
 }
 
+/// Per-token log-probs and entropies (`[rows][S]`) of the tokens at positions >= `skip[r]`
+/// under `graph` (forward only, in chunks of its batch size); any number of rows.
+pub fn response_logprobs(
+    graph: &mut DecoderGraph,
+    seqs: &[Vec<u32>],
+    skip: &[usize],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (b, s) = graph.shape();
+    let (mut lp, mut ent) = (Vec::with_capacity(seqs.len() * s), Vec::new());
+    for r in chunks(seqs.len(), b) {
+        let m = r.len();
+        graph.set_batch_masked(&seqs[r.clone()], &skip[r])?;
+        graph.forward()?;
+        lp.extend_from_slice(&graph.token_logprobs()?[..m * s]);
+        ent.extend_from_slice(&graph.token_entropies()?[..m * s]);
+    }
+    Ok((lp, ent))
+}
+
 /// Statistics of one actor update.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ActorStats {
@@ -168,16 +187,7 @@ impl Policy {
     /// Per-token log-probs and entropies (`[rows][S]`) of the response tokens (positions >=
     /// `skip[r]`) under the current weights (forward only).
     pub fn logprobs(&mut self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (b, s) = self.graph.shape();
-        let (mut lp, mut ent) = (Vec::with_capacity(seqs.len() * s), Vec::new());
-        for r in chunks(seqs.len(), b) {
-            let m = r.len();
-            self.graph.set_batch_masked(&seqs[r.clone()], &skip[r])?;
-            self.graph.forward()?;
-            lp.extend_from_slice(&self.graph.token_logprobs()?[..m * s]);
-            ent.extend_from_slice(&self.graph.token_entropies()?[..m * s]);
-        }
-        Ok((lp, ent))
+        response_logprobs(&mut self.graph, seqs, skip)
     }
 
     /// One update on a minibatch (at most B rows; `old_lp`, `adv`, `tok_w` are `[rows][S]`).

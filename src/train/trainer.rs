@@ -17,7 +17,7 @@ use super::config::{Algo, TrainConfig};
 use super::eval::{evaluate, response_text, stop_ids, EvalOpts, EvalResult};
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
-use super::models::{tensor_map, Critic, CriticHead, OptSettings, Policy};
+use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettings, Policy};
 use super::optim::Schedule;
 use super::rollout::{
     flow_readout, flow_targets, grpo_advantages, noisy_reward, pool_first_token_targets,
@@ -212,13 +212,20 @@ impl Trainer {
                 min_ratio: o.min_lr_ratio,
             },
         };
+        // Policy and reference log-probs at the sampling temperature (temperature 0, greedy
+        // rollouts: at 1), so the PPO ratio and the KL compare the behaviour distributions.
+        let temp = if cfg.rollout.temperature > 0.0 {
+            cfg.rollout.temperature
+        } else {
+            1.0
+        };
         let reference = if cfg.kl.coef > 0.0 {
             let rdir = if cfg.model.reference.is_empty() {
                 pdir.clone()
             } else {
                 model_dir(&cfg.model.reference)
             };
-            Some(Decoder::load(&rdir)?.build(b, s, &device)?)
+            Some(Decoder::load(&rdir)?.build_nll(b, s, &device, temp)?)
         } else {
             None
         };
@@ -277,12 +284,6 @@ impl Trainer {
             None
         };
         let pc = &cfg.ppo;
-        // Log-probs at the sampling temperature (temperature 0, greedy rollouts: at 1).
-        let temp = if cfg.rollout.temperature > 0.0 {
-            cfg.rollout.temperature
-        } else {
-            1.0
-        };
         let policy = Policy::new(
             policy_dec,
             b,
@@ -471,14 +472,7 @@ impl Trainer {
         let (old_lp, old_ent) = self.policy.logprobs(&batch.seqs, &skip)?;
         // KL against the reference policy, in the reward.
         let kl = if let Some(r) = self.reference.as_mut() {
-            let mut ref_lp = Vec::with_capacity(rows * s);
-            let (b, _) = r.shape();
-            for c in (0..rows).step_by(b) {
-                let e = (c + b).min(rows);
-                r.set_batch_masked(&batch.seqs[c..e], &skip[c..e])?;
-                r.forward()?;
-                ref_lp.extend_from_slice(&r.token_logprobs()?[..(e - c) * s]);
-            }
+            let (ref_lp, _) = response_logprobs(r, &batch.seqs, &skip)?;
             let kind = if self.cfg.kl.estimator == "k3" {
                 KlKind::K3
             } else {

@@ -248,8 +248,8 @@ pub fn stratified_eps(k: usize) -> Result<Vec<f32>> {
     Ok(e)
 }
 
-/// Gathers the conditioning rows of the masked tokens (`u` is `[R·S][W]`).
-fn gather(u: &[f32], idx: &[usize], w: usize) -> Vec<f32> {
+/// Rows `idx` (each `w` wide) of the row-major `u`, concatenated.
+pub fn gather(u: &[f32], idx: &[usize], w: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(idx.len() * w);
     for &i in idx {
         out.extend_from_slice(&u[i * w..(i + 1) * w]);
@@ -319,24 +319,23 @@ pub struct FlowTargets {
 }
 
 impl FlowTargets {
-    /// The critic head's inputs for rows `r0..r1` in its order.
-    pub fn slice(&self, r0: usize, r1: usize, s: usize, k: usize) -> Vec<Vec<f32>> {
-        let sk = |v: &Vec<f32>| v[r0 * s * k..r1 * s * k].to_vec();
-        let s1 = |v: &Vec<f32>| v[r0 * s..r1 * s].to_vec();
-        vec![
-            sk(&self.z_read),
-            sk(&self.tau_read),
-            sk(&self.z_b),
-            sk(&self.tau_b),
-            sk(&self.z_d),
-            sk(&self.tau_d),
-            sk(&self.eps),
-            sk(&self.target),
-            sk(&self.gc_target),
-            sk(&self.vel_b),
-            sk(&self.vel_d),
-            s1(&self.w_unc),
-            s1(&self.dmask),
+    /// The per-token fields in the flow critic head's input order: 11 of K values per token,
+    /// then 2 of one value per token.
+    pub fn fields(&self) -> [&[f32]; 13] {
+        [
+            &self.z_read,
+            &self.tau_read,
+            &self.z_b,
+            &self.tau_b,
+            &self.z_d,
+            &self.tau_d,
+            &self.eps,
+            &self.target,
+            &self.gc_target,
+            &self.vel_b,
+            &self.vel_d,
+            &self.w_unc,
+            &self.dmask,
         ]
     }
 }

@@ -20,7 +20,7 @@ use super::metrics::{MetricsWriter, Progress};
 use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettings, Policy};
 use super::optim::Schedule;
 use super::rollout::{
-    flow_readout, flow_targets, grpo_advantages, noisy_reward, pool_first_token_targets,
+    flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
     token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, Stream,
 };
 use crate::device::Device;
@@ -611,17 +611,14 @@ impl Trainer {
     /// The critic head's inputs for the minibatch of rollout rows `sel`.
     fn critic_inputs(&self, p: &Prepared, sel: &[usize]) -> Option<Vec<Vec<f32>>> {
         let c = self.critic.as_ref()?;
-        let (s, k, rows) = (self.s, p.k, p.batch.rows());
-        let gather = |v: &[f32], w: usize| -> Vec<f32> {
-            sel.iter()
-                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
-                .collect()
-        };
-        let mmask = gather(&p.mask, s);
+        let (s, k) = (self.s, p.k);
+        let mmask = gather(&p.mask, sel, s);
         let ctw = token_weights(&mmask, s, false);
         Some(match &c.head {
-            CriticHead::Value { .. } => vec![gather(&p.ret, s), gather(&p.values, s), ctw],
-            CriticHead::Quantile { .. } => vec![gather(&p.ret, s * k), ctw],
+            CriticHead::Value { .. } => {
+                vec![gather(&p.ret, sel, s), gather(&p.values, sel, s), ctw]
+            }
+            CriticHead::Quantile { .. } => vec![gather(&p.ret, sel, s * k), ctw],
             CriticHead::Flow { .. } => {
                 // Only the minibatch's response tokens: graph row r·S + t, rollout token
                 // sel[r]·S + t.
@@ -635,15 +632,9 @@ impl Trainer {
                         }
                     }
                 }
-                let pick = |full: &[f32], w: usize| -> Vec<f32> {
-                    global
-                        .iter()
-                        .flat_map(|&i| full[i * w..(i + 1) * w].iter().copied())
-                        .collect()
-                };
                 let mut v: Vec<Vec<f32>> = vec![local.iter().map(|&i| i as f32).collect()];
-                for (i, full) in t.slice(0, rows, s, k).into_iter().enumerate() {
-                    v.push(pick(&full, if i < 11 { k } else { 1 }));
+                for (i, full) in t.fields().into_iter().enumerate() {
+                    v.push(gather(full, &global, if i < 11 { k } else { 1 }));
                 }
                 v.push(local.iter().map(|&i| ctw[i]).collect());
                 // The risk terms' row weights: every response token, or (risk_targets =
@@ -687,17 +678,11 @@ impl Trainer {
         let skip_nonfinite = self.cfg.run.on_nonfinite == "skip";
         let seq_mean = self.cfg.ppo.agg == "seq-mean";
         let mut skipped = 0.0;
-        let gather = |v: &[f32], w: usize| -> Vec<f32> {
-            sel.iter()
-                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
-                .collect()
-        };
         let seqs: Vec<Vec<u32>> = sel.iter().map(|&r| p.batch.seqs[r].clone()).collect();
         let sk: Vec<usize> = sel.iter().map(|&r| p.skip[r]).collect();
-        let tw = token_weights(&gather(&p.mask, s), s, seq_mean);
-        let (st, g) =
-            self.policy
-                .update(&seqs, &sk, &gather(&p.old_lp, s), &gather(&p.adv, s), &tw)?;
+        let tw = token_weights(&gather(&p.mask, sel, s), s, seq_mean);
+        let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
+        let (st, g) = self.policy.update(&seqs, &sk, &old_lp, &adv, &tw)?;
         let stop = |msg: String| -> Result<()> {
             if !skip_nonfinite {
                 return Err(Error::Invalid(format!(

@@ -312,14 +312,13 @@ impl Critic {
         head: CriticHead,
         opt: &OptSettings,
     ) -> Result<Self> {
-        let hidden_size = dec.config.hidden_size;
         let mut built = None;
+        // The head's parameters with their initial values, registered where they are declared.
         let mut extra: Vec<(String, Vec<f32>)> = Vec::new();
-        let head2 = head.clone();
         let graph = dec.build_with(b, s, device, false, |g, t| {
             let n = t.n;
             let h = t.hidden_size;
-            match &head2 {
+            match &head {
                 CriticHead::Value { clip } => {
                     let w = g.param_typed("value_head.weight", h, t.act);
                     let bias = g.param_typed("value_head.bias", 1, t.act);
@@ -341,6 +340,8 @@ impl Critic {
                         ],
                     )?;
                     built = Some((ins, v, outs[1], &["vf_loss", "vf_clipfrac"][..]));
+                    extra.push(("value_head.weight".into(), vec![0.0; h]));
+                    extra.push(("value_head.bias".into(), vec![0.0]));
                     Ok(HeadOut {
                         loss: outs[0],
                         keep: vec![v, outs[1]],
@@ -380,6 +381,8 @@ impl Critic {
                         outs[1],
                         &["quantile_huber", "cvar_loss", "gain_loss", "shape_loss"][..],
                     ));
+                    extra.push(("quantile_head.weight".into(), vec![0.0; k * h]));
+                    extra.push(("quantile_head.bias".into(), vec![0.0; k]));
                     Ok(HeadOut {
                         loss: outs[0],
                         keep: vec![q, outs[1]],
@@ -395,7 +398,7 @@ impl Critic {
                     shape,
                     weights,
                     risk,
-                    ..
+                    init_seed,
                 } => {
                     let k = *k;
                     let m = *max_tokens;
@@ -470,6 +473,7 @@ impl Critic {
                         outs[1],
                         &["dcfm", "bcfm", "gc", "cvar_loss", "gain_loss", "shape_loss"][..],
                     ));
+                    extra.push((FLOW_PARAMS.into(), flow::init_params(shape, *init_seed)));
                     Ok(HeadOut {
                         loss: outs[0],
                         keep: vec![u, outs[1]],
@@ -479,21 +483,6 @@ impl Critic {
             }
         })?;
         let (inputs, readout, stats, term_names) = built.expect("head built");
-        match &head {
-            CriticHead::Value { .. } => {
-                extra.push(("value_head.weight".into(), vec![0.0; hidden_size]));
-                extra.push(("value_head.bias".into(), vec![0.0]));
-            }
-            CriticHead::Quantile { k, .. } => {
-                extra.push(("quantile_head.weight".into(), vec![0.0; k * hidden_size]));
-                extra.push(("quantile_head.bias".into(), vec![0.0; *k]));
-            }
-            CriticHead::Flow {
-                shape, init_seed, ..
-            } => {
-                extra.push((FLOW_PARAMS.into(), flow::init_params(shape, *init_seed)));
-            }
-        }
         let opt = optimizer(dec, &extra, opt)?;
         let mut c = Critic {
             graph,

@@ -27,7 +27,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{FlowHeadShape, Solver};
-use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
+use crate::kernels::risk::{self, RiskLossWeights, Stat, TailLevels};
 use crate::kernels::rl::{self, GaeParams, KlKind};
 use crate::kernels::sample::SampleParams;
 use crate::model::checkpoint::{
@@ -455,7 +455,6 @@ impl Trainer {
         let step = self.step;
         let t0 = Instant::now();
         let mut m = BTreeMap::new();
-        let t_roll = 0.0;
         if batch.s != self.s || batch.rows() == 0 {
             return Err(Error::Shape(format!(
                 "prepare_batch: {} rows of S = {}, the trainer's S is {}",
@@ -529,28 +528,25 @@ impl Trainer {
                 rl::cpu::whiten(&raw, &mask, &mut adv)?;
             }
         }
-        // Value statistics of the rollout-time critic.
+        // Value statistics of the rollout-time critic (the risk kernel's per-row statistics).
         if self.critic.is_some() {
-            let (mut vm, mut vs, mut cv) = (0.0f64, 0.0f64, 0.0f64);
-            let klo = risk::tail_count(self.cfg.critic.alpha as f32, k);
-            for t in 0..rows * s {
-                if mask[t] == 0.0 {
-                    continue;
-                }
-                let mut row: Vec<f64> = values[t * k..(t + 1) * k]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect();
-                row.sort_by(f64::total_cmp);
-                let mean = row.iter().sum::<f64>() / k as f64;
-                vm += mean;
-                vs += (row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / k as f64).sqrt();
-                cv += row[..klo].iter().sum::<f64>() / klo as f64;
-            }
+            let idx: Vec<usize> = (0..rows * s).filter(|&t| mask[t] != 0.0).collect();
+            let x: Vec<f64> = gather(&values, &idx, k).iter().map(|&v| v as f64).collect();
+            let mut st = vec![0.0f64; idx.len() * risk::NSTATS];
+            let levels = TailLevels {
+                alpha: self.cfg.critic.alpha as f32,
+                beta: self.cfg.critic.beta as f32,
+            };
+            risk::cpu::stats(&x, k, levels, &[], &mut st, &mut [], None, None)?;
             let d = ntok.max(1.0);
-            m.insert("critic/value_mean".into(), vm / d);
-            m.insert("critic/value_std".into(), vs / d);
-            m.insert("critic/cvar".into(), cv / d);
+            for (name, stat) in [
+                ("critic/value_mean", Stat::Mean),
+                ("critic/value_std", Stat::Std),
+                ("critic/cvar", Stat::CvarLow),
+            ] {
+                let sum: f64 = st.chunks(risk::NSTATS).map(|r| r[stat as usize]).sum();
+                m.insert(name.into(), sum / d);
+            }
         }
         let targets = match (&fs, self.critic.as_ref()) {
             (Some(fs), Some(c)) => {
@@ -587,7 +583,7 @@ impl Trainer {
             }
             _ => None,
         };
-        let t_prep = t0.elapsed().as_secs_f64() - t_roll;
+        let t_prep = t0.elapsed().as_secs_f64();
 
         Ok(Prepared {
             batch,
@@ -603,7 +599,7 @@ impl Trainer {
             k,
             targets,
             metrics: m,
-            t_roll,
+            t_roll: 0.0,
             t_prep,
         })
     }

@@ -44,7 +44,7 @@ use criterion::{
 };
 use dfpo::model::checkpoint::{save_hf_folder, Dtype};
 use dfpo::model::config::ModelConfig;
-use dfpo::model::init::{random_decoder, random_params};
+use dfpo::model::init::random_params;
 use dfpo::model::tokenizer::Tokenizer;
 use dfpo::task::arith;
 use dfpo::train::config::{Algo, TrainConfig};
@@ -211,10 +211,8 @@ fn tiny_policy(dir: &Path) -> Result<(PathBuf, &'static str)> {
     if builtin.join("config.json").exists() {
         return Ok((builtin, "assets/arith-sft"));
     }
-    let dec = random_decoder(arith::model_config(), 7)?;
     let p = dir.join("tiny-random");
-    save_hf_folder(&p, &dec.config, dec.params(), Dtype::F32, &[])?;
-    arith::write_tokenizer_files(&p)?;
+    arith::write_random_model(&p, 7)?;
     Ok((p, "the tiny arithmetic model, random weights"))
 }
 

@@ -6,7 +6,6 @@
 use dfpo::device::Device;
 use dfpo::kernels::flow::FlowHeadShape;
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
-use dfpo::model::checkpoint::{save_hf_folder, Dtype};
 use dfpo::model::decoder::Decoder;
 use dfpo::task::arith;
 use dfpo::train::config::TrainConfig;
@@ -206,9 +205,7 @@ fn cuda_full_steps_of_every_algorithm_are_finite() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dfpo-cuda-train-{}", std::process::id()));
-    let dec = dfpo::model::init::random_decoder(arith::model_config(), 3).unwrap();
-    save_hf_folder(&dir, &dec.config, dec.params(), Dtype::F32, &[]).unwrap();
-    arith::write_tokenizer_files(&dir).unwrap();
+    arith::write_random_model(&dir, 3).unwrap();
     for algo in ["dfpo", "ppo", "grpo", "quantile"] {
         let out = dir.join(format!("run-{algo}"));
         let sets: Vec<String> = vec![

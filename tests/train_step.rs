@@ -8,7 +8,6 @@ use dfpo::device::Device;
 use dfpo::kernels::flow::{self, FlowHeadShape};
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::kernels::rl::{self, PpoParams};
-use dfpo::model::checkpoint::{save_hf_folder, Dtype};
 use dfpo::model::decoder::{Decoder, HeadOut};
 use dfpo::task::arith;
 use dfpo::train::config::TrainConfig;
@@ -24,9 +23,7 @@ fn tiny_model() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("dfpo-train-step-{}", std::process::id()));
-        let dec = dfpo::model::init::random_decoder(arith::model_config(), 11).unwrap();
-        save_hf_folder(&dir, &dec.config, dec.params(), Dtype::F32, &[]).unwrap();
-        arith::write_tokenizer_files(&dir).unwrap();
+        arith::write_random_model(&dir, 11).unwrap();
         dir
     })
     .clone()

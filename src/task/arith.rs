@@ -132,6 +132,20 @@ pub fn tokenizer_config_json() -> String {
     s
 }
 
+/// Writes a randomly initialised model of [`model_config`] (seeded) with the task's tokenizer
+/// as an HF folder: a stand-in policy for tests and benches.
+pub fn write_random_model(dir: &Path, seed: u64) -> Result<()> {
+    let dec = crate::model::init::random_decoder(model_config(), seed)?;
+    crate::model::checkpoint::save_hf_folder(
+        dir,
+        &dec.config,
+        dec.params(),
+        crate::model::checkpoint::Dtype::F32,
+        &[],
+    )?;
+    write_tokenizer_files(dir)
+}
+
 /// Writes tokenizer.json and tokenizer_config.json into `dir` (created if needed), atomically.
 pub fn write_tokenizer_files(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| crate::Error::Io {

@@ -458,14 +458,6 @@ impl<'a> Exec<'a> {
         Ok(())
     }
 
-    /// Reads `t` as u32 on the host.
-    pub fn to_host_u32(&self, t: TensorId) -> Result<Vec<u32>> {
-        match self.cuda_device() {
-            None => Ok(self.slice::<u32>(t).to_vec()),
-            Some(dev) => self.download::<u32>(dev, t),
-        }
-    }
-
     /// `t`'s device address (CUdeviceptr) on a CUDA session.
     pub fn ptr(&self, t: TensorId) -> u64 {
         let (p, off) = self.locate(t);

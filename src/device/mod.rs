@@ -145,6 +145,8 @@ pub struct CudaDevice {
     max_smem_optin: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// The dynamic shared memory each function (by its CUfunction handle) is opted into so far.
+    smem_optin: Mutex<HashMap<usize, u32>>,
     sync_launch: bool,
 }
 
@@ -167,6 +169,7 @@ impl CudaDevice {
             max_smem_optin,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            smem_optin: Mutex::new(HashMap::new()),
             sync_launch: std::env::var("DFPO_SYNC_LAUNCH").is_ok_and(|v| v == "1"),
         }))
     }
@@ -252,6 +255,11 @@ impl CudaDevice {
     }
 
     /// Opts `func` into `bytes` of dynamic shared memory (needed above 48 KiB).
+    ///
+    /// The attribute belongs to the function, which every thread shares through the function
+    /// cache, so it only ever grows: lowering it for a small launch would fail another thread's
+    /// larger launch between its own opt-in and its launch (CUDA_ERROR_INVALID_VALUE, seen on an
+    /// H200 with parallel tests).
     pub fn set_dynamic_smem(&self, func: &CudaFunction, bytes: u32) -> Result<()> {
         use cudarc::driver::sys::CUfunction_attribute as A;
         if bytes > self.max_smem_optin {
@@ -260,11 +268,17 @@ impl CudaDevice {
                 self.max_smem_optin
             )));
         }
-        func.set_attribute(
-            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(|e| Error::Cuda(format!("set max dynamic shared memory: {e}")))
+        let mut set = self.smem_optin.lock().unwrap();
+        let now = set.entry(func.cu_function() as usize).or_insert(0);
+        if bytes > *now {
+            func.set_attribute(
+                A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| Error::Cuda(format!("set max dynamic shared memory: {e}")))?;
+            *now = bytes;
+        }
+        Ok(())
     }
 
     /// Starts a launch of `func` on this device's stream.

@@ -13,11 +13,12 @@ import sys
 
 # (criterion full id regex, torch key, what): ratio = torch time / dfpo time (> 1: dfpo faster).
 PAIRS = [
-    (r"^flow/cuda/integrate_euler1", "flow_integrate_euler1_ms", "flow head + 1 Euler step"),
-    (r"^flow/cuda/eval_fwd_bwd", "flow_eval_fwd_bwd_ms", "flow head eval fwd+bwd"),
-    (r"^risk/cuda/stats/k32$", "risk_stats_k32_ms", "sort + tail stats, K=32"),
-    (r"^risk/cuda/stats/k64$", "risk_stats_k64_ms", "sort + tail stats, K=64"),
-    (r"^risk/cuda/stats/k256$", "risk_stats_k256_ms", "sort + tail stats, K=256"),
+    (r"^flow_cuda/integrate_euler1/", "flow_integrate_euler1_ms", "flow head + 1 Euler step"),
+    (r"^flow_cuda/eval_fwd_bwd/", "flow_eval_fwd_bwd_ms", "flow head eval fwd+bwd"),
+    # torch_bench.py times R = its token count (32768) rows; the risk bench names its rows.
+    (r"^risk_cuda/stats/R32768xK32$", "risk_stats_k32_ms", "sort + tail stats, K=32"),
+    (r"^risk_cuda/stats/R32768xK64$", "risk_stats_k64_ms", "sort + tail stats, K=64"),
+    (r"^risk_cuda/stats/R32768xK256$", "risk_stats_k256_ms", "sort + tail stats, K=256"),
 ]
 
 

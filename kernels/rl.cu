@@ -300,9 +300,10 @@ extern "C" __global__ void rl_whiten_apply(const float* x, const float* __restri
 }
 
 // ---------------------------------------------------------------------------------------------
-// PPO clipped surrogate. Per valid token: ratio = exp(logp - logp_old),
-// loss = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high)); the clipped branch wins (and
-// the gradient is 0) only when it is strictly larger; else d loss/d logp = -A*ratio.
+// PPO clipped surrogate. Per valid token: ratio = exp(clamp(logp - logp_old, +-20)) (verl's
+// clamp), loss = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high)); the clipped branch wins
+// (and the gradient is 0) only when it is strictly larger; else d loss/d logp = -A*ratio, and 0
+// where the log-ratio is outside the clamp.
 // Workspace ws (doubles): [0, 4G): per-block sums (n, loss, clipped, kl); [4G]: 1/n (or 0).
 // ---------------------------------------------------------------------------------------------
 
@@ -318,13 +319,13 @@ rl_ppo_loss(const float* __restrict__ logp, const float* __restrict__ logp_old,
         float l = 0.f, g = 0.f;
         if (mask[i] != 0.f) {
             const float d = logp[i] - logp_old[i];
-            const float ratio = expf(d);
+            const float ratio = expf(fminf(fmaxf(d, -20.f), 20.f));
             const float a = adv[i];
             const float s1 = -a * ratio;
             const float s2 = -a * fminf(fmaxf(ratio, lo), hi);
             const bool clipped = s2 > s1;
             l = clipped ? s2 : s1;
-            g = clipped ? 0.f : s1;
+            g = (clipped || fabsf(d) > 20.f) ? 0.f : s1;
             acc[0] += 1.0;
             acc[1] += (double)l;
             acc[2] += clipped ? 1.0 : 0.0;

@@ -672,6 +672,14 @@ fn ppo_edge_cases() {
         (0.0, 0.0, 0.0, 0.0)
     );
     assert!(lt.iter().chain(&g).all(|&v| v == 0.0));
+    // A log-ratio of ±100 is clamped to ±20 before the exp (verl): finite, no gradient there.
+    let (logp, old, adv) = ([0.0f32, -100.0], [-100.0f32, 0.0], [-1.0f32, 1.0]);
+    let (mut lt, mut g) = (vec![0.0f32; 2], vec![0.0f32; 2]);
+    let st = cpu::ppo_policy_loss(&logp, &old, &adv, &[1.0; 2], p, &mut lt, &mut g).unwrap();
+    assert!(st.loss.is_finite(), "loss {}", st.loss);
+    assert_eq!(lt[0], 20.0f32.exp());
+    assert_eq!(lt[1], -(-20.0f32).exp()); // A > 0, ratio e^-20: the unclipped branch
+    assert_eq!(g, [0.0, 0.0]);
 }
 
 #[test]

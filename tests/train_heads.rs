@@ -232,3 +232,37 @@ fn gather_rows_backward_is_the_adjoint_of_its_forward() {
         .forward(&[x, vec![0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
         .is_err());
 }
+
+/// verl clamps the log-ratio to ±20 before the exp: one token whose log-prob moved by 100 must
+/// not make the loss or its gradient non-finite (it would skip the whole update).
+#[test]
+fn actor_loss_stays_finite_for_an_extreme_log_ratio() {
+    let k = ActorLoss {
+        n: 3,
+        clip_low: 0.2,
+        clip_high: 0.2,
+        ent_coef: 0.0,
+    };
+    // Token 0: log-ratio +100 with a negative advantage (the unclipped branch is exp(100)·|A|).
+    let ins = vec![
+        vec![0.0, -1.0, -0.5],
+        vec![0.0; 3],
+        vec![-100.0, -1.0, -0.4],
+        vec![-1.0, 0.5, -0.3],
+        vec![1.0 / 3.0; 3],
+    ];
+    let outs = k.forward(&ins).unwrap();
+    let (l, dl, _) = dfpo::train::heads::ppo_token(0.0, -100.0, -1.0, 0.2, 0.2);
+    assert!(outs[0][0].is_finite(), "loss {}", outs[0][0]);
+    assert!(l.is_finite() && dl.is_finite(), "token loss {l}, gradient {dl}");
+    // exp(20)·|A| weighted 1/3, plus the two ordinary tokens.
+    let want = (20.0f64.exp() + 0.5 * -1.0 + 0.3 * (-0.1f64).exp()) / 3.0;
+    assert!(((outs[0][0] as f64) - want).abs() < 1e-6 * want, "{} vs {want}", outs[0][0]);
+    let g = k
+        .backward(&ins, &outs, &[vec![1.0], vec![0.0; 4]], &[true, false, false, false, false])
+        .unwrap();
+    let g = g[0].as_ref().unwrap();
+    assert!(g.iter().all(|v| v.is_finite()), "gradient {g:?}");
+    // Outside the clamp the ratio is constant: no gradient (torch.clamp's).
+    assert_eq!(g[0], 0.0);
+}

@@ -28,11 +28,13 @@
 //! for logging. Statistics are accumulated in f64 on both backends.
 //!
 //! # PPO policy loss (method doc 2.11)
-//! Per valid token: `ratio = exp(logp − logp_old)`,
+//! Per valid token: `ratio = exp(clamp(logp − logp_old, ±`[`LOG_RATIO_CLAMP`]`))` (verl's clamp,
+//! so one extreme token cannot make the loss non-finite; outside it the gradient is 0),
 //! `loss = max(−A·ratio, −A·clip(ratio, 1 − clip_low, 1 + clip_high))`, clipfrac indicator =
 //! "the clipped branch is strictly larger", approx KL = `logp_old − logp`. Aggregation is the
 //! token mean over the mask (`n_valid` tokens); the per-token gradient is that of the aggregated
-//! loss: `dL/dlogp_t = mask_t·(clipped ? 0 : −A·ratio)/n_valid`. With no valid token every output
+//! loss: `dL/dlogp_t = mask_t·(clipped or outside the clamp ? 0 : −A·ratio)/n_valid`. With no
+//! valid token every output
 //! is 0. No dual clip.
 //!
 //! # KL penalty
@@ -43,6 +45,9 @@
 
 use super::Real;
 use crate::error::{check_len, Error, Result};
+
+/// The PPO log-ratio is clamped to ±this before the exp (verl's `ratio = exp(clamp(·, −20, 20))`).
+pub const LOG_RATIO_CLAMP: f32 = 20.0;
 
 /// Discount and GAE λ.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -309,13 +314,14 @@ pub mod cpu {
             let (mut l, mut g) = (T::ZERO, T::ZERO);
             if mask[i] != T::ZERO {
                 let d = logp[i] - logp_old[i];
-                let ratio = d.exp();
+                let c = T::from_f64(LOG_RATIO_CLAMP as f64);
+                let ratio = d.max(-c).min(c).exp();
                 let a = adv[i];
                 let s1 = -a * ratio;
                 let s2 = -a * ratio.max(lo).min(hi);
                 let clipped = s2 > s1;
                 l = if clipped { s2 } else { s1 };
-                g = if clipped { T::ZERO } else { s1 };
+                g = if clipped || d.abs() > c { T::ZERO } else { s1 };
                 cnt += 1.0;
                 sl += l.to_f64();
                 sc += if clipped { 1.0 } else { 0.0 };

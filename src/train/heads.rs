@@ -15,6 +15,7 @@
 use crate::error::{check_len, Error, Result};
 use crate::graph::{Exec, Op, TensorId};
 use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
+use crate::kernels::rl;
 
 /// A small op computed on the host from f32 vectors.
 pub trait HostKernel {
@@ -185,16 +186,20 @@ impl HostKernel for GatherRows {
 }
 
 /// Per-token clipped-PPO surrogate and its gradient d/dlogp (method doc 2.11):
-/// ρ = exp(logp − logp_old), s1 = −Aρ, s2 = −A·clip(ρ, 1−lo, 1+hi); loss = max(s1, s2);
-/// gradient −Aρ where the unclipped branch is the max, else 0. Returns (loss, grad, clipped).
+/// ρ = exp(clamp(logp − logp_old, ±20)) (verl's clamp: one extreme token cannot make the loss
+/// non-finite), s1 = −Aρ, s2 = −A·clip(ρ, 1−lo, 1+hi); loss = max(s1, s2); gradient −Aρ where
+/// the unclipped branch is the max and the log-ratio is inside the clamp, else 0. Returns
+/// (loss, grad, clipped).
 pub fn ppo_token(logp: f32, logp_old: f32, adv: f32, lo: f32, hi: f32) -> (f32, f32, bool) {
-    let ratio = (logp - logp_old).exp();
+    let d = logp - logp_old;
+    let c = rl::LOG_RATIO_CLAMP;
+    let ratio = d.clamp(-c, c).exp();
     let s1 = -adv * ratio;
     let s2 = -adv * ratio.clamp(1.0 - lo, 1.0 + hi);
     if s2 > s1 {
         (s2, 0.0, true)
     } else {
-        (s1, s1, false)
+        (s1, if d.abs() <= c { s1 } else { 0.0 }, false)
     }
 }
 

@@ -266,7 +266,8 @@ pub struct CriticConfig {
     pub target_steps: usize,
     /// "euler" or "midpoint" (for the target solves).
     pub solver: String,
-    /// Clip the flow state to the reachable return range after every step.
+    /// Clip return samples (the end of every [0, 1] solve) to the reachable return range; the
+    /// partial [0, τ] solves of the DCFM target are not clipped.
     pub clip_returns: bool,
     /// Confidence temperature κ of the uncertainty weight.
     pub kappa: f64,
@@ -560,7 +561,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ("critic.solver", "euler | midpoint (the target solves)"),
     (
         "critic.clip_returns",
-        "clip the flow state to the reachable return range after every step",
+        "clip return samples (the end of each [0, 1] solve) to the reachable return range; partial [0, tau] solves are not clipped",
     ),
     (
         "critic.kappa",

@@ -231,7 +231,19 @@ pub struct FlowSolve {
     pub readout_steps: u32,
     pub target_steps: u32,
     pub solver: Solver,
+    /// The reachable return range: clamps the END of every [0, 1] solve (a return sample). The
+    /// partial [0, τ] solves of the DCFM target end on the noise-to-return path, not at a
+    /// return, and are not clipped.
     pub clip: Option<(f32, f32)>,
+}
+
+/// Clamps return samples to the return range (the end of a [0, 1] solve).
+fn clip_returns(z: &mut [f32], clip: Option<(f32, f32)>) {
+    if let Some((lo, hi)) = clip {
+        for v in z {
+            *v = v.clamp(lo, hi);
+        }
+    }
 }
 
 /// The stratified noise levels ε_k = Φ⁻¹((k + ½)/K).
@@ -281,12 +293,13 @@ pub fn flow_readout(
         &IntegrateOpts {
             steps: fs.readout_steps,
             solver: Solver::Euler,
-            clip: fs.clip,
+            clip: None,
             jacobian: false,
         },
         &mut z1,
         None,
     )?;
+    clip_returns(&mut z1, fs.clip);
     let mut z = vec![0.0f32; mask.len() * k];
     let mut std = vec![0.0f32; mask.len()];
     for (j, &i) in idx.iter().enumerate() {
@@ -415,7 +428,7 @@ pub fn flow_targets(
     let opts = IntegrateOpts {
         steps: fs.target_steps,
         solver: fs.solver,
-        clip: fs.clip,
+        clip: None,
         jacobian: false,
     };
     // The two solves are independent: the DCFM one on a second thread.
@@ -456,7 +469,8 @@ pub fn flow_targets(
         (d, r.map(|_| gc))
     });
     let (zp, vold) = dcfm?;
-    let gc = gc?;
+    let mut gc = gc?;
+    clip_returns(&mut gc, fs.clip);
     for (j, &i) in idx.iter().enumerate() {
         let c = cont(i);
         let sd = std[i].max(1e-6);

@@ -1,0 +1,109 @@
+//! The flow critic's rollout-time solves and targets (`train::rollout`): the return clip, the
+//! noise of the flow-matching terms.
+
+use dfpo::kernels::flow::{self, FlowHeadShape, Solver};
+use dfpo::train::rollout::{flow_readout, flow_targets, FlowSolve, FlowTargetOpts, Stream};
+
+mod common;
+use common::Rng;
+
+/// A head whose velocity is the constant `v` everywhere (w_out = 0, b_out = v).
+fn constant_head(shape: &FlowHeadShape, v: f32) -> Vec<f32> {
+    let mut p = flow::init_params(shape, 3);
+    let lay = shape.layout();
+    for i in lay.w_out.clone() {
+        p[i] = 0.0;
+    }
+    p[lay.b_out.start] = v;
+    p
+}
+
+struct Setup {
+    fs: FlowSolve,
+    u: Vec<f32>,
+    mask: Vec<f32>,
+    s: usize,
+}
+
+/// Two rows of S = 6 with responses at t = 1..5 and t = 0..3.
+fn setup(rng: &mut Rng, k: usize, clip: Option<(f32, f32)>) -> Setup {
+    let shape = FlowHeadShape::new(4, 32, 2).unwrap();
+    let s = 6;
+    let mut mask = vec![0.0f32; 2 * s];
+    for t in 1..5 {
+        mask[t] = 1.0;
+    }
+    for t in 0..3 {
+        mask[s + t] = 1.0;
+    }
+    Setup {
+        fs: FlowSolve {
+            shape,
+            k,
+            readout_steps: 1,
+            target_steps: 4,
+            solver: Solver::Euler,
+            clip,
+        },
+        u: rng.uniform_vec(2 * s * shape.width, -1.0, 1.0),
+        mask,
+        s,
+    }
+}
+
+fn opts() -> FlowTargetOpts {
+    FlowTargetOpts {
+        gamma: 1.0,
+        kappa: 0.3,
+        direction: 1,
+        anchor_lambda: true,
+    }
+}
+
+/// The return clip acts on returns, i.e. on the END of a [0, 1] solve. The DCFM target's partial
+/// solve over [0, τ] ends on the path z_τ = (1 − τ)ε + τ·g, mostly noise for small τ: clipping it
+/// to the return range would read the lowest noise levels off the path.
+#[test]
+fn the_return_clip_applies_to_returns_not_to_partial_solves() {
+    let mut rng = Rng::fresh("the_return_clip_applies_to_returns");
+    let k = 16;
+    let st = setup(&mut rng, k, Some((0.0, 1.0)));
+    let (fs, s) = (&st.fs, st.s);
+    let n = st.mask.len();
+    // v ≡ 0: every solve stays at its start, z'_τ = ε.
+    let still = constant_head(&fs.shape, 0.0);
+    let z = vec![0.5f32; n * k];
+    let sd = vec![0.3f32; n];
+    let ret = vec![0.5f32; n * k];
+    let rewards = vec![0.0f32; n];
+    let mut tau_rng = Stream::new(1, 0, "tau");
+    let t = flow_targets(
+        fs, &still, &st.u, &z, &sd, &ret, &rewards, &st.mask, s, &opts(), &mut tau_rng,
+    )
+    .unwrap();
+    // DCFM's evaluation point r + γ·z'_τ = ε on continuing tokens: about half below 0.
+    let mut below = 0;
+    let mut total = 0;
+    for i in 0..n {
+        if t.dmask[i] != 0.0 {
+            for j in 0..k {
+                total += 1;
+                below += (t.z_d[i * k + j] < 0.0) as usize;
+            }
+        }
+    }
+    assert!(total > 0);
+    assert!(
+        below * 4 > total,
+        "{below} of {total} DCFM points below the clip's floor 0: the partial solve was clipped"
+    );
+    // The readout (a full solve) is still clipped: v ≡ 5 carries every ε past the ceiling 1.
+    let fast = constant_head(&fs.shape, 5.0);
+    let (zr, _) = flow_readout(fs, &fast, &st.u, &st.mask).unwrap();
+    for i in 0..n {
+        for j in 0..k {
+            let want = if st.mask[i] != 0.0 { 1.0 } else { 0.0 };
+            assert_eq!(zr[i * k + j], want, "readout of token {i} sample {j}");
+        }
+    }
+}

@@ -107,3 +107,53 @@ fn the_return_clip_applies_to_returns_not_to_partial_solves() {
         }
     }
 }
+
+/// DCFM and BCFM train the flow at (ε, τ) drawn per token and sample (one pair per row, shared
+/// by the two terms as in Value Flows), not along the K fixed readout levels ε_k.
+#[test]
+fn the_matching_terms_sample_their_noise_per_row() {
+    let mut rng = Rng::fresh("the_matching_terms_sample_their_noise");
+    let k = 64;
+    let st = setup(&mut rng, k, None);
+    let (fs, s) = (&st.fs, st.s);
+    let n = st.mask.len();
+    let still = constant_head(&fs.shape, 0.0);
+    let z = vec![0.5f32; n * k];
+    let sd = vec![0.3f32; n];
+    let ret: Vec<f32> = rng.uniform_vec(n * k, 0.0, 1.0);
+    let rewards: Vec<f32> = rng.uniform_vec(n, -0.1, 0.1);
+    let mut tau_rng = Stream::new(rng.next_u64() >> 1, 0, "tau");
+    let t = flow_targets(
+        fs, &still, &st.u, &z, &sd, &ret, &rewards, &st.mask, s, &opts(), &mut tau_rng,
+    )
+    .unwrap();
+    let mut eps = Vec::new();
+    for i in 0..n {
+        if st.mask[i] == 0.0 {
+            continue;
+        }
+        for j in 0..k {
+            let r = i * k + j;
+            // BCFM: z_b = τ·g + (1 − τ)·ε, vel_b = g − ε, so ε = z_b − τ·vel_b.
+            let e = t.z_b[r] - t.tau_b[r] * t.vel_b[r];
+            assert!((t.vel_b[r] - (ret[r] - e)).abs() < 1e-5, "BCFM target velocity");
+            // DCFM with v ≡ 0: z'_τ = ε, so z_d = r_t + ε on continuing tokens (same ε).
+            if t.dmask[i] != 0.0 {
+                assert!((t.z_d[r] - (rewards[i] + e)).abs() < 1e-5, "DCFM noise");
+            }
+            eps.push(e as f64);
+        }
+    }
+    let mut distinct: Vec<i64> = eps.iter().map(|e| (e * 1e4).round() as i64).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() > 4 * k,
+        "{} distinct noise values over {} rows: the matching terms reuse the K = {k} readout levels",
+        distinct.len(),
+        eps.len()
+    );
+    let m = eps.iter().sum::<f64>() / eps.len() as f64;
+    let v = eps.iter().map(|e| (e - m).powi(2)).sum::<f64>() / eps.len() as f64;
+    assert!(m.abs() < 0.2 && (v - 1.0).abs() < 0.3, "noise mean {m}, variance {v}");
+}

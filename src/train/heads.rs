@@ -505,11 +505,12 @@ pub struct FlowTermWeights {
 /// The DFPO critic loss (method doc 2.5–2.10) from three flow-head evaluations.
 ///
 /// ins (rows = n tokens × K samples):
-/// 0 `v_read` = v(ε_k, 0 | h_t): the one-step readout ẑ = ε + v_read;
+/// 0 `v_read` = v(ε_k, 0 | h_t): the one-step readout ẑ = ε_k + v_read at the K readout levels;
 /// 1 `v_b` = v(τG + (1−τ)ε, τ | h_t): the bootstrapped anchor's evaluation;
-/// 2 `v_d` = v(r_t + γ m_t z'_τ, τ | h_t): the distributional CFM evaluation;
-/// 3 `eps`, 4 `target` G (the distributional λ-returns), 5 `gc_target` (N-step solve of the
-/// rollout-time critic from ε, stop-gradient), 6 `vel_b` = G − ε, 7 `vel_d` = v_old(z'_τ, τ |
+/// 2 `v_d` = v(r_t + γ m_t z'_τ, τ | h_t): the distributional CFM evaluation (z'_τ from ε);
+/// with (ε, τ) sampled per row for 1 and 2;
+/// 3 `eps` (the readout levels ε_k), 4 `target` G (the distributional λ-returns), 5
+/// `gc_target` (N-step solve from ε_k, stop-gradient), 6 `vel_b` = G − ε, 7 `vel_d` = v_old(z'_τ, τ |
 /// h_{t+1}) (rows × K each); 8 `w_unc` (n, the confidence weight), 9 `dmask` (n, 0 where the DCFM
 /// target does not exist: the last response token), 10 `tok_w` (n), 11 `risk_w` (n, the row
 /// weights of the risk terms: `tok_w`, or only the rows whose targets are pooled).

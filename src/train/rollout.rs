@@ -411,11 +411,15 @@ pub fn flow_targets(
         w_unc: vec![0.0; n],
         dmask: vec![0.0; n],
     };
-    // τ per (token, sample), drawn in a fixed order.
+    // The matching terms' (ε, τ) per (token, sample), shared by DCFM and BCFM as in Value
+    // Flows, drawn in a fixed order: the flow is trained at noise levels all over N(0, 1), not
+    // along the K readout levels only. With the λ-return anchor, ε is independent of G (the
+    // independent coupling of conditional flow matching).
     let mut tau = vec![0.0f32; idx.len() * k];
     for v in tau.iter_mut() {
         *v = rng.uniform() as f32;
     }
+    let noise: Vec<f32> = (0..idx.len() * k).map(|_| rng.normal() as f32).collect();
     let us = gather(u, &idx, w);
     let next: Vec<usize> = idx
         .iter()
@@ -424,7 +428,7 @@ pub fn flow_targets(
     let un = gather(u, &next, w);
     let z0: Vec<f32> = (0..idx.len() * k).map(|r| eps[r % k]).collect();
     let zeros = vec![0.0f32; z0.len()];
-    // z'_τ: the old flow at h_{t+1} from ε over [0, τ]; then v_old(z'_τ, τ | h_{t+1}).
+    // z'_τ: the old flow at h_{t+1} from the sampled ε over [0, τ]; then v_old(z'_τ, τ | h_{t+1}).
     let opts = IntegrateOpts {
         steps: fs.target_steps,
         solver: fs.solver,
@@ -440,7 +444,7 @@ pub fn flow_targets(
                 params,
                 &un,
                 k,
-                &z0,
+                &noise,
                 Interval::PerRow(&zeros, &tau),
                 &opts,
                 &mut zp,
@@ -483,8 +487,8 @@ pub fn flow_targets(
         t.dmask[i] = if c { 1.0 } else { 0.0 };
         for kk in 0..k {
             let (src, dst) = (j * k + kk, i * k + kk);
-            let e = eps[kk];
-            let ta = tau[src];
+            let (e, ta) = (eps[kk], tau[src]);
+            let eb = noise[src];
             let g = if o.anchor_lambda {
                 ret[dst]
             } else if c {
@@ -496,9 +500,9 @@ pub fn flow_targets(
             t.z_read[dst] = e;
             t.tau_read[dst] = 0.0;
             t.target[dst] = ret[dst];
-            t.z_b[dst] = ta * g + (1.0 - ta) * e;
+            t.z_b[dst] = ta * g + (1.0 - ta) * eb;
             t.tau_b[dst] = ta;
-            t.vel_b[dst] = g - e;
+            t.vel_b[dst] = g - eb;
             t.tau_d[dst] = ta;
             if c {
                 t.z_d[dst] = rewards[i] + o.gamma * zp[src];

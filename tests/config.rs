@@ -346,6 +346,15 @@ fn out_of_range_values_name_key_and_origin() {
         (&["ppo.gamma=1.1"], &["ppo.gamma", "[0, 1]"]),
         (&["ppo.clip_low=1"], &["ppo.clip_low", "[0, 1)"]),
         (&["critic.alpha=0"], &["critic.alpha", "(0, 1]"]),
+        // One sample per tail: the tail variances are 0, the tail-shape term is identically 0.
+        (
+            &["critic.k=8"],
+            &["critic.k=8", "critic.w_shape", "1 sample", "at least 2"],
+        ),
+        (
+            &["critic.beta=0.05"],
+            &["critic.beta=0.05", "critic.w_shape", "upper tail"],
+        ),
         (&["rollout.temperature=0"], &["rollout.temperature", "> 0"]),
         (&["rollout.top_p=0"], &["rollout.top_p", "(0, 1]"]),
         (&["optim.beta2=1"], &["optim.beta2", "[0, 1)"]),
@@ -372,6 +381,20 @@ fn out_of_range_values_name_key_and_origin() {
     // The blamed --set is the user's one even when the rule involves a default key.
     let m = load_err(None, &["rollout.prompts_per_step=3", "rollout.n_samples=3"]);
     assert_has(&m, &["rollout.prompts_per_step=3", "3 * 3 = 9"]);
+}
+
+/// The default tails hold at least 2 samples each, so every weighted risk term is active (at
+/// K = 8, α = β = 0.1 each tail was one sample and the tail-shape term identically 0).
+#[test]
+fn default_tails_hold_at_least_two_samples() {
+    let c = TrainConfig::default().critic;
+    for frac in [c.alpha, c.beta] {
+        let n = dfpo::kernels::risk::tail_count(frac as f32, c.k);
+        assert!(n >= 2, "a tail of {n} sample(s) at K = {}, fraction {frac}", c.k);
+    }
+    // An inert term is fine when its weight is 0, and for algorithms without the risk terms.
+    TrainConfig::load(None, &sets(&["critic.k=8", "critic.w_shape=0"])).unwrap();
+    TrainConfig::load(None, &sets(&["critic.k=8", "algo.name=ppo"])).unwrap();
 }
 
 #[test]
@@ -452,7 +475,7 @@ fn options_help_lists_every_key_with_its_default() {
             .count(),
         n
     );
-    assert!(help.contains("critic.k = 8"), "{help}");
+    assert!(help.contains("critic.k = 32"), "{help}");
     assert!(help.contains("algo.name = \"dfpo\""), "{help}");
 }
 

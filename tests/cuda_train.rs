@@ -219,6 +219,9 @@ fn cuda_full_steps_of_every_algorithm_are_finite() {
             "rollout.n_samples=2".into(),
             "data.eval_size=8".into(),
             "critic.k=8".into(),
+            // Tails of 2 samples, so the tail-shape term is active (config validation).
+            "critic.alpha=0.25".into(),
+            "critic.beta=0.25".into(),
             "kl.coef=0.01".into(),
         ];
         let cfg = TrainConfig::load(None, &sets).unwrap();

@@ -50,6 +50,9 @@ fn small_cfg(algo: &str, out: &Path, steps: usize) -> TrainConfig {
         "rollout.max_new_tokens=5".into(),
         "data.eval_size=8".into(),
         "critic.k=8".into(),
+        // Tails of 2 samples, so the tail-shape term is active (config validation).
+        "critic.alpha=0.25".into(),
+        "critic.beta=0.25".into(),
         "critic.head_width=32".into(),
         "ppo.epochs=2".into(),
         "ppo.minibatches=2".into(),

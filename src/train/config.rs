@@ -297,7 +297,7 @@ pub struct CriticConfig {
 impl Default for CriticConfig {
     fn default() -> Self {
         CriticConfig {
-            k: 8,
+            k: 32,
             head_width: 32,
             head_depth: 2,
             readout_steps: 1,
@@ -543,7 +543,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "critic.k",
-        "value samples (dfpo) or quantiles (quantile) per token, 2 ..= 1024",
+        "value samples (dfpo) or quantiles (quantile) per token, 2 ..= 1024 (each tail needs >= 2 when critic.w_shape > 0)",
     ),
     (
         "critic.head_width",
@@ -957,6 +957,21 @@ impl TrainConfig {
         range(key!("critic.w_shape"), c.w_shape, NONNEG, None)?;
         range(key!("critic.alpha"), c.alpha, POS, LE1)?;
         range(key!("critic.beta"), c.beta, POS, LE1)?;
+        // A tail of one sample has variance 0 in the prediction and the target alike: the
+        // tail-shape term would be identically 0 while its weight says it is on.
+        let risk_algo = matches!(self.algo.name, Algo::Dfpo | Algo::Quantile);
+        for (side, frac) in [("lower", c.alpha), ("upper", c.beta)] {
+            let n = crate::kernels::risk::tail_count(frac as f32, c.k);
+            if risk_algo && c.w_shape > 0.0 && n < 2 {
+                fail(
+                    &["critic.w_shape", "critic.k", "critic.alpha", "critic.beta"],
+                    format!(
+                        "critic.w_shape = {} compares tail variances, but at critic.k = {} the {side} tail holds {n} sample (max(1, floor({frac} * {}))): it needs at least 2 (raise critic.k or the tail fraction, or set critic.w_shape = 0)",
+                        c.w_shape, c.k, c.k
+                    ),
+                )?;
+            }
+        }
         range(key!("critic.huber_kappa"), c.huber_kappa, POS, None)?;
         one_of(key!("critic.anchor"), &c.anchor, &["lambda", "td"])?;
         one_of(

@@ -690,3 +690,41 @@ fn reference_log_probs_use_the_rollout_temperature() {
         kl.iter().map(|v| v.abs()).fold(0.0f32, f32::max)
     );
 }
+
+/// The adaptive KL controller (Ziegler et al., TRL) compares the KL per SEQUENCE (summed over
+/// the response, then averaged over the batch) with its target (default 6, TRL's unit):
+/// β ← β·(1 + clip(KL/target − 1, ±0.2)·rows/horizon). A per-token mean against that target
+/// shrank β every step whatever the KL.
+#[test]
+fn adaptive_kl_controller_uses_the_per_sequence_kl() {
+    let run = |target: f64, steps: usize| {
+        let out = out_dir(&format!("adaptive-kl-{steps}"));
+        // The same run length (so the same learning-rate schedule) whatever is taken of it.
+        let mut cfg = small_cfg("ppo", &out, 3);
+        cfg.kl.coef = 0.1;
+        cfg.kl.adaptive = true;
+        cfg.kl.horizon = 16.0; // big moves, so the rule is visible
+        cfg.kl.target = target;
+        let mut t = Trainer::new(cfg).unwrap();
+        let ms: Vec<_> = (0..steps).map(|_| t.train_step().unwrap()).collect();
+        let _ = std::fs::remove_dir_all(out);
+        ms
+    };
+    // Step 0's KL is ~0 (the policy is the reference); step 1's is not, and does not depend on
+    // the target (the controller only changes the β of later steps' rewards).
+    let a = run(6.0, 2);
+    let seq_kl = a[1]["actor/ref_kl"] * a[1]["response_length/mean"];
+    assert!(seq_kl > 1e-6, "no KL at step 1");
+    // Same run with the target just above step 1's per-sequence KL: β moves by −9%·rows/horizon.
+    let target = 1.1 * seq_kl;
+    let b = run(target, 3);
+    assert_eq!(a[1]["actor/ref_kl"], b[1]["actor/ref_kl"]);
+    let rows = 8.0; // prompts_per_step 4 x n_samples 2
+    let err = (seq_kl / target - 1.0f64).clamp(-0.2, 0.2);
+    let want = b[1]["actor/kl_coef"] * (1.0 + err * rows / 16.0);
+    let got = b[2]["actor/kl_coef"];
+    assert!(
+        (got - want).abs() < 1e-9 * want,
+        "β after step 1: {got}, want {want} (per-sequence KL {seq_kl}, target {target})"
+    );
+}

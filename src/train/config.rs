@@ -199,6 +199,7 @@ pub struct KlConfig {
     pub estimator: String,
     /// Adaptive controller (Ziegler et al.) toward `target`.
     pub adaptive: bool,
+    /// Target KL per sequence (summed over the response, averaged over the batch; TRL's unit).
     pub target: f64,
     pub horizon: f64,
 }
@@ -517,7 +518,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "kl.adaptive",
         "adaptive KL controller (Ziegler et al.) toward kl.target",
     ),
-    ("kl.target", "target KL of the adaptive controller, > 0"),
+    (
+        "kl.target",
+        "target KL of the adaptive controller per sequence (summed over the response, TRL's unit), > 0",
+    ),
     ("kl.horizon", "horizon of the adaptive controller, > 0"),
     (
         "ppo.clip_low",

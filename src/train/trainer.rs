@@ -785,12 +785,16 @@ impl Trainer {
             e / ntok.max(1.0)
         });
         if let Some(kl) = &kl {
-            let v: f64 = kl.iter().map(|&x| x as f64).sum::<f64>() / ntok.max(1.0);
-            m.insert("actor/ref_kl".into(), v);
+            let sum: f64 = kl.iter().map(|&x| x as f64).sum();
+            // Per token (the usual log), and per sequence: summed over the response, averaged
+            // over the batch, the unit of the adaptive controller's target (TRL's).
+            let seq_kl = sum / rows as f64;
+            m.insert("actor/ref_kl".into(), sum / ntok.max(1.0));
+            m.insert("actor/ref_kl_seq".into(), seq_kl);
             m.insert("actor/kl_coef".into(), self.kl_coef);
             if self.cfg.kl.adaptive {
                 // Ziegler et al.: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
-                let err = (v / self.cfg.kl.target - 1.0).clamp(-0.2, 0.2);
+                let err = (seq_kl / self.cfg.kl.target - 1.0).clamp(-0.2, 0.2);
                 self.kl_coef *= 1.0 + err * rows as f64 / self.cfg.kl.horizon;
             }
         }

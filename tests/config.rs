@@ -309,7 +309,11 @@ fn out_of_range_values_name_key_and_origin() {
             &["critic.weight_direction", "up | down | none"],
         ),
         (&["critic.anchor=mc"], &["critic.anchor", "lambda | td"]),
-        (&["kl.estimator=k2"], &["kl.estimator", "k1 | k3"]),
+        (&["kl.estimator=k2"], &["kl.estimator", "auto | k1 | k3"]),
+        (
+            &["kl.placement=both"],
+            &["kl.placement", "auto | reward | loss"],
+        ),
         (
             &["optim.schedule=linear"],
             &["optim.schedule", "cosine | constant"],
@@ -390,7 +394,11 @@ fn default_tails_hold_at_least_two_samples() {
     let c = TrainConfig::default().critic;
     for frac in [c.alpha, c.beta] {
         let n = dfpo::kernels::risk::tail_count(frac as f32, c.k);
-        assert!(n >= 2, "a tail of {n} sample(s) at K = {}, fraction {frac}", c.k);
+        assert!(
+            n >= 2,
+            "a tail of {n} sample(s) at K = {}, fraction {frac}",
+            c.k
+        );
     }
     // An inert term is fine when its weight is 0, and for algorithms without the risk terms.
     TrainConfig::load(None, &sets(&["critic.k=8", "critic.w_shape=0"])).unwrap();

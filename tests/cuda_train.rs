@@ -66,6 +66,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
             0.2,
             0.2,
             0.01,
+            None,
             &OptSettings::constant(1e-3),
         )
         .unwrap()

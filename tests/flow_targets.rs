@@ -78,7 +78,17 @@ fn the_return_clip_applies_to_returns_not_to_partial_solves() {
     let rewards = vec![0.0f32; n];
     let mut tau_rng = Stream::new(1, 0, "tau");
     let t = flow_targets(
-        fs, &still, &st.u, &z, &sd, &ret, &rewards, &st.mask, s, &opts(), &mut tau_rng,
+        fs,
+        &still,
+        &st.u,
+        &z,
+        &sd,
+        &ret,
+        &rewards,
+        &st.mask,
+        s,
+        &opts(),
+        &mut tau_rng,
     )
     .unwrap();
     // DCFM's evaluation point r + γ·z'_τ = ε on continuing tokens: about half below 0.
@@ -124,7 +134,17 @@ fn the_matching_terms_sample_their_noise_per_row() {
     let rewards: Vec<f32> = rng.uniform_vec(n, -0.1, 0.1);
     let mut tau_rng = Stream::new(rng.next_u64() >> 1, 0, "tau");
     let t = flow_targets(
-        fs, &still, &st.u, &z, &sd, &ret, &rewards, &st.mask, s, &opts(), &mut tau_rng,
+        fs,
+        &still,
+        &st.u,
+        &z,
+        &sd,
+        &ret,
+        &rewards,
+        &st.mask,
+        s,
+        &opts(),
+        &mut tau_rng,
     )
     .unwrap();
     let mut eps = Vec::new();
@@ -136,7 +156,10 @@ fn the_matching_terms_sample_their_noise_per_row() {
             let r = i * k + j;
             // BCFM: z_b = τ·g + (1 − τ)·ε, vel_b = g − ε, so ε = z_b − τ·vel_b.
             let e = t.z_b[r] - t.tau_b[r] * t.vel_b[r];
-            assert!((t.vel_b[r] - (ret[r] - e)).abs() < 1e-5, "BCFM target velocity");
+            assert!(
+                (t.vel_b[r] - (ret[r] - e)).abs() < 1e-5,
+                "BCFM target velocity"
+            );
             // DCFM with v ≡ 0: z'_τ = ε, so z_d = r_t + ε on continuing tokens (same ε).
             if t.dmask[i] != 0.0 {
                 assert!((t.z_d[r] - (rewards[i] + e)).abs() < 1e-5, "DCFM noise");
@@ -155,5 +178,8 @@ fn the_matching_terms_sample_their_noise_per_row() {
     );
     let m = eps.iter().sum::<f64>() / eps.len() as f64;
     let v = eps.iter().map(|e| (e - m).powi(2)).sum::<f64>() / eps.len() as f64;
-    assert!(m.abs() < 0.2 && (v - 1.0).abs() < 0.3, "noise mean {m}, variance {v}");
+    assert!(
+        m.abs() < 0.2 && (v - 1.0).abs() < 0.3,
+        "noise mean {m}, variance {v}"
+    );
 }

@@ -84,12 +84,72 @@ fn actor_loss_gradient_matches_finite_differences() {
         clip_low: 0.2,
         clip_high: 0.28,
         ent_coef: 0.01,
+        kl: None,
     };
     let ins = vec![lp, ent, old, adv, w];
     fd_check(&k, &ins, &[0, 1], &mut rng, 2e-2);
     // Some tokens were clipped, some not (both branches exercised).
     let cf = k.forward(&ins).unwrap()[1][1];
     assert!(cf > 0.0 && cf < 1.0, "clip fraction {cf}");
+}
+
+#[test]
+fn actor_loss_with_a_kl_term_matches_finite_differences_and_its_value() {
+    use dfpo::kernels::rl::KlKind;
+    let mut rng = Rng::fresh(module_path!());
+    let n = 48;
+    let lp: Vec<f32> = (0..n).map(|_| rng.range(-3.0, -0.1) as f32).collect();
+    let old: Vec<f32> = lp
+        .iter()
+        .map(|&l| l + rng.range(-0.3, 0.3) as f32)
+        .collect();
+    let rf: Vec<f32> = lp
+        .iter()
+        .map(|&l| l + rng.range(-1.0, 1.0) as f32)
+        .collect();
+    let ent: Vec<f32> = (0..n).map(|_| rng.range(0.1, 2.0) as f32).collect();
+    let adv: Vec<f32> = (0..n).map(|_| rng.range(-2.0, 2.0) as f32).collect();
+    let w = weights(n, &mut rng);
+    let beta = 0.3f32;
+    for kind in [KlKind::K1, KlKind::K3] {
+        let k = ActorLoss {
+            n,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            ent_coef: 0.0,
+            kl: Some(kind),
+        };
+        let ins = vec![
+            lp.clone(),
+            ent.clone(),
+            old.clone(),
+            adv.clone(),
+            w.clone(),
+            rf.clone(),
+            vec![beta],
+        ];
+        fd_check(&k, &ins, &[0], &mut rng, 2e-2);
+        // The KL statistic is the weighted k1 / k3 written out, and the loss adds β times it.
+        let want: f64 = (0..n)
+            .map(|i| {
+                let x = (rf[i] - lp[i]) as f64;
+                let kl = match kind {
+                    KlKind::K1 => -x,
+                    KlKind::K3 => x.exp() - x - 1.0,
+                };
+                w[i] as f64 * kl
+            })
+            .sum();
+        let outs = k.forward(&ins).unwrap();
+        assert!(
+            (outs[1][4] as f64 - want).abs() < 1e-5,
+            "{kind:?}: {} vs {want}",
+            outs[1][4]
+        );
+        let plain = ActorLoss { kl: None, ..k };
+        let base = plain.forward(&ins[..5]).unwrap()[0][0] as f64;
+        assert!((outs[0][0] as f64 - base - beta as f64 * want).abs() < 1e-5);
+    }
 }
 
 #[test]
@@ -242,6 +302,7 @@ fn actor_loss_stays_finite_for_an_extreme_log_ratio() {
         clip_low: 0.2,
         clip_high: 0.2,
         ent_coef: 0.0,
+        kl: None,
     };
     // Token 0: log-ratio +100 with a negative advantage (the unclipped branch is exp(100)·|A|).
     let ins = vec![
@@ -254,12 +315,24 @@ fn actor_loss_stays_finite_for_an_extreme_log_ratio() {
     let outs = k.forward(&ins).unwrap();
     let (l, dl, _) = dfpo::train::heads::ppo_token(0.0, -100.0, -1.0, 0.2, 0.2);
     assert!(outs[0][0].is_finite(), "loss {}", outs[0][0]);
-    assert!(l.is_finite() && dl.is_finite(), "token loss {l}, gradient {dl}");
+    assert!(
+        l.is_finite() && dl.is_finite(),
+        "token loss {l}, gradient {dl}"
+    );
     // exp(20)·|A| weighted 1/3, plus the two ordinary tokens.
     let want = (20.0f64.exp() + 0.5 * -1.0 + 0.3 * (-0.1f64).exp()) / 3.0;
-    assert!(((outs[0][0] as f64) - want).abs() < 1e-6 * want, "{} vs {want}", outs[0][0]);
+    assert!(
+        ((outs[0][0] as f64) - want).abs() < 1e-6 * want,
+        "{} vs {want}",
+        outs[0][0]
+    );
     let g = k
-        .backward(&ins, &outs, &[vec![1.0], vec![0.0; 4]], &[true, false, false, false, false])
+        .backward(
+            &ins,
+            &outs,
+            &[vec![1.0], vec![0.0; 4]],
+            &[true, false, false, false, false],
+        )
         .unwrap();
     let g = g[0].as_ref().unwrap();
     assert!(g.iter().all(|v| v.is_finite()), "gradient {g:?}");

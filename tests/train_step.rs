@@ -70,6 +70,7 @@ fn actor_loss_matches_an_independent_ppo_computation() {
     let out = out_dir("actor");
     let mut cfg = small_cfg("grpo", &out, 1);
     cfg.ppo.clip_high = 0.28;
+    cfg.kl.coef = 0.0; // the PPO surrogate alone (grpo's KL would be a term of this loss)
     let mut t = Trainer::new(cfg).unwrap();
     let batch = t.rollout(0).unwrap();
     let mask = batch.mask();
@@ -619,6 +620,7 @@ fn policy_log_probs_are_those_of_the_tempered_sampler() {
         0.2,
         0.2,
         0.0,
+        None,
         &OptSettings::constant(1e-3),
     )
     .unwrap();
@@ -727,4 +729,64 @@ fn adaptive_kl_controller_uses_the_per_sequence_kl() {
         (got - want).abs() < 1e-9 * want,
         "β after step 1: {got}, want {want} (per-sequence KL {seq_kl}, target {target})"
     );
+}
+
+/// GRPO's KL goes into the actor loss (verl's use_kl_loss, k3 "low_var_kl"), since its
+/// advantages come from the sequence rewards alone. With every reward equal (all advantages 0)
+/// the KL term is the only gradient: the policy must move, and the KL to the reference on the
+/// batch it trains on must fall.
+#[test]
+fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
+    let out = out_dir("grpo-kl");
+    let refdir = out_dir("grpo-kl-ref");
+    arith::write_random_model(&refdir, 12).unwrap();
+    let mut cfg = small_cfg("grpo", &out, 3);
+    cfg.model.reference = refdir.display().to_string();
+    cfg.kl.coef = 0.5;
+    cfg.reward.correct = 1.0;
+    cfg.reward.incorrect = 1.0;
+    cfg.reward.flip_prob = 0.0;
+    cfg.optim.actor_lr = 1e-3;
+    cfg.optim.schedule = "constant".into();
+    cfg.optim.warmup_frac = 0.0;
+    let mut t = Trainer::new(cfg).unwrap();
+    let batch = t.rollout(0).unwrap();
+    let mean_kl = |t: &mut Trainer| {
+        let p = t.prepare_batch(batch.clone()).unwrap();
+        let kl: f64 = p.kl.as_ref().unwrap().iter().map(|&v| v as f64).sum();
+        (kl / p.ntok, p)
+    };
+    let (kl0, p) = mean_kl(&mut t);
+    assert!(
+        kl0 > 0.01,
+        "the reference should differ from the policy: KL {kl0}"
+    );
+    assert!(
+        p.adv.iter().all(|&a| a == 0.0),
+        "equal rewards: zero advantages"
+    );
+    let before = t.policy.opt.params().to_vec();
+    let rows: Vec<usize> = (0..batch.rows()).collect();
+    let mut acc = std::collections::BTreeMap::new();
+    t.update_minibatch(&p, &rows[..4], &mut acc).unwrap();
+    assert!(
+        before != t.policy.opt.params(),
+        "zero advantages and no KL loss: the policy did not move"
+    );
+    let kl_loss = acc["actor/kl_loss"].0;
+    assert!(kl_loss > 0.0, "actor/kl_loss {kl_loss}");
+    let mut kl = kl0;
+    for _ in 0..5 {
+        let (_, p) = mean_kl(&mut t);
+        for half in rows.chunks(4) {
+            t.update_minibatch(&p, half, &mut acc).unwrap();
+        }
+        kl = mean_kl(&mut t).0;
+    }
+    assert!(
+        kl < 0.7 * kl0,
+        "KL to the reference on the batch: {kl0} -> {kl}"
+    );
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_dir_all(refdir);
 }

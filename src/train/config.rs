@@ -193,25 +193,31 @@ impl Default for RewardConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KlConfig {
-    /// Coefficient of the per-token KL penalty in the reward (0: no reference model run).
+    /// Coefficient of the KL penalty (0: no reference model run).
     pub coef: f64,
-    /// "k1" (log-ratio) or "k3" (unbiased, non-negative).
+    /// "k1" (log-ratio), "k3" (unbiased, non-negative) or "auto": k1 in the reward (TRL, method
+    /// doc 2.1), k3 in the loss (verl's low_var_kl).
     pub estimator: String,
     /// Adaptive controller (Ziegler et al.) toward `target`.
     pub adaptive: bool,
     /// Target KL per sequence (summed over the response, averaged over the batch; TRL's unit).
     pub target: f64,
     pub horizon: f64,
+    /// Where the KL goes: "auto" (grpo: the actor loss, as verl's use_kl_loss, since its
+    /// advantages see only the sequence rewards; the critic algorithms: the reward), "reward"
+    /// (a per-token penalty in the token rewards) or "loss" (a term of the actor loss).
+    pub placement: String,
 }
 
 impl Default for KlConfig {
     fn default() -> Self {
         KlConfig {
             coef: 0.0,
-            estimator: "k1".into(),
+            estimator: "auto".into(),
             adaptive: false,
             target: 6.0,
             horizon: 10000.0,
+            placement: "auto".into(),
         }
     }
 }
@@ -508,11 +514,11 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ("reward.incorrect", "reward of an incorrect answer"),
     (
         "kl.coef",
-        "per-token KL penalty coefficient in the reward, >= 0 (0: no reference model run)",
+        "KL penalty coefficient (see kl.placement), >= 0 (0: no reference model run)",
     ),
     (
         "kl.estimator",
-        "k1 (log-ratio) | k3 (unbiased, non-negative)",
+        "k1 (log-ratio) | k3 (unbiased, non-negative) | auto (k1 in the reward as TRL, k3 in the loss as verl's low_var_kl)",
     ),
     (
         "kl.adaptive",
@@ -523,6 +529,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "target KL of the adaptive controller per sequence (summed over the response, TRL's unit), > 0",
     ),
     ("kl.horizon", "horizon of the adaptive controller, > 0"),
+    (
+        "kl.placement",
+        "auto (grpo: the actor loss, verl's use_kl_loss; dfpo/ppo/quantile: the reward, method doc 2.1) | reward (per-token penalty in the token rewards) | loss (a term of the actor loss)",
+    ),
     (
         "ppo.clip_low",
         "lower clip: ratio >= 1 - clip_low, in [0, 1)",
@@ -691,6 +701,26 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.check()
             .map_err(|v| Error::Invalid(format!("config {}: {}", v.keys[0], v.msg)))
+    }
+
+    /// Whether the KL penalty is a term of the actor loss (else it is in the token rewards).
+    pub fn kl_in_loss(&self) -> bool {
+        match self.kl.placement.as_str() {
+            "loss" => true,
+            "reward" => false,
+            _ => self.algo.name == Algo::Grpo,
+        }
+    }
+
+    /// The KL estimator: as set, or ("auto") k3 in the loss and k1 in the reward.
+    pub fn kl_kind(&self) -> crate::kernels::rl::KlKind {
+        use crate::kernels::rl::KlKind;
+        match self.kl.estimator.as_str() {
+            "k1" => KlKind::K1,
+            "k3" => KlKind::K3,
+            _ if self.kl_in_loss() => KlKind::K3,
+            _ => KlKind::K1,
+        }
     }
 
     /// The resolved configuration as TOML, loadable again by [`load`](Self::load).
@@ -891,7 +921,12 @@ impl TrainConfig {
 
         let kl = &self.kl;
         range(key!("kl.coef"), kl.coef, NONNEG, None)?;
-        one_of(key!("kl.estimator"), &kl.estimator, &["k1", "k3"])?;
+        one_of(key!("kl.estimator"), &kl.estimator, &["auto", "k1", "k3"])?;
+        one_of(
+            key!("kl.placement"),
+            &kl.placement,
+            &["auto", "reward", "loss"],
+        )?;
         range(key!("kl.target"), kl.target, POS, None)?;
         range(key!("kl.horizon"), kl.horizon, POS, None)?;
 

@@ -203,14 +203,39 @@ pub fn ppo_token(logp: f32, logp_old: f32, adv: f32, lo: f32, hi: f32) -> (f32, 
     }
 }
 
-/// Clipped-PPO actor loss with an entropy bonus: ins `[logprob, entropy, logprob_old, adv,
-/// tok_w]` (each n), outs `[loss (1), stats (4) = pg_loss, clipfrac, ppo_kl, entropy]`
-/// (tok_w-weighted). loss = Σ tok_w (pg − ent_coef·H).
+/// The KL-in-the-loss term of one token against the reference and its gradient d/dlogp:
+/// k1 = logp − ref; k3 ("low_var_kl", verl's clamps) = clamp(e^x − x − 1, ±10) with
+/// x = clamp(ref − logp, ±20), gradient 1 − e^x inside both clamps, else 0.
+pub fn kl_loss_token(logp: f32, logp_ref: f32, kind: rl::KlKind) -> (f32, f32) {
+    match kind {
+        rl::KlKind::K1 => (logp - logp_ref, 1.0),
+        rl::KlKind::K3 => {
+            let d = logp_ref - logp;
+            let c = rl::LOG_RATIO_CLAMP;
+            let x = d.clamp(-c, c);
+            let ex = x.exp();
+            let kl = ex - x - 1.0;
+            let g = if d.abs() <= c && kl <= 10.0 {
+                1.0 - ex
+            } else {
+                0.0
+            };
+            (kl.min(10.0), g)
+        }
+    }
+}
+
+/// Clipped-PPO actor loss with an entropy bonus and (when `kl` is set) a KL penalty against the
+/// reference in the loss (verl's use_kl_loss, GRPO's form): ins `[logprob, entropy,
+/// logprob_old, adv, tok_w]` (each n) and, with `kl`, `[logprob_ref (n), kl_coef (1)]`; outs
+/// `[loss (1), stats (5) = pg_loss, clipfrac, ppo_kl, entropy, kl_loss]` (tok_w-weighted).
+/// loss = Σ tok_w (pg − ent_coef·H + β·kl).
 pub struct ActorLoss {
     pub n: usize,
     pub clip_low: f32,
     pub clip_high: f32,
     pub ent_coef: f32,
+    pub kl: Option<rl::KlKind>,
 }
 
 impl HostKernel for ActorLoss {
@@ -219,9 +244,12 @@ impl HostKernel for ActorLoss {
     }
     fn forward(&self, ins: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
         let n = self.n;
-        check_lens("actor_loss", ins, &[n; 5])?;
+        match self.kl {
+            Some(_) => check_lens("actor_loss", ins, &[n, n, n, n, n, n, 1])?,
+            None => check_lens("actor_loss", ins, &[n; 5])?,
+        }
         let (lp, ent, old, adv, w) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4]);
-        let (mut pg, mut cf, mut kl, mut h) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let (mut pg, mut cf, mut kl, mut h, mut kll) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for i in 0..n {
             if w[i] == 0.0 {
                 continue;
@@ -232,11 +260,15 @@ impl HostKernel for ActorLoss {
             cf += if c { wi } else { 0.0 };
             kl += wi * (old[i] - lp[i]) as f64;
             h += wi * ent[i] as f64;
+            if let Some(kind) = self.kl {
+                kll += wi * kl_loss_token(lp[i], ins[5][i], kind).0 as f64;
+            }
         }
-        let loss = pg - self.ent_coef as f64 * h;
+        let beta = self.kl.map_or(0.0, |_| ins[6][0] as f64);
+        let loss = pg - self.ent_coef as f64 * h + beta * kll;
         Ok(vec![
             vec![loss as f32],
-            vec![pg as f32, cf as f32, kl as f32, h as f32],
+            vec![pg as f32, cf as f32, kl as f32, h as f32, kll as f32],
         ])
     }
     fn backward(
@@ -246,13 +278,14 @@ impl HostKernel for ActorLoss {
         d_outs: &[Vec<f32>],
         need: &[bool],
     ) -> Result<Vec<Option<Vec<f32>>>> {
-        if need[2] || need[3] || need[4] {
+        if need[2..].iter().any(|&b| b) {
             return Err(Error::Invalid(
-                "actor_loss: old log-probs, advantages and weights get no gradient".into(),
+                "actor_loss: old and reference log-probs, advantages, weights and the KL coefficient get no gradient".into(),
             ));
         }
         let dl = d_outs[0][0];
         let (lp, old, adv, w) = (&ins[0], &ins[2], &ins[3], &ins[4]);
+        let beta = self.kl.map_or(0.0, |_| ins[6][0]);
         let dlp = need[0].then(|| {
             (0..self.n)
                 .map(|i| {
@@ -260,12 +293,17 @@ impl HostKernel for ActorLoss {
                         return 0.0;
                     }
                     let (_, g, _) = ppo_token(lp[i], old[i], adv[i], self.clip_low, self.clip_high);
-                    dl * w[i] * g
+                    let gk = self
+                        .kl
+                        .map_or(0.0, |kind| kl_loss_token(lp[i], ins[5][i], kind).1);
+                    dl * w[i] * (g + beta * gk)
                 })
                 .collect()
         });
         let dent = need[1].then(|| w.iter().map(|&wi| -dl * self.ent_coef * wi).collect());
-        Ok(vec![dlp, dent, None, None, None])
+        let mut out = vec![dlp, dent];
+        out.resize(ins.len(), None);
+        Ok(out)
     }
 }
 

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::graph::{DType, TensorId};
 use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{self, FlowHeadShape};
+use crate::kernels::rl::KlKind;
 use crate::model::checkpoint::TensorMap;
 use crate::model::decoder::{Decoder, DecoderGraph, HeadOut};
 
@@ -109,6 +110,8 @@ pub struct ActorStats {
     pub clipfrac: f64,
     pub ppo_kl: f64,
     pub entropy: f64,
+    /// The weighted KL of the KL-in-the-loss term (before β); 0 without one.
+    pub kl_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
     pub applied: bool,
@@ -124,9 +127,12 @@ pub struct Policy {
     adv: TensorId,
     tok_w: TensorId,
     stats: TensorId,
+    /// The KL-in-the-loss inputs (reference log-probs, coefficient), when the loss has one.
+    kl_in: Option<(TensorId, TensorId)>,
 }
 
 impl Policy {
+    /// `kl`: a KL penalty against the reference in the loss (GRPO's form), with this estimator.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         dec: Decoder,
@@ -137,6 +143,7 @@ impl Policy {
         clip_low: f32,
         clip_high: f32,
         ent_coef: f32,
+        kl: Option<KlKind>,
         opt: &OptSettings,
     ) -> Result<Self> {
         let mut ids = None;
@@ -151,27 +158,33 @@ impl Policy {
             let old_lp = g.input("old_logprob", n);
             let adv = g.input("advantage", n);
             let tok_w = g.input("token_weight", n);
+            let mut ins = vec![lp, ent, old_lp, adv, tok_w];
+            let kl_in = kl.map(|_| (g.input("ref_logprob", n), g.input("kl_coef", 1)));
+            if let Some((r, c)) = kl_in {
+                ins.extend([r, c]);
+            }
             let outs = g.node_typed(
                 HostOp(ActorLoss {
                     n,
                     clip_low,
                     clip_high,
                     ent_coef,
+                    kl,
                 }),
-                &[lp, ent, old_lp, adv, tok_w],
+                &ins,
                 &[
                     ("actor_loss", 1, DType::F32),
-                    ("actor_stats", 4, DType::F32),
+                    ("actor_stats", 5, DType::F32),
                 ],
             )?;
-            ids = Some((old_lp, adv, tok_w, outs[1]));
+            ids = Some((old_lp, adv, tok_w, outs[1], kl_in));
             Ok(HeadOut {
                 loss: outs[0],
                 keep: vec![outs[1]],
                 params: vec![],
             })
         })?;
-        let (old_lp, adv, tok_w, stats) = ids.expect("head built");
+        let (old_lp, adv, tok_w, stats, kl_in) = ids.expect("head built");
         let opt = optimizer(&dec, &[], opt)?;
         Ok(Policy {
             graph,
@@ -181,6 +194,7 @@ impl Policy {
             adv,
             tok_w,
             stats,
+            kl_in,
         })
     }
 
@@ -199,6 +213,21 @@ impl Policy {
         adv: &[f32],
         tok_w: &[f32],
     ) -> Result<(ActorStats, Vec<Vec<f32>>)> {
+        self.update_with_kl(seqs, skip, old_lp, adv, tok_w, None)
+    }
+
+    /// [`Policy::update`] with the KL-in-the-loss inputs: the reference log-probs (`[rows][S]`)
+    /// and β. Needed exactly when the policy was built with a KL term.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with_kl(
+        &mut self,
+        seqs: &[Vec<u32>],
+        skip: &[usize],
+        old_lp: &[f32],
+        adv: &[f32],
+        tok_w: &[f32],
+        kl: Option<(&[f32], f32)>,
+    ) -> Result<(ActorStats, Vec<Vec<f32>>)> {
         let (b, s) = self.graph.shape();
         let pad = |v: &[f32]| {
             let mut o = v.to_vec();
@@ -210,6 +239,20 @@ impl Policy {
         sess.write(self.old_lp, &pad(old_lp))?;
         sess.write(self.adv, &pad(adv))?;
         sess.write(self.tok_w, &pad(tok_w))?;
+        match (self.kl_in, kl) {
+            (Some((r, c)), Some((ref_lp, beta))) => {
+                sess.write(r, &pad(ref_lp))?;
+                sess.write(c, &[beta])?;
+            }
+            (None, None) => {}
+            (have, _) => {
+                return Err(Error::Invalid(format!(
+                    "policy update: the actor loss {} a KL term, the update {} reference log-probs",
+                    if have.is_some() { "has" } else { "has no" },
+                    if have.is_some() { "gives no" } else { "gives" }
+                )))
+            }
+        }
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
         let g = grads(&self.graph, &self.opt)?;
@@ -220,6 +263,7 @@ impl Policy {
                 clipfrac: st[1] as f64,
                 ppo_kl: st[2] as f64,
                 entropy: st[3] as f64,
+                kl_loss: st[4] as f64,
                 ..Default::default()
             },
             g,

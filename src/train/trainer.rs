@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{FlowHeadShape, Solver};
 use crate::kernels::risk::{self, RiskLossWeights, Stat, TailLevels};
-use crate::kernels::rl::{self, GaeParams, KlKind};
+use crate::kernels::rl::{self, GaeParams};
 use crate::kernels::sample::SampleParams;
 use crate::model::checkpoint::{
     read_safetensors, save_hf_folder, save_safetensors, write_atomic, Dtype, Tensor, TensorMap,
@@ -106,7 +106,10 @@ pub struct Prepared {
     pub ntok: f64,
     pub old_lp: Vec<f32>,
     pub old_ent: Vec<f32>,
+    /// The per-token KL against the reference (its estimator), when there is a reference.
     pub kl: Option<Vec<f32>>,
+    /// The reference log-probs, when the KL is a term of the actor loss.
+    pub ref_lp: Option<Vec<f32>>,
     pub values: Vec<f32>,
     pub ret: Vec<f32>,
     pub adv: Vec<f32>,
@@ -293,6 +296,7 @@ impl Trainer {
             pc.clip_low as f32,
             pc.clip_high as f32,
             pc.ent_coef as f32,
+            (cfg.kl.coef > 0.0 && cfg.kl_in_loss()).then(|| cfg.kl_kind()),
             &settings(o.actor_lr),
         )?;
         let out = PathBuf::from(&cfg.run.out_dir);
@@ -469,21 +473,18 @@ impl Trainer {
         let ntok: f64 = mask.iter().map(|&v| v as f64).sum();
 
         let (old_lp, old_ent) = self.policy.logprobs(&batch.seqs, &skip)?;
-        // KL against the reference policy, in the reward.
-        let kl = if let Some(r) = self.reference.as_mut() {
+        // KL against the reference policy: in the reward, or (kl.placement) in the actor loss.
+        let in_loss = self.cfg.kl_in_loss();
+        let (kl, ref_lp) = if let Some(r) = self.reference.as_mut() {
             let (ref_lp, _) = response_logprobs(r, &batch.seqs, &skip)?;
-            let kind = if self.cfg.kl.estimator == "k3" {
-                KlKind::K3
-            } else {
-                KlKind::K1
-            };
             let mut kl = vec![0.0f32; rows * s];
-            rl::cpu::kl_penalty(&old_lp, &ref_lp, &mask, kind, &mut kl, None)?;
-            Some(kl)
+            rl::cpu::kl_penalty(&old_lp, &ref_lp, &mask, self.cfg.kl_kind(), &mut kl, None)?;
+            (Some(kl), in_loss.then_some(ref_lp))
         } else {
-            None
+            (None, None)
         };
-        let rewards = token_rewards(&batch, kl.as_deref(), self.kl_coef, &batch.noisy);
+        let reward_kl = if in_loss { None } else { kl.as_deref() };
+        let rewards = token_rewards(&batch, reward_kl, self.kl_coef, &batch.noisy);
 
         // Critic readout and advantages.
         let k = self.critic.as_ref().map_or(1, |c| c.head.k());
@@ -593,6 +594,7 @@ impl Trainer {
             old_lp,
             old_ent,
             kl,
+            ref_lp,
             values,
             ret,
             adv,
@@ -678,7 +680,11 @@ impl Trainer {
         let sk: Vec<usize> = sel.iter().map(|&r| p.skip[r]).collect();
         let tw = token_weights(&gather(&p.mask, sel, s), s, seq_mean);
         let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
-        let (st, g) = self.policy.update(&seqs, &sk, &old_lp, &adv, &tw)?;
+        let ref_lp = p.ref_lp.as_ref().map(|r| gather(r, sel, s));
+        let kl = ref_lp.as_deref().map(|r| (r, self.kl_coef as f32));
+        let (st, g) = self
+            .policy
+            .update_with_kl(&seqs, &sk, &old_lp, &adv, &tw, kl)?;
         let stop = |msg: String| -> Result<()> {
             if !skip_nonfinite {
                 return Err(Error::Invalid(format!(
@@ -710,6 +716,9 @@ impl Trainer {
         add(acc, "actor/clipfrac", st.clipfrac);
         add(acc, "actor/ppo_kl", st.ppo_kl);
         add(acc, "actor/entropy", st.entropy);
+        if p.ref_lp.is_some() {
+            add(acc, "actor/kl_loss", st.kl_loss);
+        }
         let Some(inputs) = self.critic_inputs(p, sel) else {
             return Ok(skipped);
         };

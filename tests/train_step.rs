@@ -790,3 +790,34 @@ fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
     let _ = std::fs::remove_dir_all(out);
     let _ = std::fs::remove_dir_all(refdir);
 }
+
+/// GRPO's advantages: (R − group mean)/(group std + 1e-6) with the sample std (n − 1) by
+/// default (torch.std in verl and TRL); population std and Dr. GRPO's no-division as options.
+#[test]
+fn grpo_advantages_use_the_configured_group_std() {
+    let out = out_dir("grpo-std");
+    for (std, first) in [
+        ("unbiased", 0.75 / 0.5),                // var = (0.75² + 3·0.25²)/3 = 0.25
+        ("population", 0.75 / 0.1875f64.sqrt()), // var = 0.75/4
+        ("none", 0.75),
+    ] {
+        let mut cfg = small_cfg("grpo", &out, 1);
+        cfg.ppo.grpo_std = std.into();
+        let mut t = Trainer::new(cfg).unwrap();
+        let mut batch = t.rollout(0).unwrap();
+        // Groups of n_samples = 2 per prompt: make the first two groups one of 4 rows.
+        for r in 0..4 {
+            batch.group[r] = 0;
+        }
+        batch.noisy = vec![1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0];
+        let p = t.prepare_batch(batch.clone()).unwrap();
+        let s = batch.s;
+        let at = |r: usize| p.adv[r * s + batch.prompt_len[r] - 1] as f64;
+        let tol = 1e-5 * first;
+        assert!((at(0) - first).abs() < tol, "{std}: {} vs {first}", at(0));
+        assert!((at(1) + first / 3.0).abs() < tol, "{std}: {}", at(1));
+        // A group with equal rewards: 0 (no division by a zero std).
+        assert_eq!(at(4), 0.0);
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -240,6 +240,9 @@ pub struct PpoConfig {
     pub whiten: bool,
     /// PPO baseline: value clip range (0: off).
     pub value_clip: f64,
+    /// GRPO's reward scale: "unbiased" (the group's sample std, verl/TRL), "population" or
+    /// "none" (Dr. GRPO).
+    pub grpo_std: String,
 }
 
 impl Default for PpoConfig {
@@ -255,6 +258,7 @@ impl Default for PpoConfig {
             lam: 0.95,
             whiten: true,
             value_clip: 0.2,
+            grpo_std: "unbiased".into(),
         }
     }
 }
@@ -554,6 +558,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "ppo.value_clip",
         "ppo baseline: value clip range, >= 0 (0: off)",
+    ),
+    (
+        "ppo.grpo_std",
+        "grpo: divide the group-centred rewards by the group's std: unbiased (n - 1, verl/TRL) | population (n) | none (Dr. GRPO)",
     ),
     (
         "critic.k",
@@ -950,6 +958,11 @@ impl TrainConfig {
         range(key!("ppo.gamma"), p.gamma, NONNEG, LE1)?;
         range(key!("ppo.lam"), p.lam, NONNEG, LE1)?;
         range(key!("ppo.value_clip"), p.value_clip, NONNEG, None)?;
+        one_of(
+            key!("ppo.grpo_std"),
+            &p.grpo_std,
+            &["unbiased", "population", "none"],
+        )?;
 
         let c = &self.critic;
         if !(2..=crate::kernels::risk::MAX_K).contains(&c.k) {

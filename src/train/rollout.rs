@@ -133,9 +133,20 @@ pub fn token_rewards(batch: &Batch, kl: Option<&[f32]>, beta: f64, rewards: &[f6
     out
 }
 
-/// GRPO: (R − mean_group)/(std_group + 1e-6) (population std over the group) at every response
-/// token of the row.
-pub fn grpo_advantages(batch: &Batch, rewards: &[f64]) -> Vec<f32> {
+/// How GRPO scales the group-centred rewards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpoStd {
+    /// By the group's sample std (n − 1; torch.std, as verl and TRL).
+    Unbiased,
+    /// By the group's population std (n).
+    Population,
+    /// Not at all (Dr. GRPO: R − mean_group).
+    None,
+}
+
+/// GRPO: (R − mean_group)/(std_group + 1e-6) at every response token of the row, with the std
+/// of `std` (verl's epsilon; no division with [`GrpoStd::None`]).
+pub fn grpo_advantages(batch: &Batch, rewards: &[f64], std: GrpoStd) -> Vec<f32> {
     let groups = batch.group.iter().copied().max().map_or(0, |g| g + 1);
     let (mut sum, mut sq, mut cnt) = (
         vec![0.0f64; groups],
@@ -152,8 +163,13 @@ pub fn grpo_advantages(batch: &Batch, rewards: &[f64]) -> Vec<f32> {
     let mut out = vec![0.0f32; mask.len()];
     for (r, &g) in batch.group.iter().enumerate() {
         let mean = sum[g] / cnt[g];
-        let std = (sq[g] / cnt[g] - mean * mean).max(0.0).sqrt();
-        let a = ((rewards[r] - mean) / (std + 1e-6)) as f32;
+        let ss = (sq[g] - cnt[g] * mean * mean).max(0.0);
+        let scale = match std {
+            GrpoStd::Unbiased => (ss / (cnt[g] - 1.0).max(1.0)).sqrt() + 1e-6,
+            GrpoStd::Population => (ss / cnt[g]).sqrt() + 1e-6,
+            GrpoStd::None => 1.0,
+        };
+        let a = ((rewards[r] - mean) / scale) as f32;
         for t in 0..s {
             if mask[r * s + t] != 0.0 {
                 out[r * s + t] = a;

@@ -21,7 +21,7 @@ use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettin
 use super::optim::Schedule;
 use super::rollout::{
     flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
-    token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, Stream,
+    token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, GrpoStd, Stream,
 };
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -519,7 +519,12 @@ impl Trainer {
         let mut ret = vec![0.0f32; rows * s * k];
         let mut adv = vec![0.0f32; rows * s];
         if self.cfg.algo.name == Algo::Grpo {
-            adv = grpo_advantages(&batch, &batch.noisy);
+            let std = match self.cfg.ppo.grpo_std.as_str() {
+                "population" => GrpoStd::Population,
+                "none" => GrpoStd::None,
+                _ => GrpoStd::Unbiased,
+            };
+            adv = grpo_advantages(&batch, &batch.noisy, std);
         } else {
             rl::cpu::dist_gae(
                 &values, &rewards, &mask, rows, s, k, gae, &mut adv_k, &mut ret, &mut adv,

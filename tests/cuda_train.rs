@@ -112,6 +112,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
         CriticHead::Quantile {
             k,
             kappa: 1.0,
+            sum_quantiles: true,
             risk,
         },
         CriticHead::Flow {

@@ -193,9 +193,18 @@ fn quantile_loss_gradient_matches_finite_differences() {
         n,
         k,
         kappa: 1.0,
+        sum_quantiles: true,
         risk: risk(),
     };
-    fd_check(&kern, &[q, g, w], &[0], &mut rng, 3e-2);
+    let ins = [q, g, w];
+    fd_check(&kern, &ins, &[0], &mut rng, 3e-2);
+    // The mean over the quantiles is the QR-DQN sum over K.
+    let mean = QuantileLoss {
+        sum_quantiles: false,
+        ..kern
+    };
+    let (a, b) = (kern.forward(&ins).unwrap(), mean.forward(&ins).unwrap());
+    assert!((a[1][0] - k as f32 * b[1][0]).abs() < 1e-5 * a[1][0].abs());
 }
 
 #[test]

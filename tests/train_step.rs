@@ -362,6 +362,7 @@ fn value_and_quantile_losses_match_independent_computations() {
     let head = CriticHead::Quantile {
         k,
         kappa: 1.0,
+        sum_quantiles: true,
         risk: RiskTerms {
             levels: TailLevels::default(),
             weights: RiskLossWeights {
@@ -387,7 +388,8 @@ fn value_and_quantile_losses_match_independent_computations() {
                     u.abs() - 0.5
                 };
                 let wt = (tau - if u < 0.0 { 1.0 } else { 0.0 }).abs();
-                want += tw[t] as f64 * wt * h / (k * k) as f64;
+                // QR-DQN: sum over the quantiles i, mean over the targets j.
+                want += tw[t] as f64 * wt * h / k as f64;
             }
         }
     }

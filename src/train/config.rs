@@ -303,6 +303,9 @@ pub struct CriticConfig {
     /// (the default: only at the first response token, whose state the n samples of a prompt
     /// share, against the pooled targets of the group).
     pub risk_targets: String,
+    /// Quantile critic: the quantile-Huber loss "sum"s over the K predicted quantiles and
+    /// averages over the targets (QR-DQN), or takes the "mean" over both (K times smaller).
+    pub quantile_norm: String,
 }
 
 impl Default for CriticConfig {
@@ -328,6 +331,7 @@ impl Default for CriticConfig {
             huber_kappa: 1.0,
             anchor: "lambda".into(),
             risk_targets: "prompt".into(),
+            quantile_norm: "sum".into(),
         }
     }
 }
@@ -624,6 +628,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "critic.risk_targets",
         "dfpo risk terms against each token's own targets (token) or the group-pooled targets at the first response token (prompt)",
+    ),
+    (
+        "critic.quantile_norm",
+        "quantile critic's quantile-Huber loss: sum over the K quantiles, mean over the targets (QR-DQN) | mean over both (K times smaller)",
     ),
     ("optim.actor_lr", "policy peak learning rate, >= 0"),
     ("optim.critic_lr", "critic peak learning rate, >= 0"),
@@ -1030,6 +1038,11 @@ impl TrainConfig {
             key!("critic.risk_targets"),
             &c.risk_targets,
             &["token", "prompt"],
+        )?;
+        one_of(
+            key!("critic.quantile_norm"),
+            &c.quantile_norm,
+            &["sum", "mean"],
         )?;
 
         let o = &self.optim;

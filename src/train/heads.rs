@@ -436,12 +436,15 @@ impl RiskTerms {
 /// Quantile critic (DVPO-style): ins `[q (n·K), target (n·K), tok_w (n)]`, outs `[loss (1),
 /// stats (4) = quantile_huber, cvar, gain, shape]`. The quantile-Huber term compares each
 /// predicted quantile q_i (level τ_i = (i+½)/K) with every target sample G_j:
-/// ρ_τ(u) = |τ − 1{u<0}|·H_κ(u)/κ, u = G_j − q_i, averaged over i and j; plus the risk terms
+/// ρ_τ(u) = |τ − 1{u<0}|·H_κ(u)/κ, u = G_j − q_i, summed over i and averaged over j (QR-DQN;
+/// `sum_quantiles = false` averages over i too); plus the risk terms
 /// between the (sorted) quantiles and the targets.
 pub struct QuantileLoss {
     pub n: usize,
     pub k: usize,
     pub kappa: f32,
+    /// Sum over the predicted quantiles i (QR-DQN, the default), else average over them too.
+    pub sum_quantiles: bool,
     pub risk: RiskTerms,
 }
 
@@ -458,7 +461,12 @@ impl QuantileLoss {
     /// Quantile-Huber loss of one row and (when asked) its gradient d/dq (unscaled).
     fn row(&self, q: &[f32], g: &[f32], grad: Option<&mut [f32]>) -> f64 {
         let k = self.k;
-        let inv = 1.0 / (k * k) as f32;
+        // Mean over the targets j; sum (QR-DQN) or mean over the quantiles i.
+        let inv = if self.sum_quantiles {
+            1.0 / k as f32
+        } else {
+            1.0 / (k * k) as f32
+        };
         let mut total = 0.0f64;
         let mut gr = vec![0.0f32; k];
         for (i, &qi) in q.iter().enumerate() {

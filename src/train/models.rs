@@ -298,6 +298,8 @@ pub enum CriticHead {
     Quantile {
         k: usize,
         kappa: f32,
+        /// QR-DQN's sum over the quantiles (else their mean), see [`QuantileLoss`].
+        sum_quantiles: bool,
         risk: RiskTerms,
     },
     /// The DFPO flow head.
@@ -395,7 +397,12 @@ impl Critic {
                         ],
                     })
                 }
-                CriticHead::Quantile { k, kappa, risk } => {
+                CriticHead::Quantile {
+                    k,
+                    kappa,
+                    sum_quantiles,
+                    risk,
+                } => {
                     let k = *k;
                     let w = g.param_typed("quantile_head.weight", k * h, t.act);
                     let bias = g.param_typed("quantile_head.bias", k, t.act);
@@ -411,6 +418,7 @@ impl Critic {
                             n,
                             k,
                             kappa: *kappa,
+                            sum_quantiles: *sum_quantiles,
                             risk: *risk,
                         }),
                         &[q, tg, tw],

@@ -259,6 +259,7 @@ impl Trainer {
                 Algo::Quantile => CriticHead::Quantile {
                     k: c.k,
                     kappa: c.huber_kappa as f32,
+                    sum_quantiles: c.quantile_norm == "sum",
                     risk,
                 },
                 Algo::Dfpo => CriticHead::Flow {

@@ -823,3 +823,50 @@ fn grpo_advantages_use_the_configured_group_std() {
     }
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// AdamW's weight decay applies to the flow head's matrices, not to its LayerNorm gains and
+/// shifts or its biases (the convention for named tensors, kept inside the head's one flat
+/// parameter vector).
+#[test]
+fn flow_head_norms_and_biases_are_not_weight_decayed() {
+    let dec = Decoder::load(tiny_model()).unwrap();
+    let shape = FlowHeadShape::new(dec.config.hidden_size, 32, 2).unwrap();
+    let head = CriticHead::Flow {
+        k: 4,
+        max_tokens: 8,
+        shape,
+        weights: FlowTermWeights {
+            dcfm: 1.0,
+            bcfm: 1.0,
+            gc: 1.0,
+        },
+        risk: RiskTerms {
+            levels: TailLevels::default(),
+            weights: RiskLossWeights::default(),
+        },
+        init_seed: 5,
+    };
+    let mut opt = OptSettings::constant(0.1);
+    opt.hp.weight_decay = 0.5;
+    let mut c = Critic::new(&dec, 2, 6, &Device::Cpu, head, &opt).unwrap();
+    let before = c.flow_params().unwrap().to_vec();
+    let zeros: Vec<Vec<f32>> = c.opt.params().iter().map(|p| vec![0.0; p.len()]).collect();
+    assert!(c.step(&zeros).unwrap().applied);
+    let after = c.flow_params().unwrap();
+    let lay = shape.layout();
+    // A zero gradient leaves Adam's step at 0: only the decay moves a weight, by lr·wd = 5%.
+    let decayed = |r: std::ops::Range<usize>| {
+        r.clone()
+            .all(|i| (after[i] - 0.95 * before[i]).abs() <= 1e-6 * before[i].abs().max(1e-3))
+    };
+    let kept = |r: std::ops::Range<usize>| r.clone().all(|i| after[i] == before[i]);
+    assert!(decayed(lay.w_cond.clone()) && decayed(lay.w_z.clone()) && decayed(lay.w_out.clone()));
+    for l in &lay.layers {
+        assert!(kept(l.gamma.clone()), "a LayerNorm gain was decayed");
+        assert!(kept(l.beta.clone()), "a LayerNorm shift was decayed");
+        if let (Some(w), Some(b)) = (l.w.clone(), l.b.clone()) {
+            assert!(decayed(w) && kept(b));
+        }
+    }
+    assert!(kept(lay.b_in.clone()) && kept(lay.b_out.clone()));
+}

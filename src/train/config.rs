@@ -644,7 +644,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "optim.min_lr_ratio",
         "cosine floor as a fraction of the peak, in [0, 1]",
     ),
-    ("optim.weight_decay", "AdamW weight decay, >= 0"),
+    (
+        "optim.weight_decay",
+        "AdamW weight decay of the matrices (never norms or biases, also inside the flow head), >= 0",
+    ),
     ("optim.beta1", "AdamW beta1, in [0, 1)"),
     ("optim.beta2", "AdamW beta2, in [0, 1)"),
     ("optim.eps", "AdamW epsilon, > 0"),

@@ -535,7 +535,10 @@ impl Critic {
             }
         })?;
         let (inputs, readout, stats, term_names) = built.expect("head built");
-        let opt = optimizer(dec, &extra, opt)?;
+        let mut opt = optimizer(dec, &extra, opt)?;
+        if let CriticHead::Flow { shape, .. } = &head {
+            opt.set_no_decay(FLOW_PARAMS, flow_no_decay(shape))?;
+        }
         let mut c = Critic {
             graph,
             opt,
@@ -635,6 +638,18 @@ impl Critic {
     pub fn sync(&mut self) -> Result<()> {
         write_params(&mut self.graph, &self.opt)
     }
+}
+
+/// The flow head's LayerNorm gains and shifts and its biases (inside its flat parameter
+/// vector): not weight-decayed, as norms and biases are everywhere else.
+fn flow_no_decay(shape: &FlowHeadShape) -> Vec<std::ops::Range<usize>> {
+    let lay = shape.layout();
+    let mut r = vec![lay.b_in, lay.b_out];
+    for l in lay.layers {
+        r.extend([l.gamma, l.beta]);
+        r.extend(l.b);
+    }
+    r
 }
 
 fn flow_cond(shape: FlowHeadShape) -> crate::graph::ops::FlowCond {

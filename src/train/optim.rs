@@ -6,6 +6,7 @@
 //! nothing and says so ([`StepOutcome::applied`] = false), so the caller can skip or stop.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use crate::error::{check_len, Error, Result};
 use crate::kernels::adamw::{self, AdamWParams};
@@ -55,6 +56,9 @@ pub struct AdamW {
     params: Vec<Vec<f32>>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// Per tensor, the element ranges that never decay (norm gains and biases packed inside a
+    /// flat tensor, such as the flow head's); empty: the tensor's name decides.
+    no_decay: Vec<Vec<Range<usize>>>,
     /// Optimizer steps applied so far.
     pub step: u64,
     pub hp: AdamWParams,
@@ -91,11 +95,13 @@ impl AdamW {
             .iter()
             .map(|p: &Vec<f32>| vec![0.0; p.len()])
             .collect();
+        let no_decay = vec![Vec::new(); names.len()];
         Ok(AdamW {
             names,
             params,
             m,
             v,
+            no_decay,
             step: 0,
             hp,
             max_grad_norm,
@@ -105,6 +111,23 @@ impl AdamW {
 
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Marks element ranges of tensor `name` as never weight-decayed (the rest decays).
+    pub fn set_no_decay(&mut self, name: &str, ranges: Vec<Range<usize>>) -> Result<()> {
+        let i = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| Error::Invalid(format!("optimizer: no tensor {name}")))?;
+        let len = self.params[i].len();
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > len) {
+            return Err(Error::Invalid(format!(
+                "optimizer: no-decay range {r:?} of {name} outside 0..{len}"
+            )));
+        }
+        self.no_decay[i] = ranges;
+        Ok(())
     }
 
     /// Master weights, in [`AdamW::names`] order.
@@ -141,25 +164,43 @@ impl AdamW {
         self.step += 1;
         #[allow(clippy::needless_range_loop)] // params, grads, m, v by tensor
         for i in 0..self.params.len() {
-            let hp = AdamWParams {
-                lr,
-                weight_decay: if decays(&self.names[i]) {
-                    self.hp.weight_decay
-                } else {
-                    0.0
-                },
-                ..self.hp
+            let wd = if decays(&self.names[i]) {
+                self.hp.weight_decay
+            } else {
+                0.0
             };
-            adamw::cpu::step(
-                &mut self.params[i],
-                &grads[i],
-                &mut self.m[i],
-                &mut self.v[i],
-                None,
-                &hp,
-                self.step,
-                scale,
-            )?;
+            // Elementwise update: each segment with its own decay (the whole tensor, or the
+            // decayed and never-decayed ranges of a flat one).
+            let len = self.params[i].len();
+            let mut segs: Vec<(Range<usize>, f64)> = Vec::new();
+            let mut at = 0;
+            let mut nd = self.no_decay[i].clone();
+            nd.sort_by_key(|r| r.start);
+            for r in nd {
+                if r.start > at {
+                    segs.push((at..r.start, wd));
+                }
+                segs.push((r.start.max(at)..r.end.max(at), 0.0));
+                at = at.max(r.end);
+            }
+            segs.push((at..len, wd));
+            for (r, weight_decay) in segs.into_iter().filter(|(r, _)| !r.is_empty()) {
+                let hp = AdamWParams {
+                    lr,
+                    weight_decay,
+                    ..self.hp
+                };
+                adamw::cpu::step(
+                    &mut self.params[i][r.clone()],
+                    &grads[i][r.clone()],
+                    &mut self.m[i][r.clone()],
+                    &mut self.v[i][r],
+                    None,
+                    &hp,
+                    self.step,
+                    scale,
+                )?;
+            }
         }
         Ok(StepOutcome {
             grad_norm: norm,

@@ -4,7 +4,7 @@
 //! (`DFPO_REQUIRE_CUDA=1` makes a missing GPU a failure).
 
 use dfpo::device::Device;
-use dfpo::kernels::flow::FlowHeadShape;
+use dfpo::kernels::flow::{FlowHeadShape, IntegrateOpts, Solver};
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::model::decoder::Decoder;
 use dfpo::task::arith;
@@ -126,6 +126,12 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
             },
             risk,
             init_seed: 5,
+            gc_solve: IntegrateOpts {
+                steps: 4,
+                solver: Solver::Euler,
+                clip: None,
+                jacobian: false,
+            },
         },
     ];
     for head in heads {
@@ -142,7 +148,7 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
                 tw.clone(),
             ],
             CriticHead::Flow { .. } => {
-                let mut v: Vec<Vec<f32>> = (0..11)
+                let mut v: Vec<Vec<f32>> = (0..10)
                     .map(|i| {
                         (0..n * kk)
                             .map(|_| {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use dfpo::device::Device;
-use dfpo::kernels::flow::{self, FlowHeadShape};
+use dfpo::kernels::flow::{self, FlowHeadShape, IntegrateOpts, Solver};
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::kernels::rl::{self, PpoParams};
 use dfpo::model::decoder::{Decoder, HeadOut};
@@ -178,6 +178,13 @@ fn flow_critic_loss_matches_an_independent_computation() {
     };
     let (b, s) = (b, s);
     let cap = b * s + 3; // more capacity than tokens: the spare rows are −1
+                         // The consistency target: the current head's own 4-step midpoint solve.
+    let gc_solve = IntegrateOpts {
+        steps: 4,
+        solver: Solver::Midpoint,
+        clip: None,
+        jacobian: false,
+    };
     let head = CriticHead::Flow {
         k,
         max_tokens: cap,
@@ -188,6 +195,7 @@ fn flow_critic_loss_matches_an_independent_computation() {
             weights: rw,
         },
         init_seed: rng.next_u64(),
+        gc_solve,
     };
     let mut critic =
         Critic::new(&dec, b, s, &Device::Cpu, head, &OptSettings::constant(1e-3)).unwrap();
@@ -212,7 +220,6 @@ fn flow_critic_loss_matches_an_independent_computation() {
         u(0.0, 1.0, nk),  // tau_d
         vec![0.0; nk],    // eps (= z_read below)
         u(-0.5, 1.5, nk), // target
-        u(-1.0, 1.0, nk), // gc_target
         u(-1.0, 1.0, nk), // vel_b
         u(-1.0, 1.0, nk), // vel_d
         u(0.5, 1.0, n),   // w_unc
@@ -236,7 +243,7 @@ fn flow_critic_loss_matches_an_independent_computation() {
     let mut gathered: Vec<Vec<f32>> = vec![rows.iter().map(|&r| r as f32).collect()];
     gathered[0].resize(cap, -1.0);
     for (i, full) in inputs.iter().enumerate() {
-        let w = if i < 11 { k } else { 1 };
+        let w = if i < 10 { k } else { 1 };
         gathered.push(
             rows.iter()
                 .flat_map(|&r| full[r * w..(r + 1) * w].to_vec())
@@ -262,6 +269,11 @@ fn flow_critic_loss_matches_an_independent_computation() {
     let vr = eval(&inputs[0], &inputs[1]);
     let vb = eval(&inputs[2], &inputs[3]);
     let vd = eval(&inputs[4], &inputs[5]);
+    // The consistency target, solved here from the readout levels with the same parameters.
+    let mut gct = vec![0.0f64; nk];
+    let zr: Vec<f64> = inputs[0].iter().map(|&x| x as f64).collect();
+    let iv = flow::Interval::Uniform(0.0, 1.0);
+    flow::cpu::integrate(&shape, &p64, &cu, k, &zr, iv, &gc_solve, &mut gct, None).unwrap();
     let klo = ((alpha * k as f32) as usize).max(1);
     let khi = ((beta * k as f32) as usize).max(1);
     let (mut want, mut dcfm) = (0.0f64, 0.0f64);
@@ -275,14 +287,14 @@ fn flow_critic_loss_matches_an_independent_computation() {
         let mut g = vec![0.0f64; k];
         for j in 0..k {
             let r = t * k + j;
-            sd += (vd[r] - inputs[10][r] as f64).powi(2);
-            sb += (vb[r] - inputs[9][r] as f64).powi(2);
+            sd += (vd[r] - inputs[9][r] as f64).powi(2);
+            sb += (vb[r] - inputs[8][r] as f64).powi(2);
             z1[j] = inputs[6][r] as f64 + vr[r];
             g[j] = inputs[7][r] as f64;
-            sc += (z1[j] - inputs[8][r] as f64).powi(2);
+            sc += (z1[j] - gct[r]).powi(2);
         }
-        let wu = inputs[11][t] as f64;
-        let dm = inputs[12][t] as f64;
+        let wu = inputs[10][t] as f64;
+        let dm = inputs[11][t] as f64;
         dcfm += wt * wu * dm * sd / k as f64;
         want += wt
             * (w.dcfm as f64 * wu * dm * sd / k as f64
@@ -845,6 +857,12 @@ fn flow_head_norms_and_biases_are_not_weight_decayed() {
             weights: RiskLossWeights::default(),
         },
         init_seed: 5,
+        gc_solve: IntegrateOpts {
+            steps: 2,
+            solver: Solver::Euler,
+            clip: None,
+            jacobian: false,
+        },
     };
     let mut opt = OptSettings::constant(0.1);
     opt.hp.weight_decay = 0.5;

@@ -377,6 +377,82 @@ impl Op for FlowEval {
     }
 }
 
+/// A stop-gradient solve of the flow ODE: ins `[params, u, z0]`, out `[z1]` = z0 integrated
+/// over τ ∈ [0, 1] with `opts` (rows = tokens × `samples_per_token`). It gives nothing back to
+/// its inputs: the output is a constant target (the flow critic's consistency target, computed
+/// from the CURRENT head inside the update, method doc 2.7).
+pub struct FlowSolveTarget {
+    pub shape: FlowHeadShape,
+    pub samples_per_token: usize,
+    pub opts: flow::IntegrateOpts,
+}
+
+impl Op for FlowSolveTarget {
+    fn name(&self) -> String {
+        "flow_solve_target".into()
+    }
+
+    fn backward_reads(&self) -> (bool, bool) {
+        (false, false)
+    }
+
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let (p, u, z0, z1) = (ins[0], ins[1], ins[2], outs[0]);
+        let k = self.samples_per_token;
+        let (w, n_tok) = (self.shape.width, x.len(u) / self.shape.width);
+        for (what, t) in [("z0", z0), ("z1", z1)] {
+            check_len(&format!("flow_solve_target {what}"), x.len(t), n_tok * k)?;
+        }
+        if let Some(dev) = x.cuda_device() {
+            // SAFETY: graph tensors of checked lengths; no Jacobian output.
+            return unsafe {
+                flow::cuda::integrate_raw(
+                    dev,
+                    &self.shape,
+                    x.ptr(p),
+                    x.ptr(u),
+                    k,
+                    x.ptr(z0),
+                    flow::cuda::RawInterval::Uniform(0.0, 1.0),
+                    &self.opts,
+                    x.ptr(z1),
+                    0,
+                    n_tok,
+                )
+            };
+        }
+        let (pp, uu, zz, out) = (x.cpu(p), x.cpu(u), x.cpu(z0), x.cpu_mut(z1));
+        let solve = |u: &[f32], z0: &[f32], z1: &mut [f32]| {
+            let iv = flow::Interval::Uniform(0.0, 1.0);
+            flow::cpu::integrate(&self.shape, pp, u, k, z0, iv, &self.opts, z1, None)
+        };
+        // Two halves of the tokens on two threads (rows are independent).
+        let Some(h) = cpu_split(n_tok, k) else {
+            return solve(uu, zz, out);
+        };
+        let (o0, o1) = out.split_at_mut(h * k);
+        std::thread::scope(|sc| {
+            let t = sc.spawn(|| solve(&uu[h * w..], &zz[h * k..], o1));
+            let a = solve(&uu[..h * w], &zz[..h * k], o0);
+            let b = t.join().unwrap_or_else(|_| {
+                Err(Error::Invalid("flow_solve_target: worker panicked".into()))
+            });
+            a.and(b)
+        })
+    }
+
+    fn backward(
+        &self,
+        _x: &mut Exec<'_>,
+        _ins: &[TensorId],
+        _outs: &[TensorId],
+        _d_outs: &[TensorId],
+        _d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        Ok(()) // stop-gradient
+    }
+}
+
 /// Where the CPU flow evaluation splits `n_tok` tokens between two threads: None (one thread)
 /// for small problems or a single core.
 fn cpu_split(n_tok: usize, k: usize) -> Option<usize> {

@@ -273,7 +273,8 @@ pub struct CriticConfig {
     pub head_depth: usize,
     /// Euler steps of the readout used for values/advantages (the paper: 1).
     pub readout_steps: usize,
-    /// Steps of the target solves (DCFM z', geometric-consistency target).
+    /// Steps of the target solves: the DCFM z' (rollout-time critic, over [0, τ]) and the
+    /// geometric-consistency target (the current critic, stop-gradient, over [0, 1]).
     pub target_steps: usize,
     /// "euler" or "midpoint" (for the target solves).
     pub solver: String,
@@ -315,14 +316,14 @@ impl Default for CriticConfig {
             head_width: 32,
             head_depth: 2,
             readout_steps: 1,
-            target_steps: 2,
+            target_steps: 10,
             solver: "euler".into(),
             clip_returns: true,
             kappa: 0.3,
             weight_direction: "up".into(),
             w_dcfm: 1.0,
             w_bcfm: 1.0,
-            w_gc: 0.5,
+            w_gc: 2.0,
             w_cvar: 1.0,
             w_gain: 1.0,
             w_shape: 1.0,
@@ -582,7 +583,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "critic.target_steps",
-        "steps of the target solves (DCFM z', consistency target), >= 1",
+        "steps of the target solves (DCFM z' of the rollout-time critic; the consistency target of the current critic, stop-gradient), >= 1",
     ),
     ("critic.solver", "euler | midpoint (the target solves)"),
     (

@@ -556,12 +556,14 @@ pub struct FlowTermWeights {
 /// 2 `v_d` = v(r_t + γ m_t z'_τ, τ | h_t): the distributional CFM evaluation (z'_τ from ε);
 /// with (ε, τ) sampled per row for 1 and 2;
 /// 3 `eps` (the readout levels ε_k), 4 `target` G (the distributional λ-returns), 5
-/// `gc_target` (N-step solve from ε_k, stop-gradient), 6 `vel_b` = G − ε, 7 `vel_d` = v_old(z'_τ, τ |
+/// `gc_target` (the current head's N-step solve from ε_k; stop-gradient: it gets no gradient
+/// even when computed in the graph), 6 `vel_b` = G − ε, 7 `vel_d` = v_old(z'_τ, τ |
 /// h_{t+1}) (rows × K each); 8 `w_unc` (n, the confidence weight), 9 `dmask` (n, 0 where the DCFM
 /// target does not exist: the last response token), 10 `tok_w` (n), 11 `risk_w` (n, the row
 /// weights of the risk terms: `tok_w`, or only the rows whose targets are pooled).
 ///
-/// outs `[loss (1), stats (6) = dcfm, bcfm, gc, cvar, gain, shape]` (tok_w-weighted means):
+/// outs `[loss (1), stats (6) = dcfm, bcfm, gc, cvar, gain, shape]` (tok_w-weighted means; gc
+/// is 0 when its weight is):
 /// loss = Σ_t tok_w·[ w_unc·(λ_D·mean_k dmask·(v_d − vel_d)² + λ_B·mean_k (v_b − vel_b)²)
 ///                   + λ_GC·mean_k (ẑ − gc_target)² ] + risk(ẑ, G; rows weighted by risk_w).
 pub struct FlowCriticLoss {
@@ -602,7 +604,10 @@ impl HostKernel for FlowCriticLoss {
             for r in t * k..(t + 1) * k {
                 sd += ((vd[r] - veld[r]) as f64).powi(2);
                 sb += ((vb[r] - velb[r]) as f64).powi(2);
-                sc += ((z1[r] - gct[r]) as f64).powi(2);
+                // A switched-off consistency term may have no target: neither used nor reported.
+                if self.w.gc != 0.0 {
+                    sc += ((z1[r] - gct[r]) as f64).powi(2);
+                }
             }
             let w = tw[t] as f64;
             d += w * wu[t] as f64 * dm[t] as f64 * sd * inv_k;
@@ -630,7 +635,8 @@ impl HostKernel for FlowCriticLoss {
         d_outs: &[Vec<f32>],
         need: &[bool],
     ) -> Result<Vec<Option<Vec<f32>>>> {
-        if need[3..].iter().any(|&b| b) {
+        // gc_target (5) may be computed from the parameters: it is a stop-gradient target.
+        if need[3..].iter().enumerate().any(|(j, &b)| b && j + 3 != 5) {
             return Err(Error::Invalid(
                 "flow_critic_loss: only the three head evaluations get gradients".into(),
             ));

@@ -20,9 +20,11 @@ use super::heads::{
 use super::optim::{AdamW, Schedule, StepOutcome};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::graph::ops::FlowSolveTarget;
+use crate::graph::GraphBuilder;
 use crate::graph::{DType, TensorId};
 use crate::kernels::adamw::AdamWParams;
-use crate::kernels::flow::{self, FlowHeadShape};
+use crate::kernels::flow::{self, FlowHeadShape, IntegrateOpts};
 use crate::kernels::rl::KlKind;
 use crate::model::checkpoint::TensorMap;
 use crate::model::decoder::{Decoder, DecoderGraph, HeadOut};
@@ -312,6 +314,8 @@ pub enum CriticHead {
         weights: FlowTermWeights,
         risk: RiskTerms,
         init_seed: u64,
+        /// The consistency target's solve over [0, 1] (of the current head, stop-gradient).
+        gc_solve: IntegrateOpts,
     },
 }
 
@@ -334,6 +338,122 @@ pub struct CriticStats {
 
 /// The flow head's parameter name (one flat vector).
 pub const FLOW_PARAMS: &str = "flow_head.params";
+
+/// The flow critic loss's statistics, in output order (see [`FlowCriticLoss`]).
+pub const FLOW_TERMS: [&str; 6] = ["dcfm", "bcfm", "gc", "cvar_loss", "gain_loss", "shape_loss"];
+
+/// The flow head's per-sample inputs (rows = tokens × K), in order (see [`FlowCriticLoss`]).
+pub const FLOW_SAMPLE_INPUTS: [&str; 10] = [
+    "z_read", "tau_read", "z_b", "tau_b", "z_d", "tau_d", "eps", "target", "vel_b", "vel_d",
+];
+
+/// The flow head's per-token inputs, in order.
+pub const FLOW_TOKEN_INPUTS: [&str; 4] = ["w_unc", "dcfm_mask", "token_weight", "risk_weight"];
+
+/// What the DFPO flow critic head is (the settings of [`CriticHead::Flow`] that shape its graph).
+#[derive(Clone, Copy, Debug)]
+pub struct FlowHeadSpec {
+    pub k: usize,
+    pub max_tokens: usize,
+    pub shape: FlowHeadShape,
+    pub weights: FlowTermWeights,
+    pub risk: RiskTerms,
+    pub gc_solve: IntegrateOpts,
+}
+
+/// The tensors of a flow critic head in a graph.
+pub struct FlowHeadGraph {
+    /// Host-fed inputs in order: the row list (`max_tokens` f32 token indices, −1 = none), the
+    /// [`FLOW_SAMPLE_INPUTS`] (max_tokens·K each), the [`FLOW_TOKEN_INPUTS`] (max_tokens each).
+    pub inputs: Vec<TensorId>,
+    /// The per-token conditioning u (n·W).
+    pub u: TensorId,
+    pub loss: TensorId,
+    /// [`FLOW_TERMS`].
+    pub stats: TensorId,
+}
+
+/// The DFPO flow critic head (method doc 2.5–2.10) on the f32 conditioning `c` of `n` tokens
+/// (n·C, the backbone's hidden states) with the flat parameters `p`: u = cond(c); the listed
+/// tokens' rows of u; the readout, anchor and DCFM evaluations; the consistency target (the
+/// current head's [0, 1] solve from the readout levels, stop-gradient); [`FlowCriticLoss`].
+pub fn flow_head_graph(
+    g: &mut GraphBuilder,
+    p: TensorId,
+    c: TensorId,
+    n: usize,
+    spec: &FlowHeadSpec,
+) -> Result<FlowHeadGraph> {
+    let (k, m, shape) = (spec.k, spec.max_tokens, spec.shape);
+    let u = g.node(flow_cond(shape), &[p, c], &[("flow_u", n * shape.width)])?[0];
+    let rows = g.input("flow_rows", m);
+    let us = g.node_typed(
+        HostOp(GatherRows {
+            n,
+            m,
+            w: shape.width,
+        }),
+        &[u, rows],
+        &[("flow_u_rows", m * shape.width, DType::F32)],
+    )?[0];
+    let ins: Vec<TensorId> = FLOW_SAMPLE_INPUTS
+        .iter()
+        .map(|nm| g.input(nm, m * k))
+        .collect();
+    let tok: Vec<TensorId> = FLOW_TOKEN_INPUTS.iter().map(|nm| g.input(nm, m)).collect();
+    let mut evals = Vec::new();
+    for (i, nm) in ["v_read", "v_b", "v_d"].iter().enumerate() {
+        // DCFM switched off (weight 0): no evaluation; v_d = vel_d, a zero term.
+        if i == 2 && spec.weights.dcfm == 0.0 {
+            evals.push(ins[9]);
+            continue;
+        }
+        evals.push(
+            g.node(
+                flow_eval(shape, k),
+                &[p, us, ins[2 * i], ins[2 * i + 1]],
+                &[(nm, m * k)],
+            )?[0],
+        );
+    }
+    // Consistency switched off (weight 0): no solve (the loss neither uses nor reports it).
+    let gc_target = if spec.weights.gc == 0.0 {
+        ins[0]
+    } else {
+        g.node(
+            FlowSolveTarget {
+                shape,
+                samples_per_token: k,
+                opts: spec.gc_solve,
+            },
+            &[p, us, ins[0]],
+            &[("gc_target", m * k)],
+        )?[0]
+    };
+    // v_read, v_b, v_d, eps, target, gc_target, vel_b, vel_d, then the per-token inputs.
+    let mut loss_ins = evals;
+    loss_ins.extend([ins[6], ins[7], gc_target, ins[8], ins[9]]);
+    loss_ins.extend_from_slice(&tok);
+    let outs = g.node_typed(
+        HostOp(FlowCriticLoss {
+            n: m,
+            k,
+            w: spec.weights,
+            risk: spec.risk,
+        }),
+        &loss_ins,
+        &[("flow_loss", 1, DType::F32), ("flow_stats", 6, DType::F32)],
+    )?;
+    let mut inputs = vec![rows];
+    inputs.extend_from_slice(&ins);
+    inputs.extend_from_slice(&tok);
+    Ok(FlowHeadGraph {
+        inputs,
+        u,
+        loss: outs[0],
+        stats: outs[1],
+    })
+}
 
 /// The critic: trunk + head + loss.
 pub struct Critic {
@@ -451,9 +571,8 @@ impl Critic {
                     weights,
                     risk,
                     init_seed,
+                    gc_solve,
                 } => {
-                    let k = *k;
-                    let m = *max_tokens;
                     let c = if t.act == DType::F32 {
                         t.hidden
                     } else {
@@ -464,71 +583,20 @@ impl Critic {
                         )?[0]
                     };
                     let p = g.param(FLOW_PARAMS, shape.param_count());
-                    let u = g.node(flow_cond(*shape), &[p, c], &[("flow_u", n * shape.width)])?[0];
-                    let rows = g.input("flow_rows", m);
-                    let us = g.node_typed(
-                        HostOp(GatherRows {
-                            n,
-                            m,
-                            w: shape.width,
-                        }),
-                        &[u, rows],
-                        &[("flow_u_rows", m * shape.width, DType::F32)],
-                    )?[0];
-                    let names = [
-                        "z_read",
-                        "tau_read",
-                        "z_b",
-                        "tau_b",
-                        "z_d",
-                        "tau_d",
-                        "eps",
-                        "target",
-                        "gc_target",
-                        "vel_b",
-                        "vel_d",
-                    ];
-                    let ins: Vec<TensorId> = names.iter().map(|nm| g.input(nm, m * k)).collect();
-                    let tok: Vec<TensorId> = ["w_unc", "dcfm_mask", "token_weight", "risk_weight"]
-                        .iter()
-                        .map(|nm| g.input(nm, m))
-                        .collect();
-                    let mut evals = Vec::new();
-                    for (i, nm) in ["v_read", "v_b", "v_d"].iter().enumerate() {
-                        evals.push(
-                            g.node(
-                                flow_eval(*shape, k),
-                                &[p, us, ins[2 * i], ins[2 * i + 1]],
-                                &[(nm, m * k)],
-                            )?[0],
-                        );
-                    }
-                    let mut loss_ins = evals.clone();
-                    loss_ins.extend_from_slice(&ins[6..]);
-                    loss_ins.extend_from_slice(&tok);
-                    let outs = g.node_typed(
-                        HostOp(FlowCriticLoss {
-                            n: m,
-                            k,
-                            w: *weights,
-                            risk: *risk,
-                        }),
-                        &loss_ins,
-                        &[("flow_loss", 1, DType::F32), ("flow_stats", 6, DType::F32)],
-                    )?;
-                    let mut all = vec![rows];
-                    all.extend_from_slice(&ins);
-                    all.extend_from_slice(&tok);
-                    built = Some((
-                        all,
-                        u,
-                        outs[1],
-                        &["dcfm", "bcfm", "gc", "cvar_loss", "gain_loss", "shape_loss"][..],
-                    ));
+                    let spec = FlowHeadSpec {
+                        k: *k,
+                        max_tokens: *max_tokens,
+                        shape: *shape,
+                        weights: *weights,
+                        risk: *risk,
+                        gc_solve: *gc_solve,
+                    };
+                    let fh = flow_head_graph(g, p, c, n, &spec)?;
+                    built = Some((fh.inputs, fh.u, fh.stats, &FLOW_TERMS[..]));
                     extra.push((FLOW_PARAMS.into(), flow::init_params(shape, *init_seed)));
                     Ok(HeadOut {
-                        loss: outs[0],
-                        keep: vec![u, outs[1]],
+                        loss: fh.loss,
+                        keep: vec![fh.u, fh.stats],
                         params: vec![(FLOW_PARAMS.into(), p)],
                     })
                 }

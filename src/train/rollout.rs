@@ -340,7 +340,6 @@ pub struct FlowTargets {
     pub tau_d: Vec<f32>,
     pub eps: Vec<f32>,
     pub target: Vec<f32>,
-    pub gc_target: Vec<f32>,
     pub vel_b: Vec<f32>,
     pub vel_d: Vec<f32>,
     pub w_unc: Vec<f32>,
@@ -348,9 +347,10 @@ pub struct FlowTargets {
 }
 
 impl FlowTargets {
-    /// The per-token fields in the flow critic head's input order: 11 of K values per token,
-    /// then 2 of one value per token.
-    pub fn fields(&self) -> [&[f32]; 13] {
+    /// The per-token fields in the flow critic head's input order
+    /// ([`crate::train::models::FLOW_SAMPLE_INPUTS`]): 10 of K values per token, then 2 of one
+    /// value per token.
+    pub fn fields(&self) -> [&[f32]; 12] {
         [
             &self.z_read,
             &self.tau_read,
@@ -360,7 +360,6 @@ impl FlowTargets {
             &self.tau_d,
             &self.eps,
             &self.target,
-            &self.gc_target,
             &self.vel_b,
             &self.vel_d,
             &self.w_unc,
@@ -382,7 +381,9 @@ pub struct FlowTargetOpts {
 
 /// Builds the flow critic's targets from the rollout-time (old) critic: `u` its conditioning
 /// `[R·S][W]`, `z` its readout samples and `std` their per-token std, `ret` the distributional
-/// λ-returns G `[R][S][K]`, `rewards` the token rewards, `mask` the response tokens.
+/// λ-returns G `[R][S][K]`, `rewards` the token rewards, `mask` the response tokens. (The
+/// consistency target comes from the CURRENT critic, inside the update:
+/// [`crate::train::models::flow_head_graph`].)
 #[allow(clippy::too_many_arguments)]
 pub fn flow_targets(
     fs: &FlowSolve,
@@ -421,7 +422,6 @@ pub fn flow_targets(
         tau_d: vec![0.0; n * k],
         eps: vec![0.0; n * k],
         target: ret.to_vec(),
-        gc_target: vec![0.0; n * k],
         vel_b: vec![0.0; n * k],
         vel_d: vec![0.0; n * k],
         w_unc: vec![0.0; n],
@@ -436,14 +436,12 @@ pub fn flow_targets(
         *v = rng.uniform() as f32;
     }
     let noise: Vec<f32> = (0..idx.len() * k).map(|_| rng.normal() as f32).collect();
-    let us = gather(u, &idx, w);
     let next: Vec<usize> = idx
         .iter()
         .map(|&i| if cont(i) { i + 1 } else { i })
         .collect();
     let un = gather(u, &next, w);
-    let z0: Vec<f32> = (0..idx.len() * k).map(|r| eps[r % k]).collect();
-    let zeros = vec![0.0f32; z0.len()];
+    let zeros = vec![0.0f32; noise.len()];
     // z'_τ: the old flow at h_{t+1} from the sampled ε over [0, τ]; then v_old(z'_τ, τ | h_{t+1}).
     let opts = IntegrateOpts {
         steps: fs.target_steps,
@@ -451,46 +449,20 @@ pub fn flow_targets(
         clip: None,
         jacobian: false,
     };
-    // The two solves are independent: the DCFM one on a second thread.
-    let (dcfm, gc) = std::thread::scope(|sc| {
-        let dcfm = sc.spawn(|| -> Result<(Vec<f32>, Vec<f32>)> {
-            let mut zp = vec![0.0f32; z0.len()];
-            flow::cpu::integrate(
-                &fs.shape,
-                params,
-                &un,
-                k,
-                &noise,
-                Interval::PerRow(&zeros, &tau),
-                &opts,
-                &mut zp,
-                None,
-            )?;
-            let mut vold = vec![0.0f32; z0.len()];
-            flow::cpu::eval_forward(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
-            Ok((zp, vold))
-        });
-        // Geometric-consistency target: the N-step solve from ε over [0, 1] at h_t.
-        let mut gc = vec![0.0f32; z0.len()];
-        let r = flow::cpu::integrate(
-            &fs.shape,
-            params,
-            &us,
-            k,
-            &z0,
-            Interval::Uniform(0.0, 1.0),
-            &opts,
-            &mut gc,
-            None,
-        );
-        let d = dcfm
-            .join()
-            .unwrap_or_else(|_| Err(Error::Invalid("flow_targets: DCFM solve panicked".into())));
-        (d, r.map(|_| gc))
-    });
-    let (zp, vold) = dcfm?;
-    let mut gc = gc?;
-    clip_returns(&mut gc, fs.clip);
+    let mut zp = vec![0.0f32; noise.len()];
+    flow::cpu::integrate(
+        &fs.shape,
+        params,
+        &un,
+        k,
+        &noise,
+        Interval::PerRow(&zeros, &tau),
+        &opts,
+        &mut zp,
+        None,
+    )?;
+    let mut vold = vec![0.0f32; noise.len()];
+    flow::cpu::eval_forward(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
     for (j, &i) in idx.iter().enumerate() {
         let c = cont(i);
         let sd = std[i].max(1e-6);
@@ -527,7 +499,6 @@ pub fn flow_targets(
                 t.z_d[dst] = rewards[i];
                 t.vel_d[dst] = 0.0;
             }
-            t.gc_target[dst] = gc[src];
         }
     }
     Ok(t)

@@ -26,7 +26,7 @@ use super::rollout::{
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
-use crate::kernels::flow::{FlowHeadShape, Solver};
+use crate::kernels::flow::{FlowHeadShape, IntegrateOpts, Solver};
 use crate::kernels::risk::{self, RiskLossWeights, Stat, TailLevels};
 use crate::kernels::rl::{self, GaeParams};
 use crate::kernels::sample::SampleParams;
@@ -81,6 +81,15 @@ struct Meta {
     critic_opt_step: u64,
     seconds: f64,
     before: BTreeMap<String, EvalEntry>,
+}
+
+/// The flow solver named by `critic.solver`.
+fn solver(name: &str) -> Solver {
+    if name == "midpoint" {
+        Solver::Midpoint
+    } else {
+        Solver::Euler
+    }
 }
 
 /// The device named by `run.device` ("auto": CUDA when present, else the CPU).
@@ -273,6 +282,12 @@ impl Trainer {
                     },
                     risk,
                     init_seed: Stream::new(cfg.run.seed, 0, "flow-init").next_u64(),
+                    gc_solve: IntegrateOpts {
+                        steps: c.target_steps as u32,
+                        solver: solver(&c.solver),
+                        clip: None,
+                        jacobian: false,
+                    },
                 },
                 Algo::Grpo => unreachable!("grpo has no critic"),
             };
@@ -435,11 +450,7 @@ impl Trainer {
             k: *k,
             readout_steps: cc.readout_steps as u32,
             target_steps: cc.target_steps as u32,
-            solver: if cc.solver == "midpoint" {
-                Solver::Midpoint
-            } else {
-                Solver::Euler
-            },
+            solver: solver(&cc.solver),
             clip,
         })
     }
@@ -638,7 +649,7 @@ impl Trainer {
                 }
                 let mut v: Vec<Vec<f32>> = vec![local.iter().map(|&i| i as f32).collect()];
                 for (i, full) in t.fields().into_iter().enumerate() {
-                    v.push(gather(full, &global, if i < 11 { k } else { 1 }));
+                    v.push(gather(full, &global, if i < 10 { k } else { 1 }));
                 }
                 v.push(local.iter().map(|&i| ctw[i]).collect());
                 // The risk terms' row weights: every response token, or (risk_targets =

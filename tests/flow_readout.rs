@@ -23,6 +23,7 @@ use dfpo::train::heads::{FlowTermWeights, RiskTerms};
 use dfpo::train::models::{flow_head_graph, FlowHeadSpec};
 use dfpo::train::optim::{AdamW, Schedule};
 use dfpo::train::rollout::{flow_readout, stratified_eps, FlowSolve};
+use dfpo::train::step_ops::StepOps;
 
 mod common;
 use common::Rng;
@@ -221,7 +222,7 @@ fn train_and_measure(w_gc: f32, rng: &mut Rng) -> Vec<(f64, f64, f64)> {
         .map(|&(f, x)| {
             let mut u = vec![0.0f32; shape.width];
             flow::cpu::cond_forward(&shape, &params, &cond(f, x), &mut u).unwrap();
-            let (one, _) = flow_readout(&fs, &params, &u, &[1.0]).unwrap();
+            let (one, _) = flow_readout(&StepOps::host(), &fs, &params, &u, &[1.0]).unwrap();
             let mut ode = vec![0.0f32; m];
             let opts = IntegrateOpts {
                 steps: 20,

@@ -3,6 +3,7 @@
 
 use dfpo::kernels::flow::{self, FlowHeadShape, Solver};
 use dfpo::train::rollout::{flow_readout, flow_targets, FlowSolve, FlowTargetOpts, Stream};
+use dfpo::train::step_ops::StepOps;
 
 mod common;
 use common::Rng;
@@ -78,6 +79,7 @@ fn the_return_clip_applies_to_returns_not_to_partial_solves() {
     let rewards = vec![0.0f32; n];
     let mut tau_rng = Stream::new(1, 0, "tau");
     let t = flow_targets(
+        &StepOps::host(),
         fs,
         &still,
         &st.u,
@@ -109,7 +111,7 @@ fn the_return_clip_applies_to_returns_not_to_partial_solves() {
     );
     // The readout (a full solve) is still clipped: v ≡ 5 carries every ε past the ceiling 1.
     let fast = constant_head(&fs.shape, 5.0);
-    let (zr, _) = flow_readout(fs, &fast, &st.u, &st.mask).unwrap();
+    let (zr, _) = flow_readout(&StepOps::host(), fs, &fast, &st.u, &st.mask).unwrap();
     for i in 0..n {
         for j in 0..k {
             let want = if st.mask[i] != 0.0 { 1.0 } else { 0.0 };
@@ -134,6 +136,7 @@ fn the_matching_terms_sample_their_noise_per_row() {
     let rewards: Vec<f32> = rng.uniform_vec(n, -0.1, 0.1);
     let mut tau_rng = Stream::new(rng.next_u64() >> 1, 0, "tau");
     let t = flow_targets(
+        &StepOps::host(),
         fs,
         &still,
         &st.u,

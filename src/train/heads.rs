@@ -16,6 +16,7 @@ use crate::error::{check_len, Error, Result};
 use crate::graph::{Exec, Op, TensorId};
 use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
 use crate::kernels::rl;
+use crate::train::step_ops::StepOps;
 
 /// A small op computed on the host from f32 vectors.
 pub trait HostKernel {
@@ -408,7 +409,7 @@ impl RiskTerms {
         let n = tok_w.len();
         let mut terms = vec![0.0f32; n * risk::NTERMS];
         let mut g = vec![0.0f32; n * k];
-        let total = risk::cpu::loss(
+        let total = StepOps::host().risk_loss(
             pred,
             target,
             k,

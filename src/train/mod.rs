@@ -8,4 +8,5 @@ pub mod models;
 pub mod optim;
 pub mod rollout;
 pub mod sft;
+pub mod step_ops;
 pub mod trainer;

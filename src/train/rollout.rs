@@ -4,10 +4,9 @@
 //! independently.
 
 use crate::error::{Error, Result};
-use crate::kernels::flow::{
-    self, FlowHeadShape, IntegrateOpts, Interval, Noise, NoiseOpts, Solver,
-};
+use crate::kernels::flow::{FlowHeadShape, IntegrateOpts, Interval, Noise, NoiseOpts, Solver};
 use crate::kernels::{inv_normal_cdf, splitmix64, uniform_open};
+use crate::train::step_ops::StepOps;
 
 /// A counter-based random stream: value i of stream (seed, tag) is a pure function, so a
 /// resumed run draws exactly what the uninterrupted one drew.
@@ -265,7 +264,7 @@ fn clip_returns(z: &mut [f32], clip: Option<(f32, f32)>) {
 /// The stratified noise levels ε_k = Φ⁻¹((k + ½)/K).
 pub fn stratified_eps(k: usize) -> Result<Vec<f32>> {
     let mut e = vec![0.0f32; k];
-    flow::cpu::noise(
+    StepOps::host().noise(
         &NoiseOpts {
             kind: Noise::Stratified,
             truncate: None,
@@ -288,6 +287,7 @@ pub fn gather(u: &[f32], idx: &[usize], w: usize) -> Vec<f32> {
 /// The readout value samples `[R][S][K]` (0 off the mask): ε_k integrated over [0, 1] with
 /// `readout_steps` Euler steps, and the per-token sample std.
 pub fn flow_readout(
+    ops: &StepOps,
     fs: &FlowSolve,
     params: &[f32],
     u: &[f32],
@@ -299,7 +299,7 @@ pub fn flow_readout(
     let eps = stratified_eps(k)?;
     let z0: Vec<f32> = (0..idx.len() * k).map(|r| eps[r % k]).collect();
     let mut z1 = vec![0.0f32; z0.len()];
-    flow::cpu::integrate(
+    ops.integrate(
         &fs.shape,
         params,
         &us,
@@ -313,7 +313,6 @@ pub fn flow_readout(
             jacobian: false,
         },
         &mut z1,
-        None,
     )?;
     clip_returns(&mut z1, fs.clip);
     let mut z = vec![0.0f32; mask.len() * k];
@@ -386,6 +385,7 @@ pub struct FlowTargetOpts {
 /// [`crate::train::models::flow_head_graph`].)
 #[allow(clippy::too_many_arguments)]
 pub fn flow_targets(
+    ops: &StepOps,
     fs: &FlowSolve,
     params: &[f32],
     u: &[f32],
@@ -450,19 +450,10 @@ pub fn flow_targets(
         jacobian: false,
     };
     let mut zp = vec![0.0f32; noise.len()];
-    flow::cpu::integrate(
-        &fs.shape,
-        params,
-        &un,
-        k,
-        &noise,
-        Interval::PerRow(&zeros, &tau),
-        &opts,
-        &mut zp,
-        None,
-    )?;
+    let iv = Interval::PerRow(&zeros, &tau);
+    ops.integrate(&fs.shape, params, &un, k, &noise, iv, &opts, &mut zp)?;
     let mut vold = vec![0.0f32; noise.len()];
-    flow::cpu::eval_forward(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
+    ops.eval(&fs.shape, params, &un, k, &zp, &tau, &mut vold)?;
     for (j, &i) in idx.iter().enumerate() {
         let c = cont(i);
         let sd = std[i].max(1e-6);

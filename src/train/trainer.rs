@@ -23,12 +23,13 @@ use super::rollout::{
     flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
     token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, GrpoStd, Stream,
 };
+use super::step_ops::StepOps;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{FlowHeadShape, IntegrateOpts, Solver};
 use crate::kernels::risk::{self, RiskLossWeights, Stat, TailLevels};
-use crate::kernels::rl::{self, GaeParams};
+use crate::kernels::rl::GaeParams;
 use crate::kernels::sample::SampleParams;
 use crate::model::checkpoint::{
     read_safetensors, save_hf_folder, save_safetensors, write_atomic, Dtype, Tensor, TensorMap,
@@ -134,6 +135,8 @@ pub struct Prepared {
 pub struct Trainer {
     pub cfg: TrainConfig,
     device: Device,
+    /// Where the step's readout, target solves, GAE, whitening, KL and risk statistics run.
+    ops: StepOps,
     tok: Tokenizer,
     tok_files: Vec<PathBuf>,
     task: TaskData,
@@ -319,6 +322,7 @@ impl Trainer {
         let kl_coef = cfg.kl.coef;
         Ok(Trainer {
             cfg,
+            ops: StepOps::new(&device),
             device,
             tok,
             tok_files,
@@ -490,7 +494,8 @@ impl Trainer {
         let (kl, ref_lp) = if let Some(r) = self.reference.as_mut() {
             let (ref_lp, _) = response_logprobs(r, &batch.seqs, &skip)?;
             let mut kl = vec![0.0f32; rows * s];
-            rl::cpu::kl_penalty(&old_lp, &ref_lp, &mask, self.cfg.kl_kind(), &mut kl, None)?;
+            self.ops
+                .kl_penalty(&old_lp, &ref_lp, &mask, self.cfg.kl_kind(), &mut kl)?;
             (Some(kl), in_loss.then_some(ref_lp))
         } else {
             (None, None)
@@ -513,7 +518,7 @@ impl Trainer {
             match (&c.head, &fs) {
                 (CriticHead::Flow { .. }, Some(fs)) => {
                     let params = c.flow_params().expect("flow critic").to_vec();
-                    let (z, sd) = flow_readout(fs, &params, &out, &mask)?;
+                    let (z, sd) = flow_readout(&self.ops, fs, &params, &out, &mask)?;
                     values = z;
                     sample_std = sd;
                     flow_u = out;
@@ -538,12 +543,12 @@ impl Trainer {
             };
             adv = grpo_advantages(&batch, &batch.noisy, std);
         } else {
-            rl::cpu::dist_gae(
+            self.ops.dist_gae(
                 &values, &rewards, &mask, rows, s, k, gae, &mut adv_k, &mut ret, &mut adv,
             )?;
             if self.cfg.ppo.whiten && ntok >= 2.0 {
                 let raw = adv.clone();
-                rl::cpu::whiten(&raw, &mask, &mut adv)?;
+                self.ops.whiten(&raw, &mask, &mut adv)?;
             }
         }
         // Value statistics of the rollout-time critic (the risk kernel's per-row statistics).
@@ -555,7 +560,7 @@ impl Trainer {
                 alpha: self.cfg.critic.alpha as f32,
                 beta: self.cfg.critic.beta as f32,
             };
-            risk::cpu::stats(&x, k, levels, &[], &mut st, &mut [], None, None)?;
+            self.ops.risk_stats(&x, k, levels, &mut st)?;
             let d = ntok.max(1.0);
             for (name, stat) in [
                 ("critic/value_mean", Stat::Mean),
@@ -582,6 +587,7 @@ impl Trainer {
                 };
                 let mut rng = Stream::new(self.cfg.run.seed, step, "tau");
                 let mut t = flow_targets(
+                    &self.ops,
                     fs,
                     &params,
                     &flow_u,

@@ -380,6 +380,13 @@ pub struct EvalConfig {
     pub greedy: bool,
     /// pass@k samples per prompt (1 with greedy).
     pub pass_k: usize,
+    /// Critic calibration after training (`critic_calibration.json`): states sampled from
+    /// rollouts of training prompts (0: off).
+    pub critic_prefixes: usize,
+    /// Continuations of the current policy per state: the Monte-Carlo truth.
+    pub critic_continuations: usize,
+    /// The flow critic is also scored with its readout solved in this many Euler steps (0: not).
+    pub critic_ode_steps: usize,
 }
 
 impl Default for EvalConfig {
@@ -387,6 +394,9 @@ impl Default for EvalConfig {
         EvalConfig {
             greedy: true,
             pass_k: 1,
+            critic_prefixes: 0,
+            critic_continuations: 64,
+            critic_ode_steps: 10,
         }
     }
 }
@@ -663,6 +673,18 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "eval.pass_k",
         "pass@k samples per prompt, >= 1 (must be 1 with greedy)",
+    ),
+    (
+        "eval.critic_prefixes",
+        "critic calibration after training (critic_calibration.json; tools/plot_calibration.py): states sampled from rollouts of training prompts, 0: off",
+    ),
+    (
+        "eval.critic_continuations",
+        "critic calibration: continuations of the current policy per state (the Monte-Carlo truth), >= 2",
+    ),
+    (
+        "eval.critic_ode_steps",
+        "critic calibration: also score the flow critic's readout solved in this many Euler steps (0: not)",
     ),
 ];
 
@@ -1062,6 +1084,13 @@ impl TrainConfig {
         range(key!("optim.max_grad_norm"), o.max_grad_norm, NONNEG, None)?;
 
         at_least(key!("eval.pass_k"), self.eval.pass_k, 1)?;
+        if self.eval.critic_prefixes > 0 {
+            at_least(
+                key!("eval.critic_continuations"),
+                self.eval.critic_continuations,
+                2,
+            )?;
+        }
         if self.eval.greedy && self.eval.pass_k > 1 {
             fail(
                 &["eval.pass_k", "eval.greedy"],

@@ -1,5 +1,6 @@
 //! The DFPO trainer: configuration, optimizer, rollouts, the training step and its baselines.
 
+pub mod calibration;
 pub mod config;
 pub mod eval;
 pub mod heads;

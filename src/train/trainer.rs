@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::calibration::{calibration_table, critic_calibration};
 use super::config::{Algo, TrainConfig};
 use super::eval::{evaluate, response_text, stop_ids, EvalOpts, EvalResult};
 use super::heads::{FlowTermWeights, RiskTerms};
@@ -136,13 +137,13 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     device: Device,
     /// Where the step's readout, target solves, GAE, whitening, KL and risk statistics run.
-    ops: StepOps,
-    tok: Tokenizer,
+    pub(crate) ops: StepOps,
+    pub(crate) tok: Tokenizer,
     tok_files: Vec<PathBuf>,
-    task: TaskData,
-    train_ids: Vec<Vec<u32>>,
-    stop: Vec<u32>,
-    s: usize,
+    pub(crate) task: TaskData,
+    pub(crate) train_ids: Vec<Vec<u32>>,
+    pub(crate) stop: Vec<u32>,
+    pub(crate) s: usize,
     pub policy: Policy,
     pub critic: Option<Critic>,
     reference: Option<DecoderGraph>,
@@ -435,7 +436,7 @@ impl Trainer {
         Ok(b)
     }
 
-    fn flow_solve(&self) -> Option<FlowSolve> {
+    pub(crate) fn flow_solve(&self) -> Option<FlowSolve> {
         let c = self.critic.as_ref()?;
         let CriticHead::Flow { k, shape, .. } = &c.head else {
             return None;
@@ -1034,6 +1035,13 @@ impl Trainer {
             self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
         }
         let after_ev = self.evaluate()?;
+        if let Some(c) = critic_calibration(self)? {
+            let js = serde_json::to_string_pretty(&c).map_err(|e| Error::Invalid(e.to_string()))?;
+            write_atomic(self.out.join("critic_calibration.json"), |w| {
+                w.write_all(js.as_bytes())
+            })?;
+            eprintln!("{}", calibration_table(&c));
+        }
         let after: BTreeMap<String, EvalEntry> = after_ev
             .iter()
             .map(|e| (e.name.clone(), EvalEntry::from(e)))

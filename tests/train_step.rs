@@ -888,3 +888,24 @@ fn flow_head_norms_and_biases_are_not_weight_decayed() {
     }
     assert!(kept(lay.b_in.clone()) && kept(lay.b_out.clone()));
 }
+
+/// The flow critic's return clip is the reachable range: the rewards, ± 3σ of Gaussian reward
+/// noise, ± β·T for a KL in the reward (not a whole reward of slack).
+#[test]
+fn the_return_clip_is_the_reachable_return_range() {
+    let out = out_dir("clip-range");
+    let mut cfg = small_cfg("dfpo", &out, 1);
+    cfg.kl.coef = 0.01;
+    cfg.reward.gaussian_sigma = 0.1;
+    let t = Trainer::new(cfg.clone()).unwrap();
+    let (lo, hi) = t.flow_solve().unwrap().clip.unwrap();
+    // max_new_tokens 5: β·T = 0.05; 3σ = 0.3.
+    assert!(
+        (lo + 0.35).abs() < 1e-6 && (hi - 1.35).abs() < 1e-6,
+        "({lo}, {hi})"
+    );
+    cfg.kl.coef = 0.0;
+    cfg.reward.gaussian_sigma = 0.0;
+    let t = Trainer::new(cfg).unwrap();
+    assert_eq!(t.flow_solve().unwrap().clip, Some((0.0, 1.0)));
+}

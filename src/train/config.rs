@@ -278,8 +278,9 @@ pub struct CriticConfig {
     pub target_steps: usize,
     /// "euler" or "midpoint" (for the target solves).
     pub solver: String,
-    /// Clip return samples (the end of every [0, 1] solve) to the reachable return range; the
-    /// partial [0, τ] solves of the DCFM target are not clipped.
+    /// Clip return samples (the end of every [0, 1] solve) to the reachable return range (the
+    /// rewards ± 3σ of Gaussian reward noise ± β·T for a KL in the reward); the partial [0, τ]
+    /// solves of the DCFM target are not clipped.
     pub clip_returns: bool,
     /// Confidence temperature κ of the uncertainty weight.
     pub kappa: f64,
@@ -598,7 +599,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ("critic.solver", "euler | midpoint (the target solves)"),
     (
         "critic.clip_returns",
-        "clip return samples (the end of each [0, 1] solve) to the reachable return range; partial [0, tau] solves are not clipped",
+        "clip return samples (the end of each [0, 1] solve) to the reachable return range (rewards +- 3 sigma of reward noise +- kl.coef * max_new_tokens when the KL is in the reward); partial [0, tau] solves are not clipped",
     ),
     (
         "critic.kappa",

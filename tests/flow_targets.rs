@@ -31,12 +31,8 @@ fn setup(rng: &mut Rng, k: usize, clip: Option<(f32, f32)>) -> Setup {
     let shape = FlowHeadShape::new(4, 32, 2).unwrap();
     let s = 6;
     let mut mask = vec![0.0f32; 2 * s];
-    for t in 1..5 {
-        mask[t] = 1.0;
-    }
-    for t in 0..3 {
-        mask[s + t] = 1.0;
-    }
+    mask[1..5].fill(1.0);
+    mask[s..s + 3].fill(1.0);
     Setup {
         fs: FlowSolve {
             shape,
@@ -151,7 +147,7 @@ fn the_matching_terms_sample_their_noise_per_row() {
     )
     .unwrap();
     let mut eps = Vec::new();
-    for i in 0..n {
+    for (i, &r_i) in rewards.iter().enumerate() {
         if st.mask[i] == 0.0 {
             continue;
         }
@@ -165,7 +161,7 @@ fn the_matching_terms_sample_their_noise_per_row() {
             );
             // DCFM with v ≡ 0: z'_τ = ε, so z_d = r_t + ε on continuing tokens (same ε).
             if t.dmask[i] != 0.0 {
-                assert!((t.z_d[r] - (rewards[i] + e)).abs() < 1e-5, "DCFM noise");
+                assert!((t.z_d[r] - (r_i + e)).abs() < 1e-5, "DCFM noise");
             }
             eps.push(e as f64);
         }

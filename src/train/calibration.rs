@@ -113,7 +113,7 @@ pub fn pit(pred: &[f64], y: f64, v: f64) -> f64 {
 pub fn score(preds: &[Vec<f64>], truths: &[Vec<f64>], alpha: f64, rng: &mut Stream) -> Scores {
     let np = preds.len().max(1) as f64;
     let (mut mse, mut cr, mut floor, mut cv) = (0.0, 0.0, 0.0, 0.0);
-    let mut hist = vec![0.0f64; PIT_BINS];
+    let mut hist = [0.0f64; PIT_BINS];
     let mut count = 0.0f64;
     for (p, t) in preds.iter().zip(truths) {
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
@@ -353,7 +353,12 @@ mod tests {
             .map(|i| if i % 10 < 7 { 0.0 } else { 1.0 })
             .collect();
         let mut rng = Stream::new(1, 0, "test");
-        let s = score(&[pred.clone()], &[truth.clone()], 0.1, &mut rng);
+        let s = score(
+            std::slice::from_ref(&pred),
+            std::slice::from_ref(&truth),
+            0.1,
+            &mut rng,
+        );
         assert!(s.value_mse < 1e-12 && s.cvar_abs_err < 1e-12);
         assert!(
             (s.crps - s.crps_floor).abs() < 1e-9,

@@ -212,7 +212,7 @@ pub struct KlConfig {
 impl Default for KlConfig {
     fn default() -> Self {
         KlConfig {
-            coef: 0.0,
+            coef: 0.001,
             estimator: "auto".into(),
             adaptive: false,
             target: 6.0,
@@ -534,7 +534,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ("reward.incorrect", "reward of an incorrect answer"),
     (
         "kl.coef",
-        "KL penalty coefficient (see kl.placement), >= 0 (0: no reference model run)",
+        "KL penalty coefficient (see kl.placement; 0.001 as the method doc's DVPO recipe, verl's kl_loss_coef), >= 0 (0: no reference model run)",
     ),
     (
         "kl.estimator",

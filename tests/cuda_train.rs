@@ -84,8 +84,8 @@ fn cuda_policy_and_critic_updates_match_the_cpu() {
         .map(|&l| l + (rng.range(-0.2, 0.2) as f32))
         .collect();
     let adv: Vec<f32> = (0..b * s).map(|_| rng.normal() as f32).collect();
-    let (a, ga) = pc.update(&seqs, &skip, &old, &adv, &tw).unwrap();
-    let (c, gc) = pg.update(&seqs, &skip, &old, &adv, &tw).unwrap();
+    let (a, ga) = pc.update(&seqs, &skip, &old, &adv, &tw, None).unwrap();
+    let (c, gc) = pg.update(&seqs, &skip, &old, &adv, &tw, None).unwrap();
     close("actor pg_loss", c.pg_loss, a.pg_loss, 5e-2);
     close("actor entropy", c.entropy, a.entropy, 5e-2);
     let norm = |g: &[Vec<f32>]| {

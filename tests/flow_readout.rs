@@ -17,7 +17,6 @@ use dfpo::graph::{GraphBuilder, Session};
 use dfpo::kernels::adamw::AdamWParams;
 use dfpo::kernels::flow::{self, FlowHeadShape, IntegrateOpts, Solver};
 use dfpo::kernels::inv_normal_cdf;
-use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::train::config::CriticConfig;
 use dfpo::train::heads::{FlowTermWeights, RiskTerms};
 use dfpo::train::models::{flow_head_graph, FlowHeadSpec};
@@ -116,15 +115,7 @@ fn train_and_measure(w_gc: f32, rng: &mut Rng) -> Vec<(f64, f64, f64)> {
             bcfm: d.w_bcfm as f32,
             gc: w_gc,
         },
-        risk: RiskTerms {
-            levels: TailLevels::default(),
-            weights: RiskLossWeights {
-                cvar: 0.0,
-                gain: 0.0,
-                shape: 0.0,
-                mean_shift: 0.0,
-            },
-        },
+        risk: RiskTerms::off(),
         gc_solve: IntegrateOpts {
             steps: d.target_steps as u32,
             solver: Solver::Euler,

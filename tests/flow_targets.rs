@@ -2,7 +2,9 @@
 //! noise of the flow-matching terms.
 
 use dfpo::kernels::flow::{self, FlowHeadShape, Solver};
-use dfpo::train::rollout::{flow_readout, flow_targets, FlowSolve, FlowTargetOpts, Stream};
+use dfpo::train::rollout::{
+    flow_readout, flow_targets, FlowSolve, FlowTargetOpts, FlowTargets, Stream,
+};
 use dfpo::train::step_ops::StepOps;
 
 mod common;
@@ -48,12 +50,38 @@ fn setup(rng: &mut Rng, k: usize, clip: Option<(f32, f32)>) -> Setup {
     }
 }
 
-fn opts() -> FlowTargetOpts {
-    FlowTargetOpts {
-        gamma: 1.0,
-        kappa: 0.3,
-        direction: 1,
-        anchor_lambda: true,
+impl Setup {
+    /// [`flow_targets`] of a still head (v ≡ 0: every solve stays at its start) with readout
+    /// samples 0.5, std 0.3, the given λ-returns and token rewards.
+    fn still_targets(&self, ret: &[f32], rewards: &[f32], seed: u64) -> FlowTargets {
+        let n = self.mask.len();
+        let k = self.fs.k;
+        let still = constant_head(&self.fs.shape, 0.0);
+        let (z, sd) = (vec![0.5f32; n * k], vec![0.3f32; n]);
+        let mut tau_rng = Stream::new(seed, 0, "tau");
+        let o = FlowTargetOpts {
+            gamma: 1.0,
+            kappa: 0.3,
+            direction: 1,
+            anchor_lambda: true,
+        };
+        let ops = StepOps::host();
+        let (fs, u, mask) = (&self.fs, &self.u, &self.mask);
+        flow_targets(
+            &ops,
+            fs,
+            &still,
+            u,
+            &z,
+            &sd,
+            ret,
+            rewards,
+            mask,
+            self.s,
+            &o,
+            &mut tau_rng,
+        )
+        .unwrap()
     }
 }
 
@@ -65,30 +93,10 @@ fn the_return_clip_applies_to_returns_not_to_partial_solves() {
     let mut rng = Rng::fresh("the_return_clip_applies_to_returns");
     let k = 16;
     let st = setup(&mut rng, k, Some((0.0, 1.0)));
-    let (fs, s) = (&st.fs, st.s);
+    let fs = &st.fs;
     let n = st.mask.len();
     // v ≡ 0: every solve stays at its start, z'_τ = ε.
-    let still = constant_head(&fs.shape, 0.0);
-    let z = vec![0.5f32; n * k];
-    let sd = vec![0.3f32; n];
-    let ret = vec![0.5f32; n * k];
-    let rewards = vec![0.0f32; n];
-    let mut tau_rng = Stream::new(1, 0, "tau");
-    let t = flow_targets(
-        &StepOps::host(),
-        fs,
-        &still,
-        &st.u,
-        &z,
-        &sd,
-        &ret,
-        &rewards,
-        &st.mask,
-        s,
-        &opts(),
-        &mut tau_rng,
-    )
-    .unwrap();
+    let t = st.still_targets(&vec![0.5f32; n * k], &vec![0.0f32; n], 1);
     // DCFM's evaluation point r + γ·z'_τ = ε on continuing tokens: about half below 0.
     let mut below = 0;
     let mut total = 0;
@@ -123,29 +131,10 @@ fn the_matching_terms_sample_their_noise_per_row() {
     let mut rng = Rng::fresh("the_matching_terms_sample_their_noise");
     let k = 64;
     let st = setup(&mut rng, k, None);
-    let (fs, s) = (&st.fs, st.s);
     let n = st.mask.len();
-    let still = constant_head(&fs.shape, 0.0);
-    let z = vec![0.5f32; n * k];
-    let sd = vec![0.3f32; n];
     let ret: Vec<f32> = rng.uniform_vec(n * k, 0.0, 1.0);
     let rewards: Vec<f32> = rng.uniform_vec(n, -0.1, 0.1);
-    let mut tau_rng = Stream::new(rng.next_u64() >> 1, 0, "tau");
-    let t = flow_targets(
-        &StepOps::host(),
-        fs,
-        &still,
-        &st.u,
-        &z,
-        &sd,
-        &ret,
-        &rewards,
-        &st.mask,
-        s,
-        &opts(),
-        &mut tau_rng,
-    )
-    .unwrap();
+    let t = st.still_targets(&ret, &rewards, rng.next_u64() >> 1);
     let mut eps = Vec::new();
     for (i, &r_i) in rewards.iter().enumerate() {
         if st.mask[i] == 0.0 {

@@ -99,9 +99,10 @@ fn actor_loss_with_a_kl_term_matches_finite_differences_and_its_value() {
     let mut rng = Rng::fresh(module_path!());
     let n = 48;
     let lp: Vec<f32> = (0..n).map(|_| rng.range(-3.0, -0.1) as f32).collect();
+    // Ratios well inside the clip range: no kink within the finite-difference step.
     let old: Vec<f32> = lp
         .iter()
-        .map(|&l| l + rng.range(-0.3, 0.3) as f32)
+        .map(|&l| l + rng.range(-0.1, 0.1) as f32)
         .collect();
     let rf: Vec<f32> = lp
         .iter()

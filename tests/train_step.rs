@@ -87,7 +87,7 @@ fn actor_loss_matches_an_independent_ppo_computation() {
         .collect();
     let adv: Vec<f32> = (0..rows * s).map(|_| rng.normal() as f32).collect();
     let tw = dfpo::train::rollout::token_weights(m, s, false);
-    let (st, _) = t.policy.update(seqs, skip, &old, &adv, &tw).unwrap();
+    let (st, _) = t.policy.update(seqs, skip, &old, &adv, &tw, None).unwrap();
 
     // Independently: the plain decoder graph's log-probs and the rl kernel's PPO loss.
     let dec = Decoder::load(tiny_model()).unwrap();
@@ -375,15 +375,7 @@ fn value_and_quantile_losses_match_independent_computations() {
         k,
         kappa: 1.0,
         sum_quantiles: true,
-        risk: RiskTerms {
-            levels: TailLevels::default(),
-            weights: RiskLossWeights {
-                cvar: 0.0,
-                gain: 0.0,
-                shape: 0.0,
-                mean_shift: 0.0,
-            },
-        },
+        risk: RiskTerms::off(),
     };
     let mut c = Critic::new(&dec, b, s, &Device::Cpu, head, &OptSettings::constant(1e-3)).unwrap();
     let g: Vec<f32> = (0..n * k).map(|_| rng.range(-2.0, 2.0) as f32).collect();

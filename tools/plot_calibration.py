@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from plot_metrics import pyplot
+
 
 def fail(msg):
     print(f"plot_calibration: error: {msg}", file=sys.stderr)
@@ -64,14 +66,7 @@ def main(argv):
         print(table(runs))
     if not a.out:
         return 0
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("matplotlib is not installed: pip install -r tools/reference/requirements-plot.txt "
-             "(e.g. python3 -m venv ~/.dfpo-plotenv && ~/.dfpo-plotenv/bin/pip install -r "
-             "tools/reference/requirements-plot.txt, then run this script with ~/.dfpo-plotenv/bin/python)")
+    plt = pyplot(fail)
     critics = [(c, cr) for _, c in runs for cr in c["critics"]]
     fig, axes = plt.subplots(len(critics), 2, figsize=(9, 2.2 * len(critics)), squeeze=False)
     for i, (c, cr) in enumerate(critics):

@@ -39,6 +39,19 @@ def fail(msg):
     sys.exit(2)
 
 
+def pyplot(fail):
+    """matplotlib.pyplot on the Agg backend, or `fail` with how to install it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("matplotlib is not installed: pip install -r tools/reference/requirements-plot.txt "
+             "(e.g. python3 -m venv ~/.dfpo-plotenv && ~/.dfpo-plotenv/bin/pip install -r "
+             "tools/reference/requirements-plot.txt, then run this script with ~/.dfpo-plotenv/bin/python)")
+    return plt
+
+
 def metrics_path(arg):
     """(path of metrics.jsonl, run label) for a run folder or a metrics file."""
     if os.path.isdir(arg):
@@ -107,14 +120,7 @@ def main(argv):
         keys = [k for k in DEFAULT_KEYS if k in present] or sorted(present)
     if not keys:
         fail("the metrics files have no metrics to plot")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("matplotlib is not installed: pip install -r tools/reference/requirements-plot.txt "
-             "(e.g. python3 -m venv ~/.dfpo-plotenv && ~/.dfpo-plotenv/bin/pip install -r "
-             "tools/reference/requirements-plot.txt, then run this script with ~/.dfpo-plotenv/bin/python)")
+    plt = pyplot(fail)
     ncols = min(3, len(keys))
     nrows = (len(keys) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False)

@@ -388,6 +388,19 @@ pub struct RiskTerms {
 }
 
 impl RiskTerms {
+    /// No risk term (every weight 0).
+    pub fn off() -> Self {
+        RiskTerms {
+            levels: TailLevels::default(),
+            weights: RiskLossWeights {
+                cvar: 0.0,
+                gain: 0.0,
+                shape: 0.0,
+                mean_shift: 0.0,
+            },
+        }
+    }
+
     fn active(&self) -> bool {
         let w = &self.weights;
         w.cvar != 0.0 || w.gain != 0.0 || w.shape != 0.0 || w.mean_shift != 0.0

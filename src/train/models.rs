@@ -207,21 +207,10 @@ impl Policy {
     }
 
     /// One update on a minibatch (at most B rows; `old_lp`, `adv`, `tok_w` are `[rows][S]`).
-    pub fn update(
-        &mut self,
-        seqs: &[Vec<u32>],
-        skip: &[usize],
-        old_lp: &[f32],
-        adv: &[f32],
-        tok_w: &[f32],
-    ) -> Result<(ActorStats, Vec<Vec<f32>>)> {
-        self.update_with_kl(seqs, skip, old_lp, adv, tok_w, None)
-    }
-
-    /// [`Policy::update`] with the KL-in-the-loss inputs: the reference log-probs (`[rows][S]`)
-    /// and β. Needed exactly when the policy was built with a KL term.
+    /// `kl`: the KL-in-the-loss inputs, the reference log-probs (`[rows][S]`) and β, given
+    /// exactly when the policy was built with a KL term.
     #[allow(clippy::too_many_arguments)]
-    pub fn update_with_kl(
+    pub fn update(
         &mut self,
         seqs: &[Vec<u32>],
         skip: &[usize],

@@ -717,9 +717,7 @@ impl Trainer {
         let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
         let ref_lp = p.ref_lp.as_ref().map(|r| gather(r, sel, s));
         let kl = ref_lp.as_deref().map(|r| (r, self.kl_coef as f32));
-        let (st, g) = self
-            .policy
-            .update_with_kl(&seqs, &sk, &old_lp, &adv, &tw, kl)?;
+        let (st, g) = self.policy.update(&seqs, &sk, &old_lp, &adv, &tw, kl)?;
         let stop = |msg: String| -> Result<()> {
             if !skip_nonfinite {
                 return Err(Error::Invalid(format!(

@@ -5,12 +5,15 @@
 
 A RUN_DIR is a dfpo-train output folder (its critic_calibration.json is read). The PNG holds
 one PIT histogram per critic and truth (a calibrated critic's is flat at 1/bins; mass at the
-ends: too narrow; in the middle: too wide). --table prints the scores as a Markdown table.
+ends: too narrow; in the middle: too wide). --table prints the scores as a Markdown table;
+runs whose folder names differ only by a "-sN" seed suffix are one row, mean ± sample std
+over the seeds (the PNG shows their mean histogram).
 Needs matplotlib for the PNG: pip install -r tools/reference/requirements-plot.txt
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 from plot_metrics import pyplot
@@ -36,19 +39,43 @@ def load(arg):
     return path, c
 
 
+def run_label(path):
+    """The run's folder name without a "-sN" seed suffix."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return re.sub(r"-s\d+$", "", name)
+
+
+def groups(runs):
+    """[(run label, critic name, [critic entries over seeds], step)] in first-seen order."""
+    out = {}
+    for path, c in runs:
+        for cr in c["critics"]:
+            key = (run_label(path), cr["name"])
+            out.setdefault(key, (c["step"], []))[1].append(cr)
+    return [(label, name, crs, step) for (label, name), (step, crs) in out.items()]
+
+
+def stat(xs, digits):
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{m:.{digits}f}"
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
 def table(runs):
     lines = [
-        "| critic | truth | value MSE | CRPS (floor) | CVaR_α abs. error | PIT L1 |",
-        "|---|---|---|---|---|---|",
+        "| run | critic | seeds | truth | value MSE | CRPS | CRPS floor | CVaR_α abs. error | PIT L1 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for _, c in runs:
-        for cr in c["critics"]:
-            for truth in ("noisy", "clean"):
-                s = cr[truth]
-                lines.append(
-                    f"| {cr['name']} | {truth} | {s['value_mse']:.4f} | {s['crps']:.4f} "
-                    f"({s['crps_floor']:.4f}) | {s['cvar_abs_err']:.3f} | {s['pit_l1']:.2f} |"
-                )
+    for label, name, crs, _ in groups(runs):
+        for truth in ("noisy", "clean"):
+            col = lambda k, d: stat([cr[truth][k] for cr in crs], d)
+            lines.append(
+                f"| {label} | {name} | {len(crs)} | {truth} | {col('value_mse', 4)} | "
+                f"{col('crps', 3)} | {col('crps_floor', 3)} | {col('cvar_abs_err', 3)} | "
+                f"{col('pit_l1', 2)} |"
+            )
     return "\n".join(lines)
 
 
@@ -67,24 +94,25 @@ def main(argv):
     if not a.out:
         return 0
     plt = pyplot(fail)
-    critics = [(c, cr) for _, c in runs for cr in c["critics"]]
-    fig, axes = plt.subplots(len(critics), 2, figsize=(9, 2.2 * len(critics)), squeeze=False)
-    for i, (c, cr) in enumerate(critics):
+    rows = groups(runs)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 2.2 * len(rows)), squeeze=False)
+    for i, (label, name, crs, step) in enumerate(rows):
         for j, truth in enumerate(("noisy", "clean")):
             ax = axes[i][j]
-            h = cr[truth]["pit"]
-            b = len(h)
+            b = len(crs[0][truth]["pit"])
+            h = [sum(cr[truth]["pit"][k] for cr in crs) / len(crs) for k in range(b)]
             ax.bar([(k + 0.5) / b for k in range(b)], h, width=1.0 / b, edgecolor="black")
             ax.axhline(1.0 / b, color="red", linestyle="--", linewidth=1)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
-            ax.set_title(f"{cr['name']}, {truth} truth (step {c['step']})", fontsize="small")
-            if i == len(critics) - 1:
+            seeds = f", {len(crs)} seeds" if len(crs) > 1 else ""
+            ax.set_title(f"{label}: {name}, {truth} truth (step {step}{seeds})", fontsize="small")
+            if i == len(rows) - 1:
                 ax.set_xlabel("PIT")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     fig.savefig(a.out, dpi=100)
-    print(f"wrote {a.out} ({len(critics)} critics)")
+    print(f"wrote {a.out} ({len(rows)} critics)")
     return 0
 
 

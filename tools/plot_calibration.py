@@ -95,7 +95,7 @@ def main(argv):
         return 0
     plt = pyplot(fail)
     rows = groups(runs)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.5 * len(rows)), squeeze=False)
     for i, (label, name, crs, step) in enumerate(rows):
         for j, truth in enumerate(("noisy", "clean")):
             ax = axes[i][j]
@@ -106,7 +106,7 @@ def main(argv):
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
             seeds = f", {len(crs)} seeds" if len(crs) > 1 else ""
-            ax.set_title(f"{label}: {name}, {truth} truth (step {step}{seeds})", fontsize="small")
+            ax.set_title(f"{label}: {name}\n{truth} truth, step {step}{seeds}", fontsize="small")
             if i == len(rows) - 1:
                 ax.set_xlabel("PIT")
     fig.tight_layout()

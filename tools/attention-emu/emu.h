@@ -12,7 +12,8 @@
 // starts as 0xFF bytes: NaN in bf16 and fp32). A shadow of the shared memory records, per byte and
 // barrier epoch, who wrote and who read it; two different threads touching a byte in the same
 // epoch with at least one write is reported as a race (like compute-sanitizer's racecheck).
-// The scheduling order of fibers can be forward, reversed or random per pass.
+// The scheduling order of fibers can be forward, reversed or random per pass, and so can the
+// order in which the blocks of a grid run.
 #pragma once
 #define DFPO_EMU 1
 
@@ -136,7 +137,8 @@ struct State {
     std::vector<std::vector<std::vector<Copy>>> groups;  // [thread][committed group]
     std::vector<std::vector<Copy>> open;                 // [thread]: not yet committed
     std::function<void()> body;
-    int order = 0;  // 0 forward, 1 reverse, 2 random
+    int order = 0;        // threads of a block: 0 forward, 1 reverse, 2 random
+    int block_order = 0;  // blocks of a grid: 0 forward, 1 reverse, 2 random
     std::mt19937 rng{12345};
     long races = 0, collectives = 0, blocks = 0;
 };
@@ -295,12 +297,18 @@ inline void launch(const char* name, dim3_t grid, dim3_t block, size_t smem_byte
     E.r_tid.assign(smem_bytes, 0);
     blockDim = {block.x, 1, 1};
     gridDim = grid;
+    // Blocks run one at a time, in launch order (x fastest), reversed, or shuffled: a result
+    // that depends on the order of blocks (e.g. float atomics) differs between orders.
+    std::vector<dim3_t> blocks;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                blockIdx = {x, y, z};
-                run_block();
-            }
+            for (unsigned x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
+    if (E.block_order == 1) std::reverse(blocks.begin(), blocks.end());
+    if (E.block_order == 2) std::shuffle(blocks.begin(), blocks.end(), E.rng);
+    for (const dim3_t& b : blocks) {
+        blockIdx = b;
+        run_block();
+    }
     std::free(E.smem);
     E.smem = nullptr;
 }

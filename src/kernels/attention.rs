@@ -343,7 +343,8 @@ pub mod cuda {
     //!
     //! bf16 accumulation of gradients: each kernel reads the existing bf16 value, adds its
     //! contribution in fp32 and writes back one bf16 rounding (`dk`, `dv` in the main backward
-    //! kernel, `dq` after the fp32 workspace is complete), so `+=` rounds once per call.
+    //! kernel, `dq` in the dQ kernel), so `+=` rounds once per call. Each gradient element is
+    //! summed by one thread in a fixed order (no atomics): the backward is bit-reproducible.
     //!
     //! Views of `half::bf16` work without cudarc's `f16` feature (they only need a device
     //! pointer): allocate `u16` and use `CudaSlice::transmute` / `transmute_mut`.
@@ -414,7 +415,12 @@ pub mod cuda {
 
     fn bwd_smem(d: usize) -> usize {
         let bm = bwd_bm(d);
-        (2 * TILE + 4 * bm) * (d + PAD) * 2 + TILE * (bm + PAD) * 2 + 4 * bm * 4
+        (2 * TILE + 4 * bm) * (d + PAD) * 2 + 4 * bm * 4
+    }
+
+    /// The dQ kernel: Q and dO tiles, double-buffered K and V tiles.
+    fn dq_smem(d: usize) -> usize {
+        (2 * TILE + 4 * TILE) * (d + PAD) * 2
     }
 
     fn dec_smem(d: usize) -> usize {
@@ -429,10 +435,9 @@ pub mod cuda {
         Ok(())
     }
 
-    /// f32 elements of the workspace [`attention_bwd_raw`] needs: the dQ accumulator
-    /// (`B·S·Hq·D`) followed by delta (`B·Hq·S`).
-    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize, d: usize) -> usize {
-        b * s * hq * d + b * hq * s
+    /// f32 elements of the workspace [`attention_bwd_raw`] needs: delta (`B·Hq·S`).
+    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize) -> usize {
+        b * hq * s
     }
 
     /// Decode split: `(number of splits, keys per split)`. Depends on the shape only (the same
@@ -574,13 +579,14 @@ pub mod cuda {
         unsafe { attention_fwd_raw(dev, qp, kp, vp, lp, b, s, hq, hkv, d, scale, op, sp) }
     }
 
-    /// Causal attention backward on raw device pointers: three launches (delta and workspace
-    /// zeroing; the main kernel, which adds into `dk`, `dv`; dq += scale · workspace).
+    /// Causal attention backward on raw device pointers: three launches (delta; the main
+    /// kernel, which adds into `dk`, `dv`; the dQ kernel, which adds into `dq`). Every element
+    /// is summed in a fixed order (no atomics): the gradients are bit-reproducible.
     /// `workspace` holds [`bwd_workspace_len`] f32 and is overwritten.
     ///
     /// # Safety
     /// `q`, `out`, `dout`, `dq` must hold `B·S·Hq·D` bf16; `k`, `v`, `dk`, `dv` `B·S·Hkv·D` bf16;
-    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 16-byte aligned; all on
+    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 4-byte aligned; all on
     /// `dev`'s context. `dq`, `dk`, `dv` and `workspace` must not overlap anything else.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention_bwd_raw(
@@ -619,14 +625,13 @@ pub mod cuda {
             ("attention_bwd dq", dq, 16),
             ("attention_bwd dk", dk, 16),
             ("attention_bwd dv", dv, 16),
-            ("attention_bwd workspace", workspace, 16),
+            ("attention_bwd workspace", workspace, 4),
             ("attention_bwd lse", lse, 4),
             ("attention_bwd seq_lens", seq_lens, 4),
         ] {
             check_ptr(what, p, a)?;
         }
         let rows = b * s * hq;
-        let pairs = nq / 2;
         let (bi, si, hqi, hkvi) = (
             to_i32("attention_bwd B", b)?,
             s as i32,
@@ -635,9 +640,7 @@ pub mod cuda {
         );
         let warps_per_block = (THREADS / 32) as usize;
         let pre_blocks = to_i32("attention_bwd B*S*Hq", rows.div_ceil(warps_per_block))?;
-        let dq_blocks = to_i32("attention_bwd B*S*Hq*D", pairs.div_ceil(THREADS as usize))?;
-        let dq_ws = workspace;
-        let delta = workspace + 4 * nq as u64;
+        let delta = workspace;
         let sl2 = scale * LOG2E;
 
         let name = format!("attention_bwd_pre_d{d}");
@@ -647,7 +650,6 @@ pub mod cuda {
             .arg(&dout)
             .arg(&seq_lens)
             .arg(&delta)
-            .arg(&dq_ws)
             .arg(&bi)
             .arg(&si)
             .arg(&hqi);
@@ -658,49 +660,34 @@ pub mod cuda {
         };
         dev.launch(&name, a, cfg)?;
 
-        let name = format!("attention_bwd_d{d}");
-        let f = dev.function(FAMILY, &name)?;
-        let smem = bwd_smem(d);
-        smem_opt_in(dev, &f, smem)?;
-        let mut a = dev.launch_builder(&f);
-        a.arg(&q)
-            .arg(&k)
-            .arg(&v)
-            .arg(&dout)
-            .arg(&lse)
-            .arg(&delta)
-            .arg(&seq_lens)
-            .arg(&dq_ws)
-            .arg(&dk)
-            .arg(&dv)
-            .arg(&si)
-            .arg(&hqi)
-            .arg(&hkvi)
-            .arg(&scale)
-            .arg(&sl2);
-        let cfg = LaunchConfig {
-            grid_dim: (hkv as u32, b as u32, s.div_ceil(TILE) as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        dev.launch(&name, a, cfg)?;
-
-        let name = format!("attention_bwd_dq_d{d}");
-        let f = dev.function(FAMILY, &name)?;
-        let mut a = dev.launch_builder(&f);
-        a.arg(&dq_ws)
-            .arg(&seq_lens)
-            .arg(&dq)
-            .arg(&bi)
-            .arg(&si)
-            .arg(&hqi)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (dq_blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        dev.launch(&name, a, cfg)
+        // dK, dV (grid over key tiles) and dQ (grid over query tiles) read the same inputs.
+        for (name, smem, grid_x, grad) in [
+            (format!("attention_bwd_d{d}"), bwd_smem(d), hkv, None),
+            (format!("attention_bwd_dq_d{d}"), dq_smem(d), hq, Some(dq)),
+        ] {
+            let f = dev.function(FAMILY, &name)?;
+            smem_opt_in(dev, &f, smem)?;
+            let mut a = dev.launch_builder(&f);
+            a.arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&dout)
+                .arg(&lse)
+                .arg(&delta)
+                .arg(&seq_lens);
+            match &grad {
+                Some(dq) => a.arg(dq),
+                None => a.arg(&dk).arg(&dv),
+            };
+            a.arg(&si).arg(&hqi).arg(&hkvi).arg(&scale).arg(&sl2);
+            let cfg = LaunchConfig {
+                grid_dim: (grid_x as u32, b as u32, s.div_ceil(TILE) as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            dev.launch(&name, a, cfg)?;
+        }
+        Ok(())
     }
 
     /// Causal attention backward (see the module doc) on device views; `dq`, `dk`, `dv`
@@ -741,7 +728,7 @@ pub mod cuda {
         ] {
             check_len(what, len, want)?;
         }
-        let ws = bwd_workspace_len(b, s, hq, d);
+        let ws = bwd_workspace_len(b, s, hq);
         if workspace.len() < ws {
             return Err(Error::Shape(format!(
                 "attention_bwd workspace: length {}, needs at least {ws}",

@@ -65,8 +65,9 @@ static size_t fwd_smem(int D) { return (size_t)(64 + 2 * 64) * (D + 8) * 2; }
 static int bwd_bm(int D) { return D >= 128 ? 32 : 64; }
 static size_t bwd_smem(int D) {
     const int BN = 64, BM = bwd_bm(D);
-    return (size_t)(2 * BN + 4 * BM) * (D + 8) * 2 + (size_t)BN * (BM + 8) * 2 + 4 * BM * 4;
+    return (size_t)(2 * BN + 4 * BM) * (D + 8) * 2 + 4 * BM * 4;
 }
+static size_t dq_smem(int D) { return (size_t)(2 * 64 + 4 * 64) * (D + 8) * 2; }
 static int dec_ch(int D) { return D >= 128 ? 32 : 64; }
 static size_t dec_smem(int D) { return (size_t)(8 * D + 8 * dec_ch(D) + 8) * 4 + (size_t)4 * dec_ch(D) * (D + 8) * 2; }
 
@@ -88,20 +89,20 @@ static void run_fwd(const Shape& sh, bf* q, bf* k, bf* v, u32* lens, bf* o, floa
 }
 
 static void run_bwd(const Shape& sh, bf* q, bf* k, bf* v, bf* o, float* lse, bf* dout, u32* lens, bf* dq, bf* dk,
-                    bf* dv, float* delta, float* dq_ws, float scale) {
+                    bf* dv, float* delta, float scale) {
     const float sl2 = scale * ATT_LOG2E;
     const long long rows = (long long)sh.B * sh.S * sh.Hq;
     dim3_t g1{(unsigned)((rows + 3) / 4), 1, 1};
     emu::launch("attention_bwd_pre", g1, {128, 1, 1}, 16,
-                [=] { ENTRY(attention_bwd_pre, sh.D, o, dout, lens, delta, dq_ws, sh.B, sh.S, sh.Hq); });
+                [=] { ENTRY(attention_bwd_pre, sh.D, o, dout, lens, delta, sh.B, sh.S, sh.Hq); });
     dim3_t g2{(unsigned)sh.Hkv, (unsigned)sh.B, (unsigned)((sh.S + 63) / 64)};
     emu::launch("attention_bwd", g2, {128, 1, 1}, bwd_smem(sh.D), [=] {
-        ENTRY(attention_bwd, sh.D, q, k, v, dout, lse, delta, lens, dq_ws, dk, dv, sh.S, sh.Hq, sh.Hkv, scale, sl2);
+        ENTRY(attention_bwd, sh.D, q, k, v, dout, lse, delta, lens, dk, dv, sh.S, sh.Hq, sh.Hkv, scale, sl2);
     });
-    const long long pairs = rows * sh.D / 2;
-    dim3_t g3{(unsigned)((pairs + 127) / 128), 1, 1};
-    emu::launch("attention_bwd_dq", g3, {128, 1, 1}, 16,
-                [=] { ENTRY(attention_bwd_dq, sh.D, dq_ws, lens, dq, sh.B, sh.S, sh.Hq, scale); });
+    dim3_t g3{(unsigned)sh.Hq, (unsigned)sh.B, (unsigned)((sh.S + 63) / 64)};
+    emu::launch("attention_bwd_dq", g3, {128, 1, 1}, dq_smem(sh.D), [=] {
+        ENTRY(attention_bwd_dq, sh.D, q, k, v, dout, lse, delta, lens, dq, sh.S, sh.Hq, sh.Hkv, scale, sl2);
+    });
 }
 
 // Double reference of the forward on bf16-rounded inputs (as floats).
@@ -198,7 +199,7 @@ static void test_fwd_bwd(const Shape& sh) {
     const size_t nq = (size_t)B * S * Hq * D, nk = (size_t)B * S * Hkv * D, nl = (size_t)B * Hq * S;
     const double scale = 1.0 / std::sqrt((double)D);
     Buf<bf> q(nq), k(nk), v(nk), o(nq), dout(nq), dq(nq), dk(nk), dv(nk);
-    Buf<float> lse(nl), delta(nl), dq_ws(nq);
+    Buf<float> lse(nl), delta(nl);
     Buf<u32> lens(B);
     for (int b = 0; b < B; ++b) lens[b] = (u32)sh.lens[b];
     std::vector<float> fq, fk, fv, fdo;
@@ -267,12 +268,10 @@ static void test_fwd_bwd(const Shape& sh) {
     init_grad(dk, dk0, Hkv);
     init_grad(dv, dv0, Hkv);
     for (size_t i = 0; i < nl; ++i) delta[i] = NaNf;
-    for (size_t i = 0; i < nq; ++i) dq_ws[i] = NaNf;
     run_bwd(sh, q.p(), k.p(), v.p(), o.p(), lse.p(), dout.p(), lens.p(), dq.p(), dk.p(), dv.p(), delta.p(),
-            dq_ws.p(), (float)scale);
+            (float)scale);
     for (auto* bp : {&dq, &dk, &dv}) bp->check("bwd grad buffer");
     delta.check("bwd delta");
-    dq_ws.check("bwd dq workspace");
 
     std::vector<double> rdq, rdk, rdv;
     ref_bwd(sh, fq, fk, fv, fo, fl, fdo, scale, rdq, rdk, rdv);
@@ -317,7 +316,7 @@ static void test_fwd_bwd(const Shape& sh) {
         }
         emu::E.block_order = order;
         run_bwd(sh, q.p(), k.p(), v.p(), o.p(), lse.p(), dout.p(), lens.p(), dq.p(), dk.p(), dv.p(), delta.p(),
-                dq_ws.p(), (float)scale);
+                (float)scale);
         emu::E.block_order = order0;
         auto same = [&](const char* name, Buf<bf>& g, const std::vector<bf>& want) {
             size_t diff = 0;

@@ -37,6 +37,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// Static __shared__ arrays become function statics: one copy, used by the block that runs (blocks
+// run one at a time). Unlike the dynamic shared memory they are not race-tracked or poisoned.
+#define __shared__ static
 
 struct dim3_t {
     unsigned x = 1, y = 1, z = 1;
@@ -60,6 +63,15 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float __int_as_float(unsigned i) { return __int_as_float((int)i); }
+inline float __uint_as_float(unsigned i) { return __int_as_float((int)i); }
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline unsigned __float_as_uint(float f) { return (unsigned)__float_as_int(f); }
+using std::isfinite;
+using std::isnan;
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 

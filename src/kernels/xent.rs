@@ -18,11 +18,15 @@
 //! Rows with `g_lp = g_H = 0` are left untouched.
 //!
 //! # Non-finite logits
-//! `-inf` logits are allowed (masked vocabulary entries: probability 0, gradient 0). The CPU
-//! reference rejects NaN and `+inf` logits, a row of only `-inf`, and targets `>= V` with
-//! [`Error::Invalid`]. The CUDA kernels cannot return errors: NaN / `+inf` logits give NaN
-//! outputs for their row, and an out-of-range target (other than [`IGNORE_INDEX`]) gives a NaN
-//! logprob and no logprob gradient.
+//! `-inf` logits are allowed (masked vocabulary entries: probability 0, gradient 0). A row of
+//! only `-inf` logits (everything masked) has no distribution; CPU and CUDA both give it
+//! `lse = -inf`, `entropy = 0` (an empty support carries no uncertainty, and a masked-out row
+//! must not turn a batch's entropy into NaN), `logprob = NaN` for a real target (its probability
+//! is undefined: visible downstream) and 0 for [`IGNORE_INDEX`], and no gradient. The CPU
+//! reference rejects NaN and `+inf` logits and targets `>= V` with [`Error::Invalid`]. The CUDA
+//! kernels cannot return errors: NaN / `+inf` logits give NaN outputs for their row, and an
+//! out-of-range target (other than [`IGNORE_INDEX`]) gives a NaN logprob and no logprob
+//! gradient.
 //!
 //! # CUDA
 //! Logits and `d_logits` are bf16, passed as their bit patterns (`u16`, `half::bf16::to_bits`;
@@ -78,6 +82,7 @@ pub mod cpu {
     use super::*;
 
     /// (max of s, Σ exp(s − m), Σ exp(s − m)·(s − m)) over one row, s = z / t; validates the row.
+    /// A row of only -inf gives (-inf, 0, 0).
     fn row_stats<T: Real>(row: &[T], t: T, r: usize) -> Result<(T, T, T)> {
         let mut m: Option<T> = None;
         for (j, &z) in row.iter().enumerate() {
@@ -96,11 +101,9 @@ pub mod cpu {
                 });
             }
         }
-        let m = m.ok_or_else(|| {
-            Error::Invalid(format!(
-                "xent: logits row {r} is entirely -inf: the softmax is undefined"
-            ))
-        })?;
+        let Some(m) = m else {
+            return Ok((T::from_f64(f64::NEG_INFINITY), T::ZERO, T::ZERO));
+        };
         let (mut s_sum, mut a_sum) = (T::ZERO, T::ZERO);
         for &z in row {
             if z.is_finite() {
@@ -142,7 +145,8 @@ pub mod cpu {
             let ls = ln(s);
             let l = m + ls;
             lse[r] = l;
-            entropy[r] = ls - a / s;
+            // s = 0 only for a row of -inf logits (module doc): entropy 0, not 0/0.
+            entropy[r] = if s == T::ZERO { T::ZERO } else { ls - a / s };
             let tg = targets[r];
             logprob[r] = if tg == IGNORE_INDEX {
                 T::ZERO
@@ -191,10 +195,11 @@ pub mod cpu {
                 _ => T::ZERO,
             };
             let g_h = d_entropy.map_or(T::ZERO, |d| d[r]);
-            if g_lp == T::ZERO && g_h == T::ZERO {
+            let (l, h) = (lse[r], entropy[r]);
+            // Nothing upstream, or a row of only -inf logits (no distribution, no gradient).
+            if (g_lp == T::ZERO && g_h == T::ZERO) || l.to_f64() == f64::NEG_INFINITY {
                 continue;
             }
-            let (l, h) = (lse[r], entropy[r]);
             let row = &logits[r * v..(r + 1) * v];
             let drow = &mut d_logits[r * v..(r + 1) * v];
             for (j, (&z, dz)) in row.iter().zip(drow.iter_mut()).enumerate() {

@@ -96,6 +96,8 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return {(uint16_t)(u >> 16)};
 }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
 inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {__bfloat162float(v.x), __bfloat162float(v.y)}; }
 
 namespace emu {
@@ -116,7 +118,7 @@ struct Copy {
     int bytes, src_bytes;
 };
 
-enum Kind { K_SHFL = 1, K_LDSM, K_LDSM_T, K_MMA, K_SYNCWARP };
+enum Kind { K_SHFL = 1, K_LDSM, K_LDSM_T, K_MMA, K_SYNCWARP, K_SHFL_IDX, K_SHFL_UP, K_SHFL_DOWN, K_BALLOT };
 
 struct WarpSt {
     int arrived = 0;
@@ -370,10 +372,74 @@ inline T __shfl_xor_sync(unsigned mask, T v, int o) {
            }).v;
 }
 
-inline float atomicAdd(float* p, float v) {
-    const float old = *p;
+// Shuffles other than xor (PTX shfl.sync.idx / .up / .down with the whole warp): lane l reads
+// lane src & 31, l - d (its own value below d) or l + d (its own value from 32 - d).
+template <class T>
+inline T emu_shfl(int kind, unsigned mask, T v, int arg) {
+    struct In {
+        T v;
+        int arg;
+        unsigned mask;
+    };
+    struct Out {
+        T v;
+    };
+    return emu::collective<In, Out>(kind, In{v, arg, mask}, [kind](const In* const* in, Out* out, int w) {
+               for (int l = 0; l < 32; ++l) {
+                   if (in[l]->mask != 0xffffffffu) emu::fail("%s: shfl with a partial mask", emu::E.kernel);
+                   const int a = in[l]->arg;
+                   if (kind != emu::K_SHFL_IDX && a != in[0]->arg)
+                       emu::fail("%s: warp %d: lanes shuffle by different deltas", emu::E.kernel, w);
+                   int src = l;
+                   if (kind == emu::K_SHFL_IDX) src = a & 31;
+                   if (kind == emu::K_SHFL_UP && l >= a) src = l - a;
+                   if (kind == emu::K_SHFL_DOWN && l + a < 32) src = l + a;
+                   out[l].v = in[src]->v;
+               }
+           }).v;
+}
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src) { return emu_shfl(emu::K_SHFL_IDX, mask, v, src); }
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned d) { return emu_shfl(emu::K_SHFL_UP, mask, v, (int)d); }
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned d) { return emu_shfl(emu::K_SHFL_DOWN, mask, v, (int)d); }
+
+inline unsigned __ballot_sync(unsigned mask, bool pred) {
+    struct In {
+        int p;
+        unsigned mask;
+    };
+    struct Out {
+        unsigned b;
+    };
+    return emu::collective<In, Out>(emu::K_BALLOT, In{pred ? 1 : 0, mask}, [](const In* const* in, Out* out, int) {
+               unsigned b = 0;
+               for (int l = 0; l < 32; ++l) {
+                   if (in[l]->mask != 0xffffffffu) emu::fail("%s: ballot with a partial mask", emu::E.kernel);
+                   b |= (unsigned)in[l]->p << l;
+               }
+               for (int l = 0; l < 32; ++l) out[l].b = b;
+           }).b;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+// Atomics: fibers switch only at synchronisation points, so a read-modify-write is atomic.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
     *p = old + v;
     return old;
+}
+
+// Round-to-nearest float operations (no contraction on the host either: -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline unsigned long long __float2ull_rn(float f) {
+    if (!(f > 0.f)) return 0ull;  // negative and NaN (cvt.rni.u64 saturates; NaN gives 0)
+    if (f >= 18446744073709551616.f) return ~0ull;
+    return (unsigned long long)std::nearbyint(f);
 }
 
 typedef unsigned int emu_u32;

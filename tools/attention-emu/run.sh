@@ -10,6 +10,7 @@ case "${1:-}" in
     risk | xent | sample) check="$1"; shift ;;
 esac
 exe="${TMPDIR:-/tmp}/dfpo-$check-emu"
-g++ -std=c++17 -O2 -g -fno-strict-aliasing -U_FORTIFY_SOURCE -Wall -Wno-unused-function -Wno-unknown-pragmas \
+g++ -std=c++17 -O2 -g -fno-strict-aliasing -ffp-contract=off -U_FORTIFY_SOURCE -Wall -Wno-unused-function \
+    -Wno-unknown-pragmas -I"$here/include" \
     -o "$exe" "$here/${check}_emu.cpp"
 exec "$exe" "$@"

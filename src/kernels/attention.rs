@@ -471,11 +471,44 @@ pub mod cuda {
         grid_dim(&format!("{what} Hkv"), hkv, 65535)?;
         grid_dim(&format!("{what} B"), b, 65535)?;
         grid_dim(
-            &format!("{what} S/64"),
-            to_i32(&format!("{what} S"), s)? as usize / TILE + 1,
+            &format!("{what} query tiles"),
+            (to_i32(&format!("{what} S"), s)? as usize).div_ceil(TILE),
             65535,
         )?;
         Ok(())
+    }
+
+    /// The launch configurations of the forward and the three backward kernels for a shape
+    /// (pure, so the limits are tested at real sizes without a GPU). Grids: forward and dQ
+    /// (Hq, B, S/64), delta (B·S·Hq/4), dK/dV (Hkv, B, S/64).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Launches {
+        pub fwd: LaunchConfig,
+        pub bwd_pre: LaunchConfig,
+        pub bwd: LaunchConfig,
+        pub bwd_dq: LaunchConfig,
+    }
+
+    /// [`Launches`] of a (checked) shape; `Error::Shape` past a grid limit.
+    pub fn launches(b: usize, s: usize, hq: usize, hkv: usize, d: usize) -> Result<Launches> {
+        grid_checks("attention", b, s, hq, hkv)?;
+        let rows = b * s * hq;
+        let pre_blocks = to_i32(
+            "attention_bwd B*S*Hq/4",
+            rows.div_ceil((THREADS / 32) as usize),
+        )?;
+        let cfg = |grid_dim, smem: usize| LaunchConfig {
+            grid_dim,
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let tiles = s.div_ceil(TILE) as u32;
+        Ok(Launches {
+            fwd: cfg((hq as u32, b as u32, tiles), fwd_smem(d)),
+            bwd_pre: cfg((pre_blocks as u32, 1, 1), 0),
+            bwd: cfg((hkv as u32, b as u32, tiles), bwd_smem(d)),
+            bwd_dq: cfg((hq as u32, b as u32, tiles), dq_smem(d)),
+        })
     }
 
     /// Causal attention forward on raw device pointers: `out` (bf16) and `lse` (f32).
@@ -505,7 +538,7 @@ pub mod cuda {
         if nq == 0 {
             return Ok(());
         }
-        grid_checks("attention_fwd", b, s, hq, hkv)?;
+        let cfg = launches(b, s, hq, hkv, d)?.fwd;
         for (what, p, a) in [
             ("attention_fwd q", q, 16),
             ("attention_fwd k", k, 16),
@@ -520,8 +553,7 @@ pub mod cuda {
         let sl2 = scale * LOG2E;
         let name = format!("attention_fwd_d{d}");
         let f = dev.function(FAMILY, &name)?;
-        let smem = fwd_smem(d);
-        smem_opt_in(dev, &f, smem)?;
+        smem_opt_in(dev, &f, cfg.shared_mem_bytes as usize)?;
         let mut a = dev.launch_builder(&f);
         a.arg(&q)
             .arg(&k)
@@ -533,11 +565,6 @@ pub mod cuda {
             .arg(&hqi)
             .arg(&hkvi)
             .arg(&sl2);
-        let cfg = LaunchConfig {
-            grid_dim: (hq as u32, b as u32, s.div_ceil(TILE) as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
         dev.launch(&name, a, cfg)
     }
 
@@ -615,7 +642,7 @@ pub mod cuda {
         if nq == 0 {
             return Ok(());
         }
-        grid_checks("attention_bwd", b, s, hq, hkv)?;
+        let cfgs = launches(b, s, hq, hkv, d)?;
         for (what, p, a) in [
             ("attention_bwd q", q, 16),
             ("attention_bwd k", k, 16),
@@ -631,15 +658,7 @@ pub mod cuda {
         ] {
             check_ptr(what, p, a)?;
         }
-        let rows = b * s * hq;
-        let (bi, si, hqi, hkvi) = (
-            to_i32("attention_bwd B", b)?,
-            s as i32,
-            hq as i32,
-            hkv as i32,
-        );
-        let warps_per_block = (THREADS / 32) as usize;
-        let pre_blocks = to_i32("attention_bwd B*S*Hq", rows.div_ceil(warps_per_block))?;
+        let (bi, si, hqi, hkvi) = (b as i32, s as i32, hq as i32, hkv as i32);
         let delta = workspace;
         let sl2 = scale * LOG2E;
 
@@ -653,20 +672,15 @@ pub mod cuda {
             .arg(&bi)
             .arg(&si)
             .arg(&hqi);
-        let cfg = LaunchConfig {
-            grid_dim: (pre_blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        dev.launch(&name, a, cfg)?;
+        dev.launch(&name, a, cfgs.bwd_pre)?;
 
         // dK, dV (grid over key tiles) and dQ (grid over query tiles) read the same inputs.
-        for (name, smem, grid_x, grad) in [
-            (format!("attention_bwd_d{d}"), bwd_smem(d), hkv, None),
-            (format!("attention_bwd_dq_d{d}"), dq_smem(d), hq, Some(dq)),
+        for (name, cfg, grad) in [
+            (format!("attention_bwd_d{d}"), cfgs.bwd, None),
+            (format!("attention_bwd_dq_d{d}"), cfgs.bwd_dq, Some(dq)),
         ] {
             let f = dev.function(FAMILY, &name)?;
-            smem_opt_in(dev, &f, smem)?;
+            smem_opt_in(dev, &f, cfg.shared_mem_bytes as usize)?;
             let mut a = dev.launch_builder(&f);
             a.arg(&q)
                 .arg(&k)
@@ -680,11 +694,6 @@ pub mod cuda {
                 None => a.arg(&dk).arg(&dv),
             };
             a.arg(&si).arg(&hqi).arg(&hkvi).arg(&scale).arg(&sl2);
-            let cfg = LaunchConfig {
-                grid_dim: (grid_x as u32, b as u32, s.div_ceil(TILE) as u32),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
             dev.launch(&name, a, cfg)?;
         }
         Ok(())
@@ -889,5 +898,50 @@ pub mod cuda {
         let (wp, _g6) = workspace.device_ptr_mut(st);
         // SAFETY: lengths checked above; &mut views cannot alias each other or the inputs.
         unsafe { decode_attention_raw(dev, qp, kp, vp, lp, b, hq, hkv, max_len, d, scale, op, wp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::{launches, HEAD_DIMS};
+    use crate::device::check_launch;
+
+    /// Shared memory a block may opt into on an H100 / H200.
+    const SMEM_LIMIT: u32 = 227 * 1024;
+
+    #[test]
+    fn launches_at_the_qwen2_05b_training_size() {
+        // 64 sequences of 1024 tokens, 14 query heads, 2 kv heads, head dim 64.
+        let l = launches(64, 1024, 14, 2, 64).unwrap();
+        assert_eq!(l.fwd.grid_dim, (14, 64, 16));
+        assert_eq!(l.bwd.grid_dim, (2, 64, 16));
+        assert_eq!(l.bwd_dq.grid_dim, (14, 64, 16));
+        assert_eq!(l.bwd_pre.grid_dim, (64 * 1024 * 14 / 4, 1, 1));
+        for d in HEAD_DIMS {
+            let l = launches(64, 1024, 14, 2, d).unwrap();
+            for (name, c) in [
+                ("fwd", l.fwd),
+                ("pre", l.bwd_pre),
+                ("bwd", l.bwd),
+                ("dq", l.bwd_dq),
+            ] {
+                assert!(check_launch(name, &c).unwrap(), "D={d} {name}");
+                assert!(c.shared_mem_bytes <= SMEM_LIMIT, "D={d} {name}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn launches_past_the_grid_limits_are_errors() {
+        // Grid z: at most 65535 query tiles of 64; grid y: at most 65535 sequences.
+        let l = launches(1, 65535 * 64, 1, 1, 64).unwrap();
+        assert_eq!(l.fwd.grid_dim.2, 65535);
+        assert!(check_launch("fwd", &l.fwd).unwrap());
+        assert!(launches(1, 65535 * 64 + 1, 1, 1, 64).is_err());
+        assert!(launches(65535, 64, 1, 1, 64).is_ok());
+        assert!(launches(65536, 64, 1, 1, 64).is_err());
+        assert!(launches(1, 64, 1, 65536, 64).is_err());
+        // The delta kernel's grid: B·S·Hq / 4 blocks at most i32::MAX.
+        assert!(launches(65535, 65536, 4, 1, 64).is_err());
     }
 }

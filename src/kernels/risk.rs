@@ -557,7 +557,9 @@ pub mod cuda {
         }
     }
 
-    fn launch_config(r: usize, l: &Layout) -> LaunchConfig {
+    /// The launch over `r` rows (the kernels loop over row groups, so the grid only needs to be
+    /// valid); `r` is at most i32::MAX ([`stats_raw`] and [`loss_raw`] check it).
+    pub fn launch_config(r: usize, l: &Layout) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (r.div_ceil(l.rows_per_block) as u32, 1, 1),
             block_dim: (l.threads as u32, 1, 1),
@@ -803,5 +805,25 @@ pub mod cuda {
         let rlp = rl.as_ref().map_or(0, |(p, _)| *p);
         // SAFETY: every pointer comes from a live view of the length checked above.
         unsafe { loss_raw(dev, pp, tp, sp, r, k, levels, w, mp, gp, rlp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::{launch_config, layout};
+    use super::MAX_K;
+    use crate::device::check_launch;
+
+    #[test]
+    fn launch_at_real_sizes() {
+        // One row per response token of 64 x 1024, and the most rows a launch takes.
+        for k in [1, 8, 32, 64, 1000, MAX_K] {
+            for r in [64 * 1024, i32::MAX as usize] {
+                let l = layout(k);
+                let c = launch_config(r, &l);
+                assert!(check_launch("risk", &c).unwrap(), "K={k} R={r}: {c:?}");
+                assert!(c.grid_dim.0 as usize * l.rows_per_block >= r);
+            }
+        }
     }
 }

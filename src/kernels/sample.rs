@@ -380,10 +380,7 @@ pub mod cuda {
                 "sample: v = {v} exceeds the kernel's limit {MAX_VOCAB}"
             )));
         }
-        let rows = u32::try_from(n)
-            .ok()
-            .filter(|&x| x <= i32::MAX as u32)
-            .ok_or_else(|| Error::Shape(format!("sample: n = {n} rows exceeds 2^31 − 1")))?;
+        let cfg = launch_config(n)?;
         if n == 0 {
             return Ok(());
         }
@@ -417,12 +414,21 @@ pub mod cuda {
             .arg(&logprob_sample)
             .arg(&logprob_policy)
             .arg(&n_kept);
-        let cfg = LaunchConfig {
+        dev.launch("sample_rows", a, cfg)
+    }
+
+    /// The launch over `n` rows: one block per row (the kernel indexes rows as `row·V` in i64);
+    /// `Error::Shape` past the grid limit.
+    pub fn launch_config(n: usize) -> Result<LaunchConfig> {
+        let rows = u32::try_from(n)
+            .ok()
+            .filter(|&x| x <= i32::MAX as u32)
+            .ok_or_else(|| Error::Shape(format!("sample: n = {n} rows exceeds 2^31 − 1")))?;
+        Ok(LaunchConfig {
             grid_dim: (rows, 1, 1),
             block_dim: (SAMPLE_BLOCK, 1, 1),
             shared_mem_bytes: 0,
-        };
-        dev.launch("sample_rows", a, cfg)
+        })
     }
 
     /// Samples one token per row (see the module doc) on device views.
@@ -466,5 +472,29 @@ pub mod cuda {
         };
         // SAFETY: lengths checked above; the &mut views cannot alias each other or the logits.
         unsafe { sample_raw(dev, zp, n, v, p, seed, counter, tp, lsp, lpp, kp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::{launch_config, MAX_VOCAB};
+    use super::element_counter;
+    use crate::device::check_launch;
+
+    #[test]
+    fn launch_and_counters_at_real_sizes() {
+        // A decode batch of 64 rows and a scoring pass over 64 x 1024 rows, vocabulary 151936.
+        for n in [64, 64 * 1024] {
+            let c = launch_config(n).unwrap();
+            assert_eq!(c.grid_dim, (n as u32, 1, 1));
+            assert!(check_launch("sample_rows", &c).unwrap());
+        }
+        assert!(launch_config(1 << 31).is_err());
+        // Per-element counters are 64-bit: the last logit of the last row is past 2^32.
+        let (n, v) = (64 * 1024, 151_936usize);
+        assert_eq!(element_counter(0, n - 1, v, v - 1), (n * v - 1) as u64);
+        assert!(element_counter(0, n - 1, v, v - 1) > u32::MAX as u64);
+        // Top-p masses are count · 2^40 in u64: the largest vocabulary keeps them in range.
+        assert!((MAX_VOCAB as u128) << 40 <= u64::MAX as u128);
     }
 }

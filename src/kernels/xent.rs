@@ -229,23 +229,22 @@ pub mod cuda {
     /// Threads per block (`XENT_BLOCK` in xent.cu).
     const XENT_BLOCK: u32 = 512;
 
-    fn check_rows(what: &str, n: usize) -> Result<u32> {
-        u32::try_from(n)
+    /// The launch of either kernel over `n` rows: one block per row (the kernels index the
+    /// logits as `row·V` in i64, so `n·V` may pass 2^32); `Error::Shape` past the grid limit.
+    pub fn launch_config(what: &str, n: usize) -> Result<LaunchConfig> {
+        let rows = u32::try_from(n)
             .ok()
             .filter(|&x| x <= i32::MAX as u32)
             .ok_or_else(|| {
                 Error::Shape(format!(
                     "{what}: n = {n} rows exceeds the grid limit 2^31 − 1"
                 ))
-            })
-    }
-
-    fn cfg(rows: u32) -> LaunchConfig {
-        LaunchConfig {
+            })?;
+        Ok(LaunchConfig {
             grid_dim: (rows, 1, 1),
             block_dim: (XENT_BLOCK, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
     /// Forward on raw device pointers: `logits` `[n][v]` bf16 bits (2-byte aligned), `targets`
@@ -268,7 +267,7 @@ pub mod cuda {
     ) -> Result<()> {
         check_temperature("xent forward", temperature)?;
         dims("xent forward", n, v)?;
-        let rows = check_rows("xent forward", n)?;
+        let cfg = launch_config("xent forward", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -288,7 +287,7 @@ pub mod cuda {
             .arg(&logprob)
             .arg(&lse)
             .arg(&entropy);
-        dev.launch("xent_fwd", a, cfg(rows))
+        dev.launch("xent_fwd", a, cfg)
     }
 
     /// Forward (see the module doc) on device views.
@@ -347,7 +346,7 @@ pub mod cuda {
     ) -> Result<()> {
         check_temperature("xent backward", temperature)?;
         dims("xent backward", n, v)?;
-        let rows = check_rows("xent backward", n)?;
+        let cfg = launch_config("xent backward", n)?;
         if n == 0 || (d_logprob == 0 && d_entropy == 0) {
             return Ok(());
         }
@@ -377,7 +376,7 @@ pub mod cuda {
             .arg(&d_logprob)
             .arg(&d_entropy)
             .arg(&d_logits);
-        dev.launch("xent_bwd", a, cfg(rows))
+        dev.launch("xent_bwd", a, cfg)
     }
 
     /// Backward (see the module doc) on device views; accumulates into `d_logits`.
@@ -433,5 +432,22 @@ pub mod cuda {
         let (dp, _g7) = d_logits.device_ptr_mut(s);
         // SAFETY: lengths checked above; `d_logits` is a &mut view, so it aliases no input.
         unsafe { backward_raw(dev, zp, tp, n, v, temperature, lp, ep, glp, gh, dp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::launch_config;
+    use crate::device::check_launch;
+
+    #[test]
+    fn launch_at_the_qwen2_05b_size() {
+        // 64 sequences of 1024 tokens over 151936 logits: 9.96e9 logits, past 2^32 (the row
+        // offsets themselves run on the emulator: tools/attention-emu/run.sh xent).
+        let c = launch_config("xent", 64 * 1024).unwrap();
+        assert_eq!(c.grid_dim, (65536, 1, 1));
+        assert!(check_launch("xent_fwd", &c).unwrap());
+        assert!(launch_config("xent", i32::MAX as usize).is_ok());
+        assert!(launch_config("xent", 1 << 31).is_err());
     }
 }

@@ -1221,6 +1221,23 @@ pub mod gpu {
         dev.launch("decoder_nll_bwd", l, cfg)
     }
 
+    #[cfg(test)]
+    mod tests {
+        use super::grid;
+        use crate::device::check_launch;
+
+        #[test]
+        fn elementwise_grid_at_the_logits_size() {
+            // 64 x 1024 tokens x 151936 logits: 9.96e9 elements; the grid-stride kernels take n
+            // as i64 and index in i64, so a capped grid covers it.
+            let n = 64 * 1024 * 151_936usize;
+            let c = grid(n);
+            assert_eq!(c.grid_dim, (65536, 1, 1));
+            assert!(check_launch("decoder_add_bf16", &c).unwrap());
+            assert_eq!(grid(0).grid_dim, (1, 1, 1));
+        }
+    }
+
     /// Device-to-device copy of `bytes` on the device's stream.
     ///
     /// # Safety

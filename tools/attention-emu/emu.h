@@ -153,6 +153,9 @@ struct State {
     std::function<void()> body;
     int order = 0;        // threads of a block: 0 forward, 1 reverse, 2 random
     int block_order = 0;  // blocks of a grid: 0 forward, 1 reverse, 2 random
+    // When not empty: run only these blocks (linear index x + gx (y + gy z)) of the next launch,
+    // e.g. the last rows of a real-size problem whose buffers are sparse mappings.
+    std::vector<long long> only_blocks;
     std::mt19937 rng{12345};
     long races = 0, collectives = 0, blocks = 0;
 };
@@ -316,7 +319,12 @@ inline void launch(const char* name, dim3_t grid, dim3_t block, size_t smem_byte
     std::vector<dim3_t> blocks;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
+            for (unsigned x = 0; x < grid.x; ++x) {
+                const long long lin = x + (long long)grid.x * (y + (long long)grid.y * z);
+                if (E.only_blocks.empty() ||
+                    std::find(E.only_blocks.begin(), E.only_blocks.end(), lin) != E.only_blocks.end())
+                    blocks.push_back({x, y, z});
+            }
     if (E.block_order == 1) std::reverse(blocks.begin(), blocks.end());
     if (E.block_order == 2) std::shuffle(blocks.begin(), blocks.end(), E.rng);
     for (const dim3_t& b : blocks) {

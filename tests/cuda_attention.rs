@@ -356,6 +356,38 @@ fn cuda_attention_bwd_matches_cpu() {
     }
 }
 
+/// The backward kernels' parameter lists in the embedded PTX (byte sizes, in order) match what
+/// `attention_bwd_raw` pushes: delta (o, dout, seq_lens, delta, B, S, Hq); dK/dV (q, k, v, dout,
+/// lse, delta, seq_lens, dk, dv, S, Hq, Hkv, scale, scale·log2e); dQ (the same with dq alone).
+/// Runs without a GPU.
+#[test]
+fn backward_kernel_parameters_match_the_launcher() {
+    let Some(ptx) = dfpo::device::embedded::get("attention").and_then(|k| k.ptx) else {
+        eprintln!("SKIPPED backward_kernel_parameters_match_the_launcher: this build has no PTX");
+        return;
+    };
+    let pre = [8, 8, 8, 8, 4, 4, 4];
+    let bwd = [8, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4];
+    let dq = [8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4];
+    for d in cuda::HEAD_DIMS {
+        for (name, want) in [
+            (format!("attention_bwd_pre_d{d}"), &pre[..]),
+            (format!("attention_bwd_d{d}"), &bwd[..]),
+            (format!("attention_bwd_dq_d{d}"), &dq[..]),
+        ] {
+            let entry = format!(".entry {name}(");
+            let at = ptx.find(&entry).expect("kernel entry");
+            let rest = &ptx[at + entry.len()..];
+            let sizes: Vec<usize> = rest[..rest.find(')').unwrap()]
+                .lines()
+                .filter(|l| l.contains(".param"))
+                .map(|l| if l.contains(".u64") { 8 } else { 4 })
+                .collect();
+            assert_eq!(sizes, want, "{name} parameter sizes");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_decode_attention_matches_cpu() {

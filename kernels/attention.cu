@@ -131,6 +131,16 @@ __device__ __forceinline__ void att_st_bf16x2(bf16* p, float lo, float hi) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(lo, hi);
 }
 
+// The A fragment of one k16 step from the C fragments of its two n8 tiles (fp32 -> bf16): the
+// C layout of two adjacent n8 tiles is the A layout (see the header), so P and dS never leave
+// registers.
+__device__ __forceinline__ void att_c_to_a(u32 (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = att_pack_bf16(lo[0], lo[1]);
+    a[1] = att_pack_bf16(lo[2], lo[3]);
+    a[2] = att_pack_bf16(hi[0], hi[1]);
+    a[3] = att_pack_bf16(hi[2], hi[3]);
+}
+
 // Queues cp.async copies of an R x D bf16 tile: shared row r (stride D + ATT_PAD) <- global row
 // row0 + r (at src + (row0 + r) * stride); rows at or past `valid` are zero-filled, never read.
 template <int D, int R>
@@ -299,12 +309,7 @@ __device__ __forceinline__ void attention_fwd_impl(const bf16* __restrict__ q, c
                 }
             }
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                pa[kk][0] = att_pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                pa[kk][1] = att_pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                pa[kk][2] = att_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[kk][3] = att_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
+            for (int kk = 0; kk < BN / 16; ++kk) att_c_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
         }
         att_cp_wait<0>();
         __syncthreads();  // V_j landed; every warp is done with K_j
@@ -495,12 +500,7 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
         {
             u32 pa[BM / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                pa[kk][0] = att_pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                pa[kk][1] = att_pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                pa[kk][2] = att_pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                pa[kk][3] = att_pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-            }
+            for (int kk = 0; kk < BM / 16; ++kk) att_c_to_a(pa[kk], st[2 * kk], st[2 * kk + 1]);
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
@@ -539,12 +539,7 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
         {
             u32 dsa[BM / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                dsa[kk][0] = att_pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
-                dsa[kk][1] = att_pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
-                dsa[kk][2] = att_pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-                dsa[kk][3] = att_pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-            }
+            for (int kk = 0; kk < BM / 16; ++kk) att_c_to_a(dsa[kk], dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
@@ -696,10 +691,7 @@ __device__ __forceinline__ void attention_bwd_dq_impl(const bf16* __restrict__ q
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             u32 dsa[4];
-            dsa[0] = att_pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
-            dsa[1] = att_pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
-            dsa[2] = att_pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-            dsa[3] = att_pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+            att_c_to_a(dsa, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
             for (int dt = 0; dt < D / 16; ++dt) {
                 u32 bk[4];

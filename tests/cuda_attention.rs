@@ -375,14 +375,7 @@ fn backward_kernel_parameters_match_the_launcher() {
             (format!("attention_bwd_d{d}"), &bwd[..]),
             (format!("attention_bwd_dq_d{d}"), &dq[..]),
         ] {
-            let entry = format!(".entry {name}(");
-            let at = ptx.find(&entry).expect("kernel entry");
-            let rest = &ptx[at + entry.len()..];
-            let sizes: Vec<usize> = rest[..rest.find(')').unwrap()]
-                .lines()
-                .filter(|l| l.contains(".param"))
-                .map(|l| if l.contains(".u64") { 8 } else { 4 })
-                .collect();
+            let sizes = common::ptx_param_sizes(ptx, &name);
             assert_eq!(sizes, want, "{name} parameter sizes");
         }
     }

@@ -199,24 +199,7 @@ fn kernel_parameters_match_the_launchers() {
             ("stats_perm", &stats[..]),
             ("loss", &loss[..]),
         ] {
-            let entry = format!(".entry risk_{kind}_p{p}(");
-            let at = ptx.find(&entry).expect("kernel entry");
-            let rest = &ptx[at + entry.len()..];
-            let sizes: Vec<usize> = rest[..rest.find(')').unwrap()]
-                .lines()
-                .filter(|l| l.contains(".param"))
-                .map(|l| {
-                    if l.contains(".u64") {
-                        8
-                    } else if l.contains(".u32") {
-                        4
-                    } else {
-                        // `.param .align 4 .b8 name[N]`
-                        let n = &l[l.find('[').unwrap() + 1..l.find(']').unwrap()];
-                        n.parse().unwrap()
-                    }
-                })
-                .collect();
+            let sizes = common::ptx_param_sizes(ptx, &format!("risk_{kind}_p{p}"));
             assert_eq!(sizes, want, "risk_{kind}_p{p} parameter sizes");
         }
     }
@@ -323,7 +306,6 @@ fn loss_matches_cpu() {
     let Some(dev) = cuda_for_test("cuda_risk::loss_matches_cpu") else {
         return;
     };
-    let st = dev.stream();
     let mut rng = Rng::fresh("cuda_risk::loss_matches_cpu");
     let w = RiskLossWeights {
         cvar: 1.0,
@@ -360,56 +342,70 @@ fn loss_matches_cpu() {
                 })
                 .collect();
 
-            let pd = st.clone_htod(&pred).unwrap();
-            let td = st.clone_htod(&target).unwrap();
-            let sd = st.clone_htod(&scale).unwrap();
-            let mut md = st.clone_htod(&vec![POISON; r * NTERMS]).unwrap();
-            let mut gd = st.clone_htod(&init).unwrap();
-            let mut rd = st.clone_htod(&vec![POISON; r]).unwrap();
             let want_row_loss = li == 0;
-            {
-                let mut rv = rd.as_view_mut();
-                cuda::loss(
-                    &dev,
-                    &pd.as_view(),
-                    &td.as_view(),
-                    k,
-                    levels,
-                    &w,
-                    &sd.as_view(),
-                    &mut md.as_view_mut(),
-                    &mut gd.as_view_mut(),
-                    want_row_loss.then_some(&mut rv),
-                )
-                .unwrap();
-            }
-            dev.synchronize().unwrap();
+            let (g_terms, g_grad, rl) = gpu_loss(
+                &dev,
+                (&pred, &target, &scale, &init),
+                k,
+                levels,
+                &w,
+                want_row_loss,
+            );
             let what = |s: &str| format!("K={k} {levels:?} R={r} {s}");
-            assert_close(
-                &what("terms"),
-                &st.clone_dtoh(&md).unwrap(),
-                &terms,
-                1e-4,
-                1e-5,
-            );
-            assert_close(
-                &what("grad (+=)"),
-                &st.clone_dtoh(&gd).unwrap(),
-                &grad,
-                1e-4,
-                1e-5,
-            );
-            let rl = st.clone_dtoh(&rd).unwrap();
+            assert_close(&what("terms"), &g_terms, &terms, 1e-4, 1e-5);
+            assert_close(&what("grad (+=)"), &g_grad, &grad, 1e-4, 1e-5);
             if want_row_loss {
                 assert_close(&what("row_loss"), &rl, &row_loss, 1e-4, 1e-5);
             } else {
                 assert!(
-                    rl.iter().all(|v| v.is_nan()),
+                    rl.iter().all(|&v| v == UNWRITTEN),
                     "row_loss written though not wanted"
                 );
             }
         }
     }
+}
+
+/// Runs `cuda::loss` on (pred, target, row_scale, initial grad) with terms and row_loss poisoned
+/// by [`UNWRITTEN`]; returns (terms, grad, row_loss) (row_loss stays poisoned unless wanted).
+fn gpu_loss(
+    dev: &Arc<CudaDevice>,
+    (pred, target, scale, init): (&[f32], &[f32], &[f32], &[f32]),
+    k: usize,
+    levels: TailLevels,
+    w: &RiskLossWeights,
+    want_row_loss: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let st = dev.stream();
+    let r = scale.len();
+    let pd = st.clone_htod(pred).unwrap();
+    let td = st.clone_htod(target).unwrap();
+    let sd = st.clone_htod(scale).unwrap();
+    let mut md = st.clone_htod(&vec![UNWRITTEN; r * NTERMS]).unwrap();
+    let mut gd = st.clone_htod(init).unwrap();
+    let mut rd = st.clone_htod(&vec![UNWRITTEN; r]).unwrap();
+    {
+        let mut rv = rd.as_view_mut();
+        cuda::loss(
+            dev,
+            &pd.as_view(),
+            &td.as_view(),
+            k,
+            levels,
+            w,
+            &sd.as_view(),
+            &mut md.as_view_mut(),
+            &mut gd.as_view_mut(),
+            want_row_loss.then_some(&mut rv),
+        )
+        .unwrap();
+    }
+    dev.synchronize().unwrap();
+    (
+        st.clone_dtoh(&md).unwrap(),
+        st.clone_dtoh(&gd).unwrap(),
+        st.clone_dtoh(&rd).unwrap(),
+    )
 }
 
 /// `assert_close` where `want` is a number; where it is NaN, `got` must be NaN too.
@@ -456,7 +452,6 @@ fn non_finite_rows_match_cpu() {
     let Some(dev) = cuda_for_test("cuda_risk::non_finite_rows_match_cpu") else {
         return;
     };
-    let st = dev.stream();
     let mut rng = Rng::fresh("cuda_risk::non_finite_rows_match_cpu");
     let w = RiskLossWeights {
         cvar: 1.0,
@@ -496,44 +491,10 @@ fn non_finite_rows_match_cpu() {
         let mut terms = vec![0.0f32; r * NTERMS];
         let mut grad = init.clone();
         cpu::loss(&pred, &target, k, levels, &w, &scale, &mut terms, &mut grad).unwrap();
-        let pd = st.clone_htod(&pred).unwrap();
-        let td = st.clone_htod(&target).unwrap();
-        let sd = st.clone_htod(&scale).unwrap();
-        let mut md = st.clone_htod(&vec![UNWRITTEN; r * NTERMS]).unwrap();
-        let mut gd = st.clone_htod(&init).unwrap();
-        let mut rd = st.clone_htod(&vec![UNWRITTEN; r]).unwrap();
-        {
-            let mut rv = rd.as_view_mut();
-            cuda::loss(
-                &dev,
-                &pd.as_view(),
-                &td.as_view(),
-                k,
-                levels,
-                &w,
-                &sd.as_view(),
-                &mut md.as_view_mut(),
-                &mut gd.as_view_mut(),
-                Some(&mut rv),
-            )
-            .unwrap();
-        }
-        dev.synchronize().unwrap();
-        close_or_nan(
-            &what("terms"),
-            &st.clone_dtoh(&md).unwrap(),
-            &terms,
-            1e-4,
-            1e-5,
-        );
-        close_or_nan(
-            &what("grad (+=)"),
-            &st.clone_dtoh(&gd).unwrap(),
-            &grad,
-            1e-4,
-            1e-5,
-        );
-        let rl = st.clone_dtoh(&rd).unwrap();
+        let (g_terms, g_grad, rl) =
+            gpu_loss(&dev, (&pred, &target, &scale, &init), k, levels, &w, true);
+        close_or_nan(&what("terms"), &g_terms, &terms, 1e-4, 1e-5);
+        close_or_nan(&what("grad (+=)"), &g_grad, &grad, 1e-4, 1e-5);
         for row in 0..r {
             let bad = terms[row * NTERMS].is_nan();
             assert_eq!(

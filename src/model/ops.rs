@@ -1221,6 +1221,16 @@ pub mod gpu {
         dev.launch("decoder_nll_bwd", l, cfg)
     }
 
+    /// Device-to-device copy of `bytes` on the device's stream.
+    ///
+    /// # Safety
+    /// Both are device buffers of at least `bytes`, not overlapping.
+    pub unsafe fn copy(dev: &CudaDevice, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        dev.make_current()?;
+        cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, dev.stream().cu_stream())?;
+        Ok(())
+    }
+
     #[cfg(test)]
     mod tests {
         use super::grid;
@@ -1236,15 +1246,5 @@ pub mod gpu {
             assert!(check_launch("decoder_add_bf16", &c).unwrap());
             assert_eq!(grid(0).grid_dim, (1, 1, 1));
         }
-    }
-
-    /// Device-to-device copy of `bytes` on the device's stream.
-    ///
-    /// # Safety
-    /// Both are device buffers of at least `bytes`, not overlapping.
-    pub unsafe fn copy(dev: &CudaDevice, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        dev.make_current()?;
-        cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, dev.stream().cu_stream())?;
-        Ok(())
     }
 }

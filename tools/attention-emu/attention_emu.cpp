@@ -5,7 +5,7 @@
 // the emulator's shared-memory race detector reports nothing.
 //
 //   tools/attention-emu/run.sh [quick|full] [order]     (order: 0 forward, 1 reverse, 2 random)
-#include "emu.h"
+#include "harness.h"
 
 #include "../../kernels/attention.cu"
 
@@ -13,11 +13,6 @@
 
 typedef __nv_bfloat16 bf;
 
-static std::mt19937_64 g_rng(42);
-static double normal() {
-    static std::normal_distribution<double> n(0.0, 1.0);
-    return n(g_rng);
-}
 static int irand(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g_rng); }
 
 static float rbf(float x) { return __bfloat162float(__float2bfloat16(x)); }
@@ -52,13 +47,6 @@ struct Shape {
     std::vector<int> lens;
 };
 
-static int g_fail = 0;
-static void expect(bool ok, const std::string& what) {
-    if (!ok) {
-        std::fprintf(stderr, "MISMATCH %s\n", what.c_str());
-        if (++g_fail > 20) std::exit(1);
-    }
-}
 
 // Launch wrappers (the same grids and shared-memory sizes as src/kernels/attention.rs).
 static size_t fwd_smem(int D) { return (size_t)(64 + 2 * 64) * (D + 8) * 2; }
@@ -462,12 +450,5 @@ int main(int argc, char** argv) {
                     test_decode(4, gr.Hq, gr.Hkv, D, max_len, lens, split);
                 }
     }
-    std::printf("emulated %ld blocks, %ld warp collectives; races %ld; mismatches %d\n", emu::E.blocks,
-                emu::E.collectives, emu::E.races, g_fail);
-    if (emu::E.races || g_fail) {
-        std::printf("FAILED\n");
-        return 1;
-    }
-    std::printf("OK\n");
-    return 0;
+    return finish();
 }

@@ -8,24 +8,12 @@
 //   - every other row matches the reference (rtol 1e-4, atol 1e-5) and is unaffected.
 //
 //   g++ -std=c++17 -O2 tools/attention-emu/risk_emu.cpp && ./a.out   (or tools/attention-emu/run.sh risk)
-#include "emu.h"
+#include "harness.h"
 
 #include "../../kernels/risk.cu"
 
 #include <string>
 
-static std::mt19937_64 g_rng(7);
-static double normal() {
-    static std::normal_distribution<double> n(0.0, 1.0);
-    return n(g_rng);
-}
-static int g_fail = 0;
-static void expect(bool ok, const std::string& what) {
-    if (!ok) {
-        std::fprintf(stderr, "MISMATCH %s\n", what.c_str());
-        if (++g_fail > 20) std::exit(1);
-    }
-}
 static const float NaNf = std::nanf(""), INFf = INFINITY;
 
 // max(1, floor(frac * K * (1 + 1e-6))) clamped to K, as tail_count in src/kernels/risk.rs.
@@ -285,6 +273,7 @@ static void test_loss(int K, double alpha, double beta) {
 
 int main(int argc, char** argv) {
     emu::E.order = argc > 1 ? std::atoi(argv[1]) : 0;
+    g_rng.seed(7);
     emu::E.block_order = emu::E.order;
     std::printf("risk emulator check: schedule order %d\n", emu::E.order);
     for (int K : {1, 2, 3, 5, 16, 31, 32, 33, 64, 100, 256, 1000, 1024}) {
@@ -292,8 +281,5 @@ int main(int argc, char** argv) {
         test_stats(K, 0.3, 0.1, true);
         test_loss(K, 0.25, 0.5);
     }
-    std::printf("emulated %ld blocks, %ld warp collectives; mismatches %d\n", emu::E.blocks, emu::E.collectives,
-                g_fail);
-    std::printf(g_fail ? "FAILED\n" : "OK\n");
-    return g_fail ? 1 : 0;
+    return finish();
 }

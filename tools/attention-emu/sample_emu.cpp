@@ -6,26 +6,12 @@
 // log-prob of their token (double reference).
 //
 //   tools/attention-emu/run.sh sample [order]
-#include "emu.h"
+#include "harness.h"
 
 #include "../../kernels/sample.cu"
 
 #include <string>
 
-static std::mt19937_64 g_rng(13);
-static double normal() {
-    static std::normal_distribution<double> n(0.0, 1.0);
-    return n(g_rng);
-}
-static int g_fail = 0;
-static void expect(bool ok, const std::string& what) {
-    if (!ok) {
-        std::fprintf(stderr, "MISMATCH %s\n", what.c_str());
-        if (++g_fail > 20) std::exit(1);
-    }
-}
-static unsigned short bf(float x) { return __float2bfloat16(x).x; }
-static double unbf(unsigned short b) { return (double)__bfloat162float(__nv_bfloat16{b}); }
 
 struct Params {
     const char* name;
@@ -42,10 +28,10 @@ static void test(int n, long long V, int offset) {
     // 4 every logit NaN.
     for (int r = 0; r < n; ++r) {
         for (long long j = 0; j < V; ++j)
-            z[(size_t)r * V + j] = bf(r % 5 == 2 ? -INFINITY : r % 5 == 4 ? NAN : (float)(2.0 * normal()));
+            z[(size_t)r * V + j] = bf_bits(r % 5 == 2 ? -INFINITY : r % 5 == 4 ? NAN : (float)(2.0 * normal()));
         const long long at = (r * 7919) % V;
-        if (r % 5 == 1) z[(size_t)r * V + at] = bf(NAN);
-        if (r % 5 == 3) z[(size_t)r * V + at] = bf(INFINITY);
+        if (r % 5 == 1) z[(size_t)r * V + at] = bf_bits(NAN);
+        if (r % 5 == 3) z[(size_t)r * V + at] = bf_bits(INFINITY);
     }
     const Params cases[] = {
         {"greedy", 1, 0.f, 0, 2.f}, {"T=1", 0, 1.f, 0, 2.f}, {"top-k 5", 0, 0.8f, 5, 2.f}, {"top-k 7 top-p 0.8", 0, 1.2f, 7, 0.8f}};
@@ -73,15 +59,15 @@ static void test(int n, long long V, int offset) {
             double m = -INFINITY;
             long long amax = 0;
             for (long long j = 0; j < V; ++j)
-                if (unbf(row[j]) > m) {
-                    m = unbf(row[j]);
+                if (bf_value(row[j]) > m) {
+                    m = bf_value(row[j]);
                     amax = j;
                 }
             double s = 0;
-            for (long long j = 0; j < V; ++j) s += std::exp(unbf(row[j]) - m);
+            for (long long j = 0; j < V; ++j) s += std::exp(bf_value(row[j]) - m);
             expect(tok[r] < V, rw + ": token " + std::to_string(tok[r]) + " out of range");
             if (tok[r] >= V) continue;
-            const double want_lpp = unbf(row[tok[r]]) - m - std::log(s);
+            const double want_lpp = bf_value(row[tok[r]]) - m - std::log(s);
             expect(std::fabs(lpp[r] - want_lpp) <= 1e-4 + 2e-6 * std::fabs(want_lpp),
                    rw + ": policy log-prob " + std::to_string(lpp[r]) + " want " + std::to_string(want_lpp));
             if (p.greedy) expect(tok[r] == amax && nk[r] == 1u && lps[r] == 0.f, rw + ": greedy");
@@ -95,13 +81,11 @@ static void test(int n, long long V, int offset) {
 
 int main(int argc, char** argv) {
     emu::E.order = argc > 1 ? std::atoi(argv[1]) : 0;
+    g_rng.seed(13);
     emu::E.block_order = emu::E.order;
     std::printf("sample emulator check: schedule order %d\n", emu::E.order);
     test(10, 17, 0);
     test(10, 300, 1);
     test(10, 5000, 3);
-    std::printf("emulated %ld blocks, %ld warp collectives; mismatches %d\n", emu::E.blocks, emu::E.collectives,
-                g_fail);
-    std::printf(g_fail ? "FAILED\n" : "OK\n");
-    return g_fail ? 1 : 0;
+    return finish();
 }

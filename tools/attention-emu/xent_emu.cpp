@@ -5,7 +5,7 @@
 // entropy = 0 (not 0/0), logprob NaN for a real target and 0 for an ignored one, and no gradient.
 //
 //   tools/attention-emu/run.sh xent [order]
-#include "emu.h"
+#include "harness.h"
 
 #include "../../kernels/xent.cu"
 
@@ -13,20 +13,6 @@
 
 #include <string>
 
-static std::mt19937_64 g_rng(11);
-static double normal() {
-    static std::normal_distribution<double> n(0.0, 1.0);
-    return n(g_rng);
-}
-static int g_fail = 0;
-static void expect(bool ok, const std::string& what) {
-    if (!ok) {
-        std::fprintf(stderr, "MISMATCH %s\n", what.c_str());
-        if (++g_fail > 20) std::exit(1);
-    }
-}
-static unsigned short bf(float x) { return __float2bfloat16(x).x; }
-static double unbf(unsigned short b) { return (double)__bfloat162float(__nv_bfloat16{b}); }
 static bool close(double got, double want, double tol) {
     return got == want || (std::isfinite(got) && std::fabs(got - want) <= tol * (1.0 + std::fabs(want)));
 }
@@ -37,8 +23,8 @@ static void fill_row(unsigned short* z, unsigned short* d0, long long V, int r) 
         float x = (float)(2.0 * normal());
         if (r % 4 == 1 || (r % 4 == 2 && j % 3 == 0)) x = -INFINITY;
         if (r % 4 == 3) x += 40.f;
-        z[j] = bf(x);
-        d0[j] = bf((float)(1e-3 * normal()));
+        z[j] = bf_bits(x);
+        d0[j] = bf_bits((float)(1e-3 * normal()));
     }
 }
 
@@ -77,26 +63,26 @@ static void run_check(int n, long long V, float T, const unsigned short* z, unsi
             continue;
         }
         double m = -INFINITY;
-        for (long long j = 0; j < V; ++j) m = std::max(m, unbf(zr[j]) / T);
+        for (long long j = 0; j < V; ++j) m = std::max(m, bf_value(zr[j]) / T);
         double s = 0, a = 0;
         for (long long j = 0; j < V; ++j) {
-            const double d = unbf(zr[j]) / T - m, e = std::exp(d);
+            const double d = bf_value(zr[j]) / T - m, e = std::exp(d);
             s += e;
             if (e > 0) a += e * d;
         }
         const double L = m + std::log(s), H = std::log(s) - a / s;
-        const double LP = ignored ? 0.0 : unbf(zr[tg[r]]) / T - L;
+        const double LP = ignored ? 0.0 : bf_value(zr[tg[r]]) / T - L;
         expect(close(lse[r], L, 2e-6), rw + ": lse " + std::to_string(lse[r]) + " want " + std::to_string(L));
         expect(close(ent[r], H, 2e-5), rw + ": entropy " + std::to_string(ent[r]) + " want " + std::to_string(H));
         expect(close(lp[r], LP, 2e-6), rw + ": logprob " + std::to_string(lp[r]) + " want " + std::to_string(LP));
         for (long long j = 0; j < V; ++j) {
-            const double logp = unbf(zr[j]) / T - lse[r], p = std::exp(logp);
+            const double logp = bf_value(zr[j]) / T - lse[r], p = std::exp(logp);
             const double g_lp = ignored ? 0.0 : glp[r];
             const double g = (g_lp * ((u32)j == tg[r] ? 1.0 - p : -p) - gh[r] * (p > 0 ? p * (logp + ent[r]) : 0.0)) / T;
-            const double want = unbf(d0r[j]) + g;
+            const double want = bf_value(d0r[j]) + g;
             // One bf16 rounding of the sum.
-            expect(std::fabs(unbf(dr[j]) - want) <= 4e-3 * std::fabs(want) + 1e-6,
-                   rw + ": d_logits[" + std::to_string(j) + "] " + std::to_string(unbf(dr[j])) + " want " +
+            expect(std::fabs(bf_value(dr[j]) - want) <= 4e-3 * std::fabs(want) + 1e-6,
+                   rw + ": d_logits[" + std::to_string(j) + "] " + std::to_string(bf_value(dr[j])) + " want " +
                        std::to_string(want));
         }
     }
@@ -144,14 +130,12 @@ static void test_real_size() {
 
 int main(int argc, char** argv) {
     emu::E.order = argc > 1 ? std::atoi(argv[1]) : 0;
+    g_rng.seed(11);
     emu::E.block_order = emu::E.order;
     std::printf("xent emulator check: schedule order %d\n", emu::E.order);
     test(8, 17, 0, 1.f);
     test(8, 1000, 1, 0.7f);
     test(8, 9000, 3, 1.3f);  // more than one 16-byte vector per thread, misaligned head and tail
     test_real_size();
-    std::printf("emulated %ld blocks, %ld warp collectives; mismatches %d\n", emu::E.blocks, emu::E.collectives,
-                g_fail);
-    std::printf(g_fail ? "FAILED\n" : "OK\n");
-    return g_fail ? 1 : 0;
+    return finish();
 }

@@ -141,6 +141,20 @@ __device__ __forceinline__ void att_c_to_a(u32 (&a)[4], const float (&lo)[4], co
     a[3] = att_pack_bf16(hi[2], hi[3]);
 }
 
+// acc (16 x D, C fragments) += A (16 x 16: one k16 step) * B (16 x D), B being rows k0..k0+15 of
+// a bf16 [k][n] shared tile with row stride D + ATT_PAD, at byte address `rows` (ldmatrix.trans;
+// off_bt = att_off_bt(lane, ...)).
+template <int D>
+__device__ __forceinline__ void att_mma_a_bt(float (&acc)[D / 8][4], const u32 (&a)[4], u32 rows, u32 off_bt) {
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+        u32 b[4];
+        att_ldsm_x4_t(b, rows + off_bt + dp * 16 * 2);
+        att_mma(acc[2 * dp], a, b[0], b[1]);
+        att_mma(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+}
+
 // Queues cp.async copies of an R x D bf16 tile: shared row r (stride D + ATT_PAD) <- global row
 // row0 + r (at src + (row0 + r) * stride); rows at or past `valid` are zero-filled, never read.
 template <int D, int R>
@@ -319,15 +333,8 @@ __device__ __forceinline__ void attention_fwd_impl(const bf16* __restrict__ q, c
         }
         if (active) {
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bv[4];
-                    att_ldsm_x4_t(bv, sV + off_bt + (kk * 16 * LD + dp * 16) * 2);
-                    att_mma(acc[2 * dp], pa[kk], bv[0], bv[1]);
-                    att_mma(acc[2 * dp + 1], pa[kk], bv[2], bv[3]);
-                }
-            }
+            for (int kk = 0; kk < BN / 16; ++kk)
+                att_mma_a_bt<D>(acc, pa[kk], sV + kk * 16 * LD * 2, off_bt);
         }
     }
 
@@ -502,15 +509,8 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) att_c_to_a(pa[kk], st[2 * kk], st[2 * kk + 1]);
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bo[4];
-                    att_ldsm_x4_t(bo, cdO + off_bt + (kk * 16 * LD + dp * 16) * 2);
-                    att_mma(dv_acc[2 * dp], pa[kk], bo[0], bo[1]);
-                    att_mma(dv_acc[2 * dp + 1], pa[kk], bo[2], bo[3]);
-                }
-            }
+            for (int kk = 0; kk < BM / 16; ++kk)
+                att_mma_a_bt<D>(dv_acc, pa[kk], cdO + kk * 16 * LD * 2, off_bt);
         }
         // dP^T = V_w dO^T, then dS^T = P^T (dP^T - delta) in place.
         float dpt[BM / 8][4];
@@ -541,15 +541,8 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) att_c_to_a(dsa[kk], dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bq[4];
-                    att_ldsm_x4_t(bq, cQ + off_bt + (kk * 16 * LD + dp * 16) * 2);
-                    att_mma(dk_acc[2 * dp], dsa[kk], bq[0], bq[1]);
-                    att_mma(dk_acc[2 * dp + 1], dsa[kk], bq[2], bq[3]);
-                }
-            }
+            for (int kk = 0; kk < BM / 16; ++kk)
+                att_mma_a_bt<D>(dk_acc, dsa[kk], cQ + kk * 16 * LD * 2, off_bt);
         }
     }
 
@@ -692,13 +685,7 @@ __device__ __forceinline__ void attention_bwd_dq_impl(const bf16* __restrict__ q
         for (int kk = 0; kk < BN / 16; ++kk) {
             u32 dsa[4];
             att_c_to_a(dsa, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int dt = 0; dt < D / 16; ++dt) {
-                u32 bk[4];
-                att_ldsm_x4_t(bk, cK + off_bt + (kk * 16 * LD + dt * 16) * 2);
-                att_mma(acc[2 * dt], dsa, bk[0], bk[1]);
-                att_mma(acc[2 * dt + 1], dsa, bk[2], bk[3]);
-            }
+            att_mma_a_bt<D>(acc, dsa, cK + kk * 16 * LD * 2, off_bt);
         }
     }
 

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 MUTATIONS = {
     "fwd K loaded as trans-B layout": ("att_ldsm_x4(bk, sK + off_b +", "att_ldsm_x4(bk, sK + off_bt +"),
-    "fwd V without .trans": ("att_ldsm_x4_t(bv, sV", "att_ldsm_x4(bv, sV"),
+    "B fragments without .trans": ("att_ldsm_x4_t(b, rows + off_bt", "att_ldsm_x4(b, rows + off_bt"),
     "fwd mid-loop barrier dropped": ("        __syncthreads();  // V_j landed; every warp is done with K_j", ""),
     "fwd waits for V too early": ("        att_cp_wait<0>();\n        __syncthreads();  // V_j landed",
                                   "        att_cp_wait<1>();\n        __syncthreads();  // V_j landed"),
@@ -31,7 +31,7 @@ MUTATIONS = {
     "dq leaves the current tile in flight": ("        att_cp_wait<0>();\n        __syncthreads();  // K_j, V_j",
                                             "        att_cp_wait<1>();\n        __syncthreads();  // K_j, V_j"),
     "dq dS from the wrong n8 tiles": ("att_c_to_a(dsa, dp[2 * kk], dp[2 * kk + 1]);", "att_c_to_a(dsa, dp[2 * kk + 1], dp[2 * kk]);"),
-    "dq K without .trans": ("att_ldsm_x4_t(bk, cK + off_bt", "att_ldsm_x4(bk, cK + off_bt"),
+    "dq dS times V instead of K": ("att_mma_a_bt<D>(acc, dsa, cK", "att_mma_a_bt<D>(acc, dsa, cV"),
     "dq causal mask off by one": ("if (key > row || row >= len) p = 0.f;", "if (key > row + 1 || row >= len) p = 0.f;"),
     "dq delta of the other row": ("dp[nt][e] = p * (dp[nt][e] - dl_r[e >> 1]);", "dp[nt][e] = p * (dp[nt][e] - dl_r[(e >> 1) ^ 1]);"),
     "dq skips the last key tile": ("const int n_kv = (kv_end + BN - 1) / BN;\n    const int wrow0 = q0 + warp * 16;\n    const bool warp_rows = wrow0 < len;\n    // lse",

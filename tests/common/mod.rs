@@ -102,3 +102,22 @@ pub fn fixtures_dir() -> std::path::PathBuf {
         Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
     }
 }
+
+/// Byte sizes, in order, of the parameters of kernel `name` in a PTX module: `.u64` 8, other
+/// scalars 4, `.b8 name[N]` (a by-value struct) N. Panics when the entry is missing.
+pub fn ptx_param_sizes(ptx: &str, name: &str) -> Vec<usize> {
+    let entry = format!(".entry {name}(");
+    let at = ptx
+        .find(&entry)
+        .unwrap_or_else(|| panic!("no kernel {name} in the PTX"));
+    let rest = &ptx[at + entry.len()..];
+    rest[..rest.find(')').unwrap()]
+        .lines()
+        .filter(|l| l.contains(".param"))
+        .map(|l| match l.find('[') {
+            Some(i) => l[i + 1..l.find(']').unwrap()].parse().unwrap(),
+            None if l.contains(".u64") => 8,
+            None => 4,
+        })
+        .collect()
+}

@@ -24,6 +24,8 @@ fn main() {
     let mut cli = Cli::parse();
     if !std::env::args().any(|a| a == "--out") {
         cli.sft.out = arith::builtin_dir();
+        // assets/arith-sft holds the previous output (and its README, which is kept).
+        cli.sft.overwrite = true;
     }
     if let Err(e) = run(&cli) {
         eprintln!("make_builtin_sft: error: {e}");

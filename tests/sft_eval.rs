@@ -204,15 +204,11 @@ fn answer_loss(dec: &Decoder, tok: &Tokenizer) -> f32 {
 fn short_sft_lowers_the_answer_loss_and_writes_a_loadable_deterministic_folder() {
     let d = tmpdir("short");
     let out = d.join("model");
-    // An existing output folder is replaced.
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("stale.txt"), "old").unwrap();
     let args = quick_args(&out);
     let rep = sft::train(&args).unwrap();
     assert_eq!(rep.losses.len(), 30);
     assert_eq!(rep.before.len(), 2);
     assert_eq!(rep.after.len(), 2);
-    assert!(!out.join("stale.txt").exists());
 
     let dec = Decoder::load(&out).unwrap();
     let tok = Tokenizer::from_dir(&out).unwrap();
@@ -254,6 +250,85 @@ fn short_sft_lowers_the_answer_loss_and_writes_a_loadable_deterministic_folder()
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(out3.join("model.safetensors")).unwrap()
     );
+}
+
+#[test]
+fn sft_never_deletes_or_moves_what_it_did_not_write() {
+    let d = tmpdir("out-rules");
+    let t0 = std::time::Instant::now();
+    // A folder with the user's files: refused before any training, nothing touched.
+    let out = d.join("mine");
+    std::fs::create_dir_all(out.join("sub")).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    std::fs::write(out.join("sub/data.bin"), "mine too").unwrap();
+    let quick = |out: &Path| SftArgs {
+        steps: 2,
+        eval_size: 4,
+        no_eval_before: true,
+        ..quick_args(out)
+    };
+    let e = sft::train(&quick(&out)).unwrap_err().to_string();
+    assert!(e.contains("not empty") && e.contains("notes.txt"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("sub/data.bin")).unwrap(),
+        "mine too"
+    );
+    // --out naming an existing file: refused before training, the file stays where it is.
+    let file = d.join("a-file");
+    std::fs::write(&file, "precious").unwrap();
+    let e = sft::train(&quick(&file)).unwrap_err().to_string();
+    assert!(e.contains("is a file"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    // --overwrite of a folder with files named like an HF folder but not written by sft.
+    let hf = d.join("user-hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), "{}").unwrap();
+    let e = sft::train(&SftArgs {
+        overwrite: true,
+        ..quick(&hf)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("config.json"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(hf.join("config.json")).unwrap(),
+        "{}"
+    );
+    // --overwrite into the folder with only the user's files: they stay beside the model.
+    sft::train(&SftArgs {
+        overwrite: true,
+        ..quick(&out)
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    Decoder::load(&out).unwrap();
+    // ... and again over that earlier sft output (another seed: other weights).
+    let w1 = std::fs::read(out.join("model.safetensors")).unwrap();
+    sft::train(&SftArgs {
+        overwrite: true,
+        seed: 3,
+        ..quick(&out)
+    })
+    .unwrap();
+    assert_ne!(w1, std::fs::read(out.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let hidden: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "staging left: {hidden:?}");
+    eprintln!("{:.1} s", t0.elapsed().as_secs_f64());
 }
 
 #[test]
@@ -310,6 +385,8 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
     let base = SftArgs {
         model: arith::builtin_dir().display().to_string(),
         no_eval_before: true,
+        // keep.txt is the user's: every error below must come before the output is touched.
+        overwrite: true,
         ..quick_args(&out)
     };
     let err = |a: SftArgs| sft::train(&a).unwrap_err().to_string();

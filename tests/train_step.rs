@@ -464,7 +464,7 @@ fn a_resumed_run_reproduces_the_uninterrupted_run_exactly() {
     assert!(err.to_string().contains("interrupted"), "{err}");
     drop(t);
     let mut cfg = small_cfg("dfpo", &b, 4);
-    cfg.run.resume = true;
+    cfg.run.resume = "true".into();
     let mut t = Trainer::new(cfg).unwrap();
     let sb = t.run().unwrap();
     let la: Vec<String> = std::fs::read_to_string(a.join("metrics.jsonl"))
@@ -544,10 +544,18 @@ fn a_non_finite_loss_stops_or_skips_and_keeps_the_last_checkpoint() {
     let ck = out.join("checkpoints/step-000002/state.safetensors");
     let saved = std::fs::read(&ck).unwrap();
     cfg.run.steps = 4;
-    cfg.run.resume = true;
+    cfg.run.resume = "true".into();
     cfg.optim.actor_lr = 1e30;
     cfg.optim.max_grad_norm = 0.0;
     cfg.run.on_nonfinite = "stop".into();
+    // Resuming with another learning rate is refused (it is another run); this test needs a
+    // checkpoint whose continuation blows up, so it stamps the new fingerprint into it.
+    let meta_path = out.join("checkpoints/step-000002/meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    meta["fingerprint"] =
+        serde_json::to_value(dfpo::train::run_dir::Fingerprint::of(&cfg).unwrap()).unwrap();
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
     let e = Trainer::new(cfg.clone())
         .unwrap()
         .run()

@@ -62,12 +62,16 @@ pub struct RunConfig {
     pub save_every: usize,
     /// Checkpoints kept (oldest removed first), >= 1.
     pub keep_checkpoints: usize,
-    /// Resume from the newest checkpoint in out_dir/checkpoints when there is one.
-    pub resume: bool,
+    /// "auto" (resume from the newest checkpoint in out_dir/checkpoints when there is one, else
+    /// start afresh), "true" (a checkpoint must exist) or "false" (a fresh run: the folder must
+    /// be empty). A resumed checkpoint's configuration fingerprint must match (run_dir.rs).
+    pub resume: String,
     /// What a non-finite loss or gradient does: "skip" (drop the update, log it) or "stop".
     pub on_nonfinite: String,
     /// Show the progress bar (stderr).
     pub progress: bool,
+    /// Start afresh in a folder holding a dfpo-train run, removing only what dfpo-train wrote.
+    pub overwrite: bool,
 }
 
 impl Default for RunConfig {
@@ -80,9 +84,10 @@ impl Default for RunConfig {
             eval_every: 0,
             save_every: 50,
             keep_checkpoints: 2,
-            resume: false,
+            resume: "auto".into(),
             on_nonfinite: "skip".into(),
             progress: true,
+            overwrite: false,
         }
     }
 }
@@ -442,13 +447,17 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "run.resume",
-        "resume from the newest checkpoint in out_dir/checkpoints when there is one",
+        "auto (continue the newest checkpoint of this configuration if there is one, else start afresh; verl's default) | true (a checkpoint must exist) | false (a new run: the folder must be empty)",
     ),
     (
         "run.on_nonfinite",
         "skip (drop the update, log it) | stop: on a non-finite loss or gradient",
     ),
     ("run.progress", "show the progress bar on stderr"),
+    (
+        "run.overwrite",
+        "start afresh in a folder holding a dfpo-train run: removes only what dfpo-train wrote (run.json, config.toml, metrics.jsonl, samples.jsonl, summary.json, checkpoints/, final/)",
+    ),
     (
         "model.policy",
         "policy init: builtin (the shipped SFT warm start) or an HF folder",
@@ -806,6 +815,15 @@ impl TrainConfig {
         at_least(key!("run.steps"), r.steps, 1)?;
         at_least(key!("run.keep_checkpoints"), r.keep_checkpoints, 1)?;
         one_of(key!("run.on_nonfinite"), &r.on_nonfinite, &["skip", "stop"])?;
+        one_of(key!("run.resume"), &r.resume, &["auto", "true", "false"])?;
+        if r.overwrite && r.resume == "true" {
+            fail(
+                &["run.overwrite", "run.resume"],
+                "run.overwrite = true starts afresh, run.resume = true continues a checkpoint: \
+                 choose one"
+                    .into(),
+            )?;
+        }
 
         if self.model.policy.trim().is_empty() {
             fail(
@@ -1119,6 +1137,8 @@ fn coerce(
         (V::Float(_), V::Integer(i)) => Ok(V::Float(i as f64)),
         (V::Float(_), v) => wrong("a float", &v),
         (V::Boolean(_), V::Boolean(b)) => Ok(V::Boolean(b)),
+        // run.resume is "auto" | "true" | "false"; TOML booleans mean the same.
+        (V::String(_), V::Boolean(b)) if key == "run.resume" => Ok(V::String(b.to_string())),
         (V::Boolean(_), v) => wrong("a boolean (true or false)", &v),
         (V::String(_), V::String(s)) => {
             if key == "algo.name" && Algo::parse(&s).is_none() {

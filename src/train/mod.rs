@@ -7,5 +7,6 @@ pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod rollout;
+pub mod run_dir;
 pub mod sft;
 pub mod trainer;

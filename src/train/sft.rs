@@ -10,8 +10,10 @@
 //! is an HF folder and `--data` a JSONL `{"prompt","answer"}` file.
 //!
 //! Output: `--out` receives config.json, model.safetensors (f32), the tokenizer files and
-//! `sft_eval.json` (before/after evals, loss curve). The folder is written in a sibling staging
-//! folder and renamed into place, so an interrupted run never leaves a half-written `--out`.
+//! `sft_eval.json` (before/after evals, loss curve). `--out` must be new or empty, or (with
+//! `--overwrite`) an earlier sft output, of which only the files sft writes are replaced; this
+//! is checked before training. The folder is written in a sibling staging folder and renamed
+//! into place, so an interrupted run never leaves a half-written `--out`.
 //! Everything is deterministic per `--seed` on the CPU (the same seed gives the same bytes).
 
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use serde::Serialize;
 
 use super::eval::{evaluate, EvalOpts, EvalResult};
 use super::optim::{AdamW, Schedule};
+use super::run_dir::ModelOut;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::model::checkpoint::{save_hf_folder, write_atomic, Dtype, Tensor, TensorMap};
@@ -49,9 +52,12 @@ pub struct SftArgs {
     /// Answer checker for the evals of JSONL data: arith, gsm8k or math.
     #[arg(long, default_value = "arith")]
     pub checker: String,
-    /// Output HF folder (replaced atomically).
+    /// Output HF folder: new or empty (written in a staging folder and renamed into place).
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
+    /// Replace an earlier sft output in `--out` (only the files sft writes; others are kept).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
@@ -139,15 +145,6 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     }
 }
 
-/// A sibling path of `out` with a suffix (for staging and the swap).
-fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.{tag}.{}", std::process::id()))
-}
-
 /// The tokenizer files of an HF folder that are copied into the output.
 const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
@@ -213,7 +210,14 @@ pub fn train(args: &SftArgs) -> Result<SftReport> {
         )));
     }
     let device = parse_device(&args.device)?;
-    let staging = sibling(&args.out, "tmp");
+    let out = ModelOut {
+        flag: "--out",
+        dir: &args.out,
+        marker: "sft_eval.json",
+        overwrite: args.overwrite,
+    };
+    out.check()?;
+    let staging = out.staging();
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| io_err(&staging, e))?;
     }
@@ -221,15 +225,7 @@ pub fn train(args: &SftArgs) -> Result<SftReport> {
     let result = train_into(args, &device, &staging, t0);
     match result {
         Ok(report) => {
-            // Swap the staging folder into place.
-            let old = sibling(&args.out, "old");
-            if args.out.exists() {
-                std::fs::rename(&args.out, &old).map_err(|e| io_err(&args.out, e))?;
-            }
-            std::fs::rename(&staging, &args.out).map_err(|e| io_err(&args.out, e))?;
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| io_err(&old, e))?;
-            }
+            out.publish(&staging)?;
             Ok(report)
         }
         Err(e) => {

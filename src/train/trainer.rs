@@ -23,6 +23,7 @@ use super::rollout::{
     flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
     token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, Stream,
 };
+use super::run_dir::{self, Fingerprint, Start};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
@@ -81,6 +82,9 @@ struct Meta {
     critic_opt_step: u64,
     seconds: f64,
     before: BTreeMap<String, EvalEntry>,
+    /// The run's configuration fingerprint (run_dir.rs); absent in older checkpoints.
+    #[serde(default)]
+    fingerprint: Option<Fingerprint>,
 }
 
 /// The device named by `run.device` ("auto": CUDA when present, else the CPU).
@@ -139,6 +143,8 @@ pub struct Trainer {
     /// Test hook: [`Trainer::run`] stops with an error right after this step (after its
     /// metrics and checkpoint), as if the process had been killed there.
     pub interrupt_after: Option<u64>,
+    /// The configuration fingerprint of the run (set by [`Trainer::run`], saved in checkpoints).
+    fingerprint: Option<Fingerprint>,
 }
 
 fn fmt_path(p: &Path) -> String {
@@ -315,6 +321,7 @@ impl Trainer {
             before: BTreeMap::new(),
             seconds_before: 0.0,
             interrupt_after: None,
+            fingerprint: None,
         })
     }
 
@@ -818,7 +825,7 @@ impl Trainer {
         std::fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
         let name = format!("step-{:06}", self.step);
         let dst = root.join(&name);
-        let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+        let tmp = run_dir::staging_dir(&root, &name);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         let mut state: TensorMap = BTreeMap::new();
@@ -843,20 +850,15 @@ impl Trainer {
             critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.step),
             seconds,
             before: self.before.clone(),
+            fingerprint: self.fingerprint.clone(),
         };
         let js = serde_json::to_string_pretty(&meta)
             .map_err(|e| Error::Invalid(format!("meta.json: {e}")))?;
         write_atomic(tmp.join("meta.json"), |w| w.write_all(js.as_bytes()))?;
         let toml = self.cfg.to_toml();
         write_atomic(tmp.join("config.toml"), |w| w.write_all(toml.as_bytes()))?;
-        let _ = std::fs::remove_dir_all(&dst);
-        std::fs::rename(&tmp, &dst).map_err(|e| io_err(&dst, e))?;
-        // keep-N: remove the oldest complete checkpoints.
-        let mut all = list_checkpoints(&root)?;
-        while all.len() > self.cfg.run.keep_checkpoints {
-            let (_, p) = all.remove(0);
-            let _ = std::fs::remove_dir_all(p);
-        }
+        run_dir::publish_dir(&tmp, &dst)?;
+        run_dir::prune_checkpoints(&root, self.cfg.run.keep_checkpoints)?;
         Ok(dst)
     }
 
@@ -904,6 +906,21 @@ impl Trainer {
         Ok(Some(meta.step))
     }
 
+    /// Evaluates the current policy as the run's "before" numbers (logged).
+    fn eval_before(&self) -> Result<BTreeMap<String, EvalEntry>> {
+        let ev = self.evaluate()?;
+        for e in &ev {
+            eprintln!(
+                "dfpo-train: before: {} accuracy {:.3} (unparsed {:.3}, n {})",
+                e.name, e.accuracy, e.unparsed, e.n
+            );
+        }
+        Ok(ev
+            .iter()
+            .map(|e| (e.name.clone(), EvalEntry::from(e)))
+            .collect())
+    }
+
     /// Exports the policy as an HF folder (f32 safetensors + config + tokenizer files).
     pub fn export(&self, dir: &Path) -> Result<()> {
         let tensors = tensor_map(&self.policy.dec, &self.policy.opt)?;
@@ -911,19 +928,23 @@ impl Trainer {
         let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         save_hf_folder(&tmp, &self.policy.dec.config, &tensors, Dtype::F32, &files)?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+        run_dir::publish_dir(&tmp, dir)
     }
 
     /// The whole run: (resume,) eval before, the RL steps, eval after, export, summary.
     pub fn run(&mut self) -> Result<Summary> {
         let t0 = Instant::now();
-        std::fs::create_dir_all(&self.out).map_err(|e| io_err(&self.out, e))?;
+        let fp = Fingerprint::of(&self.cfg)?;
+        // Held until the run returns: the folder's lock.
+        let folder = run_dir::open(&self.cfg, &fp)?;
+        for n in &folder.notes {
+            eprintln!("dfpo-train: {n}");
+        }
+        self.fingerprint = Some(fp);
         let toml = self.cfg.to_toml();
-        eprintln!("dfpo-train: resolved config:\n{toml}");
-        write_atomic(self.out.join("config.toml"), |w| {
-            w.write_all(toml.as_bytes())
-        })?;
+        let cfg_path = self.out.join("config.toml");
+        write_atomic(&cfg_path, |w| w.write_all(toml.as_bytes()))?;
+        eprintln!("dfpo-train: configuration saved to {}", fmt_path(&cfg_path));
         eprintln!(
             "dfpo-train: {} on {}, policy {} ({} params), {} train prompts, eval splits: {}",
             self.cfg.algo.name.as_str(),
@@ -938,25 +959,26 @@ impl Trainer {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let resumed = if self.cfg.run.resume {
-            self.resume()?
-        } else {
-            None
+        let resumed = match folder.start {
+            Start::Resume { eval_changed, .. } => {
+                // New eval settings: "before" is measured again on the initial policy.
+                let before = if eval_changed {
+                    Some(self.eval_before()?)
+                } else {
+                    None
+                };
+                let s = self.resume()?;
+                if let Some(b) = before {
+                    self.before = b;
+                }
+                s
+            }
+            Start::Fresh => None,
         };
         if let Some(s) = resumed {
             eprintln!("dfpo-train: resumed from step {s}");
         } else {
-            let ev = self.evaluate()?;
-            self.before = ev
-                .iter()
-                .map(|e| (e.name.clone(), EvalEntry::from(e)))
-                .collect();
-            for e in &ev {
-                eprintln!(
-                    "dfpo-train: before: {} accuracy {:.3} (unparsed {:.3}, n {})",
-                    e.name, e.accuracy, e.unparsed, e.n
-                );
-            }
+            self.before = self.eval_before()?;
         }
         let mut metrics = MetricsWriter::create(&self.out.join("metrics.jsonl"), resumed)?;
         let total = self.cfg.run.steps as u64;
@@ -1027,26 +1049,7 @@ impl Trainer {
     }
 }
 
-/// Complete checkpoints (`step-NNNNNN` folders with meta.json), oldest first.
-pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return Ok(out);
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if e.path().join("meta.json").exists() {
-                out.push((n, e.path()));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
+pub use super::run_dir::list_checkpoints;
 
 /// The before/after table printed at the end of a run.
 pub fn summary_table(s: &Summary) -> String {

@@ -223,6 +223,8 @@ fn stray_temporary_folders_of_killed_runs_are_removed_at_start() {
         std::fs::create_dir_all(&junk).unwrap();
         std::fs::write(junk.join("state.safetensors"), vec![0u8; 1000]).unwrap();
     }
+    // A prune killed before it removed meta.json.
+    std::fs::write(ck.join(".step-000000.del-999999999/meta.json"), "{}").unwrap();
     std::fs::write(out.join(".summary.json.tmp.999999999.0"), "x").unwrap();
     run(&out, &["run.steps=2", "run.resume=auto"]).unwrap();
     let names: Vec<String> = std::fs::read_dir(&ck)

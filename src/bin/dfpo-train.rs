@@ -45,6 +45,7 @@ fn train_help() -> String {
 
 fn main() {
     let cli = Cli::parse();
+    dfpo::train::interrupt::install();
     let result = match cli.command {
         None => train(&ConfigArgs::default()),
         Some(Command::Train(a)) => train(&a),
@@ -57,9 +58,16 @@ fn main() {
         }
         Some(Command::CriticDemo(a)) => critic_demo(&a),
     };
-    if let Err(e) = result {
-        eprintln!("dfpo-train: error: {e}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => {}
+        Err(dfpo::Error::Interrupted { signal, msg }) => {
+            eprintln!("dfpo-train: {msg}");
+            std::process::exit(128 + signal);
+        }
+        Err(e) => {
+            eprintln!("dfpo-train: error: {e}");
+            std::process::exit(1);
+        }
     }
 }
 

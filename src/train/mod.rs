@@ -3,6 +3,7 @@
 pub mod config;
 pub mod eval;
 pub mod heads;
+pub mod interrupt;
 pub mod metrics;
 pub mod models;
 pub mod optim;

@@ -456,7 +456,10 @@ fn clean_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let p = e.path();
-            if !is_temporary(&name, in_ck) || (in_ck && p.join("meta.json").exists()) {
+            // A complete checkpoint (step-N with meta.json) is kept; anything else of these
+            // names is a dead run's leftover, even when it still holds a meta.json.
+            let complete = name.starts_with("step-") && p.join("meta.json").exists();
+            if !is_temporary(&name, in_ck) || complete {
                 continue;
             }
             let r = if p.is_dir() {

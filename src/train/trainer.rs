@@ -906,6 +906,25 @@ impl Trainer {
         Ok(Some(meta.step))
     }
 
+    /// After SIGINT/SIGTERM (with the current step's checkpoint written): the error that ends
+    /// the run.
+    fn stop_if_interrupted(&self) -> Result<()> {
+        let Some(signal) = super::interrupt::requested() else {
+            return Ok(());
+        };
+        Err(Error::Interrupted {
+            signal,
+            msg: format!(
+                "{} received: stopped after step {} of {} with its checkpoint in {}; run the \
+                 same command again to continue (run.resume = auto)",
+                super::interrupt::name(signal),
+                self.step,
+                self.cfg.run.steps,
+                fmt_path(&self.ckpt_root())
+            ),
+        })
+    }
+
     /// Evaluates the current policy as the run's "before" numbers (logged).
     fn eval_before(&self) -> Result<BTreeMap<String, EvalEntry>> {
         let ev = self.evaluate()?;
@@ -980,6 +999,15 @@ impl Trainer {
         } else {
             self.before = self.eval_before()?;
         }
+        if let Some(signal) = super::interrupt::requested() {
+            return Err(Error::Interrupted {
+                signal,
+                msg: format!(
+                    "{} received before the first step: nothing to save",
+                    super::interrupt::name(signal)
+                ),
+            });
+        }
         let mut metrics = MetricsWriter::create(&self.out.join("metrics.jsonl"), resumed)?;
         let total = self.cfg.run.steps as u64;
         let mut bar = Progress::new(total, self.cfg.run.progress);
@@ -1014,11 +1042,15 @@ impl Trainer {
                     self.step
                 )));
             }
+            if super::interrupt::requested().is_some() {
+                break;
+            }
         }
         bar.finish();
         if last_saved != self.step || list_checkpoints(&self.ckpt_root())?.is_empty() {
             self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
         }
+        self.stop_if_interrupted()?;
         let after_ev = self.evaluate()?;
         let after: BTreeMap<String, EvalEntry> = after_ev
             .iter()

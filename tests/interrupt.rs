@@ -96,7 +96,7 @@ fn strays(dir: &Path) -> Vec<String> {
     out
 }
 
-fn wait(mut child: Child) -> (i32, String) {
+fn wait(child: Child) -> (i32, String) {
     let o = child.wait_with_output().unwrap();
     (
         o.status.code().unwrap_or(-1),

@@ -46,6 +46,7 @@ fn train(out: &Path, steps: usize, save_every: usize) -> Command {
         "rollout.n_samples=2".into(),
         "rollout.max_new_tokens=4".into(),
         "data.eval_size=4".into(),
+        "data.max_unparsed=1".into(),
         "kl.coef=0.01".into(),
     ] {
         c.arg("--set").arg(s);

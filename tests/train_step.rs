@@ -49,6 +49,8 @@ fn small_cfg(algo: &str, out: &Path, steps: usize) -> TrainConfig {
         "rollout.n_samples=2".into(),
         "rollout.max_new_tokens=5".into(),
         "data.eval_size=8".into(),
+        // A random model's answers are unreadable (data honesty checks: tests/data_honesty.rs).
+        "data.max_unparsed=1".into(),
         "critic.k=8".into(),
         "critic.head_width=32".into(),
         "ppo.epochs=2".into(),

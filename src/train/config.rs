@@ -130,6 +130,9 @@ pub struct DataConfig {
     pub chat_template: bool,
     /// Eval prompts per split (0: all).
     pub eval_size: usize,
+    /// Largest share of reference answers (at load) or of responses (at the first eval) the
+    /// checker may fail to read before the run stops with an error (warnings below it).
+    pub max_unparsed: f64,
 }
 
 impl Default for DataConfig {
@@ -141,6 +144,7 @@ impl Default for DataConfig {
             checker: "arith".into(),
             chat_template: false,
             eval_size: 500,
+            max_unparsed: 0.5,
         }
     }
 }
@@ -491,6 +495,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "apply the tokenizer's chat template to prompts",
     ),
     ("data.eval_size", "eval prompts per split (0: all)"),
+    (
+        "data.max_unparsed",
+        "largest share, in [0, 1], of reference answers (at load) or responses (first eval) the checker may fail to read; above it the run stops with an error, above 0 it warns",
+    ),
     ("rollout.prompts_per_step", "prompts per RL step, >= 1"),
     (
         "rollout.n_samples",
@@ -872,6 +880,7 @@ impl TrainConfig {
             &d.checker,
             &["arith", "gsm8k", "math"],
         )?;
+        range(key!("data.max_unparsed"), d.max_unparsed, NONNEG, LE1)?;
 
         let ro = &self.rollout;
         at_least(key!("rollout.prompts_per_step"), ro.prompts_per_step, 1)?;

@@ -56,6 +56,32 @@ pub struct EvalResult {
     pub unparsed: f64,
 }
 
+/// Warnings for eval results whose responses the checker could not read (above 5%); Err when
+/// a split's share exceeds `max_unparsed` (`data.max_unparsed`).
+pub fn check_unparsed(results: &[EvalResult], max_unparsed: f64) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    for r in results {
+        if r.unparsed <= 0.05 {
+            continue;
+        }
+        let msg = format!(
+            "the checker found no answer in {:.1}% of the responses on `{}` (n {}): the \
+             accuracy counts them as wrong; check the prompt format and data.checker",
+            100.0 * r.unparsed,
+            r.name,
+            r.n
+        );
+        if r.unparsed > max_unparsed {
+            return Err(Error::Invalid(format!(
+                "{msg}. Above data.max_unparsed = {max_unparsed}: stopping before training on a \
+                 reward the checker cannot compute (set data.max_unparsed = 1 to train anyway)"
+            )));
+        }
+        notes.push(msg);
+    }
+    Ok(notes)
+}
+
 /// The ids that end a response: the tokenizer's EOS and the config's `eos_token_id`s.
 pub fn stop_ids(dec: &Decoder, tok: &Tokenizer) -> Vec<u32> {
     let mut ids: Vec<u32> = dec.config.eos_token_ids.clone();

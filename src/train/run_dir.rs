@@ -54,7 +54,7 @@ const SAFE_KEYS: &[&str] = &[
     "run.overwrite",
     "run.progress",
     "run.samples_every",
-    "run.max_unparsed",
+    "data.max_unparsed",
 ];
 /// Sections that never change the training (their keys are not fingerprinted).
 const SAFE_SECTIONS: &[&str] = &["sft", "score", "export"];

@@ -311,6 +311,25 @@ fn train_into(
         }
         (train, evals, Checker::parse(&args.checker)?)
     };
+    // Warnings only: SFT learns the answers; its evals read them with the checker.
+    let task = crate::task::TaskData {
+        train,
+        evals,
+        checker,
+    };
+    for note in crate::task::data_report(&task, &tok, 1.0)? {
+        eprintln!("sft: warning: data: {note}");
+    }
+    if let Some(u) = crate::task::unknown_chars(&tok, task.train.iter().map(|e| e.answer.as_str()))?
+        .report("answers")
+    {
+        eprintln!("sft: warning: data: {u}");
+    }
+    let crate::task::TaskData {
+        train,
+        evals,
+        checker,
+    } = task;
     let max_len = dec.config.max_position_embeddings;
     let (seqs, skips) = tokenize(&tok, &train, eos, args.chat_template, max_len, &args.data)?;
     let s = seqs.iter().map(Vec::len).max().unwrap_or(1);

@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Algo, TrainConfig};
-use super::eval::{evaluate, response_text, stop_ids, EvalOpts, EvalResult};
+use super::eval::{check_unparsed, evaluate, response_text, stop_ids, EvalOpts, EvalResult};
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
 use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettings, Policy};
@@ -176,6 +176,9 @@ impl Trainer {
         .filter(|p| p.exists())
         .collect();
         let task = load_task(&cfg.data, cfg.run.seed)?;
+        for note in crate::task::data_report(&task, &tok, cfg.data.max_unparsed)? {
+            eprintln!("dfpo-train: warning: data: {note}");
+        }
         let train_ids = task
             .train
             .iter()
@@ -404,7 +407,9 @@ impl Trainer {
             let prompt = &prompts[g.prompt_index];
             let text = response_text(&self.tok, &g.tokens, &self.stop)?;
             let answer = &self.task.train[idx[g.prompt_index]].answer;
-            let ok = self.task.checker.check(&text, answer) == crate::task::Verdict::Correct;
+            let verdict = self.task.checker.check(&text, answer);
+            let ok = verdict == crate::task::Verdict::Correct;
+            b.unparsed.push(verdict == crate::task::Verdict::Unparsed);
             let mut seq = prompt.clone();
             seq.extend_from_slice(&g.tokens);
             b.prompt_len.push(prompt.len());
@@ -772,6 +777,8 @@ impl Trainer {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         m.insert("reward/noisy_mean".into(), mean(&batch.noisy));
         m.insert("reward/clean_mean".into(), mean(&batch.clean));
+        let unparsed: Vec<f64> = batch.unparsed.iter().map(|&u| f64::from(u)).collect();
+        m.insert("reward/unparsed_frac".into(), mean(&unparsed));
         m.insert(
             "response_length/mean".into(),
             mean(
@@ -934,6 +941,10 @@ impl Trainer {
                 e.name, e.accuracy, e.unparsed, e.n
             );
         }
+        // The first eval: a checker that cannot read the model's answers stops the run here.
+        for note in check_unparsed(&ev, self.cfg.data.max_unparsed)? {
+            eprintln!("dfpo-train: warning: before training: {note}");
+        }
         Ok(ev
             .iter()
             .map(|e| (e.name.clone(), EvalEntry::from(e)))
@@ -1012,8 +1023,21 @@ impl Trainer {
         let total = self.cfg.run.steps as u64;
         let mut bar = Progress::new(total, self.cfg.run.progress);
         let mut last_saved = self.step;
+        let mut warned_unparsed = false;
         while self.step < total {
             let mut m = self.train_step()?;
+            let unparsed = m.get("reward/unparsed_frac").copied().unwrap_or(0.0);
+            if unparsed > self.cfg.data.max_unparsed && !warned_unparsed {
+                warned_unparsed = true;
+                eprintln!(
+                    "dfpo-train: warning: step {}: the checker found no answer in {:.0}% of the \
+                     responses (reward/unparsed_frac; above data.max_unparsed = {}): their \
+                     reward is the incorrect one",
+                    self.step,
+                    100.0 * unparsed,
+                    self.cfg.data.max_unparsed
+                );
+            }
             let ev_every = self.cfg.run.eval_every as u64;
             if ev_every > 0 && self.step.is_multiple_of(ev_every) && self.step < total {
                 for e in self.evaluate()? {

@@ -23,7 +23,7 @@ struct Cli {
 fn main() {
     let mut cli = Cli::parse();
     if !std::env::args().any(|a| a == "--out") {
-        cli.sft.out = arith::builtin_dir();
+        cli.sft.out = dfpo::model::builtin::assets_dir();
         // assets/arith-sft holds the previous output (and its README, which is kept).
         cli.sft.overwrite = true;
     }

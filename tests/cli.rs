@@ -85,3 +85,45 @@ fn config_lists_every_key() {
         assert!(text.contains(key), "{key} missing from `dfpo-train config`");
     }
 }
+
+#[test]
+fn a_copied_binary_runs_the_builtin_model_without_the_source_tree() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_dfpo-train"));
+    let bytes = std::fs::read(exe).unwrap();
+    // The binary must not name the source tree's assets folder (it would read the model there).
+    let assets = dfpo::model::builtin::assets_dir();
+    let needle = assets.display().to_string();
+    assert!(
+        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "the binary names {needle}"
+    );
+    let dir = out_dir("copied");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("dfpo-train");
+    std::fs::copy(exe, &copy).unwrap();
+    let cache = dir.join("cache");
+    let o = Command::new(&copy)
+        .current_dir(&dir)
+        .env("DFPO_CACHE_DIR", &cache)
+        .args(["train", "--set", "run.steps=1", "--set", "data.eval_size=4"])
+        .args([
+            "--set",
+            "rollout.prompts_per_step=2",
+            "--set",
+            "run.progress=false",
+        ])
+        .args(["--set", "run.device=cpu", "--set", "run.out_dir=run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(dir.join("run/final/model.safetensors").is_file(), "{err}");
+    // The model came from the embedded bytes, identical to the shipped files.
+    let written: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    for (name, bytes) in dfpo::model::builtin::FILES {
+        assert_eq!(std::fs::read(written[0].path().join(name)).unwrap(), *bytes);
+        assert_eq!(std::fs::read(assets.join(name)).unwrap(), *bytes, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -26,7 +26,7 @@ fn write_jsonl(path: &Path, rows: &[(&str, &str)]) {
 
 fn cfg(dir: &Path, extra: &[String]) -> TrainConfig {
     let mut sets: Vec<String> = vec![
-        format!("model.policy={}", arith::builtin_dir().display()),
+        format!("model.policy={}", arith::builtin_dir().unwrap().display()),
         format!("run.out_dir={}", dir.join("run").display()),
         "run.steps=2".into(),
         "run.device=cpu".into(),
@@ -69,7 +69,7 @@ fn references_the_checker_cannot_read_are_an_error_naming_the_checker() {
         &[("12+34=", "46"), ("10+10=", "20"), ("1+1=", "#### 2")],
     );
     let t = task::load_task(&cfg(&d, &sets).data, 1).unwrap();
-    let tok = Tokenizer::from_dir(arith::builtin_dir()).unwrap();
+    let tok = Tokenizer::from_dir(arith::builtin_dir().unwrap()).unwrap();
     let notes = task::data_report(&t, &tok, 0.5).unwrap();
     assert!(notes.iter().any(|n| n.contains("1 of 3")), "{notes:?}");
     assert_eq!(Checker::Arith.parse_reference("#### 2"), None);
@@ -82,7 +82,7 @@ fn references_the_checker_cannot_read_are_an_error_naming_the_checker() {
 
 #[test]
 fn unknown_prompt_characters_are_counted_and_named() {
-    let tok = Tokenizer::from_dir(arith::builtin_dir()).unwrap();
+    let tok = Tokenizer::from_dir(arith::builtin_dir().unwrap()).unwrap();
     let u = task::unknown_chars(&tok, ["12+34=", "12×3=", "é+é="]).unwrap();
     assert_eq!(u.texts, 3);
     assert_eq!(u.affected, 2);

@@ -25,7 +25,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn shipped() -> (Decoder, Tokenizer) {
-    let dir = arith::builtin_dir();
+    let dir = arith::builtin_dir().unwrap();
     (
         Decoder::load(&dir).unwrap(),
         Tokenizer::from_dir(&dir).unwrap(),
@@ -358,7 +358,7 @@ fn sft_from_an_hf_folder_on_jsonl_data() {
     std::fs::write(&evalf, lines).unwrap();
     let out = d.join("tuned");
     let args = SftArgs {
-        model: arith::builtin_dir().display().to_string(),
+        model: arith::builtin_dir().unwrap().display().to_string(),
         data: data.display().to_string(),
         eval_files: vec![format!("held={}", evalf.display())],
         checker: "arith".into(),
@@ -383,7 +383,7 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
     let base = SftArgs {
-        model: arith::builtin_dir().display().to_string(),
+        model: arith::builtin_dir().unwrap().display().to_string(),
         no_eval_before: true,
         // keep.txt is the user's: every error below must come before the output is touched.
         overwrite: true,

@@ -108,7 +108,7 @@ impl Fingerprint {
         ];
         for (key, spec) in models {
             if !spec.is_empty() {
-                let dir = super::trainer::model_dir(spec);
+                let dir = super::trainer::model_dir(spec)?;
                 m.insert(format!("{key}#content"), hash_model_dir(&dir)?);
             }
         }

@@ -92,14 +92,7 @@ pub fn resolve_device(name: &str) -> Result<Device> {
     crate::model::score::parse_device(name)
 }
 
-/// The HF folder a model option names ("builtin" = the shipped warm start).
-pub fn model_dir(spec: &str) -> PathBuf {
-    if spec == "builtin" {
-        crate::task::arith::builtin_dir()
-    } else {
-        PathBuf::from(spec)
-    }
-}
+pub use crate::model::builtin::model_dir;
 
 /// What the update phase of one RL step reads (see [`Trainer::prepare`]). Per-token vectors
 /// are `[rows][S]` (× K for the value samples), rows prompt-major.
@@ -163,7 +156,7 @@ impl Trainer {
     pub fn new(cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
         let device = resolve_device(&cfg.run.device)?;
-        let pdir = model_dir(&cfg.model.policy);
+        let pdir = model_dir(&cfg.model.policy)?;
         let policy_dec = Decoder::load(&pdir)?;
         let tok = Tokenizer::from_dir(&pdir)?;
         let tok_files: Vec<PathBuf> = [
@@ -232,7 +225,7 @@ impl Trainer {
             let rdir = if cfg.model.reference.is_empty() {
                 pdir.clone()
             } else {
-                model_dir(&cfg.model.reference)
+                model_dir(&cfg.model.reference)?
             };
             Some(Decoder::load(&rdir)?.build_nll(b, s, &device, temp)?)
         } else {
@@ -242,7 +235,7 @@ impl Trainer {
             let cdir = if cfg.model.critic.is_empty() {
                 pdir.clone()
             } else {
-                model_dir(&cfg.model.critic)
+                model_dir(&cfg.model.critic)?
             };
             let cdec = Decoder::load(&cdir)?;
             let c = &cfg.critic;

@@ -170,14 +170,46 @@ fn evaluate_errors() {
     );
 }
 
+/// A short SFT from a random init (the recipe's model and learning rate).
 fn quick_args(out: &Path) -> SftArgs {
     SftArgs {
+        model: "builtin-init".into(),
+        lr: sft::RECIPE_LR,
         out: out.to_path_buf(),
         steps: 30,
         batch: 16,
         eval_size: 20,
         log_every: 0,
-        ..SftArgs::parse_defaults()
+        ..SftArgs::default()
+    }
+}
+
+#[test]
+fn sft_defaults_do_no_harm_to_a_trained_model() {
+    // The old default (lr 1.5e-3, the random-init recipe) took the warm start from 76.7% to
+    // 16.7% in 20 steps; the default learning rate must keep it where it was.
+    let d = tmpdir("defaults");
+    let args = SftArgs {
+        out: d.join("out"),
+        steps: 20,
+        eval_size: 60,
+        log_every: 0,
+        ..SftArgs::default()
+    };
+    assert_eq!(
+        args.model, "builtin",
+        "sft starts from the trained warm start by default"
+    );
+    let r = sft::train(&args).unwrap();
+    for (b, a) in r.before.iter().zip(&r.after) {
+        eprintln!("{}: {:.3} -> {:.3}", b.name, b.accuracy, a.accuracy);
+        assert!(
+            a.accuracy >= b.accuracy - 0.05,
+            "{}: {} -> {}: the default SFT harmed a trained model",
+            b.name,
+            b.accuracy,
+            a.accuracy
+        );
     }
 }
 
@@ -264,7 +296,7 @@ fn sft_never_deletes_or_moves_what_it_did_not_write() {
     let quick = |out: &Path| SftArgs {
         steps: 2,
         eval_size: 4,
-        no_eval_before: true,
+        eval_before: false,
         ..quick_args(out)
     };
     let e = sft::train(&quick(&out)).unwrap_err().to_string();
@@ -384,7 +416,7 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
     let base = SftArgs {
         model: arith::builtin_dir().unwrap().display().to_string(),
-        no_eval_before: true,
+        eval_before: false,
         // keep.txt is the user's: every error below must come before the output is touched.
         overwrite: true,
         ..quick_args(&out)
@@ -440,17 +472,17 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
         steps: 0,
         ..base.clone()
     });
-    assert!(e.contains("--steps"), "{e}");
+    assert!(e.contains("sft.steps"), "{e}");
     let e = err(SftArgs {
         lr: -1.0,
         ..base.clone()
     });
-    assert!(e.contains("--lr"), "{e}");
+    assert!(e.contains("sft.lr"), "{e}");
     let e = err(SftArgs {
         ood_frac: 2.0,
         ..base.clone()
     });
-    assert!(e.contains("--ood-frac"), "{e}");
+    assert!(e.contains("sft.ood_frac"), "{e}");
     let ok_data = d.join("ok.jsonl");
     std::fs::write(&ok_data, "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n").unwrap();
     let e = err(SftArgs {

@@ -524,6 +524,7 @@ fn the_export_loads_and_scores() {
         out: out.join("scored.jsonl"),
         batch: 4,
         device: "cpu".into(),
+        ..Default::default()
     };
     dfpo::model::score::run(&args).unwrap();
     let scored = std::fs::read_to_string(out.join("scored.jsonl")).unwrap();
@@ -564,7 +565,8 @@ fn a_non_finite_loss_stops_or_skips_and_keeps_the_last_checkpoint() {
         .expect_err("a blown-up run must stop")
         .to_string();
     assert!(
-        e.contains("step 2") && e.contains("actor") && e.contains("on_nonfinite"),
+        // Step 3 (as metrics.jsonl numbers it) is the first after the step-2 checkpoint.
+        e.contains("step 3") && e.contains("actor") && e.contains("on_nonfinite"),
         "{e}"
     );
     assert!(
@@ -696,4 +698,84 @@ fn reference_log_probs_use_the_rollout_temperature() {
         "max |kl| {:?}",
         kl.iter().map(|v| v.abs()).fold(0.0f32, f32::max)
     );
+}
+
+#[test]
+fn export_writes_a_checkpoints_policy_and_critic_as_hf_folders() {
+    use dfpo::model::checkpoint::read_safetensors;
+    for (algo, head) in [("dfpo", "flow"), ("ppo", "value"), ("grpo", "")] {
+        let out = out_dir(&format!("export-ck-{algo}"));
+        let mut cfg = small_cfg(algo, &out, 2);
+        cfg.run.save_every = 1;
+        cfg.run.keep_checkpoints = 3;
+        Trainer::new(cfg).unwrap().run().unwrap();
+        // An intermediate checkpoint, not final/.
+        let ck = out.join("checkpoints/step-000001");
+        let dst = out_dir(&format!("export-out-{algo}"));
+        let ex = dfpo::train::config::ExportConfig {
+            checkpoint: ck.display().to_string(),
+            out: dst.display().to_string(),
+            overwrite: false,
+        };
+        let done = dfpo::train::export::run(&ex).unwrap();
+        assert_eq!(done.step, 1);
+        let state = read_safetensors(ck.join("state.safetensors")).unwrap();
+        let policy = Decoder::load(dst.join("policy")).unwrap();
+        for (name, t) in policy.params() {
+            assert_eq!(
+                t.data,
+                state[&format!("policy.param.{name}")].data,
+                "{algo}: policy {name}"
+            );
+        }
+        assert!(dst.join("policy/tokenizer.json").is_file());
+        if head.is_empty() {
+            assert!(done.critic.is_none() && !dst.join("critic").exists());
+        } else {
+            let trunk = Decoder::load(dst.join("critic")).unwrap();
+            for (name, t) in trunk.params() {
+                assert_eq!(
+                    t.data,
+                    state[&format!("critic.param.{name}")].data,
+                    "{name}"
+                );
+            }
+            let desc: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dst.join("critic/value_head.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(desc["type"], head);
+            let vh = read_safetensors(dst.join("critic/value_head.safetensors")).unwrap();
+            let n: usize = vh.values().map(|t| t.data.len()).sum();
+            let want: usize = state
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("critic.param.")
+                        && !k.contains("model.")
+                        && !k.contains("lm_head")
+                })
+                .map(|(_, t)| t.data.len())
+                .sum();
+            assert_eq!(n, want, "{algo}: every head parameter, once");
+            if head == "flow" {
+                let flat = &state["critic.param.flow_head.params"].data;
+                let order = desc["param_order"].as_array().unwrap();
+                let joined: Vec<f32> = order
+                    .iter()
+                    .flat_map(|k| vh[k.as_str().unwrap()].data.clone())
+                    .collect();
+                assert_eq!(&joined, flat, "param_order reassembles the flat vector");
+            }
+        }
+        // A second export into the same folder needs overwrite.
+        let e = dfpo::train::export::run(&ex).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        dfpo::train::export::run(&dfpo::train::config::ExportConfig {
+            overwrite: true,
+            ..ex
+        })
+        .unwrap();
+        let _ = std::fs::remove_dir_all(out);
+        let _ = std::fs::remove_dir_all(dst);
+    }
 }

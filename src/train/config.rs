@@ -398,6 +398,24 @@ pub struct TrainConfig {
     pub critic: CriticConfig,
     pub optim: OptimConfig,
     pub eval: EvalConfig,
+    /// `dfpo-train sft` only.
+    pub sft: super::sft::SftArgs,
+    /// `dfpo-train score` only.
+    pub score: crate::model::score::ScoreArgs,
+    /// `dfpo-train export` only.
+    pub export: ExportConfig,
+}
+
+/// `dfpo-train export`: a checkpoint's policy and critic as HF folders.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// A checkpoint folder (RUN/checkpoints/step-N) or a run folder (its newest checkpoint).
+    pub checkpoint: String,
+    /// Output folder: policy/ and critic/ (new or empty).
+    pub out: String,
+    /// Replace an earlier export in `out` (only the files export writes).
+    pub overwrite: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -646,6 +664,101 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "eval.pass_k",
         "pass@k samples per prompt, >= 1 (must be 1 with greedy)",
     ),
+    (
+        "sft.model",
+        "builtin (the shipped warm start) | builtin-init (a random init of its architecture) | an HF folder",
+    ),
+    (
+        "sft.data",
+        "arith (the built-in task's SFT mix) | a JSONL file of {prompt, answer} lines",
+    ),
+    (
+        "sft.eval_files",
+        "eval sets of JSONL data as [\"name=path.jsonl\", ...] (arith has its own)",
+    ),
+    ("sft.checker", "answer checker of the evals: arith | gsm8k | math"),
+    (
+        "sft.out",
+        "output HF folder: new or empty (or an earlier sft output with sft.overwrite)",
+    ),
+    (
+        "sft.overwrite",
+        "replace an earlier sft output in sft.out (only the files sft writes; others are kept)",
+    ),
+    ("sft.steps", "optimizer steps, >= 1"),
+    ("sft.batch", "sequences per step, >= 1"),
+    (
+        "sft.lr",
+        "peak learning rate, > 0 (2e-5, TRL's default: safe for a trained model; a random init needs ~1.5e-3)",
+    ),
+    (
+        "sft.warmup_frac",
+        "warmup as a fraction of the steps, in [0, 1]",
+    ),
+    ("sft.weight_decay", "AdamW weight decay, >= 0"),
+    (
+        "sft.max_grad_norm",
+        "global gradient-norm clip, >= 0 (0: off)",
+    ),
+    ("sft.seed", "seeds the init, the data order and the eval prompts"),
+    (
+        "sft.eval_size",
+        "eval prompts per eval set (0: all of a JSONL set; arith: the held-out pool)",
+    ),
+    (
+        "sft.ood_frac",
+        "arith data: share of out-of-domain-shaped examples, in [0, 1]",
+    ),
+    (
+        "sft.train_size",
+        "arith data: distinct training examples (0: steps x batch)",
+    ),
+    ("sft.max_new_tokens", "longest generated answer in the evals"),
+    (
+        "sft.chat_template",
+        "wrap prompts in the tokenizer's chat template",
+    ),
+    (
+        "sft.device",
+        "cpu (the tested, deterministic default) | cuda | auto",
+    ),
+    (
+        "sft.log_every",
+        "log the mean loss every this many steps (0: never)",
+    ),
+    ("sft.schedule", "cosine (to 10% of the peak) | constant, after warmup"),
+    (
+        "sft.eval_every",
+        "also evaluate every this many steps (0: only before and after)",
+    ),
+    ("sft.eval_before", "evaluate before training"),
+    (
+        "score.model",
+        "builtin | an HF folder (config.json, safetensors, tokenizer.json)",
+    ),
+    (
+        "score.data",
+        "input JSONL with \"prompt\" and \"response\" string fields",
+    ),
+    (
+        "score.out",
+        "output JSONL (new, or replaced with score.overwrite; never the input)",
+    ),
+    ("score.overwrite", "replace an existing score.out"),
+    ("score.batch", "records per forward pass, >= 1"),
+    ("score.device", "cpu | cuda | auto (CUDA when present)"),
+    (
+        "export.checkpoint",
+        "a checkpoint folder (RUN/checkpoints/step-N) or a run folder (its newest checkpoint)",
+    ),
+    (
+        "export.out",
+        "output folder: policy/ and critic/ as HF folders (new or empty)",
+    ),
+    (
+        "export.overwrite",
+        "replace an earlier export in export.out (only the files export writes)",
+    ),
 ];
 
 /// Where a resolved value came from, so a validation error can name the file line or `--set`.
@@ -714,28 +827,32 @@ impl TrainConfig {
         }
     }
 
-    /// Every option as `section.key = default   # doc`, one a line, in declaration order.
+    /// Every option with its default and meaning as a valid TOML file (`[section]` headers,
+    /// `key = default  # doc`), in declaration order: `dfpo-train config > run.toml`.
     pub fn options_help() -> String {
         let lines = default_lines();
         let width = lines
             .iter()
-            .map(|(k, v)| k.len() + 3 + v.len())
+            .map(|(k, v)| k.split_once('.').map_or(0, |(_, b)| b.len()) + 3 + v.len())
             .max()
             .unwrap_or(0);
         let mut out = String::from(
-            "Options: put them in a --config TOML file under [section] headers, or override \
-             with --set section.key=value (applied in order, after the file).\n",
+            "# dfpo-train configuration: every key with its default and meaning (valid TOML).\n\
+             # Use it as --config FILE (keep only what you change), or set one key with\n\
+             # --set section.key=value. Order: defaults, --config, the flags --model/--data/\n\
+             # --out/--overwrite, then each --set. train and eval read every section but\n\
+             # [sft], [score] and [export], which only those commands read.\n",
         );
         let mut section = "";
         for (key, value) in &lines {
-            let sec = key.split('.').next().unwrap_or("");
+            let (sec, name) = key.split_once('.').unwrap_or(("", key));
             if sec != section {
-                out.push('\n');
+                out.push_str(&format!("\n[{sec}]\n"));
                 section = sec;
             }
             let doc = option_doc(key).unwrap_or("(undocumented)");
-            let left = format!("{key} = {value}");
-            out.push_str(&format!("  {left:<width$}   # {doc}\n"));
+            let left = format!("{name} = {value}");
+            out.push_str(&format!("{left:<width$}  # {doc}\n"));
         }
         out
     }
@@ -1014,21 +1131,114 @@ impl TrainConfig {
     }
 }
 
-/// `--config FILE` and `--set section.key=value` (repeatable), shared by the commands that train.
+/// The arguments every subcommand takes: `--config FILE`, `--set section.key=value`
+/// (repeatable), and the shortcuts `--model`, `--data`, `--out`, `--overwrite` for the keys of
+/// the command's section ([`Command::shortcut_keys`]).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConfigArgs {
-    /// TOML run configuration (sections as in `dfpo-train config`); defaults when absent.
+    /// TOML configuration (sections as in `dfpo-train config`); defaults when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override one option after the file, e.g. --set run.steps=10 (repeatable, applied in order).
+    /// Set one option, e.g. --set run.steps=10 (repeatable, applied in order, last).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// The model the command reads: "builtin" (the shipped warm start) or an HF folder.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The data the command reads: a JSONL file ("arith": the built-in task).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Where the command writes (train: the run folder; sft, export: a model folder; score: a
+    /// JSONL file).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Replace what an earlier run of the command wrote in --out (never other files).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// The subcommands, for the meaning of the shortcut flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Train,
+    Eval,
+    Sft,
+    Score,
+    Export,
+}
+
+impl Command {
+    /// The keys `--model`, `--data`, `--out`, `--overwrite` set for this command (None: the
+    /// flag does not apply).
+    pub fn shortcut_keys(self) -> [Option<&'static str>; 4] {
+        match self {
+            Command::Train => [
+                Some("model.policy"),
+                Some("data.train_file"),
+                Some("run.out_dir"),
+                Some("run.overwrite"),
+            ],
+            Command::Eval => [Some("model.policy"), Some("data.eval_files"), None, None],
+            Command::Sft => [
+                Some("sft.model"),
+                Some("sft.data"),
+                Some("sft.out"),
+                Some("sft.overwrite"),
+            ],
+            Command::Score => [
+                Some("score.model"),
+                Some("score.data"),
+                Some("score.out"),
+                Some("score.overwrite"),
+            ],
+            Command::Export => [None, None, Some("export.out"), Some("export.overwrite")],
+        }
+    }
 }
 
 impl ConfigArgs {
-    /// [`TrainConfig::load`] of these arguments.
+    /// [`TrainConfig::load`] of these arguments (shortcut flags as for `train`).
     pub fn resolve(&self) -> Result<TrainConfig> {
-        TrainConfig::load(self.config.as_deref(), &self.sets)
+        self.resolve_for(Command::Train)
+    }
+
+    /// [`TrainConfig::load`] with the shortcut flags turned into `--set`s of `cmd`'s keys,
+    /// applied after the file and before the explicit `--set`s.
+    pub fn resolve_for(&self, cmd: Command) -> Result<TrainConfig> {
+        let [model, data, out, overwrite] = cmd.shortcut_keys();
+        let mut sets = Vec::new();
+        let flags = [
+            ("--model", model, self.model.as_deref()),
+            ("--data", data, self.data.as_deref()),
+            ("--out", out, self.out.as_deref()),
+            ("--overwrite", overwrite, self.overwrite.then_some("true")),
+        ];
+        for (flag, key, value) in flags {
+            let Some(value) = value else { continue };
+            let Some(key) = key else {
+                return Err(Error::Invalid(format!(
+                    "{flag} does not apply to `dfpo-train {}`",
+                    format!("{cmd:?}").to_lowercase()
+                )));
+            };
+            match (key, value) {
+                // The built-in task's name selects it; a file selects JSONL data.
+                ("data.train_file", "arith" | "builtin") => sets.push("data.task=arith".into()),
+                ("data.train_file", f) => {
+                    sets.push("data.task=jsonl".into());
+                    sets.push(format!("data.train_file={f}"));
+                }
+                ("data.eval_files", f) => {
+                    // eval on one file: it is also the (unused) training file of the task.
+                    sets.push("data.task=jsonl".into());
+                    sets.push(format!("data.train_file={f}"));
+                    sets.push(format!("data.eval_files=eval={f}"));
+                }
+                (key, v) => sets.push(format!("{key}={v}")),
+            }
+        }
+        sets.extend(self.sets.iter().cloned());
+        TrainConfig::load(self.config.as_deref(), &sets)
     }
 }
 

@@ -56,6 +56,63 @@ pub struct EvalResult {
     pub unparsed: f64,
 }
 
+/// What `dfpo-train eval` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    /// What `accuracy` means: "accuracy (greedy)" or "pass@k (temperature T)".
+    pub metric: String,
+    pub splits: Vec<EvalResult>,
+}
+
+impl EvalReport {
+    /// The result table for the terminal.
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "eval | {} | {}\n{:<16} {:>6} {:>10} {:>9}\n",
+            self.model, self.metric, "split", "n", "score", "unparsed"
+        );
+        for r in &self.splits {
+            t.push_str(&format!(
+                "{:<16} {:>6} {:>9.1}% {:>8.1}%\n",
+                r.name,
+                r.n,
+                100.0 * r.accuracy,
+                100.0 * r.unparsed
+            ));
+        }
+        t
+    }
+}
+
+/// `dfpo-train eval`: `model.policy` on the eval splits of `cfg` (warnings for answers the
+/// checker cannot read go to stderr).
+pub fn run_command(mut cfg: crate::train::config::TrainConfig) -> Result<EvalReport> {
+    // Evaluation needs the policy only: no critic, no reference model.
+    cfg.algo.name = crate::train::config::Algo::Grpo;
+    cfg.kl.coef = 0.0;
+    cfg.rollout.n_samples = cfg.rollout.n_samples.max(2);
+    let t = crate::train::trainer::Trainer::new(cfg)?;
+    let splits = t.evaluate()?;
+    for note in check_unparsed(&splits, 1.0)? {
+        eprintln!("dfpo-train: warning: {note}");
+    }
+    let e = &t.cfg.eval;
+    let metric = if e.greedy {
+        "accuracy (greedy)".to_string()
+    } else {
+        format!(
+            "pass@{} (temperature {})",
+            e.pass_k, t.cfg.rollout.temperature
+        )
+    };
+    Ok(EvalReport {
+        model: t.cfg.model.policy.clone(),
+        metric,
+        splits,
+    })
+}
+
 /// Warnings for eval results whose responses the checker could not read (above 5%); Err when
 /// a split's share exceeds `max_unparsed` (`data.max_unparsed`).
 pub fn check_unparsed(results: &[EvalResult], max_unparsed: f64) -> Result<Vec<String>> {

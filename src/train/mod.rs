@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod heads;
 pub mod interrupt;
 pub mod metrics;

@@ -752,17 +752,20 @@ fn describe(
 
 // ---- model output folders (sft --out, export --out) ----------------------------------------
 
-/// The files a model output folder written by dfpo-train may hold (an HF folder plus the
-/// command's report); `marker` is the report that marks the folder as ours.
+/// A command's output folder (sft's HF folder, export's policy/ + critic/): `written` names
+/// every entry the command writes directly in it, `marker` the one that marks the folder as
+/// the command's output.
 pub struct ModelOut<'a> {
     pub flag: &'a str,
     pub dir: &'a Path,
+    pub written: &'a [&'a str],
     pub marker: &'a str,
     pub overwrite: bool,
 }
 
-/// The names of an HF folder that dfpo-train writes.
+/// The names of an HF folder that dfpo-train writes (and sft's report).
 pub const HF_FILES: &[&str] = &[
+    "sft_eval.json",
     "config.json",
     "model.safetensors",
     "tokenizer.json",
@@ -803,7 +806,7 @@ impl ModelOut<'_> {
         let ours = dir.join(self.marker).is_file();
         let clashes: Vec<&String> = entries
             .iter()
-            .filter(|n| HF_FILES.contains(&n.as_str()) || n.as_str() == self.marker)
+            .filter(|n| self.written.contains(&n.as_str()))
             .collect();
         if !ours && !clashes.is_empty() {
             return Err(Error::Invalid(format!(
@@ -821,9 +824,9 @@ impl ModelOut<'_> {
         sibling(self.dir, &format!("tmp.{}", std::process::id()))
     }
 
-    /// Moves the finished `staging` folder's files into place: a missing or empty output is
+    /// Moves the finished `staging` folder's entries into place: a missing or empty output is
     /// replaced by the folder (one rename); otherwise (`--overwrite` of an earlier output) each
-    /// file is renamed over its namesake, and dfpo-train files the new output lacks are removed.
+    /// entry replaces its namesake, and `written` entries the new output lacks are removed.
     pub fn publish(&self, staging: &Path) -> Result<()> {
         let dir = self.dir;
         if !dir.exists() || folder_entries(dir)?.is_empty() {
@@ -839,11 +842,19 @@ impl ModelOut<'_> {
         let new = folder_entries(staging)?;
         for name in &new {
             let (src, dst) = (staging.join(name), dir.join(name));
+            if dst.is_dir() {
+                remove_dir(&dst)?;
+            }
             std::fs::rename(&src, &dst).map_err(|e| io_err(&dst, e))?;
         }
-        for name in HF_FILES.iter().chain([&self.marker]) {
+        for name in self.written {
             let p = dir.join(name);
-            if !new.iter().any(|n| n == name) && p.is_file() {
+            if new.iter().any(|n| n == name) {
+                continue;
+            }
+            if p.is_dir() {
+                remove_dir(&p)?;
+            } else if p.is_file() {
                 std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
             }
         }

@@ -670,7 +670,8 @@ impl Trainer {
         sel: &[usize],
         acc: &mut BTreeMap<String, (f64, f64)>,
     ) -> Result<f64> {
-        let (step, s) = (self.step, self.s);
+        // Messages number steps from 1, as metrics.jsonl does.
+        let (step, s) = (self.step + 1, self.s);
         let add = |acc: &mut BTreeMap<String, (f64, f64)>, k: &str, v: f64| {
             let e = acc.entry(k.to_string()).or_insert((0.0, 0.0));
             e.0 += v;
@@ -868,6 +869,11 @@ impl Trainer {
         let Some((_, dir)) = all.last() else {
             return Ok(None);
         };
+        self.load_checkpoint(dir).map(Some)
+    }
+
+    /// Restores the checkpoint folder `dir` (written by this configuration); returns its step.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<u64> {
         let meta_path = dir.join("meta.json");
         let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
         let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Format {
@@ -903,7 +909,12 @@ impl Trainer {
         self.kl_coef = meta.kl_coef;
         self.before = meta.before;
         self.seconds_before = meta.seconds;
-        Ok(Some(meta.step))
+        Ok(meta.step)
+    }
+
+    /// The tokenizer files of the policy folder (copied into exports).
+    pub fn tokenizer_files(&self) -> &[PathBuf] {
+        &self.tok_files
     }
 
     /// After SIGINT/SIGTERM (with the current step's checkpoint written): the error that ends
@@ -1089,7 +1100,6 @@ impl Trainer {
         write_atomic(self.out.join("summary.json"), |w| {
             w.write_all(js.as_bytes())
         })?;
-        eprintln!("{}", summary_table(&summary));
         eprintln!(
             "dfpo-train: final policy exported to {}",
             fmt_path(&final_dir)

@@ -152,7 +152,10 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
                         .into(),
                 ));
             }
-            let train = dataset::read_jsonl(Path::new(&cfg.train_file))?;
+            let read = |p: &str| {
+                dataset::read_jsonl_fields(Path::new(p), &cfg.prompt_key, &cfg.answer_key)
+            };
+            let train = read(&cfg.train_file)?;
             let mut evals: Vec<(String, Vec<Example>)> = Vec::new();
             for spec in &cfg.eval_files {
                 let (name, path) = parse_eval_spec(spec)?;
@@ -161,7 +164,7 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
                         "data.eval_files: the name \"{name}\" is used twice"
                     )));
                 }
-                let mut ex = dataset::read_jsonl(Path::new(&path))?;
+                let mut ex = read(&path)?;
                 if cfg.eval_size > 0 {
                     ex.truncate(cfg.eval_size);
                 }
@@ -302,6 +305,45 @@ pub fn parse_eval_spec(spec: &str) -> Result<(String, String)> {
             "eval file \"{spec}\": expected name=path (e.g. test=data/test.jsonl)"
         ))),
     }
+}
+
+/// Applies a prompt length limit to the encoded prompts `ids` of `examples` (split `split`):
+/// `mode` "error" fails naming the first long prompt, "left" keeps the last `limit` tokens of
+/// each (TRL's truncation), "drop" removes the long ones. Returns the kept prompts and examples
+/// and how many were dropped or truncated.
+pub fn fit_prompts(
+    ids: Vec<Vec<u32>>,
+    examples: Vec<Example>,
+    limit: usize,
+    mode: &str,
+    split: &str,
+) -> Result<(Vec<Vec<u32>>, Vec<Example>, usize)> {
+    let mut kept = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+    let mut changed = 0;
+    for (i, (mut p, e)) in ids.into_iter().zip(examples).enumerate() {
+        if p.len() > limit {
+            changed += 1;
+            match mode {
+                "left" => {
+                    p.drain(..p.len() - limit);
+                }
+                "drop" => continue,
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "{split} prompt {} ({:?}) is {} tokens, above the limit of {limit} \
+                         (data.max_prompt_length, or max_position_embeddings - \
+                         rollout.max_new_tokens); raise it, or set data.truncation = left | drop",
+                        i + 1,
+                        e.prompt.chars().take(60).collect::<String>(),
+                        p.len()
+                    )))
+                }
+            }
+        }
+        kept.0.push(p);
+        kept.1.push(e);
+    }
+    Ok((kept.0, kept.1, changed))
 }
 
 /// Token ids of a prompt as the model sees it: the tokenizer's special tokens (e.g. a BOS)

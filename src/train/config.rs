@@ -133,6 +133,15 @@ pub struct DataConfig {
     /// Largest share of reference answers (at load) or of responses (at the first eval) the
     /// checker may fail to read before the run stops with an error (warnings below it).
     pub max_unparsed: f64,
+    /// JSONL field of the prompt (verl's data.prompt_key; HF GSM8K: "question").
+    pub prompt_key: String,
+    /// JSONL field of the reference answer.
+    pub answer_key: String,
+    /// Longest prompt in tokens (0: only the model's max_position_embeddings limits it).
+    pub max_prompt_length: usize,
+    /// A longer prompt: "error" (verl's default: name it and stop), "left" (keep its last
+    /// max_prompt_length tokens, as TRL does) or "drop" (skip it, counted in the log).
+    pub truncation: String,
 }
 
 impl Default for DataConfig {
@@ -145,6 +154,10 @@ impl Default for DataConfig {
             chat_template: false,
             eval_size: 500,
             max_unparsed: 0.5,
+            prompt_key: "prompt".into(),
+            answer_key: "answer".into(),
+            max_prompt_length: 0,
+            truncation: "error".into(),
         }
     }
 }
@@ -162,6 +175,8 @@ pub struct RolloutConfig {
     pub top_k: usize,
     /// 1.0: off.
     pub top_p: f32,
+    /// Stop strings: a response ends with the token that completes one (kept in the response).
+    pub stop: Vec<String>,
 }
 
 impl Default for RolloutConfig {
@@ -173,6 +188,7 @@ impl Default for RolloutConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            stop: Vec::new(),
         }
     }
 }
@@ -517,6 +533,19 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "data.max_unparsed",
         "largest share, in [0, 1], of reference answers (at load) or responses (first eval) the checker may fail to read; above it the run stops with an error, above 0 it warns",
     ),
+    (
+        "data.prompt_key",
+        "JSONL field of the prompt (verl's data.prompt_key; HF GSM8K: question)",
+    ),
+    ("data.answer_key", "JSONL field of the reference answer"),
+    (
+        "data.max_prompt_length",
+        "longest prompt in tokens (0: only max_position_embeddings - rollout.max_new_tokens)",
+    ),
+    (
+        "data.truncation",
+        "a longer prompt: error (verl's default) | left (keep its last tokens, as TRL) | drop (skip it)",
+    ),
     ("rollout.prompts_per_step", "prompts per RL step, >= 1"),
     (
         "rollout.n_samples",
@@ -529,6 +558,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ("rollout.temperature", "sampling temperature, > 0"),
     ("rollout.top_k", "top-k sampling (0: off)"),
     ("rollout.top_p", "nucleus sampling, in (0, 1] (1: off)"),
+    (
+        "rollout.stop",
+        "stop strings, e.g. [\"\\n\\n\"]: a response (rollout and eval) ends with the token completing one",
+    ),
     (
         "reward.flip_prob",
         "training reward flipped (correct <-> incorrect) with this probability, in [0, 1]",
@@ -732,6 +765,8 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "also evaluate every this many steps (0: only before and after)",
     ),
     ("sft.eval_before", "evaluate before training"),
+    ("sft.prompt_key", "JSONL field of the prompt (HF GSM8K: question)"),
+    ("sft.answer_key", "JSONL field of the answer"),
     (
         "score.model",
         "builtin | an HF folder (config.json, safetensors, tokenizer.json)",
@@ -998,6 +1033,20 @@ impl TrainConfig {
             &["arith", "gsm8k", "math"],
         )?;
         range(key!("data.max_unparsed"), d.max_unparsed, NONNEG, LE1)?;
+        one_of(
+            key!("data.truncation"),
+            &d.truncation,
+            &["error", "left", "drop"],
+        )?;
+        if d.prompt_key.is_empty() || d.answer_key.is_empty() || d.prompt_key == d.answer_key {
+            fail(
+                &["data.prompt_key", "data.answer_key"],
+                format!(
+                    "must be two different non-empty field names, got {:?} and {:?}",
+                    d.prompt_key, d.answer_key
+                ),
+            )?;
+        }
 
         let ro = &self.rollout;
         at_least(key!("rollout.prompts_per_step"), ro.prompts_per_step, 1)?;
@@ -1016,6 +1065,12 @@ impl TrainConfig {
             None,
         )?;
         range(key!("rollout.top_p"), ro.top_p as f64, POS, LE1)?;
+        if ro.stop.iter().any(String::is_empty) {
+            fail(
+                key!("rollout.stop"),
+                "stop strings must not be empty".into(),
+            )?;
+        }
 
         let rw = &self.reward;
         range(key!("reward.flip_prob"), rw.flip_prob, NONNEG, LE1)?;

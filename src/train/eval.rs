@@ -28,6 +28,10 @@ pub struct EvalOpts {
     pub chat_template: bool,
     /// Prompts per generate call.
     pub batch: usize,
+    /// Longer prompts keep their last this many tokens (0: no limit).
+    pub max_prompt_length: usize,
+    /// Stop strings: a response ends with the token that completes one ([`cut_at_stop`]).
+    pub stop: Vec<String>,
 }
 
 impl Default for EvalOpts {
@@ -40,6 +44,8 @@ impl Default for EvalOpts {
             seed: 0,
             chat_template: false,
             batch: 64,
+            max_prompt_length: 0,
+            stop: Vec::new(),
         }
     }
 }
@@ -148,6 +154,31 @@ pub fn stop_ids(dec: &Decoder, tok: &Tokenizer) -> Vec<u32> {
     ids
 }
 
+/// How many of the generated `tokens` a response keeps under the stop strings `stop`: up to and
+/// including the token whose text completes the first stop string (all when none occurs).
+/// Sampling is autoregressive, so this prefix is distributed exactly as if generation had
+/// stopped there (vLLM's stop strings, as TRL and verl use them).
+pub fn cut_at_stop(tok: &Tokenizer, tokens: &[u32], stop: &[String]) -> Result<usize> {
+    let hit = |n: usize| -> Result<bool> {
+        let text = tok.decode(&tokens[..n], true)?;
+        Ok(stop.iter().any(|s| text.contains(s.as_str())))
+    };
+    if stop.is_empty() || !hit(tokens.len())? {
+        return Ok(tokens.len());
+    }
+    // The shortest prefix that contains a stop string (containment grows with the prefix).
+    let (mut lo, mut hi) = (0, tokens.len());
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if hit(mid)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
 /// The response text of generated tokens: a final stop id dropped, special tokens skipped.
 pub fn response_text(tok: &Tokenizer, tokens: &[u32], stop: &[u32]) -> Result<String> {
     let body = match tokens.last() {
@@ -194,10 +225,15 @@ pub fn evaluate(
     let stop = stop_ids(dec, tok);
     let (mut solved, mut unparsed, mut responses) = (0usize, 0usize, 0usize);
     for (bi, chunk) in examples.chunks(opts.batch).enumerate() {
-        let prompts = chunk
+        let mut prompts = chunk
             .iter()
             .map(|e| encode_prompt(tok, &e.prompt, opts.chat_template))
             .collect::<Result<Vec<_>>>()?;
+        if opts.max_prompt_length > 0 {
+            for p in prompts.iter_mut() {
+                p.drain(..p.len().saturating_sub(opts.max_prompt_length));
+            }
+        }
         let params = GenerateParams {
             max_new_tokens: opts.max_new_tokens,
             sample,
@@ -209,7 +245,8 @@ pub fn evaluate(
             .map_err(|e| Error::Invalid(format!("evaluate {name}: batch {bi}: {e}")))?;
         let mut ok = vec![false; chunk.len()];
         for g in &gens {
-            let text = response_text(tok, &g.tokens, &stop)?;
+            let keep = cut_at_stop(tok, &g.tokens, &opts.stop)?;
+            let text = response_text(tok, &g.tokens[..keep], &stop)?;
             responses += 1;
             match checker.check(&text, &chunk[g.prompt_index].answer) {
                 Verdict::Correct => ok[g.prompt_index] = true,

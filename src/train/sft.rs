@@ -91,6 +91,10 @@ pub struct SftArgs {
     pub eval_every: usize,
     /// Evaluate before training.
     pub eval_before: bool,
+    /// JSONL field of the prompt (HF GSM8K: "question").
+    pub prompt_key: String,
+    /// JSONL field of the answer.
+    pub answer_key: String,
 }
 
 /// The learning rate of the shipped warm start's recipe (SFT from a random init).
@@ -122,6 +126,8 @@ impl Default for SftArgs {
             schedule: "cosine".into(),
             eval_every: 0,
             eval_before: true,
+            prompt_key: "prompt".into(),
+            answer_key: "answer".into(),
         }
     }
 }
@@ -304,11 +310,13 @@ fn train_into(
             Checker::Arith,
         )
     } else {
-        let train = dataset::read_jsonl(Path::new(&args.data))?;
+        let read =
+            |p: &str| dataset::read_jsonl_fields(Path::new(p), &args.prompt_key, &args.answer_key);
+        let train = read(&args.data)?;
         let mut evals = Vec::new();
         for spec in &args.eval_files {
             let (name, path) = parse_eval_spec(spec)?;
-            let mut ex = dataset::read_jsonl(Path::new(&path))?;
+            let mut ex = read(&path)?;
             if args.eval_size > 0 {
                 ex.truncate(args.eval_size);
             }
@@ -347,6 +355,7 @@ fn train_into(
         seed: args.seed,
         chat_template: args.chat_template,
         batch: 100,
+        ..EvalOpts::default()
     };
     let run_evals = |d: &Decoder, when: &str| -> Result<Vec<EvalResult>> {
         let mut out = Vec::new();

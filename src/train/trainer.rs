@@ -14,7 +14,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Algo, TrainConfig};
-use super::eval::{check_unparsed, evaluate, response_text, stop_ids, EvalOpts, EvalResult};
+use super::eval::{
+    check_unparsed, cut_at_stop, evaluate, response_text, stop_ids, EvalOpts, EvalResult,
+};
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
 use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettings, Policy};
@@ -138,6 +140,8 @@ pub struct Trainer {
     pub interrupt_after: Option<u64>,
     /// The configuration fingerprint of the run (set by [`Trainer::run`], saved in checkpoints).
     fingerprint: Option<Fingerprint>,
+    /// Longest prompt in tokens (data.max_prompt_length or the model's limit).
+    prompt_limit: usize,
 }
 
 fn fmt_path(p: &Path) -> String {
@@ -172,11 +176,8 @@ impl Trainer {
         for note in crate::task::data_report(&task, &tok, cfg.data.max_unparsed)? {
             eprintln!("dfpo-train: warning: data: {note}");
         }
-        let train_ids = task
-            .train
-            .iter()
-            .map(|e| encode_prompt(&tok, &e.prompt, cfg.data.chat_template))
-            .collect::<Result<Vec<_>>>()?;
+        let mut task = task;
+        let (train_ids, prompt_limit) = fit_task_prompts(&mut task, &tok, &cfg, &policy_dec)?;
         if train_ids.is_empty() {
             return Err(Error::Invalid("the training set is empty".into()));
         }
@@ -318,6 +319,7 @@ impl Trainer {
             seconds_before: 0.0,
             interrupt_after: None,
             fingerprint: None,
+            prompt_limit,
         })
     }
 
@@ -349,6 +351,8 @@ impl Trainer {
     pub fn evaluate(&self) -> Result<Vec<EvalResult>> {
         let e = &self.cfg.eval;
         let opts = EvalOpts {
+            max_prompt_length: self.prompt_limit,
+            stop: self.cfg.rollout.stop.clone(),
             greedy: e.greedy,
             pass_k: e.pass_k,
             max_new_tokens: self.cfg.rollout.max_new_tokens,
@@ -398,15 +402,17 @@ impl Trainer {
         let r = &self.cfg.reward;
         for g in &gens {
             let prompt = &prompts[g.prompt_index];
-            let text = response_text(&self.tok, &g.tokens, &self.stop)?;
+            let keep = cut_at_stop(&self.tok, &g.tokens, &rc.stop)?;
+            let tokens = &g.tokens[..keep];
+            let text = response_text(&self.tok, tokens, &self.stop)?;
             let answer = &self.task.train[idx[g.prompt_index]].answer;
             let verdict = self.task.checker.check(&text, answer);
             let ok = verdict == crate::task::Verdict::Correct;
             b.unparsed.push(verdict == crate::task::Verdict::Unparsed);
             let mut seq = prompt.clone();
-            seq.extend_from_slice(&g.tokens);
+            seq.extend_from_slice(tokens);
             b.prompt_len.push(prompt.len());
-            b.response_len.push(g.tokens.len());
+            b.response_len.push(tokens.len());
             b.seqs.push(seq);
             b.group.push(g.prompt_index);
             b.correct.push(ok);
@@ -1109,6 +1115,61 @@ impl Trainer {
 }
 
 pub use super::run_dir::list_checkpoints;
+
+/// Encodes the task's prompts and applies data.max_prompt_length / data.truncation to the
+/// training and eval prompts (dropped eval prompts leave their split); returns the training
+/// prompts' ids and the limit.
+fn fit_task_prompts(
+    task: &mut TaskData,
+    tok: &Tokenizer,
+    cfg: &TrainConfig,
+    dec: &Decoder,
+) -> Result<(Vec<Vec<u32>>, usize)> {
+    let d = &cfg.data;
+    let room = dec
+        .config
+        .max_position_embeddings
+        .saturating_sub(cfg.rollout.max_new_tokens);
+    let limit = if d.max_prompt_length > 0 {
+        d.max_prompt_length.min(room)
+    } else {
+        room
+    };
+    let encode = |ex: &[crate::task::Example]| {
+        ex.iter()
+            .map(|e| encode_prompt(tok, &e.prompt, d.chat_template))
+            .collect::<Result<Vec<_>>>()
+    };
+    let fit = |name: &str, ex: Vec<crate::task::Example>| {
+        let ids = encode(&ex)?;
+        let (ids, ex, changed) = crate::task::fit_prompts(ids, ex, limit, &d.truncation, name)?;
+        if changed > 0 {
+            let what = if d.truncation == "drop" {
+                "dropped"
+            } else {
+                "truncated"
+            };
+            eprintln!(
+                "dfpo-train: data: {what} {changed} {name} prompts longer than {limit} tokens \
+                 (data.truncation = {})",
+                d.truncation
+            );
+        }
+        Ok::<_, Error>((ids, ex))
+    };
+    let (ids, train) = fit("train", std::mem::take(&mut task.train))?;
+    task.train = train;
+    for (name, ex) in task.evals.iter_mut() {
+        let (_, kept) = fit(name, std::mem::take(ex))?;
+        if kept.is_empty() {
+            return Err(Error::Invalid(format!(
+                "eval split {name}: every prompt is longer than {limit} tokens"
+            )));
+        }
+        *ex = kept;
+    }
+    Ok((ids, limit))
+}
 
 /// The before/after table printed at the end of a run.
 pub fn summary_table(s: &Summary) -> String {

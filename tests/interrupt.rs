@@ -120,6 +120,8 @@ fn uninterrupted(tag: &str, steps: usize, save_every: usize) -> (PathBuf, f64) {
 
 fn assert_same_run(a: &Path, b: &Path) {
     assert_eq!(metrics(a), metrics(b), "the metrics differ");
+    let samples = |d: &Path| std::fs::read_to_string(d.join("samples.jsonl")).unwrap();
+    assert_eq!(samples(a), samples(b), "samples.jsonl differs");
     assert_eq!(summary_after(a), summary_after(b));
     assert!(
         std::fs::read(a.join("final/model.safetensors")).unwrap()

@@ -123,3 +123,70 @@ fn stop_strings_end_responses_in_rollouts_and_evals() {
     assert!(cut > 0, "no response met a stop string");
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// A reward program in Python: rewards 0.25 for every response, counts its requests in `log`.
+fn reward_program(dir: &Path, body: &str) -> String {
+    let script = dir.join("reward.py");
+    std::fs::write(&script, body).unwrap();
+    format!("python3 {}", script.display())
+}
+
+#[test]
+fn an_external_reward_command_speaks_jsonl_with_a_timeout_and_clear_errors() {
+    let d = tmp("reward");
+    let log = d.join("requests.log");
+    let ok = reward_program(
+        &d,
+        &format!(
+            "import json, sys\nlog = open({:?}, 'a')\nfor line in sys.stdin:\n    r = json.loads(line)\n    assert set(r) == {{'index', 'prompt', 'response', 'answer'}}, r\n    log.write(r['prompt'] + '\\n'); log.flush()\n    print(json.dumps({{'index': r['index'], 'reward': 0.25, 'correct': True}}), flush=True)\n",
+            log.display().to_string()
+        ),
+    );
+    let sets = |cmd: &str| {
+        vec![
+            format!("reward.command={cmd}"),
+            "reward.flip_prob=0".into(),
+            "reward.timeout_s=20".into(),
+            "run.log_samples=3".into(),
+        ]
+    };
+    Trainer::new(cfg(&d, &sets(&ok))).unwrap().run().unwrap();
+    let m = dfpo::train::metrics::read_metrics(&d.join("run/metrics.jsonl")).unwrap();
+    for line in &m {
+        assert_eq!(line["reward/clean_mean"], 0.25, "{line:?}");
+    }
+    let n = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert_eq!(n, 2 * 4 * 2, "one request per response");
+    // samples.jsonl: run.log_samples rows per step.
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(d.join("run/samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 6);
+    assert_eq!(samples[0]["step"], 1);
+    assert_eq!(samples[5]["step"], 2);
+    assert_eq!(samples[0]["reward"], 0.25);
+    assert!(samples[0]["prompt"].as_str().unwrap().ends_with('='));
+
+    // Clear errors: bad output, a missing answer (timeout), an exited program, flips.
+    for (body, want) in [
+        ("import sys\nfor l in sys.stdin:\n    print('nope', flush=True)\n", "not valid JSON"),
+        ("import sys, time\nfor l in sys.stdin:\n    time.sleep(30)\n", "reward.timeout_s"),
+        ("import sys\nsys.exit(3)\n", "exit"),
+        (
+            "import sys, json\nfor l in sys.stdin:\n    print(json.dumps({'index': 0}), flush=True)\n",
+            "\"reward\"",
+        ),
+    ] {
+        let cmd = reward_program(&d, body);
+        let mut s = sets(&cmd);
+        s.push("reward.timeout_s=1".into());
+        s.push("run.overwrite=true".into());
+        let e = Trainer::new(cfg(&d, &s)).unwrap().run().unwrap_err().to_string();
+        assert!(e.contains("reward.command") && e.contains(want), "{want}: {e}");
+    }
+    let e = TrainConfig::load(None, &[format!("reward.command={ok}")]).unwrap_err();
+    assert!(e.to_string().contains("reward.flip_prob"), "{e}");
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -70,6 +70,8 @@ pub struct RunConfig {
     pub on_nonfinite: String,
     /// Show the progress bar (stderr).
     pub progress: bool,
+    /// Rows of each step's batch written to samples.jsonl (0: none).
+    pub log_samples: usize,
     /// Start afresh in a folder holding a dfpo-train run, removing only what dfpo-train wrote.
     pub overwrite: bool,
 }
@@ -87,6 +89,7 @@ impl Default for RunConfig {
             resume: "auto".into(),
             on_nonfinite: "skip".into(),
             progress: true,
+            log_samples: 4,
             overwrite: false,
         }
     }
@@ -202,6 +205,10 @@ pub struct RewardConfig {
     pub gaussian_sigma: f64,
     pub correct: f64,
     pub incorrect: f64,
+    /// An external reward program (JSONL over stdin/stdout, reward_cmd.rs); "" = the checker.
+    pub command: String,
+    /// Seconds the program may take to answer one batch.
+    pub timeout_s: f64,
 }
 
 impl Default for RewardConfig {
@@ -211,6 +218,8 @@ impl Default for RewardConfig {
             gaussian_sigma: 0.0,
             correct: 1.0,
             incorrect: 0.0,
+            command: String::new(),
+            timeout_s: 60.0,
         }
     }
 }
@@ -493,6 +502,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     ("run.progress", "show the progress bar on stderr"),
     (
+        "run.log_samples",
+        "responses of each step written to samples.jsonl (prompt, response, answer, rewards; 0: none)",
+    ),
+    (
         "run.overwrite",
         "start afresh in a folder holding a dfpo-train run: removes only what dfpo-train wrote (run.json, config.toml, metrics.jsonl, samples.jsonl, summary.json, checkpoints/, final/)",
     ),
@@ -572,6 +585,14 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     ("reward.correct", "reward of a correct answer"),
     ("reward.incorrect", "reward of an incorrect answer"),
+    (
+        "reward.command",
+        "external reward program (sh -c), JSONL over stdin/stdout (README); \"\": the data.checker rewards",
+    ),
+    (
+        "reward.timeout_s",
+        "seconds reward.command may take to answer one batch, > 0",
+    ),
     (
         "kl.coef",
         "per-token KL penalty coefficient in the reward, >= 0 (0: no reference model run)",
@@ -1082,6 +1103,15 @@ impl TrainConfig {
         )?;
         range(key!("reward.correct"), rw.correct, None, None)?;
         range(key!("reward.incorrect"), rw.incorrect, None, None)?;
+        range(key!("reward.timeout_s"), rw.timeout_s, POS, None)?;
+        if !rw.command.is_empty() && rw.flip_prob > 0.0 {
+            fail(
+                &["reward.flip_prob", "reward.command"],
+                "flips swap the checker's correct/incorrect rewards; with reward.command set \
+                 reward.flip_prob = 0 (reward.gaussian_sigma still applies)"
+                    .into(),
+            )?;
+        }
 
         let kl = &self.kl;
         range(key!("kl.coef"), kl.coef, NONNEG, None)?;

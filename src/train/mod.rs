@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod reward_cmd;
 pub mod rollout;
 pub mod run_dir;
 pub mod sft;

@@ -89,6 +89,8 @@ pub struct Batch {
     pub correct: Vec<bool>,
     /// Whether the checker found no answer in the row's response.
     pub unparsed: Vec<bool>,
+    /// The response text per row.
+    pub texts: Vec<String>,
 }
 
 impl Batch {

@@ -53,7 +53,7 @@ const SAFE_KEYS: &[&str] = &[
     "run.resume",
     "run.overwrite",
     "run.progress",
-    "run.samples_every",
+    "run.log_samples",
     "data.max_unparsed",
 ];
 /// Sections that never change the training (their keys are not fingerprinted).

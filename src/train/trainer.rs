@@ -142,6 +142,10 @@ pub struct Trainer {
     fingerprint: Option<Fingerprint>,
     /// Longest prompt in tokens (data.max_prompt_length or the model's limit).
     prompt_limit: usize,
+    /// The running reward.command program, if any.
+    reward_cmd: Option<std::sync::Mutex<super::reward_cmd::RewardCommand>>,
+    /// The sample generations of the last step (samples.jsonl).
+    pub last_samples: Vec<serde_json::Value>,
 }
 
 fn fmt_path(p: &Path) -> String {
@@ -300,6 +304,13 @@ impl Trainer {
         )?;
         let out = PathBuf::from(&cfg.run.out_dir);
         let kl_coef = cfg.kl.coef;
+        let reward_cmd = if cfg.reward.command.is_empty() {
+            None
+        } else {
+            let c =
+                super::reward_cmd::RewardCommand::start(&cfg.reward.command, cfg.reward.timeout_s)?;
+            Some(std::sync::Mutex::new(c))
+        };
         Ok(Trainer {
             cfg,
             device,
@@ -320,6 +331,8 @@ impl Trainer {
             interrupt_after: None,
             fingerprint: None,
             prompt_limit,
+            reward_cmd,
+            last_samples: Vec::new(),
         })
     }
 
@@ -400,15 +413,57 @@ impl Trainer {
             ..Default::default()
         };
         let r = &self.cfg.reward;
+        let mut kept = Vec::with_capacity(gens.len());
         for g in &gens {
-            let prompt = &prompts[g.prompt_index];
             let keep = cut_at_stop(&self.tok, &g.tokens, &rc.stop)?;
-            let tokens = &g.tokens[..keep];
-            let text = response_text(&self.tok, tokens, &self.stop)?;
-            let answer = &self.task.train[idx[g.prompt_index]].answer;
-            let verdict = self.task.checker.check(&text, answer);
-            let ok = verdict == crate::task::Verdict::Correct;
-            b.unparsed.push(verdict == crate::task::Verdict::Unparsed);
+            kept.push((
+                keep,
+                response_text(&self.tok, &g.tokens[..keep], &self.stop)?,
+            ));
+        }
+        let example =
+            |g: &crate::model::generate::Generation| &self.task.train[idx[g.prompt_index]];
+        // reward.command: the external program's rewards replace the checker's.
+        let replies = match &self.reward_cmd {
+            Some(cmd) => {
+                let reqs: Vec<super::reward_cmd::Request> = gens
+                    .iter()
+                    .zip(&kept)
+                    .map(|(g, (_, text))| super::reward_cmd::Request {
+                        prompt: &example(g).prompt,
+                        response: text,
+                        answer: &example(g).answer,
+                    })
+                    .collect();
+                let mut cmd = cmd.lock().map_err(|_| {
+                    Error::Invalid("reward.command: a previous call panicked".into())
+                })?;
+                Some(cmd.score(&reqs)?)
+            }
+            None => None,
+        };
+        for (j, (g, (keep, text))) in gens.iter().zip(&kept).enumerate() {
+            let prompt = &prompts[g.prompt_index];
+            let tokens = &g.tokens[..*keep];
+            let (ok, unparsed, clean, noisy) = match &replies {
+                Some(rep) => {
+                    let mid = 0.5 * (r.correct + r.incorrect);
+                    let ok = rep[j].correct.unwrap_or(rep[j].reward > mid);
+                    let mut noisy = rep[j].reward;
+                    if r.gaussian_sigma > 0.0 {
+                        noisy += r.gaussian_sigma * noise.normal();
+                    }
+                    (ok, false, rep[j].reward, noisy)
+                }
+                None => {
+                    let verdict = self.task.checker.check(text, &example(g).answer);
+                    let ok = verdict == crate::task::Verdict::Correct;
+                    let clean = if ok { r.correct } else { r.incorrect };
+                    let unparsed = verdict == crate::task::Verdict::Unparsed;
+                    (ok, unparsed, clean, noisy_reward(ok, r, &mut noise))
+                }
+            };
+            b.unparsed.push(unparsed);
             let mut seq = prompt.clone();
             seq.extend_from_slice(tokens);
             b.prompt_len.push(prompt.len());
@@ -416,10 +471,26 @@ impl Trainer {
             b.seqs.push(seq);
             b.group.push(g.prompt_index);
             b.correct.push(ok);
-            b.clean.push(if ok { r.correct } else { r.incorrect });
-            b.noisy.push(noisy_reward(ok, r, &mut noise));
+            b.clean.push(clean);
+            b.noisy.push(noisy);
+            b.texts.push(text.clone());
         }
         Ok(b)
+    }
+
+    /// The first `run.log_samples` rows of step `step`'s batch as samples.jsonl records.
+    fn samples_of(&self, step: u64, b: &Batch) -> Vec<serde_json::Value> {
+        let idx = self.step_prompts(step);
+        (0..b.rows().min(self.cfg.run.log_samples))
+            .map(|r| {
+                let e = &self.task.train[idx[b.group[r]]];
+                serde_json::json!({
+                    "step": step + 1, "prompt": e.prompt, "response": b.texts[r],
+                    "answer": e.answer, "correct": b.correct[r], "reward": b.clean[r],
+                    "noisy_reward": b.noisy[r], "unparsed": b.unparsed[r],
+                })
+            })
+            .collect()
     }
 
     fn flow_solve(&self) -> Option<FlowSolve> {
@@ -815,6 +886,7 @@ impl Trainer {
         m.insert("timing/step_s".into(), t_total);
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
+        self.last_samples = self.samples_of(step, &p.batch);
         self.step += 1;
         Ok(m)
     }
@@ -1030,6 +1102,14 @@ impl Trainer {
             });
         }
         let mut metrics = MetricsWriter::create(&self.out.join("metrics.jsonl"), resumed)?;
+        let mut samples = if self.cfg.run.log_samples > 0 {
+            Some(MetricsWriter::create_records(
+                &self.out.join("samples.jsonl"),
+                resumed,
+            )?)
+        } else {
+            None
+        };
         let total = self.cfg.run.steps as u64;
         let mut bar = Progress::new(total, self.cfg.run.progress);
         let mut last_saved = self.step;
@@ -1055,6 +1135,11 @@ impl Trainer {
                 }
             }
             metrics.write(self.step, &m)?;
+            if let Some(w) = samples.as_mut() {
+                for rec in &self.last_samples {
+                    w.write_record(rec)?;
+                }
+            }
             let shown: Vec<(&str, f64)> = [
                 ("reward", "reward/clean_mean"),
                 ("noisy", "reward/noisy_mean"),

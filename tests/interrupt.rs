@@ -9,25 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dfpo::task::arith;
-
 mod common;
 use common::Rng;
 
 fn tiny_model() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dfpo-interrupt-{}", std::process::id()));
-        arith::write_random_model(&dir, 9).unwrap();
-        dir
-    })
-    .clone()
+    common::tiny_model("dfpo-interrupt", 9)
 }
 
 fn out_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dfpo-interrupt-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::out_dir("dfpo-interrupt", tag)
 }
 
 /// `dfpo-train train` on the tiny model into `out`.

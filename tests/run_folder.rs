@@ -5,24 +5,17 @@
 use std::path::{Path, PathBuf};
 
 use dfpo::task::arith;
+
+mod common;
 use dfpo::train::config::TrainConfig;
 use dfpo::train::trainer::Trainer;
 
-/// A random tiny arithmetic model folder (shared by the tests of this file).
 fn tiny_model() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dfpo-run-folder-{}", std::process::id()));
-        arith::write_random_model(&dir, 5).unwrap();
-        dir
-    })
-    .clone()
+    common::tiny_model("dfpo-run-folder", 5)
 }
 
 fn out_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dfpo-run-folder-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::out_dir("dfpo-run-folder", tag)
 }
 
 /// A fast configuration on the tiny model into `out`, with extra `--set`s.

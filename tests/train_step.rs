@@ -9,7 +9,6 @@ use dfpo::kernels::flow::{self, FlowHeadShape};
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::kernels::rl::{self, PpoParams};
 use dfpo::model::decoder::{Decoder, HeadOut};
-use dfpo::task::arith;
 use dfpo::train::config::TrainConfig;
 use dfpo::train::heads::{FlowTermWeights, RiskTerms};
 use dfpo::train::models::{Critic, CriticHead, OptSettings};
@@ -18,21 +17,12 @@ use dfpo::train::trainer::Trainer;
 mod common;
 use common::Rng;
 
-/// A random tiny arithmetic model folder (shared by the tests of this file).
 fn tiny_model() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dfpo-train-step-{}", std::process::id()));
-        arith::write_random_model(&dir, 11).unwrap();
-        dir
-    })
-    .clone()
+    common::tiny_model("dfpo-train-step", 11)
 }
 
 fn out_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dfpo-train-step-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::out_dir("dfpo-train-step", tag)
 }
 
 /// A small, fast configuration on the tiny model.

@@ -45,7 +45,11 @@ impl MetricsWriter {
 
     /// Writes one JSON object as a line and flushes it.
     pub fn write_record(&mut self, v: &serde_json::Value) -> Result<()> {
-        let line = format!("{v}\n");
+        self.append(&format!("{v}\n"))
+    }
+
+    /// Appends `line` (with its newline) and flushes it.
+    fn append(&mut self, line: &str) -> Result<()> {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
@@ -98,14 +102,7 @@ impl MetricsWriter {
                 self.path.display()
             )));
         }
-        let line = format_line(step, metrics);
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
-            .map_err(|source| Error::Io {
-                path: self.path.display().to_string(),
-                source,
-            })
+        self.append(&format_line(step, metrics))
     }
 }
 

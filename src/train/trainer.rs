@@ -1089,6 +1089,15 @@ impl Trainer {
         };
         if let Some(s) = resumed {
             eprintln!("dfpo-train: resumed from step {s}");
+            if s >= self.cfg.run.steps as u64 {
+                eprintln!(
+                    "dfpo-train: {} holds this configuration's finished run (step {s} of {}): \
+                     evaluating it again; for a new run choose another run.out_dir or set \
+                     run.overwrite=true",
+                    fmt_path(&self.out),
+                    self.cfg.run.steps
+                );
+            }
         } else {
             self.before = self.eval_before()?;
         }

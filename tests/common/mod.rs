@@ -102,3 +102,22 @@ pub fn fixtures_dir() -> std::path::PathBuf {
         Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
     }
 }
+
+/// A random tiny arithmetic model folder (`dfpo::task::arith::write_random_model` with `seed`),
+/// written once per test binary under the temp folder as `{prefix}-{pid}`.
+pub fn tiny_model(prefix: &str, seed: u64) -> std::path::PathBuf {
+    static ONCE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        dfpo::task::arith::write_random_model(&dir, seed).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// `{temp}/{prefix}-{pid}-{tag}`, removed if it exists.
+pub fn out_dir(prefix: &str, tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("{prefix}-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}

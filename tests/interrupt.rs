@@ -24,21 +24,14 @@ fn out_dir(tag: &str) -> PathBuf {
 fn train(out: &Path, steps: usize, save_every: usize) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dfpo-train"));
     c.arg("train");
-    for s in [
-        format!("model.policy={}", tiny_model().display()),
-        format!("run.out_dir={}", out.display()),
+    let mut sets = common::small_run_sets(&tiny_model(), out);
+    sets.extend([
         format!("run.steps={steps}"),
         format!("run.save_every={save_every}"),
         "run.keep_checkpoints=2".into(),
-        "run.device=cpu".into(),
-        "run.progress=false".into(),
-        "rollout.prompts_per_step=2".into(),
-        "rollout.n_samples=2".into(),
-        "rollout.max_new_tokens=4".into(),
-        "data.eval_size=4".into(),
-        "data.max_unparsed=1".into(),
         "kl.coef=0.01".into(),
-    ] {
+    ]);
+    for s in sets {
         c.arg("--set").arg(s);
     }
     c.stdout(Stdio::null()).stderr(Stdio::piped());

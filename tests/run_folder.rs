@@ -20,20 +20,8 @@ fn out_dir(tag: &str) -> PathBuf {
 
 /// A fast configuration on the tiny model into `out`, with extra `--set`s.
 fn cfg(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut sets: Vec<String> = vec![
-        format!("model.policy={}", tiny_model().display()),
-        format!("run.out_dir={}", out.display()),
-        "run.steps=2".into(),
-        "run.save_every=1".into(),
-        "run.device=cpu".into(),
-        "run.progress=false".into(),
-        "rollout.prompts_per_step=2".into(),
-        "rollout.n_samples=2".into(),
-        "rollout.max_new_tokens=4".into(),
-        "data.eval_size=4".into(),
-        // A random model's answers are unreadable; these tests are about the folder.
-        "data.max_unparsed=1".into(),
-    ];
+    let mut sets = common::small_run_sets(&tiny_model(), out);
+    sets.extend(["run.steps=2".into(), "run.save_every=1".into()]);
     sets.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(None, &sets).unwrap()
 }

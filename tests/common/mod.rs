@@ -121,3 +121,19 @@ pub fn out_dir(prefix: &str, tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     d
 }
+
+/// `--set`s of a fast CPU run of `model` into `out` (2 prompts x 2 samples of up to 4 tokens,
+/// 4 eval prompts per split; a random model's unreadable answers allowed).
+pub fn small_run_sets(model: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("model.policy={}", model.display()),
+        format!("run.out_dir={}", out.display()),
+        "run.device=cpu".into(),
+        "run.progress=false".into(),
+        "rollout.prompts_per_step=2".into(),
+        "rollout.n_samples=2".into(),
+        "rollout.max_new_tokens=4".into(),
+        "data.eval_size=4".into(),
+        "data.max_unparsed=1".into(),
+    ]
+}

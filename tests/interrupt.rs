@@ -151,29 +151,44 @@ fn sigint_and_sigterm_finish_the_step_save_and_exit_nonzero() {
     let _ = std::fs::remove_dir_all(&a);
 }
 
-/// Kills (SIGKILL) a run `kills` times at random moments (uniform in 0 ..= 2/kills of the
-/// uninterrupted run's time), restarting it each time, then lets it finish; it must equal the
-/// uninterrupted run with no stray entry left. A start that finishes before its kill is checked
-/// the same way, and the run starts over.
+/// Kills (SIGKILL) a run `kills` times at random moments, restarting it each time, then lets it
+/// finish; it must equal the uninterrupted run with no stray entry left. A quarter of the kills
+/// land anywhere in the first 0.3 s (start-up: folder checks, model load, first eval); the rest
+/// wait until the run has logged a new step, then strike within the next two steps' time (in a
+/// step, its checkpoint write, a prune or the final export). A start that finishes before its
+/// kill is checked the same way, and the run starts over.
 fn killed_runs_resume_exactly(tag: &str, kills: usize, steps: usize) {
     let (a, t_full) = uninterrupted(&format!("{tag}-a"), steps, 1);
+    let t_step = t_full / steps as f64;
     let b = out_dir(&format!("{tag}-b"));
     let mut rng = Rng::fresh(tag);
-    let mut killed = 0;
-    let mut starts = 0;
+    let (mut killed, mut mid_run, mut starts) = (0, 0, 0);
     while killed < kills {
         starts += 1;
         assert!(
             starts < 20 * kills,
             "the run never got far enough to be killed"
         );
+        let before = metrics_lines(&b);
         let mut child = train(&b, steps, 1).spawn().unwrap();
-        let delay = rng.range(0.0, 2.0 * t_full / kills as f64);
-        std::thread::sleep(Duration::from_secs_f64(delay));
+        let in_run = rng.uniform() < 0.75;
+        if in_run {
+            let t0 = Instant::now();
+            while metrics_lines(&b) <= before
+                && child.try_wait().unwrap().is_none()
+                && t0.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            std::thread::sleep(Duration::from_secs_f64(rng.range(0.0, 2.0 * t_step)));
+        } else {
+            std::thread::sleep(Duration::from_secs_f64(rng.range(0.0, 0.3)));
+        }
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             let _ = child.wait();
             killed += 1;
+            mid_run += usize::from(in_run);
         } else {
             let (code, err) = wait(child);
             assert_eq!(code, 0, "{err}");
@@ -182,7 +197,10 @@ fn killed_runs_resume_exactly(tag: &str, kills: usize, steps: usize) {
             let _ = std::fs::remove_dir_all(&b);
         }
     }
-    eprintln!("{killed} kills in {starts} starts (uninterrupted: {t_full:.2} s); finishing");
+    eprintln!(
+        "{killed} kills ({mid_run} after a new step) in {starts} starts (uninterrupted: \
+         {t_full:.2} s); finishing"
+    );
     let (code, err) = wait(train(&b, steps, 1).spawn().unwrap());
     assert_eq!(code, 0, "{err}");
     assert_same_run(&a, &b);
@@ -198,5 +216,5 @@ fn killed_3_times_at_random_resumes_to_the_uninterrupted_run() {
 #[test]
 #[ignore = "slow (25 kills): cargo test --release --test interrupt -- --ignored"]
 fn killed_25_times_at_random_resumes_to_the_uninterrupted_run() {
-    killed_runs_resume_exactly("kill25", 25, 40);
+    killed_runs_resume_exactly("kill25", 25, 80);
 }

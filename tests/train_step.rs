@@ -757,6 +757,11 @@ fn export_writes_a_checkpoints_policy_and_critic_as_hf_folders() {
                 assert_eq!(&joined, flat, "param_order reassembles the flat vector");
             }
         }
+        // A checkpoint is not a model folder: the error points to export.
+        let mut c = small_cfg(algo, &out_dir("ck-as-model"), 1);
+        c.model.policy = ck.display().to_string();
+        let e = Trainer::new(c).err().unwrap().to_string();
+        assert!(e.contains("dfpo-train export --checkpoint"), "{e}");
         // A second export into the same folder needs overwrite.
         let e = dfpo::train::export::run(&ex).unwrap_err().to_string();
         assert!(e.contains("not empty"), "{e}");

@@ -103,6 +103,14 @@ pub fn model_dir(spec: &str) -> Result<PathBuf> {
         return builtin_dir();
     }
     let p = PathBuf::from(spec);
+    let checkpoint = p.join("meta.json").is_file() || p.join("checkpoints").is_dir();
+    if checkpoint && !p.join("config.json").is_file() {
+        return Err(Error::Invalid(format!(
+            "model {spec} is a training checkpoint or run folder, not an HF folder: \
+             `dfpo-train export --checkpoint {spec} --out DIR` writes its policy (DIR/policy) \
+             and critic as HF folders (a finished run's policy is also in its final/)"
+        )));
+    }
     if !p.is_dir() {
         let what = if p.exists() {
             "is not a folder"

@@ -39,6 +39,7 @@ pub const WRITTEN: &[&str] = &[
     "summary.json",
     "checkpoints",
     "final",
+    "critic_calibration.json",
 ];
 
 /// Configuration keys that may differ between a checkpoint and the run resuming it, because
@@ -558,9 +559,11 @@ pub fn open(cfg: &TrainConfig, fp: &Fingerprint) -> Result<RunDir> {
         .filter(|n| !WRITTEN.contains(&n.as_str()))
         .collect();
     let checkpoints = list_checkpoints(&dir.join("checkpoints"))?;
-    let options = "choose another run.out_dir, or run.overwrite=true (removes only what \
-                   dfpo-train wrote there: run.json, config.toml, metrics.jsonl, samples.jsonl, \
-                   summary.json, checkpoints/, final/; other files are kept)";
+    let options = format!(
+        "choose another run.out_dir, or run.overwrite=true (removes only what dfpo-train wrote \
+         there: {}; other files are kept)",
+        WRITTEN.join(", ")
+    );
 
     if cfg.run.overwrite {
         if marked.is_none() && !ours.is_empty() {

@@ -108,6 +108,7 @@ fn resume_true_without_a_checkpoint_says_so_and_auto_starts_fresh() {
     let out = out_dir("resume-none");
     let e = run(&out, &["run.resume=true"]).expect_err("nothing to resume");
     assert!(e.to_string().contains("no checkpoint"), "{e}");
+    assert!(!out.exists(), "a refused start leaves no folder behind");
     let s = run(&out, &["run.resume=auto"]).unwrap();
     assert_eq!(s.steps, 2);
     // auto on the same configuration continues it (here: extends it by two steps).

@@ -536,6 +536,17 @@ fn read_run_file(dir: &Path) -> Option<RunFile> {
 /// fresh start and a resume, or refuses with an error naming what is there and the options.
 pub fn open(cfg: &TrainConfig, fp: &Fingerprint) -> Result<RunDir> {
     let dir = PathBuf::from(&cfg.run.out_dir);
+    let created = !dir.exists();
+    let opened = open_inner(cfg, fp, &dir);
+    if opened.is_err() && created {
+        // A refused start leaves no folder behind (the lock is gone with the error).
+        let _ = std::fs::remove_dir(&dir);
+    }
+    opened
+}
+
+fn open_inner(cfg: &TrainConfig, fp: &Fingerprint, dir: &Path) -> Result<RunDir> {
+    let dir = dir.to_path_buf();
     let shown = dir.display().to_string();
     if dir.exists() && !dir.is_dir() {
         return Err(Error::Invalid(format!(

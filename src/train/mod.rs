@@ -2,10 +2,14 @@
 
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod heads;
+pub mod interrupt;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod reward_cmd;
 pub mod rollout;
+pub mod run_dir;
 pub mod sft;
 pub mod trainer;

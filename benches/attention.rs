@@ -134,7 +134,7 @@ fn bench_cuda(c: &mut Criterion) {
         let mut dk = st.alloc_zeros::<u16>(nk).unwrap();
         let mut dv = st.alloc_zeros::<u16>(nk).unwrap();
         let mut ws = st
-            .alloc_zeros::<f32>(cuda::bwd_workspace_len(b, s, hq, d))
+            .alloc_zeros::<f32>(cuda::bwd_workspace_len(b, s, hq))
             .unwrap();
         let (qp, _g1) = q.device_ptr(&st);
         let (kp, _g2) = k.device_ptr(&st);

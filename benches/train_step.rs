@@ -207,7 +207,7 @@ fn shape_of(tr: &Trainer) -> (usize, usize, usize) {
 
 /// The shipped warm start when it exists, else a random tiny arithmetic model in `dir`.
 fn tiny_policy(dir: &Path) -> Result<(PathBuf, &'static str)> {
-    let builtin = arith::builtin_dir();
+    let builtin = dfpo::model::builtin::assets_dir();
     if builtin.join("config.json").exists() {
         return Ok((builtin, "assets/arith-sft"));
     }

@@ -8,45 +8,71 @@ use clap::Parser;
 use dfpo::model::decoder::Decoder;
 use dfpo::model::tokenizer::Tokenizer;
 use dfpo::task::{arith, Checker};
+use dfpo::train::config::{Command, ConfigArgs};
 use dfpo::train::eval::{evaluate, EvalOpts};
 use dfpo::train::sft::{self, SftArgs};
 
 #[derive(Parser)]
 struct Cli {
+    /// --set sft.key=value, --out DIR ... as for `dfpo-train sft`, applied after the recipe.
     #[command(flatten)]
-    sft: SftArgs,
+    config: ConfigArgs,
     /// Skip the temperature-1 sampling measurements.
     #[arg(long)]
     no_sampling_stats: bool,
 }
 
+/// The recipe of the shipped warm start: SFT of a random init at a high learning rate into
+/// assets/arith-sft (which holds the previous output, and its README, which is kept).
+fn recipe(out_given: bool) -> Vec<String> {
+    let mut v = vec![
+        "sft.model=builtin-init".into(),
+        format!("sft.lr={}", sft::RECIPE_LR),
+    ];
+    if !out_given {
+        v.push(format!(
+            "sft.out={}",
+            dfpo::model::builtin::assets_dir().display()
+        ));
+        v.push("sft.overwrite=true".into());
+    }
+    v
+}
+
 fn main() {
     let mut cli = Cli::parse();
-    if !std::env::args().any(|a| a == "--out") {
-        cli.sft.out = arith::builtin_dir();
-    }
-    if let Err(e) = run(&cli) {
+    let mut sets = recipe(cli.config.out.is_some());
+    sets.append(&mut cli.config.sets);
+    cli.config.sets = sets;
+    let args = match cli.config.resolve_for(Command::Sft) {
+        Ok(c) => c.sft,
+        Err(e) => {
+            eprintln!("make_builtin_sft: error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = run(&args, cli.no_sampling_stats) {
         eprintln!("make_builtin_sft: error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: &Cli) -> dfpo::Result<()> {
-    let report = sft::train(&cli.sft)?;
+fn run(args: &SftArgs, no_sampling_stats: bool) -> dfpo::Result<()> {
+    let report = sft::train(args)?;
     println!(
         "sft done in {:.1} s -> {}",
         report.seconds,
-        cli.sft.out.display()
+        args.out.display()
     );
-    if cli.no_sampling_stats {
+    if no_sampling_stats {
         return Ok(());
     }
-    let dec = Decoder::load(&cli.sft.out)?;
-    let tok = Tokenizer::from_dir(&cli.sft.out)?;
-    let n = cli.sft.eval_size;
+    let dec = Decoder::load(&args.out)?;
+    let tok = Tokenizer::from_dir(&args.out)?;
+    let n = args.eval_size;
     for (name, ex) in [
-        ("in_domain", arith::in_domain(n, cli.sft.seed)),
-        ("out_of_domain", arith::out_of_domain(n, cli.sft.seed)),
+        ("in_domain", arith::in_domain(n, args.seed)),
+        ("out_of_domain", arith::out_of_domain(n, args.seed)),
     ] {
         for k in [1usize, 4] {
             let opts = EvalOpts {

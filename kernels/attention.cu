@@ -7,13 +7,15 @@
 //                            j+1 while PV of tile j runs); QK^T and PV on tensor cores
 //                            (mma.sync m16n8k16 bf16 -> fp32, fragments by ldmatrix); online
 //                            softmax in fp32 registers; writes O and lse (natural log).
-//   attention_bwd_pre        backward preprocessing: delta_i = rowsum(dO_i * O_i) and a zeroed fp32
-//                            dQ workspace.
-//   attention_bwd            FA2 backward: one CTA per (kv head, batch, 64-key tile) loops over
-//                            the query heads of its GQA group and their 64-row query tiles
-//                            (double-buffered by cp.async), recomputes P from lse, keeps dK and dV
-//                            in registers (no atomics) and adds dQ into the workspace (atomicAdd).
-//   attention_bwd_dq         dq += scale * workspace on valid rows (bf16 read, fp32 add, bf16 write).
+//   attention_bwd_pre        backward preprocessing: delta_i = rowsum(dO_i * O_i).
+//   attention_bwd            FA2 backward for dK, dV: one CTA per (kv head, batch, 64-key tile)
+//                            loops over the query heads of its GQA group and their query tiles
+//                            (double-buffered by cp.async), recomputes P from lse and keeps dK and
+//                            dV in registers.
+//   attention_bwd_dq         dQ: one CTA per (query head, batch, 64-row query tile) loops over
+//                            the K/V tiles (double-buffered), recomputes P and dP and keeps dQ in
+//                            registers. Every gradient element is summed by one thread in a fixed
+//                            order (no atomics), so the whole backward is bit-reproducible.
 //   attention_decode         flash-decoding partials: one CTA per (cache split, kv head, batch)
 //                            for all query heads of the group; (max, sum, unnormalised acc) per split.
 //   attention_decode_combine merges the split partials into out.
@@ -127,6 +129,30 @@ __device__ __forceinline__ float2 att_ld_bf16x2(const bf16* p) {
 
 __device__ __forceinline__ void att_st_bf16x2(bf16* p, float lo, float hi) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(lo, hi);
+}
+
+// The A fragment of one k16 step from the C fragments of its two n8 tiles (fp32 -> bf16): the
+// C layout of two adjacent n8 tiles is the A layout (see the header), so P and dS never leave
+// registers.
+__device__ __forceinline__ void att_c_to_a(u32 (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = att_pack_bf16(lo[0], lo[1]);
+    a[1] = att_pack_bf16(lo[2], lo[3]);
+    a[2] = att_pack_bf16(hi[0], hi[1]);
+    a[3] = att_pack_bf16(hi[2], hi[3]);
+}
+
+// acc (16 x D, C fragments) += A (16 x 16: one k16 step) * B (16 x D), B being rows k0..k0+15 of
+// a bf16 [k][n] shared tile with row stride D + ATT_PAD, at byte address `rows` (ldmatrix.trans;
+// off_bt = att_off_bt(lane, ...)).
+template <int D>
+__device__ __forceinline__ void att_mma_a_bt(float (&acc)[D / 8][4], const u32 (&a)[4], u32 rows, u32 off_bt) {
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+        u32 b[4];
+        att_ldsm_x4_t(b, rows + off_bt + dp * 16 * 2);
+        att_mma(acc[2 * dp], a, b[0], b[1]);
+        att_mma(acc[2 * dp + 1], a, b[2], b[3]);
+    }
 }
 
 // Queues cp.async copies of an R x D bf16 tile: shared row r (stride D + ATT_PAD) <- global row
@@ -297,12 +323,7 @@ __device__ __forceinline__ void attention_fwd_impl(const bf16* __restrict__ q, c
                 }
             }
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                pa[kk][0] = att_pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                pa[kk][1] = att_pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                pa[kk][2] = att_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[kk][3] = att_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
+            for (int kk = 0; kk < BN / 16; ++kk) att_c_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
         }
         att_cp_wait<0>();
         __syncthreads();  // V_j landed; every warp is done with K_j
@@ -312,15 +333,8 @@ __device__ __forceinline__ void attention_fwd_impl(const bf16* __restrict__ q, c
         }
         if (active) {
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bv[4];
-                    att_ldsm_x4_t(bv, sV + off_bt + (kk * 16 * LD + dp * 16) * 2);
-                    att_mma(acc[2 * dp], pa[kk], bv[0], bv[1]);
-                    att_mma(acc[2 * dp + 1], pa[kk], bv[2], bv[3]);
-                }
-            }
+            for (int kk = 0; kk < BN / 16; ++kk)
+                att_mma_a_bt<D>(acc, pa[kk], sV + kk * 16 * LD * 2, off_bt);
         }
     }
 
@@ -346,14 +360,13 @@ __device__ __forceinline__ void attention_fwd_impl(const bf16* __restrict__ q, c
 // ---------------------------------------------------------------------------------------------
 // Backward.
 //
-// Preprocessing, one warp per (b, s, h) row: delta = rowsum(dO * O) (0 on padding) and the row of
-// the fp32 dQ workspace zeroed.
+// Preprocessing, one warp per (b, s, h) row: delta = rowsum(dO * O) (0 on padding).
 // ---------------------------------------------------------------------------------------------
 
 template <int D>
 __device__ __forceinline__ void attention_bwd_pre_impl(const bf16* __restrict__ o, const bf16* __restrict__ dout,
                                                        const u32* __restrict__ seq_lens, float* __restrict__ delta,
-                                                       float* __restrict__ dq_ws, int B, int S, int Hq) {
+                                                       int B, int S, int Hq) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (ATT_THREADS / 32) + (threadIdx.x >> 5);
     if (row >= (long long)B * S * Hq) return;  // warp-uniform
@@ -371,33 +384,22 @@ __device__ __forceinline__ void attention_bwd_pre_impl(const bf16* __restrict__ 
     }
     acc = warp_sum(acc);
     if (lane == 0) delta[((long long)b * Hq + h) * S + s] = s < len ? acc : 0.f;
-    for (int p = lane; p < D / 4; p += 32)
-        *reinterpret_cast<float4*>(dq_ws + row * D + 4 * p) = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
-// Main backward kernel. Warp w owns keys k0 + 16w .. k0 + 16w + 15 of the CTA's key tile and
-// computes, per query tile (BM = 64 rows of one query head; 32 at D = 128):
+// Main backward kernel (dK, dV). Warp w owns keys k0 + 16w .. k0 + 16w + 15 of the CTA's key tile
+// and computes, per query tile (BM = 64 rows of one query head; 32 at D = 128):
 //   S^T = K_w Q^T (16 x BM), P^T = exp2(S^T scale log2e - lse log2e), masked to query >= key;
 //   dV_w += P^T dO;  dP^T = V_w dO^T;  dS^T = P^T (dP^T - delta);  dK_w += dS^T Q;
 // all with the key rows as the M dimension, so P^T and dS^T go from C to A fragments in registers.
-// dS^T is also stored (bf16) in shared memory; after a barrier, the warps split dQ += dS K by
-// (16-row query m-tile, column block) (A = dS by ldmatrix.trans of the stored dS^T, B = K by
-// ldmatrix.trans), in 32-column chunks added to the fp32 workspace with atomicAdd.
 // The Q/dO/lse/delta tiles are double-buffered: tile it+1 loads while tile it computes.
 template <int D, int BM>
 __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                    const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                    const float* __restrict__ lse, const float* __restrict__ delta,
-                                                   const u32* __restrict__ seq_lens, float* __restrict__ dq_ws,
-                                                   bf16* __restrict__ dk, bf16* __restrict__ dv, int S, int Hq,
-                                                   int Hkv, float scale, float scale_log2) {
-    constexpr int BN = 64, LD = D + ATT_PAD, LDS = BM + ATT_PAD;
-    constexpr int NW = BN / 16;   // warps
-    constexpr int MT = BM / 16;   // query m-tiles of the dQ step
-    constexpr int WD = NW / MT;   // warps per dQ m-tile, each owning DW columns
-    constexpr int DW = D / WD;
-    constexpr int DCH = DW < 32 ? DW : 32;  // dQ columns per chunk
-    static_assert(NW % MT == 0 && DW % 16 == 0 && DW % DCH == 0, "dQ warp split");
+                                                   const u32* __restrict__ seq_lens, bf16* __restrict__ dk,
+                                                   bf16* __restrict__ dv, int S, int Hq, int Hkv, float scale,
+                                                   float scale_log2) {
+    constexpr int BN = 64, LD = D + ATT_PAD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     // Grid (Hkv, B, key tiles): key tile 0 has the most query tiles, and launches first.
@@ -416,13 +418,10 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
     const u32 sV = sK + BN * LD * 2;     // [BN][LD]
     const u32 sQ = sV + BN * LD * 2;     // [2][BM][LD]
     const u32 sdO = sQ + 2 * BM * LD * 2;  // [2][BM][LD]
-    const u32 sdS = sdO + 2 * BM * LD * 2; // [BN][LDS]: dS^T, keys x queries
-    bf16* pdS = reinterpret_cast<bf16*>(smem + (sdS - sK));                 // the same, as a pointer
-    float* sL = reinterpret_cast<float*>(smem + (sdS - sK) + BN * LDS * 2);  // [2][BM] lse of the rows
-    float* sDl = sL + 2 * BM;                                                // [2][BM] delta
+    float* sL = reinterpret_cast<float*>(smem + (sdO - sK) + 2 * BM * LD * 2);  // [2][BM] lse of the rows
+    float* sDl = sL + 2 * BM;                                                    // [2][BM] delta
     const u32 sL_a = att_smem_u32(sL), sDl_a = att_smem_u32(sDl);
     const u32 off_a = att_off_a(lane, LD), off_b = att_off_b(lane, LD), off_bt = att_off_bt(lane, LD);
-    const u32 off_ds = att_off_b(lane, LDS);
 
     const int qt_begin = k0 / BM;  // first query tile with a query >= k0
     const int n_qt = (len + BM - 1) / BM - qt_begin;
@@ -460,12 +459,11 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
     for (int it = 0; it < n_it; ++it) {
         const int buf = it & 1;
         att_cp_wait<0>();
-        __syncthreads();  // tile `it` landed; every warp is done with tile it-1 and with sdS
+        __syncthreads();  // tile `it` landed; every warp is done with tile it-1
         if (it + 1 < n_it) {
             load_q(it + 1, buf ^ 1);
             att_cp_commit();
         }
-        const int h = hk * G + it / n_qt;
         const int qb0 = (qt_begin + it % n_qt) * BM;
         const u32 cQ = sQ + buf * BM * LD * 2;
         const u32 cdO = sdO + buf * BM * LD * 2;
@@ -509,22 +507,10 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
         {
             u32 pa[BM / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                pa[kk][0] = att_pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                pa[kk][1] = att_pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                pa[kk][2] = att_pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                pa[kk][3] = att_pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-            }
+            for (int kk = 0; kk < BM / 16; ++kk) att_c_to_a(pa[kk], st[2 * kk], st[2 * kk + 1]);
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bo[4];
-                    att_ldsm_x4_t(bo, cdO + off_bt + (kk * 16 * LD + dp * 16) * 2);
-                    att_mma(dv_acc[2 * dp], pa[kk], bo[0], bo[1]);
-                    att_mma(dv_acc[2 * dp + 1], pa[kk], bo[2], bo[3]);
-                }
-            }
+            for (int kk = 0; kk < BM / 16; ++kk)
+                att_mma_a_bt<D>(dv_acc, pa[kk], cdO + kk * 16 * LD * 2, off_bt);
         }
         // dP^T = V_w dO^T, then dS^T = P^T (dP^T - delta) in place.
         float dpt[BM / 8][4];
@@ -549,70 +535,14 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
 #pragma unroll
             for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - ((e & 1) ? d1 : d0));
         }
-        // dK_w += dS^T Q, and dS^T to shared memory for dQ.
+        // dK_w += dS^T Q
         {
             u32 dsa[BM / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                dsa[kk][0] = att_pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
-                dsa[kk][1] = att_pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
-                dsa[kk][2] = att_pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-                dsa[kk][3] = att_pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-                bf16* w0 = pdS + (warp * 16 + g) * LDS + kk * 16 + 2 * t;
-                att_sts(reinterpret_cast<u32*>(w0), dsa[kk][0]);
-                att_sts(reinterpret_cast<u32*>(w0 + 8 * LDS), dsa[kk][1]);
-                att_sts(reinterpret_cast<u32*>(w0 + 8), dsa[kk][2]);
-                att_sts(reinterpret_cast<u32*>(w0 + 8 * LDS + 8), dsa[kk][3]);
-            }
+            for (int kk = 0; kk < BM / 16; ++kk) att_c_to_a(dsa[kk], dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 bq[4];
-                    att_ldsm_x4_t(bq, cQ + off_bt + (kk * 16 * LD + dp * 16) * 2);
-                    att_mma(dk_acc[2 * dp], dsa[kk], bq[0], bq[1]);
-                    att_mma(dk_acc[2 * dp + 1], dsa[kk], bq[2], bq[3]);
-                }
-            }
-        }
-        __syncthreads();  // dS^T complete
-        // dQ rows qb0 + 16 mt .. + 15, columns dc0 .. dc0 + DW - 1 += dS K (mt, dc0 from the warp).
-        {
-            const int mt = warp % MT, dc0 = (warp / MT) * DW;
-            u32 da[BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)
-                att_ldsm_x4_t(da[kk], sdS + off_ds + (kk * 16 * LDS + mt * 16) * 2);
-            const int row0 = qb0 + mt * 16 + g;
-#pragma unroll
-            for (int ch = 0; ch < DW / DCH; ++ch) {
-                const int col0 = dc0 + ch * DCH;
-                float c[DCH / 8][4];
-#pragma unroll
-                for (int i = 0; i < DCH / 8; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-                    for (int dp = 0; dp < DCH / 16; ++dp) {
-                        u32 bk[4];
-                        att_ldsm_x4_t(bk, sK + off_bt + (kk * 16 * LD + col0 + dp * 16) * 2);
-                        att_mma(c[2 * dp], da[kk], bk[0], bk[1]);
-                        att_mma(c[2 * dp + 1], da[kk], bk[2], bk[3]);
-                    }
-                }
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int row = row0 + r * 8;
-                    if (row < len) {
-                        float* dst = dq_ws + ((long long)b * S + row) * q_stride + (long long)h * D + col0 + 2 * t;
-#pragma unroll
-                        for (int nt = 0; nt < DCH / 8; ++nt) {
-                            atomicAdd(dst + nt * 8, c[nt][2 * r]);
-                            atomicAdd(dst + nt * 8 + 1, c[nt][2 * r + 1]);
-                        }
-                    }
-                }
-            }
+            for (int kk = 0; kk < BM / 16; ++kk)
+                att_mma_a_bt<D>(dk_acc, dsa[kk], cQ + kk * 16 * LD * 2, off_bt);
         }
     }
 
@@ -633,19 +563,145 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
     }
 }
 
-// dq += scale * workspace on valid rows, two elements per thread.
-template <int D>
-__device__ __forceinline__ void attention_bwd_dq_impl(const float* __restrict__ dq_ws, const u32* __restrict__ seq_lens,
-                                                      bf16* __restrict__ dq, int B, int S, int Hq, float scale) {
-    const long long i = (long long)blockIdx.x * ATT_THREADS + threadIdx.x;  // pair index
-    const long long row_pairs = (long long)Hq * D / 2;
-    if (i >= (long long)B * S * row_pairs) return;
-    const long long pos = i / row_pairs;  // b * S + s
-    const int s = (int)(pos % S), b = (int)(pos / S);
-    if (s >= min((int)seq_lens[b], S)) return;
-    const float2 w = *reinterpret_cast<const float2*>(dq_ws + 2 * i);
-    const float2 x = att_ld_bf16x2(dq + 2 * i);
-    att_st_bf16x2(dq + 2 * i, x.x + scale * w.x, x.y + scale * w.y);
+// ---------------------------------------------------------------------------------------------
+// dQ kernel. One CTA per (query head, batch, 64-row query tile), the forward's grid. Warp w owns
+// query rows q0 + 16w .. q0 + 16w + 15 and all D columns of their dQ (registers); Q and dO stay
+// in registers as A fragments. For each tile of BN keys (K and V double-buffered by cp.async):
+//   S = Q K^T, P = exp2(S scale log2e - lse log2e), masked to key <= query;  dP = dO V^T;
+//   dS = P (dP - delta);  dQ += dS K
+// with the query rows as the M dimension, so dS goes from C to A fragments in registers (as P in
+// the forward). Each dq element is summed by one thread over the key tiles in order: no atomics.
+// ---------------------------------------------------------------------------------------------
+
+template <int D, int BN>
+__device__ __forceinline__ void attention_bwd_dq_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                      const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                                      const float* __restrict__ lse, const float* __restrict__ delta,
+                                                      const u32* __restrict__ seq_lens, bf16* __restrict__ dq, int S,
+                                                      int Hq, int Hkv, float scale, float scale_log2) {
+    constexpr int BM = 64, LD = D + ATT_PAD;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    // Grid (Hq, B, query tiles), the longest (last) query tiles first, as the forward.
+    const int tile = gridDim.z - 1 - blockIdx.z;
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int hk = h / (Hq / Hkv);
+    const int len = min((int)seq_lens[b], S);
+    const int q0 = tile * BM;
+    if (q0 >= len) return;  // only padding rows: their dq stays as it is
+
+    const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;
+    const long long q_off = (long long)b * S * q_stride + (long long)h * D;
+    const bf16* kb = k + (long long)b * S * kv_stride + (long long)hk * D;
+    const bf16* vb = v + (long long)b * S * kv_stride + (long long)hk * D;
+
+    const u32 sQ = att_smem_u32(att_dyn_smem());  // [BM][LD]
+    const u32 sdO = sQ + BM * LD * 2;              // [BM][LD]
+    const u32 sK = sdO + BM * LD * 2;              // [2][BN][LD]
+    const u32 sV = sK + 2 * BN * LD * 2;           // [2][BN][LD]
+    const u32 off_a = att_off_a(lane, LD), off_b = att_off_b(lane, LD), off_bt = att_off_bt(lane, LD);
+
+    att_load_tile<D, BM>(sQ, q + q_off, q_stride, q0, len, tid);
+    att_load_tile<D, BM>(sdO, dout + q_off, q_stride, q0, len, tid);
+    att_load_tile<D, BN>(sK, kb, kv_stride, 0, len, tid);
+    att_load_tile<D, BN>(sV, vb, kv_stride, 0, len, tid);
+    att_cp_commit();
+
+    const int kv_end = min(len, q0 + BM);  // keys any valid row of the tile may see
+    const int n_kv = (kv_end + BN - 1) / BN;
+    const int wrow0 = q0 + warp * 16;
+    const bool warp_rows = wrow0 < len;
+    // lse (log2 domain) and delta of rows g and g + 8; padding rows get 0 (their P is masked).
+    float l2_r[2], dl_r[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = wrow0 + g + r * 8;
+        const long long li = ((long long)b * Hq + h) * S + row;
+        l2_r[r] = row < len ? lse[li] * ATT_LOG2E : 0.f;
+        dl_r[r] = row < len ? delta[li] : 0.f;
+    }
+
+    u32 qf[D / 16][4], df[D / 16][4];
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    for (int j = 0; j < n_kv; ++j) {
+        const int buf = j & 1, k0 = j * BN;
+        att_cp_wait<0>();
+        __syncthreads();  // K_j, V_j (and Q, dO) landed; every warp is done with tile j-1
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                att_ldsm_x4(qf[kk], sQ + off_a + (warp * 16 * LD + kk * 16) * 2);
+                att_ldsm_x4(df[kk], sdO + off_a + (warp * 16 * LD + kk * 16) * 2);
+            }
+        }
+        if (j + 1 < n_kv) {
+            att_load_tile<D, BN>(sK + (buf ^ 1) * BN * LD * 2, kb, kv_stride, k0 + BN, len, tid);
+            att_load_tile<D, BN>(sV + (buf ^ 1) * BN * LD * 2, vb, kv_stride, k0 + BN, len, tid);
+            att_cp_commit();
+        }
+        // Warp-uniform: keys of this tile above all of the warp's rows are skipped.
+        if (!warp_rows || k0 > wrow0 + 15) continue;
+        const u32 cK = sK + buf * BN * LD * 2, cV = sV + buf * BN * LD * 2;
+        // S = Q K^T and dP = dO V^T (K and V stored [key][d]: B fragments of [n][k] tiles).
+        float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+            dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 bk[4], bv[4];
+                att_ldsm_x4(bk, cK + off_b + (np * 16 * LD + kk * 16) * 2);
+                att_mma(s[2 * np], qf[kk], bk[0], bk[1]);
+                att_mma(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+                att_ldsm_x4(bv, cV + off_b + (np * 16 * LD + kk * 16) * 2);
+                att_mma(dp[2 * np], df[kk], bv[0], bv[1]);
+                att_mma(dp[2 * np + 1], df[kk], bv[2], bv[3]);
+            }
+        }
+        // dS = P (dP - delta), P zero where key > query or the query row is padding.
+        const bool need_mask = (k0 + BN - 1 > wrow0) || (wrow0 + 15 >= len);
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float p = exp2f(s[nt][e] * scale_log2 - l2_r[e >> 1]);
+                if (need_mask) {
+                    const int row = wrow0 + g + (e >> 1) * 8;
+                    const int key = k0 + nt * 8 + 2 * t + (e & 1);
+                    if (key > row || row >= len) p = 0.f;
+                }
+                dp[nt][e] = p * (dp[nt][e] - dl_r[e >> 1]);
+            }
+        }
+        // dQ += dS K (K as the B operand [k = key][n = d]: ldmatrix.trans).
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            u32 dsa[4];
+            att_c_to_a(dsa, dp[2 * kk], dp[2 * kk + 1]);
+            att_mma_a_bt<D>(acc, dsa, cK + kk * 16 * LD * 2, off_bt);
+        }
+    }
+
+    // dq += scale * dQ on the valid rows (read-add-write: fp32 add of the bf16 value).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = wrow0 + g + r * 8;
+        if (row < len) {
+            bf16* drow = dq + q_off + (long long)row * q_stride + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                const float2 x = att_ld_bf16x2(drow + dt * 8);
+                att_st_bf16x2(drow + dt * 8, x.x + scale * acc[dt][2 * r], x.y + scale * acc[dt][2 * r + 1]);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -826,6 +882,8 @@ __device__ __forceinline__ void attention_decode_combine_impl(const float* __res
 #define ATT_DEC_CH(D) ((D) >= 128 ? 32 : 64)
 // Query rows per backward iteration: 32 at D = 128 keeps dK, dV, S^T and dP^T in 255 registers.
 #define ATT_BWD_BM(D) ((D) >= 128 ? 32 : 64)
+// Keys per tile of the dQ kernel.
+#define ATT_DQ_BN(D) 64
 
 #define ATT_ENTRIES(D)                                                                                       \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                                            \
@@ -834,21 +892,23 @@ __device__ __forceinline__ void attention_decode_combine_impl(const float* __res
         attention_fwd_impl<D>(q, k, v, seq_lens, o, lse, S, Hq, Hkv, scale_log2);                           \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                               \
-        attention_bwd_pre_d##D(const bf16* o, const bf16* dout, const u32* seq_lens, float* delta,          \
-                               float* dq_ws, int B, int S, int Hq) {                                         \
-        attention_bwd_pre_impl<D>(o, dout, seq_lens, delta, dq_ws, B, S, Hq);                               \
+        attention_bwd_pre_d##D(const bf16* o, const bf16* dout, const u32* seq_lens, float* delta, int B,   \
+                               int S, int Hq) {                                                              \
+        attention_bwd_pre_impl<D>(o, dout, seq_lens, delta, B, S, Hq);                                      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                                            \
         attention_bwd_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, \
-                           const float* delta, const u32* seq_lens, float* dq_ws, bf16* dk, bf16* dv, int S, \
-                           int Hq, int Hkv, float scale, float scale_log2) {                                 \
-        attention_bwd_impl<D, ATT_BWD_BM(D)>(q, k, v, dout, lse, delta, seq_lens, dq_ws, dk, dv, S, Hq, Hkv, \
-                                             scale, scale_log2);                                             \
+                           const float* delta, const u32* seq_lens, bf16* dk, bf16* dv, int S, int Hq,      \
+                           int Hkv, float scale, float scale_log2) {                                         \
+        attention_bwd_impl<D, ATT_BWD_BM(D)>(q, k, v, dout, lse, delta, seq_lens, dk, dv, S, Hq, Hkv, scale, \
+                                             scale_log2);                                                    \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                               \
-        attention_bwd_dq_d##D(const float* dq_ws, const u32* seq_lens, bf16* dq, int B, int S, int Hq,      \
-                              float scale) {                                                                 \
-        attention_bwd_dq_impl<D>(dq_ws, seq_lens, dq, B, S, Hq, scale);                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                                            \
+        attention_bwd_dq_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,                \
+                              const float* lse, const float* delta, const u32* seq_lens, bf16* dq, int S,   \
+                              int Hq, int Hkv, float scale, float scale_log2) {                              \
+        attention_bwd_dq_impl<D, ATT_DQ_BN(D)>(q, k, v, dout, lse, delta, seq_lens, dq, S, Hq, Hkv, scale,  \
+                                               scale_log2);                                                  \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, 4)                                            \
         attention_decode_d##D(const bf16* q, const bf16* kc, const bf16* vc, const u32* cache_lens,          \

@@ -63,7 +63,7 @@ __device__ __forceinline__ void block_sum2(float& v, float& c) {
 extern "C" __global__ void decoder_nll_fwd(const float* __restrict__ lp, const u32* __restrict__ tg,
                                            int n, float* __restrict__ loss) {
     float s = 0.0f, c = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
+    for (long long i = threadIdx.x; i < n; i += blockDim.x)
         if (tg[i] != 0xffffffffu) { s += lp[i]; c += 1.0f; }
     block_sum2(s, c);
     if (threadIdx.x == 0) loss[0] = c > 0.0f ? -s / c : 0.0f;
@@ -72,11 +72,11 @@ extern "C" __global__ void decoder_nll_fwd(const float* __restrict__ lp, const u
 extern "C" __global__ void decoder_nll_bwd(const u32* __restrict__ tg, int n,
                                            const float* __restrict__ dloss, float* __restrict__ dlp) {
     float z = 0.0f, c = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
+    for (long long i = threadIdx.x; i < n; i += blockDim.x)
         if (tg[i] != 0xffffffffu) c += 1.0f;
     block_sum2(z, c);
     if (c == 0.0f) return;
     const float g = -dloss[0] / c;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
+    for (long long i = threadIdx.x; i < n; i += blockDim.x)
         if (tg[i] != 0xffffffffu) dlp[i] += g;
 }

@@ -9,7 +9,7 @@ extern "C" __global__ void loss_mse_fwd(const float* __restrict__ pred, const fl
                                         const float* __restrict__ weight, int n, float* __restrict__ loss) {
     __shared__ double partial[32];
     double acc = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {  // 64-bit: i + 1024 may pass INT_MAX
         double d = (double)pred[i] - (double)target[i];
         double w = weight ? (double)weight[i] : 1.0;
         acc += w * d * d;
@@ -30,7 +30,7 @@ extern "C" __global__ void loss_mse_fwd(const float* __restrict__ pred, const fl
 extern "C" __global__ void loss_mse_bwd(const float* __restrict__ pred, const float* __restrict__ target,
                                         const float* __restrict__ weight, int n, const float* __restrict__ dloss,
                                         float* __restrict__ dpred) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float w = weight ? weight[i] : 1.0f;
     dpred[i] += dloss[0] * 2.0f * w * (pred[i] - target[i]) / (float)n;

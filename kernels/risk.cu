@@ -21,20 +21,28 @@
 // - G = P/E lanes of a warp own one row, E values per lane; a warp holds 32/G rows. Register e
 //   of lane s is sorted position p = s*E + e. It is first loaded with element j = s + e*G, so a
 //   warp's loads (and the final coalesced stores) touch consecutive addresses.
-// - Sort: bitonic network on P slots, padding = +inf. Direction-free form: for each block size B
-//   the first step pairs p with p ^ (B-1) (mirror), the rest pair p with p ^ j, j = B/4 .. 1, and
-//   the lower position always keeps the smaller key. Partners closer than E are in the same lane
-//   (compare-exchange in registers); farther ones are reached with __shfl_xor_sync(mask < G), so
-//   the G-lane groups of a warp never mix. When the permutation is needed the key is
-//   (value, index), compared lexicographically: the result is the stable order (ties by index),
-//   and padding (+inf, index >= K) sorts after any real +inf. Otherwise values alone are sorted.
+// - Sort keys: each value becomes an int whose signed order is the value order (the float's bits
+//   with the magnitude bits flipped when the sign is set; -0 < +0), every NaN the largest key
+//   (canonical NaN bits 0x7fffffff): a total order in which NaN sorts last, as numpy and torch
+//   sort. Compare-exchanges are integer min/max (as cheap as fminf/fmaxf, which would drop a
+//   NaN), and the sorted keys turn back into floats (the same xor) for the arithmetic.
+// - Sort: bitonic network on P slots, padding = the NaN key. Direction-free form: for each block
+//   size B the first step pairs p with p ^ (B-1) (mirror), the rest pair p with p ^ j,
+//   j = B/4 .. 1, and the lower position always keeps the smaller key. Partners closer than E are
+//   in the same lane (compare-exchange in registers); farther ones are reached with
+//   __shfl_xor_sync(mask < G), so the G-lane groups of a warp never mix. When the permutation is
+//   needed the key is (key, index), compared lexicographically: the result is the stable order
+//   (ties by index), and padding (index >= K) sorts after any real NaN, so positions < K hold
+//   exactly the row's elements and the permutation is one. Otherwise keys alone are sorted.
+// - Non-finite samples: a row holding a NaN or +-inf sample gets NaN for every statistic,
+//   quantile, loss term and row loss, and NaN added to every gradient position of the row (a
+//   flag reduced over the row's lanes at load): NaN propagates, it is never laundered into a
+//   finite (wrong) value. The sorted row and the permutation are still exact (NaN last).
 // - Moments: per-lane partial sums, then xor-shuffle sums within the G-lane group; variances are
 //   two-pass (sum of squared deviations from the mean), not E[x^2] - E[x]^2.
 // - Shared memory is only a per-warp staging area (sorted/perm stores, quantile gathers, the
 //   scatter of the loss gradient back to unsorted positions), ordered by __syncwarp: a warp owns
 //   its rows, so there are no block barriers and no atomics.
-// - Non-finite input is not checked here (the CPU reference rejects it): NaN gives unspecified
-//   results, never out-of-bounds accesses (positions and indices never depend on values).
 #include "common.cuh"
 
 #define RISK_NSTATS 7
@@ -87,19 +95,25 @@ __device__ __forceinline__ float risk_group_sum(float x) {
     return x;
 }
 
+// Sort key of a float (see the header) and its inverse (the same xor; NaN keys give a NaN).
+__device__ __forceinline__ int risk_key(float x) {
+    const int i = __float_as_int(x);
+    return isnan(x) ? 0x7fffffff : i ^ ((i >> 31) & 0x7fffffff);
+}
+__device__ __forceinline__ float risk_value(int k) { return __int_as_float(k ^ ((k >> 31) & 0x7fffffff)); }
+
 // In-register compare-exchange; (a, ia) is at the lower position and ends with the smaller key.
 template <bool IDX>
-__device__ __forceinline__ void risk_ce(float& a, int& ia, float& b, int& ib) {
+__device__ __forceinline__ void risk_ce(int& a, int& ia, int& b, int& ib) {
     if constexpr (IDX) {
         const bool sw = (b < a) || (b == a && ib < ia);
-        const float ta = a;
-        const int tia = ia;
+        const int ta = a, tia = ia;
         a = sw ? b : a;
         ia = sw ? ib : ia;
         b = sw ? ta : b;
         ib = sw ? tia : ib;
     } else {
-        const float lo = fminf(a, b), hi = fmaxf(a, b);
+        const int lo = min(a, b), hi = max(a, b);
         a = lo;
         b = hi;
     }
@@ -109,21 +123,20 @@ __device__ __forceinline__ void risk_ce(float& a, int& ia, float& b, int& ib) {
 // lower position keeps the smaller key, the other the larger. Keys are distinct when IDX (every
 // slot has its own index), so both lanes agree on the exchange.
 template <bool IDX>
-__device__ __forceinline__ void risk_keep(float& a, int& ia, float b, int ib, bool lower) {
+__device__ __forceinline__ void risk_keep(int& a, int& ia, int b, int ib, bool lower) {
     if constexpr (IDX) {
         const bool b_less = (b < a) || (b == a && ib < ia);
         const bool take = lower == b_less;
         a = take ? b : a;
         ia = take ? ib : ia;
     } else {
-        a = lower ? fminf(a, b) : fmaxf(a, b);
+        a = lower ? min(a, b) : max(a, b);
     }
 }
 
 // Sorts the row held by this lane's group ascending (see the header). s = lane within the group.
 template <int P, bool IDX>
-__device__ __forceinline__ void risk_sort(float (&v)[RiskCfg<P>::E], int (&id)[RiskCfg<P>::E],
-                                          int s) {
+__device__ __forceinline__ void risk_sort(int (&v)[RiskCfg<P>::E], int (&id)[RiskCfg<P>::E], int s) {
     constexpr int E = RiskCfg<P>::E;
     constexpr int LOGP = RiskCfg<P>::LOGP;
 #pragma unroll
@@ -144,8 +157,8 @@ __device__ __forceinline__ void risk_sort(float (&v)[RiskCfg<P>::E], int (&id)[R
 #pragma unroll
             for (int e = 0; e < E / 2; ++e) {
                 const int f = E - 1 - e;
-                const float b_e = __shfl_xor_sync(DFPO_FULL_MASK, v[f], lm);
-                const float b_f = __shfl_xor_sync(DFPO_FULL_MASK, v[e], lm);
+                const int b_e = __shfl_xor_sync(DFPO_FULL_MASK, v[f], lm);
+                const int b_f = __shfl_xor_sync(DFPO_FULL_MASK, v[e], lm);
                 int ib_e = 0, ib_f = 0;
                 if constexpr (IDX) {
                     ib_e = __shfl_xor_sync(DFPO_FULL_MASK, id[f], lm);
@@ -168,7 +181,7 @@ __device__ __forceinline__ void risk_sort(float (&v)[RiskCfg<P>::E], int (&id)[R
                 const bool lower = (s & lm) == 0;
 #pragma unroll
                 for (int e = 0; e < E; ++e) {
-                    const float b = __shfl_xor_sync(DFPO_FULL_MASK, v[e], lm);
+                    const int b = __shfl_xor_sync(DFPO_FULL_MASK, v[e], lm);
                     int ib = 0;
                     if constexpr (IDX) ib = __shfl_xor_sync(DFPO_FULL_MASK, id[e], lm);
                     risk_keep<IDX>(v[e], id[e], b, ib, lower);
@@ -178,17 +191,25 @@ __device__ __forceinline__ void risk_sort(float (&v)[RiskCfg<P>::E], int (&id)[R
     }
 }
 
-// Loads a row (element j = s + e*G into register e; +inf and index j beyond K or past R).
+// Loads the sort keys of a row (element j = s + e*G into register e; the NaN key and index j
+// beyond K or past R) and returns whether any element of the row (over its G lanes) is not
+// finite.
 template <int P>
-__device__ __forceinline__ void risk_load(const float* __restrict__ src, bool valid, int K, int s,
-                                          float (&v)[RiskCfg<P>::E], int (&id)[RiskCfg<P>::E]) {
+__device__ __forceinline__ bool risk_load(const float* __restrict__ src, bool valid, int K, int s,
+                                          int (&v)[RiskCfg<P>::E], int (&id)[RiskCfg<P>::E]) {
     constexpr int E = RiskCfg<P>::E, G = RiskCfg<P>::G;
+    int bad = 0;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
         const int j = s + e * G;
         id[e] = j;
-        v[e] = (valid && j < K) ? src[j] : __int_as_float(0x7f800000);  // +inf
+        const float x = (valid && j < K) ? src[j] : 0.f;
+        bad |= !isfinite(x);
+        v[e] = (valid && j < K) ? risk_key(x) : 0x7fffffff;
     }
+#pragma unroll
+    for (int o = G / 2; o >= 1; o >>= 1) bad |= __shfl_xor_sync(DFPO_FULL_MASK, bad, o);
+    return bad != 0;
 }
 
 struct RiskMoments {
@@ -206,7 +227,7 @@ __device__ __forceinline__ RiskMoments risk_moments(const float (&v)[RiskCfg<P>:
 #pragma unroll
     for (int e = 0; e < E; ++e) {
         const int p = s * E + e;
-        // Selects, not multiplies: padding is +inf.
+        // Selects, not multiplies: padding is NaN.
         sa += p < K ? v[e] : 0.f;
         sl += p < k_lo ? v[e] : 0.f;
         sh += (p >= hi0 && p < K) ? v[e] : 0.f;
@@ -255,17 +276,20 @@ __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int
         const long long row = base + slot;
         const bool valid = row < R;
         const size_t off = valid ? (size_t)row * (size_t)K : 0;
+        int key[E], id[E];
+        const bool bad = risk_load<P>(x + off, valid, K, s, key, id);
+        risk_sort<P, WITH_PERM>(key, id, s);
         float v[E];
-        int id[E];
-        risk_load<P>(x + off, valid, K, s, v, id);
-        risk_sort<P, WITH_PERM>(v, id, s);
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = risk_value(key[e]);
         const RiskMoments m = risk_moments<P>(v, s, K, k_lo, k_hi);
+        const float nan = __int_as_float(0x7fffffff);  // every output of a row with a non-finite sample
 
         if (valid && stats != nullptr) {
             const float st[RISK_NSTATS] = {m.mean, m.var, m.mlo, m.mhi, m.vlo, m.vhi, sqrtf(m.var)};
 #pragma unroll
             for (int t = 0; t < RISK_NSTATS; ++t)
-                if (t % G == s) stats[(size_t)row * RISK_NSTATS + t] = st[t];
+                if (t % G == s) stats[(size_t)row * RISK_NSTATS + t] = bad ? nan : st[t];
         }
 
         if (want_v) {
@@ -300,7 +324,7 @@ __device__ __forceinline__ void risk_stats_impl(const float* __restrict__ x, int
                         const int hi = lo + 1 < K ? lo + 1 : K - 1;
                         const float a = rv[risk_sidx(lo)], b = rv[risk_sidx(hi)];
                         const float fr = q.frac[i];
-                        quant_out[(size_t)row * q.n + i] = fr == 0.f ? a : a + fr * (b - a);
+                        quant_out[(size_t)row * q.n + i] = bad ? nan : fr == 0.f ? a : a + fr * (b - a);
                     }
                 }
             }
@@ -332,19 +356,26 @@ __device__ __forceinline__ void risk_loss_impl(const float* __restrict__ pred,
 
         // Target (a stop-gradient): values only.
         RiskMoments mt;
+        bool bad;
         {
-            float t[E];
-            int tid[E];
-            risk_load<P>(target + off, valid, K, s, t, tid);
+            int t[E], tid[E];
+            bad = risk_load<P>(target + off, valid, K, s, t, tid);
             risk_sort<P, false>(t, tid, s);
-            mt = risk_moments<P>(t, s, K, k_lo, k_hi);
+            float tv[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) tv[e] = risk_value(t[e]);
+            mt = risk_moments<P>(tv, s, K, k_lo, k_hi);
         }
         // Prediction: with indices, for the scatter of the gradient.
+        int key[E], id[E];
+        bad |= risk_load<P>(pred + off, valid, K, s, key, id);
+        risk_sort<P, true>(key, id, s);
         float v[E];
-        int id[E];
-        risk_load<P>(pred + off, valid, K, s, v, id);
-        risk_sort<P, true>(v, id, s);
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = risk_value(key[e]);
         const RiskMoments mp = risk_moments<P>(v, s, K, k_lo, k_hi);
+        // A non-finite sample in pred or target: NaN terms, row loss and gradient for the row.
+        const float nan = __int_as_float(0x7fffffff);
 
         const float sc = valid ? row_scale[row] : 0.f;
         const float dc = mp.mlo - mt.mlo;    // CVaR_alpha(pred) - CVaR_alpha(target)
@@ -352,9 +383,9 @@ __device__ __forceinline__ void risk_loss_impl(const float* __restrict__ pred,
         const float dl = mp.vlo - mt.vlo;    // lower tail: pred wider than target is penalised
         const float dh = mt.vhi - mp.vhi;    // upper tail: pred narrower than target is penalised
         const float dm = mt.mean - mp.mean;  // pred mean below target mean is penalised
-        const float l_cvar = dc * dc, l_gain = dg * dg;
-        const float l_shape = (dl > 0.f ? dl : 0.f) + (dh > 0.f ? dh : 0.f);
-        const float l_mean = dm > 0.f ? dm : 0.f;
+        const float l_cvar = bad ? nan : dc * dc, l_gain = bad ? nan : dg * dg;
+        const float l_shape = bad ? nan : (dl > 0.f ? dl : 0.f) + (dh > 0.f ? dh : 0.f);
+        const float l_mean = bad ? nan : dm > 0.f ? dm : 0.f;
 
         // d(row_scale * total)/d(sorted pred position p); relu kinks take the subgradient 0.
         const float inv_lo = 1.f / (float)k_lo, inv_hi = 1.f / (float)k_hi;
@@ -371,7 +402,7 @@ __device__ __forceinline__ void risk_loss_impl(const float* __restrict__ pred,
                 float g = g_all;
                 if (p < k_lo) g += g_lo + g_lo_x * (v[e] - mp.mlo);
                 if (p >= hi0) g += g_hi + g_hi_x * (v[e] - mp.mhi);
-                rg[risk_sidx(id[e])] = g;
+                rg[risk_sidx(id[e])] = bad ? nan : g;
             }
         }
         __syncwarp();

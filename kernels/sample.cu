@@ -31,6 +31,9 @@
 //       sampling log-prob and counts the kept tokens.
 // Histograms use warp-aggregated shared-memory atomics on integers only, so every result is
 // deterministic. Greedy (temperature 0) is P1 alone; plain temperature sampling is P1 alone.
+// A row that cannot be sampled (a NaN or +inf logit, or every logit -inf: P1's sum is NaN or 0)
+// skips the filters and gets token 0 (a valid id), NaN log-probs and n_kept 0, the flag the host
+// turns into an error (src/kernels/sample.rs); no row ever gets a token >= V.
 #include "common.cuh"
 
 #define SB 512
@@ -420,9 +423,14 @@ sample_rows(const unsigned short* __restrict__ logits, long long V, int greedy, 
                                                 ctr0, s_red, &s_res)
                          : s_stats<true, true>(rowp, V, head, nvec, tail0, c, 0u, S_NONE, seed,
                                                ctr0, s_red, &s_res);
+    // Block-uniform: S1 is NaN with a NaN or +inf logit and 0 when every logit is -inf.
+    const bool bad = !(st.S1 > 0.f);
     u32 tok, nk;
     float mT = 0.f, ST = 1.f;
-    if (greedy) {
+    if (bad) {
+        tok = 0u;
+        nk = 0u;
+    } else if (greedy) {
         tok = st.amax;
         nk = 1u;
     } else if (!filtered) {
@@ -584,11 +592,12 @@ sample_rows(const unsigned short* __restrict__ logits, long long V, int greedy, 
     }
     if (tid == 0) {
         const float nan = __int_as_float(0x7fc00000);
-        const bool ok = (long long)tok < V;
+        // tok < V always holds for a sampleable row; the check keeps any other case in range.
+        const bool ok = nk > 0u && (long long)tok < V;
         const float zt = ok ? s_bf16(rowp[tok]) : nan;
-        tokens[row] = tok;
-        lp_sample[row] = greedy ? 0.f : S_LN2 * (zt * c - (mT + log2f(ST)));
+        tokens[row] = ok ? tok : 0u;
+        lp_sample[row] = !ok ? nan : greedy ? 0.f : S_LN2 * (zt * c - (mT + log2f(ST)));
         lp_policy[row] = S_LN2 * (zt * S_LOG2E - (st.m1 + log2f(st.S1)));
-        if (n_kept != nullptr) n_kept[row] = nk;
+        if (n_kept != nullptr) n_kept[row] = ok ? nk : 0u;
     }
 }

@@ -192,7 +192,9 @@ xent_fwd(const unsigned short* __restrict__ logits, const u32* __restrict__ targ
             }
             logprob[row] = lp;
             lse[row] = XENT_LN2 * lse2;
-            entropy[row] = XENT_LN2 * (l2s - w.A / w.S);
+            // Every logit -inf (S = 0; NaN is not 0): lse = -inf, logprob NaN (from -inf - -inf),
+            // and entropy 0, not 0/0 (the src/kernels/xent.rs definition).
+            entropy[row] = w.S == 0.f ? 0.f : XENT_LN2 * (l2s - w.A / w.S);
         }
     }
 }
@@ -235,6 +237,8 @@ xent_bwd(const unsigned short* __restrict__ logits, const u32* __restrict__ targ
     const long long t = (tu == XENT_IGNORE || (long long)tu >= V) ? -1 : (long long)tu;
     const float g_H = d_entropy != nullptr ? d_entropy[row] : 0.f;
     if (g_lp == 0.f && g_H == 0.f) return;  // block-uniform; no barrier in this kernel
+    // A row of only -inf logits (lse = -inf) has no distribution and gets no gradient.
+    if (lse[row] == __int_as_float(0xff800000)) return;
     const float lse2 = lse[row] * XENT_LOG2E;
     const float H = entropy[row];
 

@@ -19,6 +19,8 @@ pub enum Error {
     /// A file whose contents are malformed (corrupt safetensors, bad config.json, bad
     /// tokenizer.json ...); `msg` names the field, tensor or byte range and the problem.
     Format { path: String, msg: String },
+    /// The run stopped on SIGINT/SIGTERM (`signal`) after saving its state; `msg` says where.
+    Interrupted { signal: i32, msg: String },
 }
 
 /// `Result` with the crate's [`Error`].
@@ -32,6 +34,7 @@ impl fmt::Display for Error {
             Error::Invalid(s) => write!(f, "invalid argument: {s}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
             Error::Format { path, msg } => write!(f, "{path}: {msg}"),
+            Error::Interrupted { msg, .. } => write!(f, "{msg}"),
         }
     }
 }

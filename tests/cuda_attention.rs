@@ -260,36 +260,58 @@ fn cuda_attention_bwd_matches_cpu() {
         let dq0 = tokens(&mut rng, &sh, sh.hq, 0.5);
         let dk0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
         let dv0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
-        let (mut gdq, mut gdk, mut gdv) = (
-            up_bf16(&dev, &dq0),
-            up_bf16(&dev, &dk0),
-            up_bf16(&dev, &dv0),
-        );
-        let mut ws = up_f32(
-            &dev,
-            &vec![POISON; cuda::bwd_workspace_len(sh.b, sh.s, sh.hq, sh.d)],
-        );
-        cuda::attention_bwd(
-            &dev,
-            &view(&gq),
-            &view(&gk),
-            &view(&gv),
-            &view(&go),
-            &glse.as_view(),
-            &view(&gdo),
-            &glens.as_view(),
-            sh.b,
-            sh.s,
-            sh.hq,
-            sh.hkv,
-            sh.d,
-            scale,
-            &mut view_mut(&mut gdq),
-            &mut view_mut(&mut gdk),
-            &mut view_mut(&mut gdv),
-            &mut ws.as_view_mut(),
-        )
-        .unwrap();
+        // The backward from the same initial gradients, run twice: the bits must agree (the
+        // gradients are bit-reproducible: no atomics, fixed summation orders).
+        let run = || {
+            let (mut gdq, mut gdk, mut gdv) = (
+                up_bf16(&dev, &dq0),
+                up_bf16(&dev, &dk0),
+                up_bf16(&dev, &dv0),
+            );
+            let mut ws = up_f32(
+                &dev,
+                &vec![POISON; cuda::bwd_workspace_len(sh.b, sh.s, sh.hq)],
+            );
+            cuda::attention_bwd(
+                &dev,
+                &view(&gq),
+                &view(&gk),
+                &view(&gv),
+                &view(&go),
+                &glse.as_view(),
+                &view(&gdo),
+                &glens.as_view(),
+                sh.b,
+                sh.s,
+                sh.hq,
+                sh.hkv,
+                sh.d,
+                scale,
+                &mut view_mut(&mut gdq),
+                &mut view_mut(&mut gdk),
+                &mut view_mut(&mut gdv),
+                &mut ws.as_view_mut(),
+            )
+            .unwrap();
+            [
+                down_bits(&dev, &gdq),
+                down_bits(&dev, &gdk),
+                down_bits(&dev, &gdv),
+            ]
+        };
+        let first = run();
+        let again = run();
+        for (name, a, b) in [
+            ("dq", &first[0], &again[0]),
+            ("dk", &first[1], &again[1]),
+            ("dv", &first[2], &again[2]),
+        ] {
+            let diff = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
+            assert_eq!(
+                diff, 0,
+                "{name}: {diff} elements differ between two runs ({sh:?})"
+            );
+        }
         // CPU: gradients alone (from zero), then init + grad.
         let (mut dq, mut dk, mut dv) = (
             vec![0.0f32; sh.nq()],
@@ -302,12 +324,11 @@ fn cuda_attention_bwd_matches_cpu() {
         )
         .unwrap();
         let what = format!("{sh:?}");
-        for (name, got, init, grad, h) in [
-            ("dq", &gdq, &dq0, &dq, sh.hq),
-            ("dk", &gdk, &dk0, &dk, sh.hkv),
-            ("dv", &gdv, &dv0, &dv, sh.hkv),
+        for (name, bits, init, grad, h) in [
+            ("dq", &first[0], &dq0, &dq, sh.hq),
+            ("dk", &first[1], &dk0, &dk, sh.hkv),
+            ("dv", &first[2], &dv0, &dv, sh.hkv),
         ] {
-            let bits = down_bits(&dev, got);
             let got: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
             let nan_bits = bf16::from_f32(f32::NAN).to_bits();
             let (mut g_valid, mut w_valid) = (Vec::new(), Vec::new());
@@ -332,6 +353,31 @@ fn cuda_attention_bwd_matches_cpu() {
             assert_close(&format!("{name} {what}"), &g_valid, &w_valid, 1e-2, atol);
         }
         eprintln!("bwd ok: {what}");
+    }
+}
+
+/// The backward kernels' parameter lists in the embedded PTX (byte sizes, in order) match what
+/// `attention_bwd_raw` pushes: delta (o, dout, seq_lens, delta, B, S, Hq); dK/dV (q, k, v, dout,
+/// lse, delta, seq_lens, dk, dv, S, Hq, Hkv, scale, scale·log2e); dQ (the same with dq alone).
+/// Runs without a GPU.
+#[test]
+fn backward_kernel_parameters_match_the_launcher() {
+    let Some(ptx) = dfpo::device::embedded::get("attention").and_then(|k| k.ptx) else {
+        eprintln!("SKIPPED backward_kernel_parameters_match_the_launcher: this build has no PTX");
+        return;
+    };
+    let pre = [8, 8, 8, 8, 4, 4, 4];
+    let bwd = [8, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4];
+    let dq = [8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4];
+    for d in cuda::HEAD_DIMS {
+        for (name, want) in [
+            (format!("attention_bwd_pre_d{d}"), &pre[..]),
+            (format!("attention_bwd_d{d}"), &bwd[..]),
+            (format!("attention_bwd_dq_d{d}"), &dq[..]),
+        ] {
+            let sizes = common::ptx_param_sizes(ptx, &name);
+            assert_eq!(sizes, want, "{name} parameter sizes");
+        }
     }
 }
 
@@ -484,7 +530,7 @@ fn cuda_attention_rejects_bad_input() {
         "multiple of Hkv",
     );
     let (mut dq, mut dk, mut dv) = (q.clone(), k.clone(), k.clone());
-    let mut ws = up_f32(&dev, &vec![0.0; cuda::bwd_workspace_len(b, s, hq, d) - 1]);
+    let mut ws = up_f32(&dev, &vec![0.0; cuda::bwd_workspace_len(b, s, hq) - 1]);
     expect(
         cuda::attention_bwd(
             &dev,

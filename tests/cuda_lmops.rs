@@ -152,6 +152,94 @@ fn cuda_xent_forward_matches_cpu() {
     }
 }
 
+/// Rows whose every logit is -inf: lse -inf, entropy 0 (it was NaN), logprob NaN for a real
+/// target and 0 for an ignored one, and no gradient, as on the CPU; the other rows as usual.
+#[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
+fn cuda_xent_all_masked_rows_match_cpu() {
+    let Some(dev) = cuda_for_test("cuda_xent_all_masked_rows_match_cpu") else {
+        return;
+    };
+    let mut rng = Rng::fresh("cuda_xent_all_masked_rows_match_cpu");
+    let neg_inf = half::bf16::NEG_INFINITY.to_bits();
+    for &v in &[17usize, 1000, 151936] {
+        let n = ROWS;
+        let t = 0.8f32;
+        let mut bits = bf16_bits(&logits(&mut rng, n, v));
+        let masked = |r: usize| r % 3 == 1;
+        for r in (0..n).filter(|&r| masked(r)) {
+            bits[r * v..(r + 1) * v].fill(neg_inf);
+        }
+        let z = bf16_f64(&bits);
+        let tg = targets(&mut rng, n, v);
+        let (mut lp, mut lse, mut ent) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        xent::cpu::forward(&z, &tg, n, v, t, &mut lp, &mut lse, &mut ent).unwrap();
+        let (zd, tgd) = (up(&dev, &bits), up(&dev, &tg));
+        let g = gpu_fwd(&dev, &zd, 0, &tgd, n, v, t);
+        let what = format!("V={v}");
+        for r in 0..n {
+            if masked(r) {
+                assert_eq!(
+                    (g.lse[r], g.ent[r]),
+                    (f32::NEG_INFINITY, 0.0),
+                    "{what} row {r}"
+                );
+                assert_eq!(
+                    (lse[r], ent[r]),
+                    (f64::NEG_INFINITY, 0.0),
+                    "{what} row {r} (CPU)"
+                );
+                let ignored = tg[r] == IGNORE_INDEX;
+                assert_eq!(lp[r].is_nan(), !ignored, "{what} row {r} (CPU)");
+                assert!(
+                    if ignored {
+                        g.lp[r] == 0.0
+                    } else {
+                        g.lp[r].is_nan()
+                    },
+                    "{what} row {r}"
+                );
+            } else {
+                let close =
+                    |a: f32, b: f64, tol: f64| (a as f64 - b).abs() <= tol * (1.0 + b.abs());
+                assert!(
+                    close(g.lse[r], lse[r], 5e-5) && close(g.lp[r], lp[r], 5e-5),
+                    "{what} row {r}"
+                );
+                assert!(close(g.ent[r], ent[r], 1e-4), "{what} row {r}");
+            }
+        }
+        // Backward with upstream gradients on every row: the masked rows stay bit-identical.
+        let init = bf16_bits(&rng.normal_vec(n * v, 1e-3));
+        let mut dd = up(&dev, &init);
+        let ones = up(&dev, &vec![1.0f32; n]);
+        let (gl, ge) = (up(&dev, &g.lse), up(&dev, &g.ent));
+        xent::cuda::backward(
+            &dev,
+            &zd.as_view(),
+            &tgd.as_view(),
+            n,
+            v,
+            t,
+            &gl.as_view(),
+            &ge.as_view(),
+            Some(&ones.as_view()),
+            Some(&ones.as_view()),
+            &mut dd.as_view_mut(),
+        )
+        .unwrap();
+        let d = down(&dev, &dd);
+        for r in 0..n {
+            let (got, was) = (&d[r * v..(r + 1) * v], &init[r * v..(r + 1) * v]);
+            if masked(r) {
+                assert_eq!(got, was, "{what}: masked row {r} got a gradient");
+            } else {
+                assert!(got != was, "{what}: row {r} got no gradient");
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_xent_backward_matches_cpu() {
@@ -620,6 +708,57 @@ fn cuda_sample_empirical_distribution_and_determinism() {
         assert_eq!(g.nk, again.nk);
         let b = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
         assert_eq!(b(&g.lps), b(&again.lps));
+    }
+}
+
+/// Rows that cannot be sampled (a NaN or +inf logit, or every logit -inf) next to ordinary rows:
+/// token 0 (never >= V), NaN log-probs, n_kept 0 as on the CPU, which `unsampled_rows` reports;
+/// the ordinary rows are sampled as usual. (The kernel used to write token 0xFFFFFFFF.)
+#[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
+fn cuda_sample_flags_rows_that_cannot_be_sampled() {
+    let Some(dev) = cuda_for_test("cuda_sample_flags_rows_that_cannot_be_sampled") else {
+        return;
+    };
+    let mut rng = Rng::fresh("cuda_sample_flags_rows_that_cannot_be_sampled");
+    let neg_inf = half::bf16::NEG_INFINITY.to_bits();
+    for &v in &[17usize, 1000, 151936] {
+        let n = ROWS;
+        let mut bits = bf16_bits(&logits(&mut rng, n, v));
+        for r in 0..n {
+            let row = &mut bits[r * v..(r + 1) * v];
+            let at = (rng.next_u64() % v as u64) as usize;
+            match r % 6 {
+                1 => row[at] = half::bf16::NAN.to_bits(),
+                3 => row.fill(neg_inf),
+                5 => row[at] = half::bf16::INFINITY.to_bits(),
+                _ => {}
+            }
+        }
+        let z = bf16_f64(&bits);
+        for p in [
+            SampleParams::greedy(),
+            SampleParams::default(),
+            SampleParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.8,
+            },
+        ] {
+            let (seed, counter) = (rng.next_u64(), rng.next_u64() >> 20);
+            let g = gpu_draw(&dev, &up(&dev, &bits), 0, n, v, &p, seed, counter);
+            let what = format!("V={v} {p:?}");
+            let e = sample::unsampled_rows(&g.nk).unwrap_err();
+            assert!(e.to_string().contains("row 1"), "{what}: {e}");
+            for r in 0..n {
+                if r % 2 == 1 {
+                    assert_eq!((g.tok[r], g.nk[r]), (0, 0), "{what}: row {r}");
+                    assert!(g.lps[r].is_nan() && g.lpp[r].is_nan(), "{what}: row {r}");
+                } else {
+                    check_row(&z[r * v..(r + 1) * v], &p, seed, counter, r, &g, &what);
+                }
+            }
+        }
     }
 }
 

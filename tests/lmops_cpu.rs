@@ -191,6 +191,59 @@ fn xent_ignored_rows_and_zero_upstream_leave_gradients_alone() {
     assert!(s.abs() < 1e-12);
 }
 
+/// A row whose every logit is -inf (everything masked) is defined, not an error and not NaN
+/// entropy: lse -inf, entropy 0, logprob NaN for a real target and 0 when ignored, and no
+/// gradient even with upstream gradients; the other rows are unaffected.
+#[test]
+fn xent_all_masked_row_is_defined() {
+    let mut rng = Rng::fresh("xent_all_masked_row_is_defined");
+    let (n, v) = (4, 7);
+    let mut z = rng.normal_vec_f64(n * v, 1.0);
+    z[v..2 * v].fill(f64::NEG_INFINITY);
+    z[3 * v..].fill(f64::NEG_INFINITY);
+    let tg = vec![2, 5, 0, IGNORE_INDEX];
+    for t in [1.0f32, 0.5] {
+        let f = fwd(&z, &tg, n, v, t);
+        let clean = fwd(&z[..v], &tg[..1], 1, v, t);
+        assert_eq!(
+            (f.lp[0], f.lse[0], f.ent[0]),
+            (clean.lp[0], clean.lse[0], clean.ent[0])
+        );
+        for r in [1, 3] {
+            assert_eq!(f.lse[r], f64::NEG_INFINITY, "T={t} row {r}");
+            assert_eq!(f.ent[r], 0.0, "T={t} row {r}: entropy");
+        }
+        assert!(
+            f.lp[1].is_nan(),
+            "a real target of an all -inf row: {}",
+            f.lp[1]
+        );
+        assert_eq!(f.lp[3], 0.0, "an ignored target");
+        let init = rng.normal_vec_f64(n * v, 1.0);
+        let mut d = init.clone();
+        let ones = vec![1.0; n];
+        xent::cpu::backward(
+            &z,
+            &tg,
+            n,
+            v,
+            t,
+            &f.lse,
+            &f.ent,
+            Some(&ones),
+            Some(&ones),
+            &mut d,
+        )
+        .unwrap();
+        assert_eq!(&d[v..2 * v], &init[v..2 * v], "T={t}: row 1 untouched");
+        assert_eq!(&d[3 * v..], &init[3 * v..], "T={t}: row 3 untouched");
+        assert!(d[..v]
+            .iter()
+            .zip(&init)
+            .all(|(a, b)| a.is_finite() && a != b));
+    }
+}
+
 #[test]
 fn xent_masked_logits_act_as_removed_tokens() {
     let mut rng = Rng::fresh("xent_masked_logits_act_as_removed_tokens");
@@ -276,9 +329,6 @@ fn xent_rejects_bad_input() {
             "{e:?}"
         );
     }
-    let mut zb = z.clone();
-    zb[4..8].fill(f64::NEG_INFINITY);
-    assert!(matches!(run(&zb, &tg, v, 1.0), Err(Error::Invalid(_))));
     // Backward: lengths of the optional upstream gradients.
     let mut d = vec![0.0; n * v];
     let e = xent::cpu::backward(
@@ -697,6 +747,73 @@ fn sample_draws_are_reproducible_and_use_the_row_streams() {
     // Different counters give different draws (the logits are flat enough).
     let c = draw(&z, n, v, &p, 42, 100 + n as u64);
     assert_ne!(a.tok, c.tok);
+}
+
+/// Rows that cannot be sampled (a NaN or +inf logit, every logit -inf) get token 0, NaN
+/// log-probs and n_kept 0, every other row is sampled as if they were not there, and the call
+/// returns an error naming the first of them (as `unsampled_rows` does from the flags).
+#[test]
+fn sample_unsampleable_rows_are_flagged() {
+    let mut rng = Rng::fresh("sample_unsampleable_rows_are_flagged");
+    let (n, v) = (6, 9);
+    let good = rng.normal_vec_f64(n * v, 1.0);
+    let mut z = good.clone();
+    z[v..2 * v].fill(f64::NAN);
+    z[2 * v + 4] = f64::INFINITY;
+    z[4 * v..5 * v].fill(f64::NEG_INFINITY);
+    let bad_rows = [1, 2, 4];
+    for p in [
+        SampleParams::greedy(),
+        SampleParams::default(),
+        SampleParams {
+            top_k: 3,
+            top_p: 0.8,
+            temperature: 0.7,
+        },
+    ] {
+        let want = draw(&good, n, v, &p, 5, 11);
+        let mut d = Drawn {
+            tok: vec![u32::MAX; n],
+            lps: vec![0.5; n],
+            lpp: vec![0.5; n],
+            nk: vec![u32::MAX; n],
+        };
+        let e = sample::cpu::sample(
+            &z,
+            n,
+            v,
+            &p,
+            5,
+            11,
+            &mut d.tok,
+            &mut d.lps,
+            &mut d.lpp,
+            Some(&mut d.nk),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Invalid(ref m) if m.contains("row 1")),
+            "{e:?}"
+        );
+        let e = sample::unsampled_rows(&d.nk).unwrap_err();
+        assert!(
+            e.to_string().contains("row 1") && e.to_string().contains("3 row(s)"),
+            "{e}"
+        );
+        for r in 0..n {
+            if bad_rows.contains(&r) {
+                assert_eq!((d.tok[r], d.nk[r]), (0, 0), "{p:?} row {r}");
+                assert!(d.lps[r].is_nan() && d.lpp[r].is_nan(), "{p:?} row {r}");
+            } else {
+                assert_eq!(
+                    (d.tok[r], d.lps[r], d.lpp[r], d.nk[r]),
+                    (want.tok[r], want.lps[r], want.lpp[r], want.nk[r]),
+                    "{p:?} row {r}"
+                );
+            }
+        }
+    }
+    assert!(sample::unsampled_rows(&[1, 4, 9]).is_ok());
 }
 
 #[test]

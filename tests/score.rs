@@ -35,6 +35,7 @@ fn args(model: &str, dir: &Tmp, data: &str, batch: usize) -> ScoreArgs {
         out: dir.0.join("out.jsonl"),
         batch,
         device: "cpu".into(),
+        ..ScoreArgs::default()
     }
 }
 
@@ -150,11 +151,36 @@ fn bad_input_names_file_line_and_field() {
         assert!(!a.out.exists(), "no output on error");
     }
     let mut a = args("tiny-llama", &dir, DATA, 0);
-    assert!(run(&a).unwrap_err().to_string().contains("--batch"));
+    assert!(run(&a).unwrap_err().to_string().contains("score.batch"));
     a.batch = 2;
     a.device = "tpu".into();
     assert!(run(&a).unwrap_err().to_string().contains("--device tpu"));
     a.device = "cpu".into();
     a.data = dir.0.join("missing.jsonl");
     assert!(run(&a).unwrap_err().to_string().contains("missing.jsonl"));
+}
+
+#[test]
+fn the_output_never_replaces_the_input_or_an_existing_file_unasked() {
+    let dir = Tmp::new("out");
+    let mut a = args("tiny-llama", &dir, DATA, 2);
+    // --out equal to --data (also through another spelling of the path).
+    a.out = dir.0.join(".").join("in.jsonl");
+    let e = run(&a).unwrap_err().to_string();
+    assert!(e.contains("is the input"), "{e}");
+    a.overwrite = true;
+    assert!(run(&a).unwrap_err().to_string().contains("is the input"));
+    assert_eq!(std::fs::read_to_string(&a.data).unwrap(), DATA);
+    // An existing output: refused, then replaced with overwrite.
+    a.out = dir.0.join("old.jsonl");
+    a.overwrite = false;
+    std::fs::write(&a.out, "mine").unwrap();
+    let e = run(&a).unwrap_err().to_string();
+    assert!(e.contains("exists") && e.contains("--overwrite"), "{e}");
+    assert_eq!(std::fs::read_to_string(&a.out).unwrap(), "mine");
+    a.overwrite = true;
+    assert_eq!(run(&a).unwrap(), 3);
+    assert!(std::fs::read_to_string(&a.out)
+        .unwrap()
+        .contains("logprobs"));
 }

@@ -25,7 +25,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn shipped() -> (Decoder, Tokenizer) {
-    let dir = arith::builtin_dir();
+    let dir = arith::builtin_dir().unwrap();
     (
         Decoder::load(&dir).unwrap(),
         Tokenizer::from_dir(&dir).unwrap(),
@@ -170,14 +170,46 @@ fn evaluate_errors() {
     );
 }
 
+/// A short SFT from a random init (the recipe's model and learning rate).
 fn quick_args(out: &Path) -> SftArgs {
     SftArgs {
+        model: "builtin-init".into(),
+        lr: sft::RECIPE_LR,
         out: out.to_path_buf(),
         steps: 30,
         batch: 16,
         eval_size: 20,
         log_every: 0,
-        ..SftArgs::parse_defaults()
+        ..SftArgs::default()
+    }
+}
+
+#[test]
+fn sft_defaults_do_no_harm_to_a_trained_model() {
+    // The old default (lr 1.5e-3, the random-init recipe) took the warm start from 76.7% to
+    // 16.7% in 20 steps; the default learning rate must keep it where it was.
+    let d = tmpdir("defaults");
+    let args = SftArgs {
+        out: d.join("out"),
+        steps: 20,
+        eval_size: 60,
+        log_every: 0,
+        ..SftArgs::default()
+    };
+    assert_eq!(
+        args.model, "builtin",
+        "sft starts from the trained warm start by default"
+    );
+    let r = sft::train(&args).unwrap();
+    for (b, a) in r.before.iter().zip(&r.after) {
+        eprintln!("{}: {:.3} -> {:.3}", b.name, b.accuracy, a.accuracy);
+        assert!(
+            a.accuracy >= b.accuracy - 0.05,
+            "{}: {} -> {}: the default SFT harmed a trained model",
+            b.name,
+            b.accuracy,
+            a.accuracy
+        );
     }
 }
 
@@ -204,15 +236,11 @@ fn answer_loss(dec: &Decoder, tok: &Tokenizer) -> f32 {
 fn short_sft_lowers_the_answer_loss_and_writes_a_loadable_deterministic_folder() {
     let d = tmpdir("short");
     let out = d.join("model");
-    // An existing output folder is replaced.
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("stale.txt"), "old").unwrap();
     let args = quick_args(&out);
     let rep = sft::train(&args).unwrap();
     assert_eq!(rep.losses.len(), 30);
     assert_eq!(rep.before.len(), 2);
     assert_eq!(rep.after.len(), 2);
-    assert!(!out.join("stale.txt").exists());
 
     let dec = Decoder::load(&out).unwrap();
     let tok = Tokenizer::from_dir(&out).unwrap();
@@ -257,6 +285,85 @@ fn short_sft_lowers_the_answer_loss_and_writes_a_loadable_deterministic_folder()
 }
 
 #[test]
+fn sft_never_deletes_or_moves_what_it_did_not_write() {
+    let d = tmpdir("out-rules");
+    let t0 = std::time::Instant::now();
+    // A folder with the user's files: refused before any training, nothing touched.
+    let out = d.join("mine");
+    std::fs::create_dir_all(out.join("sub")).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    std::fs::write(out.join("sub/data.bin"), "mine too").unwrap();
+    let quick = |out: &Path| SftArgs {
+        steps: 2,
+        eval_size: 4,
+        eval_before: false,
+        ..quick_args(out)
+    };
+    let e = sft::train(&quick(&out)).unwrap_err().to_string();
+    assert!(e.contains("not empty") && e.contains("notes.txt"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("sub/data.bin")).unwrap(),
+        "mine too"
+    );
+    // --out naming an existing file: refused before training, the file stays where it is.
+    let file = d.join("a-file");
+    std::fs::write(&file, "precious").unwrap();
+    let e = sft::train(&quick(&file)).unwrap_err().to_string();
+    assert!(e.contains("is a file"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    // --overwrite of a folder with files named like an HF folder but not written by sft.
+    let hf = d.join("user-hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), "{}").unwrap();
+    let e = sft::train(&SftArgs {
+        overwrite: true,
+        ..quick(&hf)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("config.json"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(hf.join("config.json")).unwrap(),
+        "{}"
+    );
+    // --overwrite into the folder with only the user's files: they stay beside the model.
+    sft::train(&SftArgs {
+        overwrite: true,
+        ..quick(&out)
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    Decoder::load(&out).unwrap();
+    // ... and again over that earlier sft output (another seed: other weights).
+    let w1 = std::fs::read(out.join("model.safetensors")).unwrap();
+    sft::train(&SftArgs {
+        overwrite: true,
+        seed: 3,
+        ..quick(&out)
+    })
+    .unwrap();
+    assert_ne!(w1, std::fs::read(out.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let hidden: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "staging left: {hidden:?}");
+    eprintln!("{:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
 fn sft_from_an_hf_folder_on_jsonl_data() {
     let d = tmpdir("jsonl");
     let data = d.join("train.jsonl");
@@ -283,7 +390,7 @@ fn sft_from_an_hf_folder_on_jsonl_data() {
     std::fs::write(&evalf, lines).unwrap();
     let out = d.join("tuned");
     let args = SftArgs {
-        model: arith::builtin_dir().display().to_string(),
+        model: arith::builtin_dir().unwrap().display().to_string(),
         data: data.display().to_string(),
         eval_files: vec![format!("held={}", evalf.display())],
         checker: "arith".into(),
@@ -308,8 +415,10 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
     let base = SftArgs {
-        model: arith::builtin_dir().display().to_string(),
-        no_eval_before: true,
+        model: arith::builtin_dir().unwrap().display().to_string(),
+        eval_before: false,
+        // keep.txt is the user's: every error below must come before the output is touched.
+        overwrite: true,
         ..quick_args(&out)
     };
     let err = |a: SftArgs| sft::train(&a).unwrap_err().to_string();
@@ -363,17 +472,17 @@ fn sft_errors_are_clear_and_leave_the_output_untouched() {
         steps: 0,
         ..base.clone()
     });
-    assert!(e.contains("--steps"), "{e}");
+    assert!(e.contains("sft.steps"), "{e}");
     let e = err(SftArgs {
         lr: -1.0,
         ..base.clone()
     });
-    assert!(e.contains("--lr"), "{e}");
+    assert!(e.contains("sft.lr"), "{e}");
     let e = err(SftArgs {
         ood_frac: 2.0,
         ..base.clone()
     });
-    assert!(e.contains("--ood-frac"), "{e}");
+    assert!(e.contains("sft.ood_frac"), "{e}");
     let ok_data = d.join("ok.jsonl");
     std::fs::write(&ok_data, "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n").unwrap();
     let e = err(SftArgs {

@@ -540,7 +540,7 @@ fn random_decoder_shapes_init_and_determinism() {
 
 #[test]
 fn shipped_warm_start_is_small_loadable_and_built_from_our_tokenizer() {
-    let dir = arith::builtin_dir();
+    let dir = arith::builtin_dir().unwrap();
     let size = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()
         .len();

@@ -9,7 +9,6 @@ use dfpo::kernels::flow::{self, FlowHeadShape, IntegrateOpts, Solver};
 use dfpo::kernels::risk::{RiskLossWeights, TailLevels};
 use dfpo::kernels::rl::{self, PpoParams};
 use dfpo::model::decoder::{Decoder, HeadOut};
-use dfpo::task::arith;
 use dfpo::train::config::TrainConfig;
 use dfpo::train::heads::{FlowTermWeights, RiskTerms};
 use dfpo::train::models::{Critic, CriticHead, OptSettings};
@@ -18,21 +17,12 @@ use dfpo::train::trainer::Trainer;
 mod common;
 use common::Rng;
 
-/// A random tiny arithmetic model folder (shared by the tests of this file).
 fn tiny_model() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dfpo-train-step-{}", std::process::id()));
-        arith::write_random_model(&dir, 11).unwrap();
-        dir
-    })
-    .clone()
+    common::tiny_model("dfpo-train-step", 11)
 }
 
 fn out_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dfpo-train-step-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::out_dir("dfpo-train-step", tag)
 }
 
 /// A small, fast configuration on the tiny model.
@@ -49,6 +39,8 @@ fn small_cfg(algo: &str, out: &Path, steps: usize) -> TrainConfig {
         "rollout.n_samples=2".into(),
         "rollout.max_new_tokens=5".into(),
         "data.eval_size=8".into(),
+        // A random model's answers are unreadable (data honesty checks: tests/data_honesty.rs).
+        "data.max_unparsed=1".into(),
         "critic.k=8".into(),
         // Tails of 2 samples, so the tail-shape term is active (config validation).
         "critic.alpha=0.25".into(),
@@ -474,7 +466,7 @@ fn a_resumed_run_reproduces_the_uninterrupted_run_exactly() {
     assert!(err.to_string().contains("interrupted"), "{err}");
     drop(t);
     let mut cfg = small_cfg("dfpo", &b, 4);
-    cfg.run.resume = true;
+    cfg.run.resume = "true".into();
     let mut t = Trainer::new(cfg).unwrap();
     let sb = t.run().unwrap();
     let la: Vec<String> = std::fs::read_to_string(a.join("metrics.jsonl"))
@@ -532,6 +524,7 @@ fn the_export_loads_and_scores() {
         out: out.join("scored.jsonl"),
         batch: 4,
         device: "cpu".into(),
+        ..Default::default()
     };
     dfpo::model::score::run(&args).unwrap();
     let scored = std::fs::read_to_string(out.join("scored.jsonl")).unwrap();
@@ -554,17 +547,26 @@ fn a_non_finite_loss_stops_or_skips_and_keeps_the_last_checkpoint() {
     let ck = out.join("checkpoints/step-000002/state.safetensors");
     let saved = std::fs::read(&ck).unwrap();
     cfg.run.steps = 4;
-    cfg.run.resume = true;
+    cfg.run.resume = "true".into();
     cfg.optim.actor_lr = 1e30;
     cfg.optim.max_grad_norm = 0.0;
     cfg.run.on_nonfinite = "stop".into();
+    // Resuming with another learning rate is refused (it is another run); this test needs a
+    // checkpoint whose continuation blows up, so it stamps the new fingerprint into it.
+    let meta_path = out.join("checkpoints/step-000002/meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    meta["fingerprint"] =
+        serde_json::to_value(dfpo::train::run_dir::Fingerprint::of(&cfg).unwrap()).unwrap();
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
     let e = Trainer::new(cfg.clone())
         .unwrap()
         .run()
         .expect_err("a blown-up run must stop")
         .to_string();
     assert!(
-        e.contains("step 2") && e.contains("actor") && e.contains("on_nonfinite"),
+        // Step 3 (as metrics.jsonl numbers it) is the first after the step-2 checkpoint.
+        e.contains("step 3") && e.contains("actor") && e.contains("on_nonfinite"),
         "{e}"
     );
     assert!(
@@ -745,7 +747,7 @@ fn adaptive_kl_controller_uses_the_per_sequence_kl() {
 fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
     let out = out_dir("grpo-kl");
     let refdir = out_dir("grpo-kl-ref");
-    arith::write_random_model(&refdir, 12).unwrap();
+    dfpo::task::arith::write_random_model(&refdir, 12).unwrap();
     let mut cfg = small_cfg("grpo", &out, 3);
     cfg.model.reference = refdir.display().to_string();
     cfg.kl.coef = 0.5;
@@ -900,4 +902,89 @@ fn the_return_clip_is_the_reachable_return_range() {
     cfg.reward.gaussian_sigma = 0.0;
     let t = Trainer::new(cfg).unwrap();
     assert_eq!(t.flow_solve().unwrap().clip, Some((0.0, 1.0)));
+}
+
+#[test]
+fn export_writes_a_checkpoints_policy_and_critic_as_hf_folders() {
+    use dfpo::model::checkpoint::read_safetensors;
+    for (algo, head) in [("dfpo", "flow"), ("ppo", "value"), ("grpo", "")] {
+        let out = out_dir(&format!("export-ck-{algo}"));
+        let mut cfg = small_cfg(algo, &out, 2);
+        cfg.run.save_every = 1;
+        cfg.run.keep_checkpoints = 3;
+        Trainer::new(cfg).unwrap().run().unwrap();
+        // An intermediate checkpoint, not final/.
+        let ck = out.join("checkpoints/step-000001");
+        let dst = out_dir(&format!("export-out-{algo}"));
+        let ex = dfpo::train::config::ExportConfig {
+            checkpoint: ck.display().to_string(),
+            out: dst.display().to_string(),
+            overwrite: false,
+        };
+        let done = dfpo::train::export::run(&ex).unwrap();
+        assert_eq!(done.step, 1);
+        let state = read_safetensors(ck.join("state.safetensors")).unwrap();
+        let policy = Decoder::load(dst.join("policy")).unwrap();
+        for (name, t) in policy.params() {
+            assert_eq!(
+                t.data,
+                state[&format!("policy.param.{name}")].data,
+                "{algo}: policy {name}"
+            );
+        }
+        assert!(dst.join("policy/tokenizer.json").is_file());
+        if head.is_empty() {
+            assert!(done.critic.is_none() && !dst.join("critic").exists());
+        } else {
+            let trunk = Decoder::load(dst.join("critic")).unwrap();
+            for (name, t) in trunk.params() {
+                assert_eq!(
+                    t.data,
+                    state[&format!("critic.param.{name}")].data,
+                    "{name}"
+                );
+            }
+            let desc: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dst.join("critic/value_head.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(desc["type"], head);
+            let vh = read_safetensors(dst.join("critic/value_head.safetensors")).unwrap();
+            let n: usize = vh.values().map(|t| t.data.len()).sum();
+            let want: usize = state
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("critic.param.")
+                        && !k.contains("model.")
+                        && !k.contains("lm_head")
+                })
+                .map(|(_, t)| t.data.len())
+                .sum();
+            assert_eq!(n, want, "{algo}: every head parameter, once");
+            if head == "flow" {
+                let flat = &state["critic.param.flow_head.params"].data;
+                let order = desc["param_order"].as_array().unwrap();
+                let joined: Vec<f32> = order
+                    .iter()
+                    .flat_map(|k| vh[k.as_str().unwrap()].data.clone())
+                    .collect();
+                assert_eq!(&joined, flat, "param_order reassembles the flat vector");
+            }
+        }
+        // A checkpoint is not a model folder: the error points to export.
+        let mut c = small_cfg(algo, &out_dir("ck-as-model"), 1);
+        c.model.policy = ck.display().to_string();
+        let e = Trainer::new(c).err().unwrap().to_string();
+        assert!(e.contains("dfpo-train export --checkpoint"), "{e}");
+        // A second export into the same folder needs overwrite.
+        let e = dfpo::train::export::run(&ex).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        dfpo::train::export::run(&dfpo::train::config::ExportConfig {
+            overwrite: true,
+            ..ex
+        })
+        .unwrap();
+        let _ = std::fs::remove_dir_all(out);
+        let _ = std::fs::remove_dir_all(dst);
+    }
 }

@@ -106,14 +106,15 @@ def trainer_path():
 
 def run_one(exe, out_dir, algo, p, seed, extra):
     """Runs one training; returns None on success or an error message."""
-    os.makedirs(out_dir, exist_ok=True)
+    # The log sits next to the run folder: a run folder holds only what dfpo-train writes.
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     cmd = [exe, "train",
            "--set", f"run.out_dir={out_dir}", "--set", f"algo.name={algo}",
            "--set", f"reward.flip_prob={fmt_p(p)}", "--set", f"run.seed={seed}",
            "--set", "run.progress=false"]
     for s in extra:
         cmd += ["--set", s]
-    log_path = os.path.join(out_dir, "compare.log")
+    log_path = out_dir.rstrip("/") + ".log"
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()

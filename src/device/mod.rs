@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
 
 use crate::error::{Error, Result};
@@ -145,6 +146,8 @@ pub struct CudaDevice {
     max_smem_optin: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// The cuBLAS handle bound to `stream` (created on first use).
+    blas: OnceLock<Arc<CudaBlas>>,
     /// The dynamic shared memory each function (by its CUfunction handle) is opted into so far.
     smem_optin: Mutex<HashMap<usize, u32>>,
     sync_launch: bool,
@@ -169,6 +172,7 @@ impl CudaDevice {
             max_smem_optin,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
             smem_optin: Mutex::new(HashMap::new()),
             sync_launch: std::env::var("DFPO_SYNC_LAUNCH").is_ok_and(|v| v == "1"),
         }))
@@ -207,6 +211,31 @@ impl CudaDevice {
     /// Largest dynamic shared memory a block may opt into, in bytes.
     pub fn max_shared_mem_optin(&self) -> u32 {
         self.max_smem_optin
+    }
+
+    /// Makes this device's context current on the calling thread. cudarc's safe calls do it
+    /// themselves; every raw driver or cuBLAS call (`cudarc::driver::result`, `cublas::result`)
+    /// must come after it, or it fails on a thread that has not touched the context yet.
+    pub fn make_current(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Cuda(format!("making the CUDA context current: {e}")))
+    }
+
+    /// The cuBLAS handle of this device, bound to [`CudaDevice::stream`] (one per `CudaDevice`:
+    /// two devices on the same GPU have two streams, so they cannot share a handle). The
+    /// context is made current on the calling thread.
+    pub fn blas(&self) -> Result<Arc<CudaBlas>> {
+        self.make_current()?;
+        if let Some(h) = self.blas.get() {
+            return Ok(h.clone());
+        }
+        let h = Arc::new(
+            CudaBlas::new(self.stream.clone())
+                .map_err(|e| Error::Cuda(format!("cublasCreate: {e:?}")))?,
+        );
+        // A thread that lost a race drops its handle and uses the winner's.
+        Ok(self.blas.get_or_init(|| h).clone())
     }
 
     /// Waits for all queued work and reports any asynchronous error.
@@ -271,6 +300,8 @@ impl CudaDevice {
         let mut set = self.smem_optin.lock().unwrap();
         let now = set.entry(func.cu_function() as usize).or_insert(0);
         if bytes > *now {
+            // cuFuncSetAttribute is a raw call (cudarc does not bind the context for it).
+            self.make_current()?;
             func.set_attribute(
                 A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes as i32,
@@ -298,7 +329,7 @@ impl CudaDevice {
         mut args: LaunchArgs<'_>,
         cfg: LaunchConfig,
     ) -> Result<()> {
-        if cfg.grid_dim.0 == 0 || cfg.block_dim.0 == 0 {
+        if !check_launch(name, &cfg)? {
             return Ok(()); // empty problem: nothing to launch
         }
         args.launch(cfg)
@@ -352,7 +383,101 @@ fn compile_at_run_time(k: &embedded::EmbeddedKernel, cc: (i32, i32)) -> Result<c
     })
 }
 
+/// The launch limits of every GPU we run on (compute capability 7.0 and later).
+pub mod limits {
+    /// Threads per block.
+    pub const MAX_THREADS: u32 = 1024;
+    /// Block z dimension.
+    pub const MAX_BLOCK_Z: u32 = 64;
+    /// Grid x dimension.
+    pub const MAX_GRID_X: u32 = i32::MAX as u32;
+    /// Grid y and z dimensions.
+    pub const MAX_GRID_YZ: u32 = 65535;
+}
+
+/// Checks a launch configuration against the CUDA limits before it reaches the driver:
+/// `Ok(false)` for an empty grid (some dimension 0: nothing to launch), `Ok(true)` for a valid
+/// one, and `Error::Shape` naming the kernel for an empty block or one past a limit (a bug in
+/// the launcher, which the driver would report as an opaque CUDA_ERROR_INVALID_VALUE).
+pub fn check_launch(name: &str, cfg: &LaunchConfig) -> Result<bool> {
+    use limits::*;
+    let (gx, gy, gz) = cfg.grid_dim;
+    let (bx, by, bz) = cfg.block_dim;
+    let threads = bx as u64 * by as u64 * bz as u64;
+    if threads == 0 || threads > MAX_THREADS as u64 || bz > MAX_BLOCK_Z {
+        return Err(Error::Shape(format!(
+            "launching {name}: block {:?} ({threads} threads) outside the CUDA limits \
+             (1..={MAX_THREADS} threads, z <= {MAX_BLOCK_Z})",
+            cfg.block_dim
+        )));
+    }
+    if gx > MAX_GRID_X || gy > MAX_GRID_YZ || gz > MAX_GRID_YZ {
+        return Err(Error::Shape(format!(
+            "launching {name}: grid {:?} exceeds the CUDA limits (x <= {MAX_GRID_X}, y and z \
+             <= {MAX_GRID_YZ})",
+            cfg.grid_dim
+        )));
+    }
+    Ok(gx != 0 && gy != 0 && gz != 0)
+}
+
 /// Grid size for `n` work items in blocks of `block` threads.
+/// Saturates at `u32::MAX`, which [`check_launch`] then rejects (never a silently truncated
+/// grid).
 pub fn blocks_for(n: usize, block: u32) -> u32 {
-    n.div_ceil(block as usize) as u32
+    u32::try_from(n.div_ceil(block as usize)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn an_empty_grid_in_any_dimension_is_skipped() {
+        for g in [(0, 1, 1), (4, 0, 1), (4, 2, 0), (0, 0, 0)] {
+            assert!(!check_launch("k", &cfg(g, (128, 1, 1))).unwrap(), "{g:?}");
+        }
+        assert!(check_launch("k", &cfg((1, 1, 1), (1, 1, 1))).unwrap());
+        assert!(check_launch("k", &cfg((i32::MAX as u32, 65535, 65535), (1024, 1, 1))).unwrap());
+    }
+
+    #[test]
+    fn limits_are_errors_naming_the_kernel() {
+        for (g, b) in [
+            ((1, 1, 1), (0, 1, 1)),
+            ((1, 1, 1), (128, 0, 1)),
+            ((1, 1, 1), (32, 8, 0)),
+            ((1, 1, 1), (1025, 1, 1)),
+            ((1, 1, 1), (32, 33, 1)),
+            ((1, 1, 1), (1, 1, 65)),
+            ((1 << 31, 1, 1), (128, 1, 1)),
+            ((1, 65536, 1), (128, 1, 1)),
+            ((1, 1, 65536), (128, 1, 1)),
+            ((0, 65536, 1), (128, 1, 1)),
+        ] {
+            let e = check_launch("my_kernel", &cfg(g, b))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("my_kernel"), "{g:?} {b:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn blocks_for_saturates_instead_of_wrapping() {
+        assert_eq!(blocks_for(0, 256), 0);
+        assert_eq!(blocks_for(257, 256), 2);
+        // 65536 rows x 151936 logits (Qwen2-0.5B, 64 x 1024 tokens) in blocks of 256.
+        assert_eq!(blocks_for(65536 * 151936, 256), 38_895_616);
+        assert_eq!(blocks_for(1 << 50, 32), u32::MAX);
+        let e = check_launch("k", &cfg((blocks_for(1 << 50, 32), 1, 1), (32, 1, 1)));
+        assert!(e.is_err());
+    }
 }

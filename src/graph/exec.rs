@@ -385,6 +385,7 @@ impl<'a> Exec<'a> {
         t: TensorId,
     ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); self.len(t)];
+        dev.make_current()?;
         // SAFETY: the tensor holds len elements of T at ptr(t); the stream is synchronised
         // before `out` is read or dropped.
         unsafe {
@@ -400,6 +401,7 @@ impl<'a> Exec<'a> {
 
     /// Uploads `data` to `t` (synchronised, so `data` may go away afterwards).
     fn upload<T: bytemuck::Pod>(&self, dev: &CudaDevice, t: TensorId, data: &[T]) -> Result<()> {
+        dev.make_current()?;
         // SAFETY: the tensor holds data.len() elements of T at ptr(t) (lengths checked by the
         // callers); synchronised before `data` can go away.
         unsafe {

@@ -8,6 +8,24 @@ use crate::device::blocks_for;
 use crate::error::{check_len, Error, Result};
 use crate::kernels::flow::{self, FlowHeadShape};
 
+/// The CUDA launches of [`MseLoss`] for `n` elements: the kernels' `n` argument and the forward
+/// (one block) and backward (one thread per element) configurations; `Error::Shape` when `n`
+/// does not fit the kernels' i32.
+fn mse_cuda_launch(n: usize) -> Result<(i32, LaunchConfig, LaunchConfig)> {
+    let n32 = crate::kernels::check_i32("mse_loss n", n)?;
+    let fwd = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let bwd = LaunchConfig {
+        grid_dim: (blocks_for(n, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((n32, fwd, bwd))
+}
+
 /// Weighted mean squared error: ins `[pred, target]` or `[pred, target, weight]` (target and
 /// weight get no gradient), out `[loss]` of length 1: loss = (1/n) Σ w (pred − target)².
 pub struct MseLoss;
@@ -31,14 +49,9 @@ impl Op for MseLoss {
                 ins.get(2).map_or(0, |&w| x.ptr(w)),
                 x.ptr(outs[0]),
             );
-            let n32 = n as i32;
+            let (n32, cfg, _) = mse_cuda_launch(n)?;
             let mut b = dev.launch_builder(&f);
             b.arg(&p).arg(&t).arg(&w).arg(&n32).arg(&l);
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: pointers are graph tensors of the checked lengths.
             return unsafe { dev.launch("loss_mse_fwd", b, cfg) };
         }
@@ -75,14 +88,10 @@ impl Op for MseLoss {
                 x.ptr(ins[1]),
                 ins.get(2).map_or(0, |&w| x.ptr(w)),
             );
-            let (dl, dpp, n32) = (x.ptr(d_outs[0]), x.ptr(dp), n as i32);
+            let (n32, _, cfg) = mse_cuda_launch(n)?;
+            let (dl, dpp) = (x.ptr(d_outs[0]), x.ptr(dp));
             let mut b = dev.launch_builder(&f);
             b.arg(&p).arg(&t).arg(&w).arg(&n32).arg(&dl).arg(&dpp);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks_for(n, 256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: as in forward.
             return unsafe { dev.launch("loss_mse_bwd", b, cfg) };
         }
@@ -459,4 +468,26 @@ fn cpu_split(n_tok: usize, k: usize) -> Option<usize> {
     const MIN_ROWS: usize = 1024;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores >= 2 && n_tok >= 2 && n_tok * k >= MIN_ROWS).then_some(n_tok / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::check_launch;
+
+    #[test]
+    fn mse_launch_checks_n_against_the_kernels_i32() {
+        // The largest n the kernels take: both launches valid, the backward grid covers n.
+        let n = i32::MAX as usize;
+        let (n32, fwd, bwd) = mse_cuda_launch(n).unwrap();
+        assert_eq!(n32, i32::MAX);
+        assert!(check_launch("loss_mse_fwd", &fwd).unwrap());
+        assert!(check_launch("loss_mse_bwd", &bwd).unwrap());
+        assert!(bwd.grid_dim.0 as usize * bwd.block_dim.0 as usize >= n);
+        // One more (and far more) is an error, not a negative or wrapped n.
+        for n in [1usize << 31, 65536 * 151936] {
+            let e = mse_cuda_launch(n).unwrap_err().to_string();
+            assert!(e.contains("mse_loss n") && e.contains("i32"), "{e}");
+        }
+    }
 }

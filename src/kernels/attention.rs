@@ -343,7 +343,8 @@ pub mod cuda {
     //!
     //! bf16 accumulation of gradients: each kernel reads the existing bf16 value, adds its
     //! contribution in fp32 and writes back one bf16 rounding (`dk`, `dv` in the main backward
-    //! kernel, `dq` after the fp32 workspace is complete), so `+=` rounds once per call.
+    //! kernel, `dq` in the dQ kernel), so `+=` rounds once per call. Each gradient element is
+    //! summed by one thread in a fixed order (no atomics): the backward is bit-reproducible.
     //!
     //! Views of `half::bf16` work without cudarc's `f16` feature (they only need a device
     //! pointer): allocate `u16` and use `CudaSlice::transmute` / `transmute_mut`.
@@ -414,7 +415,12 @@ pub mod cuda {
 
     fn bwd_smem(d: usize) -> usize {
         let bm = bwd_bm(d);
-        (2 * TILE + 4 * bm) * (d + PAD) * 2 + TILE * (bm + PAD) * 2 + 4 * bm * 4
+        (2 * TILE + 4 * bm) * (d + PAD) * 2 + 4 * bm * 4
+    }
+
+    /// The dQ kernel: Q and dO tiles, double-buffered K and V tiles.
+    fn dq_smem(d: usize) -> usize {
+        (2 * TILE + 4 * TILE) * (d + PAD) * 2
     }
 
     fn dec_smem(d: usize) -> usize {
@@ -429,10 +435,9 @@ pub mod cuda {
         Ok(())
     }
 
-    /// f32 elements of the workspace [`attention_bwd_raw`] needs: the dQ accumulator
-    /// (`B·S·Hq·D`) followed by delta (`B·Hq·S`).
-    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize, d: usize) -> usize {
-        b * s * hq * d + b * hq * s
+    /// f32 elements of the workspace [`attention_bwd_raw`] needs: delta (`B·Hq·S`).
+    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize) -> usize {
+        b * hq * s
     }
 
     /// Decode split: `(number of splits, keys per split)`. Depends on the shape only (the same
@@ -466,11 +471,44 @@ pub mod cuda {
         grid_dim(&format!("{what} Hkv"), hkv, 65535)?;
         grid_dim(&format!("{what} B"), b, 65535)?;
         grid_dim(
-            &format!("{what} S/64"),
-            to_i32(&format!("{what} S"), s)? as usize / TILE + 1,
+            &format!("{what} query tiles"),
+            (to_i32(&format!("{what} S"), s)? as usize).div_ceil(TILE),
             65535,
         )?;
         Ok(())
+    }
+
+    /// The launch configurations of the forward and the three backward kernels for a shape
+    /// (pure, so the limits are tested at real sizes without a GPU). Grids: forward and dQ
+    /// (Hq, B, S/64), delta (B·S·Hq/4), dK/dV (Hkv, B, S/64).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Launches {
+        pub fwd: LaunchConfig,
+        pub bwd_pre: LaunchConfig,
+        pub bwd: LaunchConfig,
+        pub bwd_dq: LaunchConfig,
+    }
+
+    /// [`Launches`] of a (checked) shape; `Error::Shape` past a grid limit.
+    pub fn launches(b: usize, s: usize, hq: usize, hkv: usize, d: usize) -> Result<Launches> {
+        grid_checks("attention", b, s, hq, hkv)?;
+        let rows = b * s * hq;
+        let pre_blocks = to_i32(
+            "attention_bwd B*S*Hq/4",
+            rows.div_ceil((THREADS / 32) as usize),
+        )?;
+        let cfg = |grid_dim, smem: usize| LaunchConfig {
+            grid_dim,
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let tiles = s.div_ceil(TILE) as u32;
+        Ok(Launches {
+            fwd: cfg((hq as u32, b as u32, tiles), fwd_smem(d)),
+            bwd_pre: cfg((pre_blocks as u32, 1, 1), 0),
+            bwd: cfg((hkv as u32, b as u32, tiles), bwd_smem(d)),
+            bwd_dq: cfg((hq as u32, b as u32, tiles), dq_smem(d)),
+        })
     }
 
     /// Causal attention forward on raw device pointers: `out` (bf16) and `lse` (f32).
@@ -500,7 +538,7 @@ pub mod cuda {
         if nq == 0 {
             return Ok(());
         }
-        grid_checks("attention_fwd", b, s, hq, hkv)?;
+        let cfg = launches(b, s, hq, hkv, d)?.fwd;
         for (what, p, a) in [
             ("attention_fwd q", q, 16),
             ("attention_fwd k", k, 16),
@@ -515,8 +553,7 @@ pub mod cuda {
         let sl2 = scale * LOG2E;
         let name = format!("attention_fwd_d{d}");
         let f = dev.function(FAMILY, &name)?;
-        let smem = fwd_smem(d);
-        smem_opt_in(dev, &f, smem)?;
+        smem_opt_in(dev, &f, cfg.shared_mem_bytes as usize)?;
         let mut a = dev.launch_builder(&f);
         a.arg(&q)
             .arg(&k)
@@ -528,11 +565,6 @@ pub mod cuda {
             .arg(&hqi)
             .arg(&hkvi)
             .arg(&sl2);
-        let cfg = LaunchConfig {
-            grid_dim: (hq as u32, b as u32, s.div_ceil(TILE) as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
         dev.launch(&name, a, cfg)
     }
 
@@ -574,13 +606,14 @@ pub mod cuda {
         unsafe { attention_fwd_raw(dev, qp, kp, vp, lp, b, s, hq, hkv, d, scale, op, sp) }
     }
 
-    /// Causal attention backward on raw device pointers: three launches (delta and workspace
-    /// zeroing; the main kernel, which adds into `dk`, `dv`; dq += scale · workspace).
+    /// Causal attention backward on raw device pointers: three launches (delta; the main
+    /// kernel, which adds into `dk`, `dv`; the dQ kernel, which adds into `dq`). Every element
+    /// is summed in a fixed order (no atomics): the gradients are bit-reproducible.
     /// `workspace` holds [`bwd_workspace_len`] f32 and is overwritten.
     ///
     /// # Safety
     /// `q`, `out`, `dout`, `dq` must hold `B·S·Hq·D` bf16; `k`, `v`, `dk`, `dv` `B·S·Hkv·D` bf16;
-    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 16-byte aligned; all on
+    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 4-byte aligned; all on
     /// `dev`'s context. `dq`, `dk`, `dv` and `workspace` must not overlap anything else.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention_bwd_raw(
@@ -609,7 +642,7 @@ pub mod cuda {
         if nq == 0 {
             return Ok(());
         }
-        grid_checks("attention_bwd", b, s, hq, hkv)?;
+        let cfgs = launches(b, s, hq, hkv, d)?;
         for (what, p, a) in [
             ("attention_bwd q", q, 16),
             ("attention_bwd k", k, 16),
@@ -619,25 +652,14 @@ pub mod cuda {
             ("attention_bwd dq", dq, 16),
             ("attention_bwd dk", dk, 16),
             ("attention_bwd dv", dv, 16),
-            ("attention_bwd workspace", workspace, 16),
+            ("attention_bwd workspace", workspace, 4),
             ("attention_bwd lse", lse, 4),
             ("attention_bwd seq_lens", seq_lens, 4),
         ] {
             check_ptr(what, p, a)?;
         }
-        let rows = b * s * hq;
-        let pairs = nq / 2;
-        let (bi, si, hqi, hkvi) = (
-            to_i32("attention_bwd B", b)?,
-            s as i32,
-            hq as i32,
-            hkv as i32,
-        );
-        let warps_per_block = (THREADS / 32) as usize;
-        let pre_blocks = to_i32("attention_bwd B*S*Hq", rows.div_ceil(warps_per_block))?;
-        let dq_blocks = to_i32("attention_bwd B*S*Hq*D", pairs.div_ceil(THREADS as usize))?;
-        let dq_ws = workspace;
-        let delta = workspace + 4 * nq as u64;
+        let (bi, si, hqi, hkvi) = (b as i32, s as i32, hq as i32, hkv as i32);
+        let delta = workspace;
         let sl2 = scale * LOG2E;
 
         let name = format!("attention_bwd_pre_d{d}");
@@ -647,60 +669,34 @@ pub mod cuda {
             .arg(&dout)
             .arg(&seq_lens)
             .arg(&delta)
-            .arg(&dq_ws)
             .arg(&bi)
             .arg(&si)
             .arg(&hqi);
-        let cfg = LaunchConfig {
-            grid_dim: (pre_blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        dev.launch(&name, a, cfg)?;
+        dev.launch(&name, a, cfgs.bwd_pre)?;
 
-        let name = format!("attention_bwd_d{d}");
-        let f = dev.function(FAMILY, &name)?;
-        let smem = bwd_smem(d);
-        smem_opt_in(dev, &f, smem)?;
-        let mut a = dev.launch_builder(&f);
-        a.arg(&q)
-            .arg(&k)
-            .arg(&v)
-            .arg(&dout)
-            .arg(&lse)
-            .arg(&delta)
-            .arg(&seq_lens)
-            .arg(&dq_ws)
-            .arg(&dk)
-            .arg(&dv)
-            .arg(&si)
-            .arg(&hqi)
-            .arg(&hkvi)
-            .arg(&scale)
-            .arg(&sl2);
-        let cfg = LaunchConfig {
-            grid_dim: (hkv as u32, b as u32, s.div_ceil(TILE) as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        dev.launch(&name, a, cfg)?;
-
-        let name = format!("attention_bwd_dq_d{d}");
-        let f = dev.function(FAMILY, &name)?;
-        let mut a = dev.launch_builder(&f);
-        a.arg(&dq_ws)
-            .arg(&seq_lens)
-            .arg(&dq)
-            .arg(&bi)
-            .arg(&si)
-            .arg(&hqi)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (dq_blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        dev.launch(&name, a, cfg)
+        // dK, dV (grid over key tiles) and dQ (grid over query tiles) read the same inputs.
+        for (name, cfg, grad) in [
+            (format!("attention_bwd_d{d}"), cfgs.bwd, None),
+            (format!("attention_bwd_dq_d{d}"), cfgs.bwd_dq, Some(dq)),
+        ] {
+            let f = dev.function(FAMILY, &name)?;
+            smem_opt_in(dev, &f, cfg.shared_mem_bytes as usize)?;
+            let mut a = dev.launch_builder(&f);
+            a.arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&dout)
+                .arg(&lse)
+                .arg(&delta)
+                .arg(&seq_lens);
+            match &grad {
+                Some(dq) => a.arg(dq),
+                None => a.arg(&dk).arg(&dv),
+            };
+            a.arg(&si).arg(&hqi).arg(&hkvi).arg(&scale).arg(&sl2);
+            dev.launch(&name, a, cfg)?;
+        }
+        Ok(())
     }
 
     /// Causal attention backward (see the module doc) on device views; `dq`, `dk`, `dv`
@@ -741,7 +737,7 @@ pub mod cuda {
         ] {
             check_len(what, len, want)?;
         }
-        let ws = bwd_workspace_len(b, s, hq, d);
+        let ws = bwd_workspace_len(b, s, hq);
         if workspace.len() < ws {
             return Err(Error::Shape(format!(
                 "attention_bwd workspace: length {}, needs at least {ws}",
@@ -902,5 +898,50 @@ pub mod cuda {
         let (wp, _g6) = workspace.device_ptr_mut(st);
         // SAFETY: lengths checked above; &mut views cannot alias each other or the inputs.
         unsafe { decode_attention_raw(dev, qp, kp, vp, lp, b, hq, hkv, max_len, d, scale, op, wp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::{launches, HEAD_DIMS};
+    use crate::device::check_launch;
+
+    /// Shared memory a block may opt into on an H100 / H200.
+    const SMEM_LIMIT: u32 = 227 * 1024;
+
+    #[test]
+    fn launches_at_the_qwen2_05b_training_size() {
+        // 64 sequences of 1024 tokens, 14 query heads, 2 kv heads, head dim 64.
+        let l = launches(64, 1024, 14, 2, 64).unwrap();
+        assert_eq!(l.fwd.grid_dim, (14, 64, 16));
+        assert_eq!(l.bwd.grid_dim, (2, 64, 16));
+        assert_eq!(l.bwd_dq.grid_dim, (14, 64, 16));
+        assert_eq!(l.bwd_pre.grid_dim, (64 * 1024 * 14 / 4, 1, 1));
+        for d in HEAD_DIMS {
+            let l = launches(64, 1024, 14, 2, d).unwrap();
+            for (name, c) in [
+                ("fwd", l.fwd),
+                ("pre", l.bwd_pre),
+                ("bwd", l.bwd),
+                ("dq", l.bwd_dq),
+            ] {
+                assert!(check_launch(name, &c).unwrap(), "D={d} {name}");
+                assert!(c.shared_mem_bytes <= SMEM_LIMIT, "D={d} {name}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn launches_past_the_grid_limits_are_errors() {
+        // Grid z: at most 65535 query tiles of 64; grid y: at most 65535 sequences.
+        let l = launches(1, 65535 * 64, 1, 1, 64).unwrap();
+        assert_eq!(l.fwd.grid_dim.2, 65535);
+        assert!(check_launch("fwd", &l.fwd).unwrap());
+        assert!(launches(1, 65535 * 64 + 1, 1, 1, 64).is_err());
+        assert!(launches(65535, 64, 1, 1, 64).is_ok());
+        assert!(launches(65536, 64, 1, 1, 64).is_err());
+        assert!(launches(1, 64, 1, 65536, 64).is_err());
+        // The delta kernel's grid: B·S·Hq / 4 blocks at most i32::MAX.
+        assert!(launches(65535, 65536, 4, 1, 64).is_err());
     }
 }

@@ -20,8 +20,15 @@
 //!   the subgradient 0 is used. When k_α + k_β > K the tails overlap and both contribute.
 //!
 //! Sorting is stable (ties keep index order) on the CPU and on the GPU, so `perm` and the
-//! gradient's placement on ties agree exactly between the two. The CPU reference rejects
-//! non-finite samples; the GPU does not check them (its results are then unspecified).
+//! gradient's placement on ties agree exactly between the two. The order is total:
+//! −inf < … < −0 < +0 < … < +inf < NaN (NaN last, as numpy and torch sort; every NaN equal).
+//!
+//! Non-finite samples (CPU and GPU alike): a row holding a NaN or ±inf sample gets NaN for every
+//! statistic and quantile, and in the loss (a non-finite sample in pred or target) NaN for every
+//! term and the row's loss, and NaN added to every gradient position of the row. NaN propagates
+//! to whatever consumes it (e.g. the trainer's non-finite-loss policy); it is never turned into
+//! a finite, wrong statistic. `sorted` and `perm` stay exact (the sorted row shows NaN, as a
+//! canonical NaN on the GPU, at its end).
 
 use std::cmp::Ordering;
 
@@ -234,20 +241,22 @@ pub mod cpu {
 
     use super::*;
 
-    fn check_finite<T: Real>(what: &str, x: &[T], k: usize) -> Result<()> {
-        match x.iter().position(|v| !v.is_finite()) {
-            Some(i) => Err(Error::Invalid(format!(
-                "{what}[row {}, sample {}] = {:?}: samples must be finite",
-                i / k,
-                i % k,
-                x[i]
-            ))),
-            None => Ok(()),
+    /// The sort order: NaN after everything else (all NaN equal), otherwise IEEE total order
+    /// (−0 before +0), which for f32 is the GPU's integer sort key order.
+    fn order<T: Real>(a: T, b: T) -> Ordering {
+        let (a, b) = (a.to_f64(), b.to_f64());
+        match (a.is_nan(), b.is_nan()) {
+            (false, false) => a.total_cmp(&b),
+            (x, y) => x.cmp(&y),
         }
     }
 
+    fn row_finite<T: Real>(row: &[T]) -> bool {
+        row.iter().all(|v| v.is_finite())
+    }
+
     /// Writes into `perm` the stable ascending sort permutation of `row` (`perm[i]` = index of
-    /// the i-th smallest; ties keep index order). `row` must be NaN-free.
+    /// the i-th smallest in the order of the module doc, NaN last; ties keep index order).
     pub fn sort_perm<T: Real>(row: &[T], perm: &mut [u32]) {
         let mut pairs = Vec::with_capacity(row.len());
         sort_pairs(row, &mut pairs);
@@ -261,7 +270,7 @@ pub mod cpu {
         pairs.clear();
         pairs.extend(row.iter().zip(0u32..).map(|(&v, i)| (v, i)));
         // `sort_by` is stable: equal values keep increasing index order.
-        pairs.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal));
+        pairs.sort_by(|a, b| order(a.0, b.0));
     }
 
     /// Population mean and variance (two-pass) of a non-empty slice.
@@ -308,8 +317,10 @@ pub mod cpu {
     /// (ascending) and `perm[R][k]` (`perm[r][i]` = index within the row of the i-th smallest,
     /// stable: ties by index, so `sorted[r][i] == x[r][perm[r][i]]`).
     ///
+    /// A row with a non-finite sample gets NaN statistics and quantiles (module doc).
+    ///
     /// Errors: k outside 1..=[`MAX_K`], a length that does not fit, α or β outside (0, 1], a
-    /// quantile level outside [0, 1], a non-finite sample.
+    /// quantile level outside [0, 1].
     #[allow(clippy::too_many_arguments)]
     pub fn stats<T: Real>(
         x: &[T],
@@ -334,17 +345,19 @@ pub mod cpu {
         if let Some(p) = perm.as_deref() {
             check_len("perm", p.len(), r * k)?;
         }
-        check_finite("x", x, k)?;
         let (klo, khi) = levels.counts(k);
+        let nan = T::from_f64(f64::NAN);
         let mut pairs = Vec::with_capacity(k);
         let mut pbuf = vec![0u32; k];
         let mut sbuf = vec![T::ZERO; k];
         for row in 0..r {
-            sort_pairs(&x[row * k..(row + 1) * k], &mut pairs);
+            let xr = &x[row * k..(row + 1) * k];
+            sort_pairs(xr, &mut pairs);
             for ((s, p), &(v, i)) in sbuf.iter_mut().zip(pbuf.iter_mut()).zip(&pairs) {
                 *s = v;
                 *p = i;
             }
+            let finite = row_finite(xr);
             let m = moments(&sbuf, klo, khi);
             let st = &mut stats[row * NSTATS..(row + 1) * NSTATS];
             st[Stat::Mean as usize] = m.mean;
@@ -354,11 +367,13 @@ pub mod cpu {
             st[Stat::VarLow as usize] = m.vlo;
             st[Stat::VarHigh as usize] = m.vhi;
             st[Stat::Std as usize] = m.var.sqrt();
-            for (qo, &q) in quant_out[row * nq..(row + 1) * nq]
-                .iter_mut()
-                .zip(quantiles)
-            {
-                *qo = quantile_sorted(&sbuf, q);
+            let qo = &mut quant_out[row * nq..(row + 1) * nq];
+            for (o, &q) in qo.iter_mut().zip(quantiles) {
+                *o = quantile_sorted(&sbuf, q);
+            }
+            if !finite {
+                st.fill(nan);
+                qo.fill(nan);
             }
             if let Some(s) = sorted.as_deref_mut() {
                 s[row * k..(row + 1) * k].copy_from_slice(&sbuf);
@@ -374,6 +389,9 @@ pub mod cpu {
     /// stop-gradient): writes `terms[R][NTERMS]` (unweighted, [`Term`] order), ADDS
     /// d(total)/dpred into `grad[R][k]` (at the unsorted positions), and returns
     /// total = Σ_r row_scale_r · Σ_j w_j·terms_rj. `row_scale[R]` is e.g. mask/num_valid.
+    ///
+    /// A row with a non-finite sample in pred or target gets NaN terms and NaN added to its
+    /// gradient, so the total is NaN (module doc).
     ///
     /// Errors: as [`stats`], plus mismatched lengths of target/row_scale/terms/grad and
     /// non-finite weights.
@@ -396,9 +414,8 @@ pub mod cpu {
         check_len("row_scale", row_scale.len(), r)?;
         check_len("terms", terms.len(), r * NTERMS)?;
         check_len("grad", grad.len(), r * k)?;
-        check_finite("pred", pred, k)?;
-        check_finite("target", target, k)?;
         let (klo, khi) = levels.counts(k);
+        let nan = T::from_f64(f64::NAN);
         let f = |v: f32| T::from_f64(v as f64);
         let (wc, wg, ws, wm) = (f(w.cvar), f(w.gain), f(w.shape), f(w.mean_shift));
         let two = T::from_f64(2.0);
@@ -420,8 +437,10 @@ pub mod cpu {
                 *p = i;
             }
             // The target needs its sorted values only.
-            ts.copy_from_slice(&target[row * k..(row + 1) * k]);
-            ts.sort_by(|a, b| a.partial_cmp(b).unwrap_or(Ordering::Equal));
+            let tr = &target[row * k..(row + 1) * k];
+            let finite = row_finite(&pred[row * k..(row + 1) * k]) && row_finite(tr);
+            ts.copy_from_slice(tr);
+            ts.sort_by(|a, b| order(*a, *b));
             let mp = moments(&ps, klo, khi);
             let mt = moments(&ts, klo, khi);
             let dc = mp.mlo - mt.mlo;
@@ -429,7 +448,11 @@ pub mod cpu {
             let dl = mp.vlo - mt.vlo;
             let dh = mt.vhi - mp.vhi;
             let dm = mt.mean - mp.mean;
-            let tm = [dc * dc, dg * dg, relu(dl) + relu(dh), relu(dm)];
+            let tm = if finite {
+                [dc * dc, dg * dg, relu(dl) + relu(dh), relu(dm)]
+            } else {
+                [nan; NTERMS]
+            };
             terms[row * NTERMS..(row + 1) * NTERMS].copy_from_slice(&tm);
             let sc = row_scale[row];
             total += sc * (wc * tm[0] + wg * tm[1] + ws * tm[2] + wm * tm[3]);
@@ -451,7 +474,7 @@ pub mod cpu {
                         g -= ws * two * (x - mp.mhi) / khi_t;
                     }
                 }
-                grad[row * k + pp[i] as usize] += sc * g;
+                grad[row * k + pp[i] as usize] += if finite { sc * g } else { nan };
             }
         }
         Ok(total)
@@ -534,7 +557,9 @@ pub mod cuda {
         }
     }
 
-    fn launch_config(r: usize, l: &Layout) -> LaunchConfig {
+    /// The launch over `r` rows (the kernels loop over row groups, so the grid only needs to be
+    /// valid); `r` is at most i32::MAX ([`stats_raw`] and [`loss_raw`] check it).
+    pub fn launch_config(r: usize, l: &Layout) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (r.div_ceil(l.rows_per_block) as u32, 1, 1),
             block_dim: (l.threads as u32, 1, 1),
@@ -780,5 +805,25 @@ pub mod cuda {
         let rlp = rl.as_ref().map_or(0, |(p, _)| *p);
         // SAFETY: every pointer comes from a live view of the length checked above.
         unsafe { loss_raw(dev, pp, tp, sp, r, k, levels, w, mp, gp, rlp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::{launch_config, layout};
+    use super::MAX_K;
+    use crate::device::check_launch;
+
+    #[test]
+    fn launch_at_real_sizes() {
+        // One row per response token of 64 x 1024, and the most rows a launch takes.
+        for k in [1, 8, 32, 64, 1000, MAX_K] {
+            for r in [64 * 1024, i32::MAX as usize] {
+                let l = layout(k);
+                let c = launch_config(r, &l);
+                assert!(check_launch("risk", &c).unwrap(), "K={k} R={r}: {c:?}");
+                assert!(c.grid_dim.0 as usize * l.rows_per_block >= r);
+            }
+        }
     }
 }

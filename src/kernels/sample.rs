@@ -34,10 +34,15 @@
 //! best two race scores are within ~1e-5. The parity tests check exactly these conditions.
 //! Tokens whose weight is below 2^-41 of the max add nothing to the top-p mass on the GPU.
 //!
-//! # Bad input
-//! The CPU reference rejects NaN and `+inf` logits and all-`-inf` rows ([`Error::Invalid`]);
-//! `-inf` logits are allowed (never drawn). The kernel cannot report errors: such rows give
-//! unspecified tokens (never an out-of-bounds access).
+//! # Rows that cannot be sampled
+//! `-inf` logits are allowed (never drawn). A row holding a NaN or `+inf` logit, or whose every
+//! logit is `-inf`, cannot be sampled. CPU and CUDA write the same for it: token 0 (a valid id,
+//! so nothing downstream indexes out of range), NaN for both log-probs, and `n_kept = 0` (the
+//! flag: a sampled row keeps at least one token). The CPU reference then returns
+//! [`Error::Invalid`] naming the first such row and why; the kernel cannot return an error, so
+//! the host checks the flags it downloads with [`unsampled_rows`] (with `n_kept` omitted, the
+//! NaN log-probs still show it). The GPU computes the policy log-sum-exp in fp32 with the logits
+//! scaled by log2(e), so a finite logit beyond about ±2.3e38 counts as infinite there.
 
 use super::{uniform_open, Real};
 use crate::error::{check_len, Error, Result};
@@ -114,6 +119,20 @@ pub fn element_counter(counter: u64, row: usize, v: usize, j: usize) -> u64 {
         .wrapping_add(row as u64)
         .wrapping_mul(v as u64)
         .wrapping_add(j as u64)
+}
+
+/// The host check of the kernel's flags: `Error::Invalid` naming the first row with
+/// `n_kept == 0` (a row that could not be sampled: a NaN or +inf logit, or every logit -inf;
+/// its token is 0 and its log-probs NaN), `Ok` when there is none.
+pub fn unsampled_rows(n_kept: &[u32]) -> Result<()> {
+    match n_kept.iter().position(|&k| k == 0) {
+        None => Ok(()),
+        Some(r) => Err(Error::Invalid(format!(
+            "sample: row {r} could not be sampled (a NaN or +inf logit, or every logit -inf); \
+             {} row(s) in all got token 0 and NaN log-probs",
+            n_kept.iter().filter(|&&k| k == 0).count()
+        ))),
+    }
 }
 
 fn dims(what: &str, n: usize, v: usize) -> Result<usize> {
@@ -236,7 +255,9 @@ pub mod cpu {
     }
 
     /// Samples one token per row (see the module doc). Writes `tokens`, `logprob_sample`,
-    /// `logprob_policy` (`[N]` each) and, when given, `n_kept`.
+    /// `logprob_policy` (`[N]` each) and, when given, `n_kept`. Rows that cannot be sampled are
+    /// written as the module doc says (token 0, NaN log-probs, `n_kept` 0), the others are
+    /// sampled, and then the first such row is returned as [`Error::Invalid`].
     #[allow(clippy::too_many_arguments)]
     pub fn sample<T: Real>(
         logits: &[T],
@@ -261,12 +282,24 @@ pub mod cpu {
         }
         let t = p.temperature as f64;
         let filtered = p.top_k_for(v).is_some() || p.top_p_active();
+        let mut first_bad = None;
         for r in 0..n {
             let row = &logits[r * v..(r + 1) * v];
-            let (zmax, amax) = row_max(row).map_err(|e| match e {
-                Error::Invalid(m) => Error::Invalid(format!("{m} (row {r})")),
-                e => e,
-            })?;
+            let (zmax, amax) = match row_max(row) {
+                Ok(m) => m,
+                Err(e) => {
+                    let nan = T::from_f64(f64::NAN);
+                    (tokens[r], logprob_sample[r], logprob_policy[r]) = (0, nan, nan);
+                    if let Some(k) = n_kept.as_deref_mut() {
+                        k[r] = 0;
+                    }
+                    first_bad = first_bad.or(Some(match e {
+                        Error::Invalid(m) => Error::Invalid(format!("{m} (row {r})")),
+                        e => e,
+                    }));
+                    continue;
+                }
+            };
             let lse1 = zmax
                 + row
                     .iter()
@@ -298,13 +331,15 @@ pub mod cpu {
                 k[r] = nk as u32;
             }
         }
-        Ok(())
+        first_bad.map_or(Ok(()), Err)
     }
 }
 
 pub mod cuda {
     //! CUDA launcher: bf16 logits (as `u16` bits), fp32 log-probs, u32 tokens. `sample_raw` takes
     //! raw device pointers and queues one launch without synchronising; [`sample`] takes views.
+    //! Rows that cannot be sampled are flagged, not reported: see the module doc and
+    //! [`unsampled_rows`](super::unsampled_rows).
     use super::*;
     use crate::device::CudaDevice;
     use crate::kernels::check_ptr;
@@ -345,10 +380,7 @@ pub mod cuda {
                 "sample: v = {v} exceeds the kernel's limit {MAX_VOCAB}"
             )));
         }
-        let rows = u32::try_from(n)
-            .ok()
-            .filter(|&x| x <= i32::MAX as u32)
-            .ok_or_else(|| Error::Shape(format!("sample: n = {n} rows exceeds 2^31 − 1")))?;
+        let cfg = launch_config(n)?;
         if n == 0 {
             return Ok(());
         }
@@ -382,12 +414,21 @@ pub mod cuda {
             .arg(&logprob_sample)
             .arg(&logprob_policy)
             .arg(&n_kept);
-        let cfg = LaunchConfig {
+        dev.launch("sample_rows", a, cfg)
+    }
+
+    /// The launch over `n` rows: one block per row (the kernel indexes rows as `row·V` in i64);
+    /// `Error::Shape` past the grid limit.
+    pub fn launch_config(n: usize) -> Result<LaunchConfig> {
+        let rows = u32::try_from(n)
+            .ok()
+            .filter(|&x| x <= i32::MAX as u32)
+            .ok_or_else(|| Error::Shape(format!("sample: n = {n} rows exceeds 2^31 − 1")))?;
+        Ok(LaunchConfig {
             grid_dim: (rows, 1, 1),
             block_dim: (SAMPLE_BLOCK, 1, 1),
             shared_mem_bytes: 0,
-        };
-        dev.launch("sample_rows", a, cfg)
+        })
     }
 
     /// Samples one token per row (see the module doc) on device views.
@@ -431,5 +472,29 @@ pub mod cuda {
         };
         // SAFETY: lengths checked above; the &mut views cannot alias each other or the logits.
         unsafe { sample_raw(dev, zp, n, v, p, seed, counter, tp, lsp, lpp, kp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::{launch_config, MAX_VOCAB};
+    use super::element_counter;
+    use crate::device::check_launch;
+
+    #[test]
+    fn launch_and_counters_at_real_sizes() {
+        // A decode batch of 64 rows and a scoring pass over 64 x 1024 rows, vocabulary 151936.
+        for n in [64, 64 * 1024] {
+            let c = launch_config(n).unwrap();
+            assert_eq!(c.grid_dim, (n as u32, 1, 1));
+            assert!(check_launch("sample_rows", &c).unwrap());
+        }
+        assert!(launch_config(1 << 31).is_err());
+        // Per-element counters are 64-bit: the last logit of the last row is past 2^32.
+        let (n, v) = (64 * 1024, 151_936usize);
+        assert_eq!(element_counter(0, n - 1, v, v - 1), (n * v - 1) as u64);
+        assert!(element_counter(0, n - 1, v, v - 1) > u32::MAX as u64);
+        // Top-p masses are count · 2^40 in u64: the largest vocabulary keeps them in range.
+        assert!((MAX_VOCAB as u128) << 40 <= u64::MAX as u128);
     }
 }

@@ -18,11 +18,15 @@
 //! Rows with `g_lp = g_H = 0` are left untouched.
 //!
 //! # Non-finite logits
-//! `-inf` logits are allowed (masked vocabulary entries: probability 0, gradient 0). The CPU
-//! reference rejects NaN and `+inf` logits, a row of only `-inf`, and targets `>= V` with
-//! [`Error::Invalid`]. The CUDA kernels cannot return errors: NaN / `+inf` logits give NaN
-//! outputs for their row, and an out-of-range target (other than [`IGNORE_INDEX`]) gives a NaN
-//! logprob and no logprob gradient.
+//! `-inf` logits are allowed (masked vocabulary entries: probability 0, gradient 0). A row of
+//! only `-inf` logits (everything masked) has no distribution; CPU and CUDA both give it
+//! `lse = -inf`, `entropy = 0` (an empty support carries no uncertainty, and a masked-out row
+//! must not turn a batch's entropy into NaN), `logprob = NaN` for a real target (its probability
+//! is undefined: visible downstream) and 0 for [`IGNORE_INDEX`], and no gradient. The CPU
+//! reference rejects NaN and `+inf` logits and targets `>= V` with [`Error::Invalid`]. The CUDA
+//! kernels cannot return errors: NaN / `+inf` logits give NaN outputs for their row, and an
+//! out-of-range target (other than [`IGNORE_INDEX`]) gives a NaN logprob and no logprob
+//! gradient.
 //!
 //! # CUDA
 //! Logits and `d_logits` are bf16, passed as their bit patterns (`u16`, `half::bf16::to_bits`;
@@ -78,6 +82,7 @@ pub mod cpu {
     use super::*;
 
     /// (max of s, Σ exp(s − m), Σ exp(s − m)·(s − m)) over one row, s = z / t; validates the row.
+    /// A row of only -inf gives (-inf, 0, 0).
     fn row_stats<T: Real>(row: &[T], t: T, r: usize) -> Result<(T, T, T)> {
         let mut m: Option<T> = None;
         for (j, &z) in row.iter().enumerate() {
@@ -96,11 +101,9 @@ pub mod cpu {
                 });
             }
         }
-        let m = m.ok_or_else(|| {
-            Error::Invalid(format!(
-                "xent: logits row {r} is entirely -inf: the softmax is undefined"
-            ))
-        })?;
+        let Some(m) = m else {
+            return Ok((T::from_f64(f64::NEG_INFINITY), T::ZERO, T::ZERO));
+        };
         let (mut s_sum, mut a_sum) = (T::ZERO, T::ZERO);
         for &z in row {
             if z.is_finite() {
@@ -142,7 +145,8 @@ pub mod cpu {
             let ls = ln(s);
             let l = m + ls;
             lse[r] = l;
-            entropy[r] = ls - a / s;
+            // s = 0 only for a row of -inf logits (module doc): entropy 0, not 0/0.
+            entropy[r] = if s == T::ZERO { T::ZERO } else { ls - a / s };
             let tg = targets[r];
             logprob[r] = if tg == IGNORE_INDEX {
                 T::ZERO
@@ -191,10 +195,11 @@ pub mod cpu {
                 _ => T::ZERO,
             };
             let g_h = d_entropy.map_or(T::ZERO, |d| d[r]);
-            if g_lp == T::ZERO && g_h == T::ZERO {
+            let (l, h) = (lse[r], entropy[r]);
+            // Nothing upstream, or a row of only -inf logits (no distribution, no gradient).
+            if (g_lp == T::ZERO && g_h == T::ZERO) || l.to_f64() == f64::NEG_INFINITY {
                 continue;
             }
-            let (l, h) = (lse[r], entropy[r]);
             let row = &logits[r * v..(r + 1) * v];
             let drow = &mut d_logits[r * v..(r + 1) * v];
             for (j, (&z, dz)) in row.iter().zip(drow.iter_mut()).enumerate() {
@@ -224,23 +229,22 @@ pub mod cuda {
     /// Threads per block (`XENT_BLOCK` in xent.cu).
     const XENT_BLOCK: u32 = 512;
 
-    fn check_rows(what: &str, n: usize) -> Result<u32> {
-        u32::try_from(n)
+    /// The launch of either kernel over `n` rows: one block per row (the kernels index the
+    /// logits as `row·V` in i64, so `n·V` may pass 2^32); `Error::Shape` past the grid limit.
+    pub fn launch_config(what: &str, n: usize) -> Result<LaunchConfig> {
+        let rows = u32::try_from(n)
             .ok()
             .filter(|&x| x <= i32::MAX as u32)
             .ok_or_else(|| {
                 Error::Shape(format!(
                     "{what}: n = {n} rows exceeds the grid limit 2^31 − 1"
                 ))
-            })
-    }
-
-    fn cfg(rows: u32) -> LaunchConfig {
-        LaunchConfig {
+            })?;
+        Ok(LaunchConfig {
             grid_dim: (rows, 1, 1),
             block_dim: (XENT_BLOCK, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
     /// Forward on raw device pointers: `logits` `[n][v]` bf16 bits (2-byte aligned), `targets`
@@ -263,7 +267,7 @@ pub mod cuda {
     ) -> Result<()> {
         check_temperature("xent forward", temperature)?;
         dims("xent forward", n, v)?;
-        let rows = check_rows("xent forward", n)?;
+        let cfg = launch_config("xent forward", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -283,7 +287,7 @@ pub mod cuda {
             .arg(&logprob)
             .arg(&lse)
             .arg(&entropy);
-        dev.launch("xent_fwd", a, cfg(rows))
+        dev.launch("xent_fwd", a, cfg)
     }
 
     /// Forward (see the module doc) on device views.
@@ -342,7 +346,7 @@ pub mod cuda {
     ) -> Result<()> {
         check_temperature("xent backward", temperature)?;
         dims("xent backward", n, v)?;
-        let rows = check_rows("xent backward", n)?;
+        let cfg = launch_config("xent backward", n)?;
         if n == 0 || (d_logprob == 0 && d_entropy == 0) {
             return Ok(());
         }
@@ -372,7 +376,7 @@ pub mod cuda {
             .arg(&d_logprob)
             .arg(&d_entropy)
             .arg(&d_logits);
-        dev.launch("xent_bwd", a, cfg(rows))
+        dev.launch("xent_bwd", a, cfg)
     }
 
     /// Backward (see the module doc) on device views; accumulates into `d_logits`.
@@ -428,5 +432,22 @@ pub mod cuda {
         let (dp, _g7) = d_logits.device_ptr_mut(s);
         // SAFETY: lengths checked above; `d_logits` is a &mut view, so it aliases no input.
         unsafe { backward_raw(dev, zp, tp, n, v, temperature, lp, ep, glp, gh, dp) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::launch_config;
+    use crate::device::check_launch;
+
+    #[test]
+    fn launch_at_the_qwen2_05b_size() {
+        // 64 sequences of 1024 tokens over 151936 logits: 9.96e9 logits, past 2^32 (the row
+        // offsets themselves run on the emulator: tools/attention-emu/run.sh xent).
+        let c = launch_config("xent", 64 * 1024).unwrap();
+        assert_eq!(c.grid_dim, (65536, 1, 1));
+        assert!(check_launch("xent_fwd", &c).unwrap());
+        assert!(launch_config("xent", i32::MAX as usize).is_ok());
+        assert!(launch_config("xent", 1 << 31).is_err());
     }
 }

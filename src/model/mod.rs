@@ -7,6 +7,7 @@
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate and the chat template from
 //!   `tokenizer_config.json` / `chat_template.jinja` rendered with minijinja.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;

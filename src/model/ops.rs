@@ -733,7 +733,7 @@ impl Op for Attention {
     }
     fn backward_scratch(&self, _ins: &[usize], _outs: &[usize], cuda: bool) -> usize {
         if cuda {
-            attention::cuda::bwd_workspace_len(self.b, self.s, self.hq, self.head_dim)
+            attention::cuda::bwd_workspace_len(self.b, self.s, self.hq)
         } else {
             0
         }
@@ -1006,34 +1006,13 @@ impl Op for MeanNll {
 /// kernels of `kernels/decoder.cu`. Row-major matrices are passed to column-major cuBLAS as
 /// their transposes (see each caller).
 pub mod gpu {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-
-    use cudarc::cublas::{result as blas_result, sys, CudaBlas};
+    use cudarc::cublas::{result as blas_result, sys};
     use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use crate::device::{blocks_for, CudaDevice};
     use crate::error::{Error, Result};
 
     const FAMILY: &str = "decoder";
-
-    /// The cuBLAS handle of `dev` (one per device ordinal, bound to its stream).
-    pub fn blas(dev: &CudaDevice) -> Result<Arc<CudaBlas>> {
-        static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlas>>>> = OnceLock::new();
-        let mut m = HANDLES
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| Error::Cuda("cuBLAS handle cache poisoned".into()))?;
-        if let Some(h) = m.get(&dev.ordinal()) {
-            return Ok(h.clone());
-        }
-        let h = Arc::new(
-            CudaBlas::new(dev.stream().clone())
-                .map_err(|e| Error::Cuda(format!("cublasCreate: {e:?}")))?,
-        );
-        m.insert(dev.ordinal(), h.clone());
-        Ok(h)
-    }
 
     fn int(what: &str, x: usize) -> Result<i32> {
         i32::try_from(x).map_err(|_| Error::Shape(format!("{what} = {x} exceeds i32::MAX")))
@@ -1064,7 +1043,8 @@ pub mod gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let h = blas(dev)?;
+        // Binds the context to this thread (cuBLAS calls are raw calls).
+        let h = dev.blas()?;
         let op = |t: bool| {
             if t {
                 sys::cublasOperation_t::CUBLAS_OP_T
@@ -1246,7 +1226,25 @@ pub mod gpu {
     /// # Safety
     /// Both are device buffers of at least `bytes`, not overlapping.
     pub unsafe fn copy(dev: &CudaDevice, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        dev.make_current()?;
         cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, dev.stream().cu_stream())?;
         Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::grid;
+        use crate::device::check_launch;
+
+        #[test]
+        fn elementwise_grid_at_the_logits_size() {
+            // 64 x 1024 tokens x 151936 logits: 9.96e9 elements; the grid-stride kernels take n
+            // as i64 and index in i64, so a capped grid covers it.
+            let n = 64 * 1024 * 151_936usize;
+            let c = grid(n);
+            assert_eq!(c.grid_dim, (65536, 1, 1));
+            assert!(check_launch("decoder_add_bf16", &c).unwrap());
+            assert_eq!(grid(0).grid_dim, (1, 1, 1));
+        }
     }
 }

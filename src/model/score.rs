@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::checkpoint::write_atomic;
@@ -27,24 +28,68 @@ use super::tokenizer::Tokenizer;
 use crate::device::Device;
 use crate::error::{Error, Result};
 
-/// Arguments of `dfpo-train score`.
-#[derive(clap::Args, Clone, Debug)]
+/// Settings of `dfpo-train score` (the `[score]` section of the configuration).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ScoreArgs {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    /// "builtin" (the shipped warm start) or a Hugging Face model folder (config.json,
+    /// safetensors, tokenizer.json).
     pub model: PathBuf,
     /// Input JSONL with "prompt" and "response" string fields.
-    #[arg(long)]
     pub data: PathBuf,
-    /// Output JSONL (written atomically).
-    #[arg(long)]
+    /// Output JSONL (written atomically): a new file, or an existing one with `overwrite`;
+    /// never the input.
     pub out: PathBuf,
+    /// Replace an existing `out`.
+    pub overwrite: bool,
     /// Records per forward pass.
-    #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// cpu, cuda or auto (CUDA when present).
-    #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl Default for ScoreArgs {
+    fn default() -> Self {
+        ScoreArgs {
+            model: PathBuf::from(super::builtin::BUILTIN),
+            data: PathBuf::new(),
+            out: PathBuf::new(),
+            overwrite: false,
+            batch: 8,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// Checks `args.out` before any work: named, not the input, and new unless `overwrite`.
+fn check_out(args: &ScoreArgs) -> Result<()> {
+    let bad = |msg: String| Err(Error::Invalid(msg));
+    if args.data.as_os_str().is_empty() || args.out.as_os_str().is_empty() {
+        return bad("score needs score.data (--data) and score.out (--out)".into());
+    }
+    let same = match (args.data.canonicalize(), args.out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return bad(format!(
+            "score.out (--out) {} is the input score.data: choose another output file",
+            args.out.display()
+        ));
+    }
+    if args.out.is_dir() {
+        return bad(format!(
+            "score.out (--out) {} is a folder; the output is a JSONL file",
+            args.out.display()
+        ));
+    }
+    if args.out.exists() && !args.overwrite {
+        return bad(format!(
+            "score.out (--out) {} exists: choose a new file, or --overwrite to replace it",
+            args.out.display()
+        ));
+    }
+    Ok(())
 }
 
 /// One scored record.
@@ -113,11 +158,12 @@ pub fn read_records(path: &std::path::Path) -> Result<Vec<(usize, String, String
 /// Scores the records of `args.data` (see the module doc) and returns them.
 pub fn score(args: &ScoreArgs) -> Result<Vec<Scored>> {
     if args.batch == 0 {
-        return Err(Error::Invalid("--batch must be at least 1".into()));
+        return Err(Error::Invalid("score.batch must be at least 1".into()));
     }
     let device = parse_device(&args.device)?;
-    let dec = Decoder::load(&args.model)?;
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let model = super::builtin::model_dir(&args.model.to_string_lossy())?;
+    let dec = Decoder::load(&model)?;
+    let tok = Tokenizer::from_dir(&model)?;
     let recs = read_records(&args.data)?;
     let dpath = args.data.display().to_string();
     let mut items = Vec::with_capacity(recs.len());
@@ -179,7 +225,8 @@ pub fn score(args: &ScoreArgs) -> Result<Vec<Scored>> {
 }
 
 /// `dfpo-train score`: [`score`], then the JSONL output written atomically.
-pub fn run(args: &ScoreArgs) -> Result<()> {
+pub fn run(args: &ScoreArgs) -> Result<usize> {
+    check_out(args)?;
     let scored = score(args)?;
     write_atomic(&args.out, |w: &mut dyn Write| {
         for s in &scored {
@@ -193,5 +240,6 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             writeln!(w, "{v}")?;
         }
         Ok(())
-    })
+    })?;
+    Ok(scored.len())
 }

@@ -236,6 +236,12 @@ impl Tokenizer {
         self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
+    /// The id of the unknown token (`unk_token` of tokenizer_config.json), if the tokenizer
+    /// names one.
+    pub fn unk_token_id(&self) -> Option<u32> {
+        self.unk_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
     pub fn pad_token_id(&self) -> Option<u32> {
         self.pad_token.as_deref().and_then(|t| self.token_to_id(t))
     }

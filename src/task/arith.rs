@@ -46,9 +46,10 @@ pub const IN_DOMAIN: ((u32, u32), (u32, u32)) = ((10, 99), (10, 99));
 /// Operand ranges (inclusive) of the out-of-domain split: (a, b).
 pub const OUT_OF_DOMAIN: ((u32, u32), (u32, u32)) = ((100, 999), (10, 99));
 
-/// The folder of the shipped warm start: `<crate root>/assets/arith-sft`.
-pub fn builtin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/arith-sft")
+/// The shipped warm start as an HF folder: the copy embedded in the binary
+/// ([`crate::model::builtin`]), written to the cache folder on first use.
+pub fn builtin_dir() -> Result<PathBuf> {
+    crate::model::builtin::builtin_dir()
 }
 
 /// The vocabulary in id order.

@@ -1,5 +1,6 @@
 //! JSONL datasets: one `{"prompt": "...", "answer": "..."}` object per line (other fields are
-//! ignored, blank lines skipped). Every error names the file, the 1-based line and the field.
+//! ignored, blank lines skipped); other field names (HF GSM8K's `question`/`answer`) with
+//! [`read_jsonl_fields`]. Every error names the file, the 1-based line and the field.
 
 use std::path::Path;
 
@@ -10,6 +11,11 @@ use crate::error::{Error, Result};
 
 /// Reads a JSONL dataset (see the module doc). An empty file (no records) is an error.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
+    read_jsonl_fields(path, "prompt", "answer")
+}
+
+/// [`read_jsonl`] with the prompt and answer under the fields `prompt_key` and `answer_key`.
+pub fn read_jsonl_fields(path: &Path, prompt_key: &str, answer_key: &str) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
         source,
@@ -39,10 +45,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
                 None => Err(bad(format!("field \"{name}\" is missing"))),
             }
         };
-        let prompt = field("prompt")?;
-        let answer = field("answer")?;
+        let prompt = field(prompt_key)?;
+        let answer = field(answer_key)?;
         if prompt.is_empty() {
-            return Err(bad("field \"prompt\" is empty".into()));
+            return Err(bad(format!("field \"{prompt_key}\" is empty")));
         }
         out.push(Example { prompt, answer });
     }

@@ -77,16 +77,22 @@ impl Checker {
     /// The reference answer of a dataset line, normalised the same way (a GSM8K reference may
     /// be a full solution ending in `#### n`, a MATH one may hold a `\boxed{}`).
     pub fn reference(&self, answer: &str) -> String {
+        self.parse_reference(answer)
+            .unwrap_or_else(|| answer.trim().to_string())
+    }
+
+    /// [`reference`](Self::reference), or None when this checker cannot read the answer (e.g.
+    /// `arith` on a `#### n` solution): no response can ever match it.
+    pub fn parse_reference(&self, answer: &str) -> Option<String> {
         match self {
             Checker::Arith => checkers::arith_extract(answer),
             Checker::Gsm8k => {
                 checkers::gsm8k_extract(answer).or_else(|| checkers::gsm8k_normalise(answer))
             }
-            Checker::Math => {
-                checkers::math_extract(answer).or_else(|| Some(checkers::math_normalise(answer)))
-            }
+            Checker::Math => checkers::math_extract(answer)
+                .or_else(|| Some(checkers::math_normalise(answer)))
+                .filter(|s| !s.is_empty()),
         }
-        .unwrap_or_else(|| answer.trim().to_string())
     }
 
     /// Compares the response's final answer with the reference `answer`.
@@ -146,7 +152,10 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
                         .into(),
                 ));
             }
-            let train = dataset::read_jsonl(Path::new(&cfg.train_file))?;
+            let read = |p: &str| {
+                dataset::read_jsonl_fields(Path::new(p), &cfg.prompt_key, &cfg.answer_key)
+            };
+            let train = read(&cfg.train_file)?;
             let mut evals: Vec<(String, Vec<Example>)> = Vec::new();
             for spec in &cfg.eval_files {
                 let (name, path) = parse_eval_spec(spec)?;
@@ -155,7 +164,7 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
                         "data.eval_files: the name \"{name}\" is used twice"
                     )));
                 }
-                let mut ex = dataset::read_jsonl(Path::new(&path))?;
+                let mut ex = read(&path)?;
                 if cfg.eval_size > 0 {
                     ex.truncate(cfg.eval_size);
                 }
@@ -173,6 +182,119 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
     }
 }
 
+/// What a data set does not say by itself: reference answers the checker cannot read (per
+/// split), and prompt characters the tokenizer maps to its unknown token. Returns the warnings
+/// to log; Err when a split's unreadable references exceed `max_unparsed` (a share).
+pub fn data_report(task: &TaskData, tok: &Tokenizer, max_unparsed: f64) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let c = task.checker;
+    let splits = std::iter::once(("train", &task.train))
+        .chain(task.evals.iter().map(|(n, e)| (n.as_str(), e)));
+    for (name, ex) in splits {
+        let bad: Vec<&Example> = ex
+            .iter()
+            .filter(|e| c.parse_reference(&e.answer).is_none())
+            .collect();
+        if bad.is_empty() {
+            continue;
+        }
+        let frac = bad.len() as f64 / ex.len().max(1) as f64;
+        let msg = format!(
+            "the {} checker cannot read {} of {} reference answers of `{name}` ({:.1}%; e.g. \
+             {:?}): those prompts can never be scored correct (is data.checker right? gsm8k \
+             reads `#### n`, math `\\boxed{{}}`)",
+            c.as_str(),
+            bad.len(),
+            ex.len(),
+            100.0 * frac,
+            bad[0].answer
+        );
+        if frac > max_unparsed {
+            return Err(Error::Invalid(format!(
+                "{msg}; above data.max_unparsed = {max_unparsed}"
+            )));
+        }
+        notes.push(msg);
+    }
+    let prompts = task
+        .train
+        .iter()
+        .chain(task.evals.iter().flat_map(|(_, e)| e.iter()))
+        .map(|e| e.prompt.as_str());
+    if let Some(u) = unknown_chars(tok, prompts)?.report("prompts") {
+        notes.push(u);
+    }
+    Ok(notes)
+}
+
+/// Texts with characters the tokenizer maps to its unknown token.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UnknownChars {
+    pub texts: usize,
+    /// Texts with at least one unknown character.
+    pub affected: usize,
+    /// The unknown characters with their counts, most frequent first.
+    pub chars: Vec<(char, usize)>,
+}
+
+impl UnknownChars {
+    /// One line for the log, or None when every character is known.
+    pub fn report(&self, what: &str) -> Option<String> {
+        if self.affected == 0 {
+            return None;
+        }
+        let shown: Vec<String> = self
+            .chars
+            .iter()
+            .take(10)
+            .map(|(c, n)| format!("{c:?} x{n}"))
+            .collect();
+        Some(format!(
+            "{} of {} {what} contain characters the tokenizer does not know (each becomes its \
+             unknown token): {}{}",
+            self.affected,
+            self.texts,
+            shown.join(", "),
+            if self.chars.len() > 10 { ", ..." } else { "" }
+        ))
+    }
+}
+
+/// Counts the characters of `texts` that the tokenizer encodes to its unknown token (none when
+/// it names no `unk_token`, e.g. byte-level BPE, which knows every character).
+pub fn unknown_chars<'a>(
+    tok: &Tokenizer,
+    texts: impl IntoIterator<Item = &'a str>,
+) -> Result<UnknownChars> {
+    let unk = tok.unk_token_id();
+    let mut known: std::collections::HashMap<char, bool> = std::collections::HashMap::new();
+    let mut counts: std::collections::BTreeMap<char, usize> = std::collections::BTreeMap::new();
+    let mut out = UnknownChars::default();
+    for text in texts {
+        out.texts += 1;
+        let Some(unk) = unk else { continue };
+        let mut hit = false;
+        for ch in text.chars() {
+            let ok = match known.get(&ch) {
+                Some(&k) => k,
+                None => {
+                    let k = !tok.encode(&ch.to_string(), false)?.contains(&unk);
+                    known.insert(ch, k);
+                    k
+                }
+            };
+            if !ok {
+                hit = true;
+                *counts.entry(ch).or_default() += 1;
+            }
+        }
+        out.affected += usize::from(hit);
+    }
+    out.chars = counts.into_iter().collect();
+    out.chars.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Ok(out)
+}
+
 /// Splits an eval-file spec "name=path".
 pub fn parse_eval_spec(spec: &str) -> Result<(String, String)> {
     match spec.split_once('=') {
@@ -183,6 +305,45 @@ pub fn parse_eval_spec(spec: &str) -> Result<(String, String)> {
             "eval file \"{spec}\": expected name=path (e.g. test=data/test.jsonl)"
         ))),
     }
+}
+
+/// Applies a prompt length limit to the encoded prompts `ids` of `examples` (split `split`):
+/// `mode` "error" fails naming the first long prompt, "left" keeps the last `limit` tokens of
+/// each (TRL's truncation), "drop" removes the long ones. Returns the kept prompts and examples
+/// and how many were dropped or truncated.
+pub fn fit_prompts(
+    ids: Vec<Vec<u32>>,
+    examples: Vec<Example>,
+    limit: usize,
+    mode: &str,
+    split: &str,
+) -> Result<(Vec<Vec<u32>>, Vec<Example>, usize)> {
+    let mut kept = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+    let mut changed = 0;
+    for (i, (mut p, e)) in ids.into_iter().zip(examples).enumerate() {
+        if p.len() > limit {
+            changed += 1;
+            match mode {
+                "left" => {
+                    p.drain(..p.len() - limit);
+                }
+                "drop" => continue,
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "{split} prompt {} ({:?}) is {} tokens, above the limit of {limit} \
+                         (data.max_prompt_length, or max_position_embeddings - \
+                         rollout.max_new_tokens); raise it, or set data.truncation = left | drop",
+                        i + 1,
+                        e.prompt.chars().take(60).collect::<String>(),
+                        p.len()
+                    )))
+                }
+            }
+        }
+        kept.0.push(p);
+        kept.1.push(e);
+    }
+    Ok((kept.0, kept.1, changed))
 }
 
 /// Token ids of a prompt as the model sees it: the tokenizer's special tokens (e.g. a BOS)

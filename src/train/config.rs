@@ -62,12 +62,18 @@ pub struct RunConfig {
     pub save_every: usize,
     /// Checkpoints kept (oldest removed first), >= 1.
     pub keep_checkpoints: usize,
-    /// Resume from the newest checkpoint in out_dir/checkpoints when there is one.
-    pub resume: bool,
+    /// "auto" (resume from the newest checkpoint in out_dir/checkpoints when there is one, else
+    /// start afresh), "true" (a checkpoint must exist) or "false" (a fresh run: the folder must
+    /// be empty). A resumed checkpoint's configuration fingerprint must match (run_dir.rs).
+    pub resume: String,
     /// What a non-finite loss or gradient does: "skip" (drop the update, log it) or "stop".
     pub on_nonfinite: String,
     /// Show the progress bar (stderr).
     pub progress: bool,
+    /// Rows of each step's batch written to samples.jsonl (0: none).
+    pub log_samples: usize,
+    /// Start afresh in a folder holding a dfpo-train run, removing only what dfpo-train wrote.
+    pub overwrite: bool,
 }
 
 impl Default for RunConfig {
@@ -80,9 +86,11 @@ impl Default for RunConfig {
             eval_every: 0,
             save_every: 50,
             keep_checkpoints: 2,
-            resume: false,
+            resume: "auto".into(),
             on_nonfinite: "skip".into(),
             progress: true,
+            log_samples: 4,
+            overwrite: false,
         }
     }
 }
@@ -125,6 +133,18 @@ pub struct DataConfig {
     pub chat_template: bool,
     /// Eval prompts per split (0: all).
     pub eval_size: usize,
+    /// Largest share of reference answers (at load) or of responses (at the first eval) the
+    /// checker may fail to read before the run stops with an error (warnings below it).
+    pub max_unparsed: f64,
+    /// JSONL field of the prompt (verl's data.prompt_key; HF GSM8K: "question").
+    pub prompt_key: String,
+    /// JSONL field of the reference answer.
+    pub answer_key: String,
+    /// Longest prompt in tokens (0: only the model's max_position_embeddings limits it).
+    pub max_prompt_length: usize,
+    /// A longer prompt: "error" (verl's default: name it and stop), "left" (keep its last
+    /// max_prompt_length tokens, as TRL does) or "drop" (skip it, counted in the log).
+    pub truncation: String,
 }
 
 impl Default for DataConfig {
@@ -136,6 +156,11 @@ impl Default for DataConfig {
             checker: "arith".into(),
             chat_template: false,
             eval_size: 500,
+            max_unparsed: 0.5,
+            prompt_key: "prompt".into(),
+            answer_key: "answer".into(),
+            max_prompt_length: 0,
+            truncation: "error".into(),
         }
     }
 }
@@ -153,6 +178,8 @@ pub struct RolloutConfig {
     pub top_k: usize,
     /// 1.0: off.
     pub top_p: f32,
+    /// Stop strings: a response ends with the token that completes one (kept in the response).
+    pub stop: Vec<String>,
 }
 
 impl Default for RolloutConfig {
@@ -164,6 +191,7 @@ impl Default for RolloutConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            stop: Vec::new(),
         }
     }
 }
@@ -177,6 +205,10 @@ pub struct RewardConfig {
     pub gaussian_sigma: f64,
     pub correct: f64,
     pub incorrect: f64,
+    /// An external reward program (JSONL over stdin/stdout, reward_cmd.rs); "" = the checker.
+    pub command: String,
+    /// Seconds the program may take to answer one batch.
+    pub timeout_s: f64,
 }
 
 impl Default for RewardConfig {
@@ -186,6 +218,8 @@ impl Default for RewardConfig {
             gaussian_sigma: 0.0,
             correct: 1.0,
             incorrect: 0.0,
+            command: String::new(),
+            timeout_s: 60.0,
         }
     }
 }
@@ -417,6 +451,24 @@ pub struct TrainConfig {
     pub critic: CriticConfig,
     pub optim: OptimConfig,
     pub eval: EvalConfig,
+    /// `dfpo-train sft` only.
+    pub sft: super::sft::SftArgs,
+    /// `dfpo-train score` only.
+    pub score: crate::model::score::ScoreArgs,
+    /// `dfpo-train export` only.
+    pub export: ExportConfig,
+}
+
+/// `dfpo-train export`: a checkpoint's policy and critic as HF folders.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// A checkpoint folder (RUN/checkpoints/step-N) or a run folder (its newest checkpoint).
+    pub checkpoint: String,
+    /// Output folder: policy/ and critic/ (new or empty).
+    pub out: String,
+    /// Replace an earlier export in `out` (only the files export writes).
+    pub overwrite: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -470,13 +522,21 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "run.resume",
-        "resume from the newest checkpoint in out_dir/checkpoints when there is one",
+        "auto (continue the newest checkpoint of this configuration if there is one, else start afresh; verl's default) | true (a checkpoint must exist) | false (a new run: the folder must be empty)",
     ),
     (
         "run.on_nonfinite",
         "skip (drop the update, log it) | stop: on a non-finite loss or gradient",
     ),
     ("run.progress", "show the progress bar on stderr"),
+    (
+        "run.log_samples",
+        "responses of each step written to samples.jsonl (prompt, response, answer, rewards; 0: none)",
+    ),
+    (
+        "run.overwrite",
+        "start afresh in a folder holding a dfpo-train run: removes only what dfpo-train wrote (run.json, config.toml, metrics.jsonl, samples.jsonl, summary.json, checkpoints/, final/)",
+    ),
     (
         "model.policy",
         "policy init: builtin (the shipped SFT warm start) or an HF folder",
@@ -510,6 +570,23 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "apply the tokenizer's chat template to prompts",
     ),
     ("data.eval_size", "eval prompts per split (0: all)"),
+    (
+        "data.max_unparsed",
+        "largest share, in [0, 1], of reference answers (at load) or responses (first eval) the checker may fail to read; above it the run stops with an error, above 0 it warns",
+    ),
+    (
+        "data.prompt_key",
+        "JSONL field of the prompt (verl's data.prompt_key; HF GSM8K: question)",
+    ),
+    ("data.answer_key", "JSONL field of the reference answer"),
+    (
+        "data.max_prompt_length",
+        "longest prompt in tokens (0: only max_position_embeddings - rollout.max_new_tokens)",
+    ),
+    (
+        "data.truncation",
+        "a longer prompt: error (verl's default) | left (keep its last tokens, as TRL) | drop (skip it)",
+    ),
     ("rollout.prompts_per_step", "prompts per RL step, >= 1"),
     (
         "rollout.n_samples",
@@ -523,6 +600,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ("rollout.top_k", "top-k sampling (0: off)"),
     ("rollout.top_p", "nucleus sampling, in (0, 1] (1: off)"),
     (
+        "rollout.stop",
+        "stop strings, e.g. [\"\\n\\n\"]: a response (rollout and eval) ends with the token completing one",
+    ),
+    (
         "reward.flip_prob",
         "training reward flipped (correct <-> incorrect) with this probability, in [0, 1]",
     ),
@@ -532,6 +613,14 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     ("reward.correct", "reward of a correct answer"),
     ("reward.incorrect", "reward of an incorrect answer"),
+    (
+        "reward.command",
+        "external reward program (sh -c), JSONL over stdin/stdout (README); \"\": the data.checker rewards",
+    ),
+    (
+        "reward.timeout_s",
+        "seconds reward.command may take to answer one batch, > 0",
+    ),
     (
         "kl.coef",
         "KL penalty coefficient (see kl.placement; 0.001 as the method doc's DVPO recipe, verl's kl_loss_coef), >= 0 (0: no reference model run)",
@@ -687,6 +776,103 @@ const OPTION_DOCS: &[(&str, &str)] = &[
         "eval.critic_ode_steps",
         "critic calibration: also score the flow critic's readout solved in this many Euler steps (0: not)",
     ),
+    (
+        "sft.model",
+        "builtin (the shipped warm start) | builtin-init (a random init of its architecture) | an HF folder",
+    ),
+    (
+        "sft.data",
+        "arith (the built-in task's SFT mix) | a JSONL file of {prompt, answer} lines",
+    ),
+    (
+        "sft.eval_files",
+        "eval sets of JSONL data as [\"name=path.jsonl\", ...] (arith has its own)",
+    ),
+    ("sft.checker", "answer checker of the evals: arith | gsm8k | math"),
+    (
+        "sft.out",
+        "output HF folder: new or empty (or an earlier sft output with sft.overwrite)",
+    ),
+    (
+        "sft.overwrite",
+        "replace an earlier sft output in sft.out (only the files sft writes; others are kept)",
+    ),
+    ("sft.steps", "optimizer steps, >= 1"),
+    ("sft.batch", "sequences per step, >= 1"),
+    (
+        "sft.lr",
+        "peak learning rate, > 0 (2e-5, TRL's default: safe for a trained model; a random init needs ~1.5e-3)",
+    ),
+    (
+        "sft.warmup_frac",
+        "warmup as a fraction of the steps, in [0, 1]",
+    ),
+    ("sft.weight_decay", "AdamW weight decay, >= 0"),
+    (
+        "sft.max_grad_norm",
+        "global gradient-norm clip, >= 0 (0: off)",
+    ),
+    ("sft.seed", "seeds the init, the data order and the eval prompts"),
+    (
+        "sft.eval_size",
+        "eval prompts per eval set (0: all of a JSONL set; arith: the held-out pool)",
+    ),
+    (
+        "sft.ood_frac",
+        "arith data: share of out-of-domain-shaped examples, in [0, 1]",
+    ),
+    (
+        "sft.train_size",
+        "arith data: distinct training examples (0: steps x batch)",
+    ),
+    ("sft.max_new_tokens", "longest generated answer in the evals"),
+    (
+        "sft.chat_template",
+        "wrap prompts in the tokenizer's chat template",
+    ),
+    (
+        "sft.device",
+        "cpu (the tested, deterministic default) | cuda | auto",
+    ),
+    (
+        "sft.log_every",
+        "log the mean loss every this many steps (0: never)",
+    ),
+    ("sft.schedule", "cosine (to 10% of the peak) | constant, after warmup"),
+    (
+        "sft.eval_every",
+        "also evaluate every this many steps (0: only before and after)",
+    ),
+    ("sft.eval_before", "evaluate before training"),
+    ("sft.prompt_key", "JSONL field of the prompt (HF GSM8K: question)"),
+    ("sft.answer_key", "JSONL field of the answer"),
+    (
+        "score.model",
+        "builtin | an HF folder (config.json, safetensors, tokenizer.json)",
+    ),
+    (
+        "score.data",
+        "input JSONL with \"prompt\" and \"response\" string fields",
+    ),
+    (
+        "score.out",
+        "output JSONL (new, or replaced with score.overwrite; never the input)",
+    ),
+    ("score.overwrite", "replace an existing score.out"),
+    ("score.batch", "records per forward pass, >= 1"),
+    ("score.device", "cpu | cuda | auto (CUDA when present)"),
+    (
+        "export.checkpoint",
+        "a checkpoint folder (RUN/checkpoints/step-N) or a run folder (its newest checkpoint)",
+    ),
+    (
+        "export.out",
+        "output folder: policy/ and critic/ as HF folders (new or empty)",
+    ),
+    (
+        "export.overwrite",
+        "replace an earlier export in export.out (only the files export writes)",
+    ),
 ];
 
 /// Where a resolved value came from, so a validation error can name the file line or `--set`.
@@ -775,28 +961,32 @@ impl TrainConfig {
         }
     }
 
-    /// Every option as `section.key = default   # doc`, one a line, in declaration order.
+    /// Every option with its default and meaning as a valid TOML file (`[section]` headers,
+    /// `key = default  # doc`), in declaration order: `dfpo-train config > run.toml`.
     pub fn options_help() -> String {
         let lines = default_lines();
         let width = lines
             .iter()
-            .map(|(k, v)| k.len() + 3 + v.len())
+            .map(|(k, v)| k.split_once('.').map_or(0, |(_, b)| b.len()) + 3 + v.len())
             .max()
             .unwrap_or(0);
         let mut out = String::from(
-            "Options: put them in a --config TOML file under [section] headers, or override \
-             with --set section.key=value (applied in order, after the file).\n",
+            "# dfpo-train configuration: every key with its default and meaning (valid TOML).\n\
+             # Use it as --config FILE (keep only what you change), or set one key with\n\
+             # --set section.key=value. Order: defaults, --config, the flags --model/--data/\n\
+             # --out/--overwrite, then each --set. train and eval read every section but\n\
+             # [sft], [score] and [export], which only those commands read.\n",
         );
         let mut section = "";
         for (key, value) in &lines {
-            let sec = key.split('.').next().unwrap_or("");
+            let (sec, name) = key.split_once('.').unwrap_or(("", key));
             if sec != section {
-                out.push('\n');
+                out.push_str(&format!("\n[{sec}]\n"));
                 section = sec;
             }
             let doc = option_doc(key).unwrap_or("(undocumented)");
-            let left = format!("{key} = {value}");
-            out.push_str(&format!("  {left:<width$}   # {doc}\n"));
+            let left = format!("{name} = {value}");
+            out.push_str(&format!("{left:<width$}  # {doc}\n"));
         }
         out
     }
@@ -884,6 +1074,15 @@ impl TrainConfig {
         at_least(key!("run.steps"), r.steps, 1)?;
         at_least(key!("run.keep_checkpoints"), r.keep_checkpoints, 1)?;
         one_of(key!("run.on_nonfinite"), &r.on_nonfinite, &["skip", "stop"])?;
+        one_of(key!("run.resume"), &r.resume, &["auto", "true", "false"])?;
+        if r.overwrite && r.resume == "true" {
+            fail(
+                &["run.overwrite", "run.resume"],
+                "run.overwrite = true starts afresh, run.resume = true continues a checkpoint: \
+                 choose one"
+                    .into(),
+            )?;
+        }
 
         if self.model.policy.trim().is_empty() {
             fail(
@@ -932,6 +1131,21 @@ impl TrainConfig {
             &d.checker,
             &["arith", "gsm8k", "math"],
         )?;
+        range(key!("data.max_unparsed"), d.max_unparsed, NONNEG, LE1)?;
+        one_of(
+            key!("data.truncation"),
+            &d.truncation,
+            &["error", "left", "drop"],
+        )?;
+        if d.prompt_key.is_empty() || d.answer_key.is_empty() || d.prompt_key == d.answer_key {
+            fail(
+                &["data.prompt_key", "data.answer_key"],
+                format!(
+                    "must be two different non-empty field names, got {:?} and {:?}",
+                    d.prompt_key, d.answer_key
+                ),
+            )?;
+        }
 
         let ro = &self.rollout;
         at_least(key!("rollout.prompts_per_step"), ro.prompts_per_step, 1)?;
@@ -950,6 +1164,12 @@ impl TrainConfig {
             None,
         )?;
         range(key!("rollout.top_p"), ro.top_p as f64, POS, LE1)?;
+        if ro.stop.iter().any(String::is_empty) {
+            fail(
+                key!("rollout.stop"),
+                "stop strings must not be empty".into(),
+            )?;
+        }
 
         let rw = &self.reward;
         range(key!("reward.flip_prob"), rw.flip_prob, NONNEG, LE1)?;
@@ -961,6 +1181,15 @@ impl TrainConfig {
         )?;
         range(key!("reward.correct"), rw.correct, None, None)?;
         range(key!("reward.incorrect"), rw.incorrect, None, None)?;
+        range(key!("reward.timeout_s"), rw.timeout_s, POS, None)?;
+        if !rw.command.is_empty() && rw.flip_prob > 0.0 {
+            fail(
+                &["reward.flip_prob", "reward.command"],
+                "flips swap the checker's correct/incorrect rewards; with reward.command set \
+                 reward.flip_prob = 0 (reward.gaussian_sigma still applies)"
+                    .into(),
+            )?;
+        }
 
         let kl = &self.kl;
         range(key!("kl.coef"), kl.coef, NONNEG, None)?;
@@ -1102,21 +1331,114 @@ impl TrainConfig {
     }
 }
 
-/// `--config FILE` and `--set section.key=value` (repeatable), shared by the commands that train.
+/// The arguments every subcommand takes: `--config FILE`, `--set section.key=value`
+/// (repeatable), and the shortcuts `--model`, `--data`, `--out`, `--overwrite` for the keys of
+/// the command's section ([`Command::shortcut_keys`]).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConfigArgs {
-    /// TOML run configuration (sections as in `dfpo-train config`); defaults when absent.
+    /// TOML configuration (sections as in `dfpo-train config`); defaults when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override one option after the file, e.g. --set run.steps=10 (repeatable, applied in order).
+    /// Set one option, e.g. --set run.steps=10 (repeatable, applied in order, last).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// The model the command reads: "builtin" (the shipped warm start) or an HF folder.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The data the command reads: a JSONL file ("arith": the built-in task).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Where the command writes (train: the run folder; sft, export: a model folder; score: a
+    /// JSONL file).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Replace what an earlier run of the command wrote in --out (never other files).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// The subcommands, for the meaning of the shortcut flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Train,
+    Eval,
+    Sft,
+    Score,
+    Export,
+}
+
+impl Command {
+    /// The keys `--model`, `--data`, `--out`, `--overwrite` set for this command (None: the
+    /// flag does not apply).
+    pub fn shortcut_keys(self) -> [Option<&'static str>; 4] {
+        match self {
+            Command::Train => [
+                Some("model.policy"),
+                Some("data.train_file"),
+                Some("run.out_dir"),
+                Some("run.overwrite"),
+            ],
+            Command::Eval => [Some("model.policy"), Some("data.eval_files"), None, None],
+            Command::Sft => [
+                Some("sft.model"),
+                Some("sft.data"),
+                Some("sft.out"),
+                Some("sft.overwrite"),
+            ],
+            Command::Score => [
+                Some("score.model"),
+                Some("score.data"),
+                Some("score.out"),
+                Some("score.overwrite"),
+            ],
+            Command::Export => [None, None, Some("export.out"), Some("export.overwrite")],
+        }
+    }
 }
 
 impl ConfigArgs {
-    /// [`TrainConfig::load`] of these arguments.
+    /// [`TrainConfig::load`] of these arguments (shortcut flags as for `train`).
     pub fn resolve(&self) -> Result<TrainConfig> {
-        TrainConfig::load(self.config.as_deref(), &self.sets)
+        self.resolve_for(Command::Train)
+    }
+
+    /// [`TrainConfig::load`] with the shortcut flags turned into `--set`s of `cmd`'s keys,
+    /// applied after the file and before the explicit `--set`s.
+    pub fn resolve_for(&self, cmd: Command) -> Result<TrainConfig> {
+        let [model, data, out, overwrite] = cmd.shortcut_keys();
+        let mut sets = Vec::new();
+        let flags = [
+            ("--model", model, self.model.as_deref()),
+            ("--data", data, self.data.as_deref()),
+            ("--out", out, self.out.as_deref()),
+            ("--overwrite", overwrite, self.overwrite.then_some("true")),
+        ];
+        for (flag, key, value) in flags {
+            let Some(value) = value else { continue };
+            let Some(key) = key else {
+                return Err(Error::Invalid(format!(
+                    "{flag} does not apply to `dfpo-train {}`",
+                    format!("{cmd:?}").to_lowercase()
+                )));
+            };
+            match (key, value) {
+                // The built-in task's name selects it; a file selects JSONL data.
+                ("data.train_file", "arith" | "builtin") => sets.push("data.task=arith".into()),
+                ("data.train_file", f) => {
+                    sets.push("data.task=jsonl".into());
+                    sets.push(format!("data.train_file={f}"));
+                }
+                ("data.eval_files", f) => {
+                    // eval on one file: it is also the (unused) training file of the task.
+                    sets.push("data.task=jsonl".into());
+                    sets.push(format!("data.train_file={f}"));
+                    sets.push(format!("data.eval_files=eval={f}"));
+                }
+                (key, v) => sets.push(format!("{key}={v}")),
+            }
+        }
+        sets.extend(self.sets.iter().cloned());
+        TrainConfig::load(self.config.as_deref(), &sets)
     }
 }
 
@@ -1234,6 +1556,8 @@ fn coerce(
         (V::Float(_), V::Integer(i)) => Ok(V::Float(i as f64)),
         (V::Float(_), v) => wrong("a float", &v),
         (V::Boolean(_), V::Boolean(b)) => Ok(V::Boolean(b)),
+        // run.resume is "auto" | "true" | "false"; TOML booleans mean the same.
+        (V::String(_), V::Boolean(b)) if key == "run.resume" => Ok(V::String(b.to_string())),
         (V::Boolean(_), v) => wrong("a boolean (true or false)", &v),
         (V::String(_), V::String(s)) => {
             if key == "algo.name" && Algo::parse(&s).is_none() {

@@ -27,6 +27,39 @@ impl MetricsWriter {
     /// steps redone after the checkpoint are not duplicated. A torn last line (a crash in the
     /// middle of a write) is dropped; a malformed line elsewhere is an error.
     pub fn create(path: &Path, resume_from_step: Option<u64>) -> Result<Self> {
+        Self::open_with(path, resume_from_step, |path, i, line| {
+            Ok(parse_line(path, i, line)?.get("step").copied())
+        })
+    }
+
+    /// [`create`](Self::create) for a JSONL file of any objects with a `"step"` (samples.jsonl).
+    pub fn create_records(path: &Path, resume_from_step: Option<u64>) -> Result<Self> {
+        Self::open_with(path, resume_from_step, |path, i, line| {
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Format {
+                path: path.display().to_string(),
+                msg: format!("line {i}: not valid JSON: {e}"),
+            })?;
+            Ok(v.get("step").and_then(serde_json::Value::as_f64))
+        })
+    }
+
+    /// Writes one JSON object as a line and flushes it.
+    pub fn write_record(&mut self, v: &serde_json::Value) -> Result<()> {
+        self.append(&format!("{v}\n"))
+    }
+
+    /// Appends `line` (with its newline) and flushes it.
+    fn append(&mut self, line: &str) -> Result<()> {
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .map_err(|source| Error::Io {
+                path: self.path.display().to_string(),
+                source,
+            })
+    }
+
+    fn open_with(path: &Path, resume_from_step: Option<u64>, step_of: StepOf) -> Result<Self> {
         let p = path.display().to_string();
         let io = |source| Error::Io {
             path: p.clone(),
@@ -41,7 +74,7 @@ impl MetricsWriter {
         match resume_from_step {
             Some(resume) if path.exists() => {
                 let text = std::fs::read_to_string(path).map_err(io)?;
-                let kept = lines_up_to(path, &text, resume)?;
+                let kept = lines_up_to(path, &text, resume, step_of)?;
                 crate::model::checkpoint::write_atomic(path, |w| w.write_all(kept.as_bytes()))?;
             }
             Some(_) => {}
@@ -69,14 +102,7 @@ impl MetricsWriter {
                 self.path.display()
             )));
         }
-        let line = format_line(step, metrics);
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
-            .map_err(|source| Error::Io {
-                path: self.path.display().to_string(),
-                source,
-            })
+        self.append(&format_line(step, metrics))
     }
 }
 
@@ -94,8 +120,11 @@ fn format_line(step: u64, metrics: &BTreeMap<String, f64>) -> String {
     line
 }
 
+/// Reads the step of one line (file, 1-based line number, text).
+type StepOf = fn(&Path, usize, &str) -> Result<Option<f64>>;
+
 /// The text of the lines of `text` whose step is <= `resume`.
-fn lines_up_to(path: &Path, text: &str, resume: u64) -> Result<String> {
+fn lines_up_to(path: &Path, text: &str, resume: u64, step_of: StepOf) -> Result<String> {
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let mut kept = String::new();
     for (i, line) in lines.iter().enumerate() {
@@ -103,9 +132,9 @@ fn lines_up_to(path: &Path, text: &str, resume: u64) -> Result<String> {
             continue;
         }
         let torn_tail = i + 1 == lines.len() && !line.ends_with('\n');
-        match parse_line(path, i + 1, line) {
-            Ok(m) => {
-                if m.get("step").is_some_and(|&s| s <= resume as f64) {
+        match step_of(path, i + 1, line) {
+            Ok(step) => {
+                if step.is_some_and(|s| s <= resume as f64) {
                     kept.push_str(line);
                     if !line.ends_with('\n') {
                         kept.push('\n');

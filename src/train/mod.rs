@@ -3,11 +3,15 @@
 pub mod calibration;
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod heads;
+pub mod interrupt;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod reward_cmd;
 pub mod rollout;
+pub mod run_dir;
 pub mod sft;
 pub mod step_ops;
 pub mod trainer;

@@ -86,6 +86,10 @@ pub struct Batch {
     pub noisy: Vec<f64>,
     /// Whether the verifier accepted the row.
     pub correct: Vec<bool>,
+    /// Whether the checker found no answer in the row's response.
+    pub unparsed: Vec<bool>,
+    /// The response text per row.
+    pub texts: Vec<String>,
 }
 
 impl Batch {

@@ -3,24 +3,30 @@
 //! AdamW over fp32 master weights (`train::optim`, warmup + cosine), greedy evaluation before
 //! and after, and the result saved as an HF folder.
 //!
-//! `--model builtin-init` starts from a random init ([`crate::model::init::random_decoder`]) of
-//! the built-in arithmetic model with the tokenizer we build ([`crate::task::arith`]);
-//! `--data arith` trains on the built-in task's SFT mix (in-domain training prompts plus a share
-//! `--ood-frac` of out-of-domain-shaped ones, never a held-out eval prompt). Otherwise `--model`
-//! is an HF folder and `--data` a JSONL `{"prompt","answer"}` file.
+//! Settings: the `[sft]` section ([`SftArgs`]). `sft.model = "builtin"` (the default) continues
+//! from the shipped warm start, `"builtin-init"` starts from a random init
+//! ([`crate::model::init::random_decoder`]) of the built-in arithmetic model with the tokenizer
+//! we build ([`crate::task::arith`]); `sft.data = "arith"` trains on the built-in task's SFT mix
+//! (in-domain training prompts plus a share `sft.ood_frac` of out-of-domain-shaped ones, never
+//! a held-out eval prompt). Otherwise `sft.model` is an HF folder and `sft.data` a JSONL
+//! `{"prompt","answer"}` file. The default learning rate (2e-5, TRL's) does not harm a trained
+//! model; a random init needs ~1.5e-3 ([`RECIPE_LR`], the recipe of the shipped warm start).
 //!
 //! Output: `--out` receives config.json, model.safetensors (f32), the tokenizer files and
-//! `sft_eval.json` (before/after evals, loss curve). The folder is written in a sibling staging
-//! folder and renamed into place, so an interrupted run never leaves a half-written `--out`.
+//! `sft_eval.json` (before/after evals, loss curve). `--out` must be new or empty, or (with
+//! `--overwrite`) an earlier sft output, of which only the files sft writes are replaced; this
+//! is checked before training. The folder is written in a sibling staging folder and renamed
+//! into place, so an interrupted run never leaves a half-written `--out`.
 //! Everything is deterministic per `--seed` on the CPU (the same seed gives the same bytes).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::eval::{evaluate, EvalOpts, EvalResult};
 use super::optim::{AdamW, Schedule};
+use super::run_dir::ModelOut;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::model::checkpoint::{save_hf_folder, write_atomic, Dtype, Tensor, TensorMap};
@@ -33,87 +39,96 @@ use crate::task::{arith, dataset, encode_prompt, parse_eval_spec, Checker, Examp
 /// `--model` value for a random init of the built-in model.
 pub const BUILTIN_INIT: &str = "builtin-init";
 
-/// Arguments of `dfpo-train sft`.
-#[derive(clap::Args, Debug, Clone)]
+/// Settings of `dfpo-train sft` (the `[sft]` section of the configuration; documented in
+/// `dfpo-train config`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SftArgs {
-    /// An HF model folder, or "builtin-init" (random init of the built-in arithmetic model with
-    /// the tokenizer we build).
-    #[arg(long, default_value = BUILTIN_INIT)]
+    /// An HF model folder, "builtin" (the shipped warm start) or "builtin-init" (a random init
+    /// of the built-in arithmetic model with the tokenizer we build).
     pub model: String,
     /// "arith" (the built-in task) or a JSONL file of {"prompt","answer"} lines.
-    #[arg(long, default_value = "arith")]
     pub data: String,
-    /// Eval sets for JSONL data, "name=path" (repeatable). The arith task has its own.
-    #[arg(long = "eval-file")]
+    /// Eval sets for JSONL data, "name=path". The arith task has its own.
     pub eval_files: Vec<String>,
     /// Answer checker for the evals of JSONL data: arith, gsm8k or math.
-    #[arg(long, default_value = "arith")]
     pub checker: String,
-    /// Output HF folder (replaced atomically).
-    #[arg(long, default_value = "runs/sft")]
+    /// Output HF folder: new or empty (written in a staging folder and renamed into place).
     pub out: PathBuf,
+    /// Replace an earlier sft output in `out` (only the files sft writes; others are kept).
+    pub overwrite: bool,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
     pub steps: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1.5e-3)]
+    /// Peak learning rate (TRL's SFT default; a random init needs ~1.5e-3).
     pub lr: f64,
     /// Warmup as a fraction of the steps (then cosine to 10% of the peak).
-    #[arg(long, default_value_t = 0.05)]
     pub warmup_frac: f64,
-    #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: off).
-    #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     /// Seeds the init, the data order and the eval prompts.
-    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Eval prompts per eval set (0: all of a JSONL set; for arith the held-out in-domain pool's
     /// size, ~1 600).
-    #[arg(long, default_value_t = 500)]
     pub eval_size: usize,
     /// Arith data: share of out-of-domain-shaped examples in the SFT mix.
-    #[arg(long, default_value_t = arith::SFT_OOD_FRACTION)]
     pub ood_frac: f64,
     /// Arith data: number of distinct training examples (0: steps x batch).
-    #[arg(long, default_value_t = 0)]
     pub train_size: usize,
     /// Longest generated answer in the evals.
-    #[arg(long, default_value_t = 8)]
     pub max_new_tokens: usize,
     /// Wrap prompts in the tokenizer's chat template.
-    #[arg(long)]
     pub chat_template: bool,
     /// cpu, cuda or auto. The CPU is the default: it is the tested, deterministic path.
-    #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Print the mean loss every this many steps (0: never).
-    #[arg(long, default_value_t = 50)]
+    /// Log the mean loss every this many steps (0: never).
     pub log_every: usize,
     /// Learning-rate schedule after warmup: "cosine" (to 10% of the peak) or "constant".
-    #[arg(long, default_value = "cosine")]
     pub schedule: String,
     /// Also evaluate every this many steps (0: only before and after).
-    #[arg(long, default_value_t = 0)]
     pub eval_every: usize,
-    /// Skip the evaluation before training.
-    #[arg(long)]
-    pub no_eval_before: bool,
+    /// Evaluate before training.
+    pub eval_before: bool,
+    /// JSONL field of the prompt (HF GSM8K: "question").
+    pub prompt_key: String,
+    /// JSONL field of the answer.
+    pub answer_key: String,
 }
 
-impl SftArgs {
-    /// The defaults, as `dfpo-train sft` with no flags gets them.
-    pub fn parse_defaults() -> Self {
-        #[derive(clap::Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            a: SftArgs,
+/// The learning rate of the shipped warm start's recipe (SFT from a random init).
+pub const RECIPE_LR: f64 = 1.5e-3;
+
+impl Default for SftArgs {
+    fn default() -> Self {
+        SftArgs {
+            model: crate::model::builtin::BUILTIN.into(),
+            data: "arith".into(),
+            eval_files: Vec::new(),
+            checker: "arith".into(),
+            out: PathBuf::from("runs/sft"),
+            overwrite: false,
+            steps: 1000,
+            batch: 64,
+            lr: 2e-5,
+            warmup_frac: 0.05,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 1,
+            eval_size: 500,
+            ood_frac: arith::SFT_OOD_FRACTION,
+            train_size: 0,
+            max_new_tokens: 8,
+            chat_template: false,
+            device: "cpu".into(),
+            log_every: 50,
+            schedule: "cosine".into(),
+            eval_every: 0,
+            eval_before: true,
+            prompt_key: "prompt".into(),
+            answer_key: "answer".into(),
         }
-        <Wrap as clap::Parser>::parse_from(["sft"]).a
     }
 }
 
@@ -137,15 +152,6 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
         path: path.display().to_string(),
         source,
     }
-}
-
-/// A sibling path of `out` with a suffix (for staging and the swap).
-fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.{tag}.{}", std::process::id()))
 }
 
 /// The tokenizer files of an HF folder that are copied into the output.
@@ -193,27 +199,35 @@ pub fn train(args: &SftArgs) -> Result<SftReport> {
     let t0 = Instant::now();
     if args.steps == 0 || args.batch == 0 {
         return Err(Error::Invalid(format!(
-            "sft: --steps {} and --batch {} must be >= 1",
+            "sft.steps = {} and sft.batch = {} must be >= 1",
             args.steps, args.batch
         )));
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
-        return Err(Error::Invalid(format!("sft: --lr {} must be > 0", args.lr)));
+        return Err(Error::Invalid(format!("sft.lr = {} must be > 0", args.lr)));
     }
     if !(0.0..=1.0).contains(&args.warmup_frac) || !(0.0..=1.0).contains(&args.ood_frac) {
         return Err(Error::Invalid(format!(
-            "sft: --warmup-frac {} and --ood-frac {} must be in [0, 1]",
+            "sft.warmup_frac = {} and sft.ood_frac = {} must be in [0, 1]",
             args.warmup_frac, args.ood_frac
         )));
     }
     if args.schedule != "cosine" && args.schedule != "constant" {
         return Err(Error::Invalid(format!(
-            "sft: --schedule {}: expected cosine or constant",
+            "sft.schedule = {:?}: expected cosine or constant",
             args.schedule
         )));
     }
     let device = parse_device(&args.device)?;
-    let staging = sibling(&args.out, "tmp");
+    let out = ModelOut {
+        flag: "sft.out (--out)",
+        dir: &args.out,
+        written: super::run_dir::HF_FILES,
+        marker: "sft_eval.json",
+        overwrite: args.overwrite,
+    };
+    out.check()?;
+    let staging = out.staging();
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| io_err(&staging, e))?;
     }
@@ -221,15 +235,7 @@ pub fn train(args: &SftArgs) -> Result<SftReport> {
     let result = train_into(args, &device, &staging, t0);
     match result {
         Ok(report) => {
-            // Swap the staging folder into place.
-            let old = sibling(&args.out, "old");
-            if args.out.exists() {
-                std::fs::rename(&args.out, &old).map_err(|e| io_err(&args.out, e))?;
-            }
-            std::fs::rename(&staging, &args.out).map_err(|e| io_err(&args.out, e))?;
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| io_err(&old, e))?;
-            }
+            out.publish(&staging)?;
             Ok(report)
         }
         Err(e) => {
@@ -251,7 +257,8 @@ fn train_into(
         let dec = random_decoder(arith::model_config(), args.seed)?;
         (dec, Tokenizer::from_dir(staging)?, Vec::new())
     } else {
-        let dir = Path::new(&args.model);
+        let dir = crate::model::builtin::model_dir(&args.model)?;
+        let dir = dir.as_path();
         let dec = Decoder::load(dir)?;
         let tok = Tokenizer::from_dir(dir)?;
         let files: Vec<PathBuf> = TOKENIZER_FILES
@@ -303,11 +310,13 @@ fn train_into(
             Checker::Arith,
         )
     } else {
-        let train = dataset::read_jsonl(Path::new(&args.data))?;
+        let read =
+            |p: &str| dataset::read_jsonl_fields(Path::new(p), &args.prompt_key, &args.answer_key);
+        let train = read(&args.data)?;
         let mut evals = Vec::new();
         for spec in &args.eval_files {
             let (name, path) = parse_eval_spec(spec)?;
-            let mut ex = dataset::read_jsonl(Path::new(&path))?;
+            let mut ex = read(&path)?;
             if args.eval_size > 0 {
                 ex.truncate(args.eval_size);
             }
@@ -315,6 +324,25 @@ fn train_into(
         }
         (train, evals, Checker::parse(&args.checker)?)
     };
+    // Warnings only: SFT learns the answers; its evals read them with the checker.
+    let task = crate::task::TaskData {
+        train,
+        evals,
+        checker,
+    };
+    for note in crate::task::data_report(&task, &tok, 1.0)? {
+        eprintln!("sft: warning: data: {note}");
+    }
+    if let Some(u) = crate::task::unknown_chars(&tok, task.train.iter().map(|e| e.answer.as_str()))?
+        .report("answers")
+    {
+        eprintln!("sft: warning: data: {u}");
+    }
+    let crate::task::TaskData {
+        train,
+        evals,
+        checker,
+    } = task;
     let max_len = dec.config.max_position_embeddings;
     let (seqs, skips) = tokenize(&tok, &train, eos, args.chat_template, max_len, &args.data)?;
     let s = seqs.iter().map(Vec::len).max().unwrap_or(1);
@@ -327,12 +355,13 @@ fn train_into(
         seed: args.seed,
         chat_template: args.chat_template,
         batch: 100,
+        ..EvalOpts::default()
     };
     let run_evals = |d: &Decoder, when: &str| -> Result<Vec<EvalResult>> {
         let mut out = Vec::new();
         for (name, ex) in &evals {
             let r = evaluate(d, &tok, name, ex, checker, &eval_opts)?;
-            println!(
+            eprintln!(
                 "sft {when}: {name}: accuracy {:.3} unparsed {:.3} (n = {})",
                 r.accuracy, r.unparsed, r.n
             );
@@ -340,10 +369,10 @@ fn train_into(
         }
         Ok(out)
     };
-    let before = if args.no_eval_before {
-        Vec::new()
-    } else {
+    let before = if args.eval_before {
         run_evals(&dec, "before")?
+    } else {
+        Vec::new()
     };
 
     // Optimizer over the graph's parameters.
@@ -412,7 +441,7 @@ fn train_into(
         if args.log_every > 0 && (step + 1) % args.log_every == 0 {
             let w = &losses[losses.len().saturating_sub(args.log_every)..];
             let mean = w.iter().sum::<f32>() / w.len() as f32;
-            println!(
+            eprintln!(
                 "sft step {:>5}/{}: loss {mean:.4} lr {:.2e} |g| {:.3} ({:.1} s)",
                 step + 1,
                 args.steps,
@@ -476,14 +505,28 @@ fn eval_n(args: &SftArgs) -> usize {
     }
 }
 
-/// `dfpo-train sft`: [`train`], reporting to stdout.
-pub fn run(args: &SftArgs) -> Result<()> {
+/// `dfpo-train sft`: [`train`]; the result (a before/after table, or with `json` the report)
+/// on stdout, the log on stderr.
+pub fn run(args: &SftArgs, json: bool) -> Result<()> {
     let r = train(args)?;
+    if json {
+        let text = serde_json::to_string_pretty(&r).map_err(|e| Error::Invalid(e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
     println!(
-        "sft: {} steps in {:.1} s; saved {}",
+        "sft | {} steps | lr {} | seed {} | {:.0} s | saved {}",
         r.steps,
+        r.lr,
+        r.seed,
         r.seconds,
         args.out.display()
     );
+    println!("{:<16} {:>8} {:>8}", "split", "before", "after");
+    for a in &r.after {
+        let b = r.before.iter().find(|b| b.name == a.name);
+        let b = b.map_or("-".into(), |b| format!("{:.1}%", 100.0 * b.accuracy));
+        println!("{:<16} {b:>8} {:>7.1}%", a.name, 100.0 * a.accuracy);
+    }
     Ok(())
 }

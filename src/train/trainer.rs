@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::calibration::{calibration_table, critic_calibration};
 use super::config::{Algo, TrainConfig};
-use super::eval::{evaluate, response_text, stop_ids, EvalOpts, EvalResult};
+use super::eval::{
+    check_unparsed, cut_at_stop, evaluate, response_text, stop_ids, EvalOpts, EvalResult,
+};
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
 use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettings, Policy};
@@ -24,6 +26,7 @@ use super::rollout::{
     flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
     token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, GrpoStd, Stream,
 };
+use super::run_dir::{self, Fingerprint, Start};
 use super::step_ops::StepOps;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -83,6 +86,9 @@ struct Meta {
     critic_opt_step: u64,
     seconds: f64,
     before: BTreeMap<String, EvalEntry>,
+    /// The run's configuration fingerprint (run_dir.rs); absent in older checkpoints.
+    #[serde(default)]
+    fingerprint: Option<Fingerprint>,
 }
 
 /// The flow solver named by `critic.solver`.
@@ -99,14 +105,7 @@ pub fn resolve_device(name: &str) -> Result<Device> {
     crate::model::score::parse_device(name)
 }
 
-/// The HF folder a model option names ("builtin" = the shipped warm start).
-pub fn model_dir(spec: &str) -> PathBuf {
-    if spec == "builtin" {
-        crate::task::arith::builtin_dir()
-    } else {
-        PathBuf::from(spec)
-    }
-}
+pub use crate::model::builtin::model_dir;
 
 /// What the update phase of one RL step reads (see [`Trainer::prepare`]). Per-token vectors
 /// are `[rows][S]` (× K for the value samples), rows prompt-major.
@@ -155,6 +154,14 @@ pub struct Trainer {
     /// Test hook: [`Trainer::run`] stops with an error right after this step (after its
     /// metrics and checkpoint), as if the process had been killed there.
     pub interrupt_after: Option<u64>,
+    /// The configuration fingerprint of the run (set by [`Trainer::run`], saved in checkpoints).
+    fingerprint: Option<Fingerprint>,
+    /// Longest prompt in tokens (data.max_prompt_length or the model's limit).
+    prompt_limit: usize,
+    /// The running reward.command program, if any.
+    reward_cmd: Option<std::sync::Mutex<super::reward_cmd::RewardCommand>>,
+    /// The sample generations of the last step (samples.jsonl).
+    pub last_samples: Vec<serde_json::Value>,
 }
 
 fn fmt_path(p: &Path) -> String {
@@ -173,7 +180,7 @@ impl Trainer {
     pub fn new(cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
         let device = resolve_device(&cfg.run.device)?;
-        let pdir = model_dir(&cfg.model.policy);
+        let pdir = model_dir(&cfg.model.policy)?;
         let policy_dec = Decoder::load(&pdir)?;
         let tok = Tokenizer::from_dir(&pdir)?;
         let tok_files: Vec<PathBuf> = [
@@ -186,11 +193,11 @@ impl Trainer {
         .filter(|p| p.exists())
         .collect();
         let task = load_task(&cfg.data, cfg.run.seed)?;
-        let train_ids = task
-            .train
-            .iter()
-            .map(|e| encode_prompt(&tok, &e.prompt, cfg.data.chat_template))
-            .collect::<Result<Vec<_>>>()?;
+        for note in crate::task::data_report(&task, &tok, cfg.data.max_unparsed)? {
+            eprintln!("dfpo-train: warning: data: {note}");
+        }
+        let mut task = task;
+        let (train_ids, prompt_limit) = fit_task_prompts(&mut task, &tok, &cfg, &policy_dec)?;
         if train_ids.is_empty() {
             return Err(Error::Invalid("the training set is empty".into()));
         }
@@ -239,7 +246,7 @@ impl Trainer {
             let rdir = if cfg.model.reference.is_empty() {
                 pdir.clone()
             } else {
-                model_dir(&cfg.model.reference)
+                model_dir(&cfg.model.reference)?
             };
             Some(Decoder::load(&rdir)?.build_nll(b, s, &device, temp)?)
         } else {
@@ -249,7 +256,7 @@ impl Trainer {
             let cdir = if cfg.model.critic.is_empty() {
                 pdir.clone()
             } else {
-                model_dir(&cfg.model.critic)
+                model_dir(&cfg.model.critic)?
             };
             let cdec = Decoder::load(&cdir)?;
             let c = &cfg.critic;
@@ -321,6 +328,13 @@ impl Trainer {
         )?;
         let out = PathBuf::from(&cfg.run.out_dir);
         let kl_coef = cfg.kl.coef;
+        let reward_cmd = if cfg.reward.command.is_empty() {
+            None
+        } else {
+            let c =
+                super::reward_cmd::RewardCommand::start(&cfg.reward.command, cfg.reward.timeout_s)?;
+            Some(std::sync::Mutex::new(c))
+        };
         Ok(Trainer {
             cfg,
             ops: StepOps::new(&device),
@@ -340,6 +354,10 @@ impl Trainer {
             before: BTreeMap::new(),
             seconds_before: 0.0,
             interrupt_after: None,
+            fingerprint: None,
+            prompt_limit,
+            reward_cmd,
+            last_samples: Vec::new(),
         })
     }
 
@@ -371,6 +389,8 @@ impl Trainer {
     pub fn evaluate(&self) -> Result<Vec<EvalResult>> {
         let e = &self.cfg.eval;
         let opts = EvalOpts {
+            max_prompt_length: self.prompt_limit,
+            stop: self.cfg.rollout.stop.clone(),
             greedy: e.greedy,
             pass_k: e.pass_k,
             max_new_tokens: self.cfg.rollout.max_new_tokens,
@@ -418,22 +438,84 @@ impl Trainer {
             ..Default::default()
         };
         let r = &self.cfg.reward;
+        let mut kept = Vec::with_capacity(gens.len());
         for g in &gens {
+            let keep = cut_at_stop(&self.tok, &g.tokens, &rc.stop)?;
+            kept.push((
+                keep,
+                response_text(&self.tok, &g.tokens[..keep], &self.stop)?,
+            ));
+        }
+        let example =
+            |g: &crate::model::generate::Generation| &self.task.train[idx[g.prompt_index]];
+        // reward.command: the external program's rewards replace the checker's.
+        let replies = match &self.reward_cmd {
+            Some(cmd) => {
+                let reqs: Vec<super::reward_cmd::Request> = gens
+                    .iter()
+                    .zip(&kept)
+                    .map(|(g, (_, text))| super::reward_cmd::Request {
+                        prompt: &example(g).prompt,
+                        response: text,
+                        answer: &example(g).answer,
+                    })
+                    .collect();
+                let mut cmd = cmd.lock().map_err(|_| {
+                    Error::Invalid("reward.command: a previous call panicked".into())
+                })?;
+                Some(cmd.score(&reqs)?)
+            }
+            None => None,
+        };
+        for (j, (g, (keep, text))) in gens.iter().zip(&kept).enumerate() {
             let prompt = &prompts[g.prompt_index];
-            let text = response_text(&self.tok, &g.tokens, &self.stop)?;
-            let answer = &self.task.train[idx[g.prompt_index]].answer;
-            let ok = self.task.checker.check(&text, answer) == crate::task::Verdict::Correct;
+            let tokens = &g.tokens[..*keep];
+            let (ok, unparsed, clean, noisy) = match &replies {
+                Some(rep) => {
+                    let mid = 0.5 * (r.correct + r.incorrect);
+                    let ok = rep[j].correct.unwrap_or(rep[j].reward > mid);
+                    let mut noisy = rep[j].reward;
+                    if r.gaussian_sigma > 0.0 {
+                        noisy += r.gaussian_sigma * noise.normal();
+                    }
+                    (ok, false, rep[j].reward, noisy)
+                }
+                None => {
+                    let verdict = self.task.checker.check(text, &example(g).answer);
+                    let ok = verdict == crate::task::Verdict::Correct;
+                    let clean = if ok { r.correct } else { r.incorrect };
+                    let unparsed = verdict == crate::task::Verdict::Unparsed;
+                    (ok, unparsed, clean, noisy_reward(ok, r, &mut noise))
+                }
+            };
+            b.unparsed.push(unparsed);
             let mut seq = prompt.clone();
-            seq.extend_from_slice(&g.tokens);
+            seq.extend_from_slice(tokens);
             b.prompt_len.push(prompt.len());
-            b.response_len.push(g.tokens.len());
+            b.response_len.push(tokens.len());
             b.seqs.push(seq);
             b.group.push(g.prompt_index);
             b.correct.push(ok);
-            b.clean.push(if ok { r.correct } else { r.incorrect });
-            b.noisy.push(noisy_reward(ok, r, &mut noise));
+            b.clean.push(clean);
+            b.noisy.push(noisy);
+            b.texts.push(text.clone());
         }
         Ok(b)
+    }
+
+    /// The first `run.log_samples` rows of step `step`'s batch as samples.jsonl records.
+    fn samples_of(&self, step: u64, b: &Batch) -> Vec<serde_json::Value> {
+        let idx = self.step_prompts(step);
+        (0..b.rows().min(self.cfg.run.log_samples))
+            .map(|r| {
+                let e = &self.task.train[idx[b.group[r]]];
+                serde_json::json!({
+                    "step": step + 1, "prompt": e.prompt, "response": b.texts[r],
+                    "answer": e.answer, "correct": b.correct[r], "reward": b.clean[r],
+                    "noisy_reward": b.noisy[r], "unparsed": b.unparsed[r],
+                })
+            })
+            .collect()
     }
 
     /// The flow critic's solve settings (None without one). The return clip is the reachable
@@ -702,7 +784,8 @@ impl Trainer {
         sel: &[usize],
         acc: &mut BTreeMap<String, (f64, f64)>,
     ) -> Result<f64> {
-        let (step, s) = (self.step, self.s);
+        // Messages number steps from 1, as metrics.jsonl does.
+        let (step, s) = (self.step + 1, self.s);
         let add = |acc: &mut BTreeMap<String, (f64, f64)>, k: &str, v: f64| {
             let e = acc.entry(k.to_string()).or_insert((0.0, 0.0));
             e.0 += v;
@@ -807,6 +890,8 @@ impl Trainer {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         m.insert("reward/noisy_mean".into(), mean(&batch.noisy));
         m.insert("reward/clean_mean".into(), mean(&batch.clean));
+        let unparsed: Vec<f64> = batch.unparsed.iter().map(|&u| f64::from(u)).collect();
+        m.insert("reward/unparsed_frac".into(), mean(&unparsed));
         m.insert(
             "response_length/mean".into(),
             mean(
@@ -847,6 +932,7 @@ impl Trainer {
         m.insert("timing/step_s".into(), t_total);
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
+        self.last_samples = self.samples_of(step, &p.batch);
         self.step += 1;
         Ok(m)
     }
@@ -864,7 +950,7 @@ impl Trainer {
         std::fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
         let name = format!("step-{:06}", self.step);
         let dst = root.join(&name);
-        let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+        let tmp = run_dir::staging_dir(&root, &name);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         let mut state: TensorMap = BTreeMap::new();
@@ -889,20 +975,15 @@ impl Trainer {
             critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.step),
             seconds,
             before: self.before.clone(),
+            fingerprint: self.fingerprint.clone(),
         };
         let js = serde_json::to_string_pretty(&meta)
             .map_err(|e| Error::Invalid(format!("meta.json: {e}")))?;
         write_atomic(tmp.join("meta.json"), |w| w.write_all(js.as_bytes()))?;
         let toml = self.cfg.to_toml();
         write_atomic(tmp.join("config.toml"), |w| w.write_all(toml.as_bytes()))?;
-        let _ = std::fs::remove_dir_all(&dst);
-        std::fs::rename(&tmp, &dst).map_err(|e| io_err(&dst, e))?;
-        // keep-N: remove the oldest complete checkpoints.
-        let mut all = list_checkpoints(&root)?;
-        while all.len() > self.cfg.run.keep_checkpoints {
-            let (_, p) = all.remove(0);
-            let _ = std::fs::remove_dir_all(p);
-        }
+        run_dir::publish_dir(&tmp, &dst)?;
+        run_dir::prune_checkpoints(&root, self.cfg.run.keep_checkpoints)?;
         Ok(dst)
     }
 
@@ -912,6 +993,11 @@ impl Trainer {
         let Some((_, dir)) = all.last() else {
             return Ok(None);
         };
+        self.load_checkpoint(dir).map(Some)
+    }
+
+    /// Restores the checkpoint folder `dir` (written by this configuration); returns its step.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<u64> {
         let meta_path = dir.join("meta.json");
         let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
         let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Format {
@@ -947,7 +1033,50 @@ impl Trainer {
         self.kl_coef = meta.kl_coef;
         self.before = meta.before;
         self.seconds_before = meta.seconds;
-        Ok(Some(meta.step))
+        Ok(meta.step)
+    }
+
+    /// The tokenizer files of the policy folder (copied into exports).
+    pub fn tokenizer_files(&self) -> &[PathBuf] {
+        &self.tok_files
+    }
+
+    /// After SIGINT/SIGTERM (with the current step's checkpoint written): the error that ends
+    /// the run.
+    fn stop_if_interrupted(&self) -> Result<()> {
+        let Some(signal) = super::interrupt::requested() else {
+            return Ok(());
+        };
+        Err(Error::Interrupted {
+            signal,
+            msg: format!(
+                "{} received: stopped after step {} of {} with its checkpoint in {}; run the \
+                 same command again to continue (run.resume = auto)",
+                super::interrupt::name(signal),
+                self.step,
+                self.cfg.run.steps,
+                fmt_path(&self.ckpt_root())
+            ),
+        })
+    }
+
+    /// Evaluates the current policy as the run's "before" numbers (logged).
+    fn eval_before(&self) -> Result<BTreeMap<String, EvalEntry>> {
+        let ev = self.evaluate()?;
+        for e in &ev {
+            eprintln!(
+                "dfpo-train: before: {} accuracy {:.3} (unparsed {:.3}, n {})",
+                e.name, e.accuracy, e.unparsed, e.n
+            );
+        }
+        // The first eval: a checker that cannot read the model's answers stops the run here.
+        for note in check_unparsed(&ev, self.cfg.data.max_unparsed)? {
+            eprintln!("dfpo-train: warning: before training: {note}");
+        }
+        Ok(ev
+            .iter()
+            .map(|e| (e.name.clone(), EvalEntry::from(e)))
+            .collect())
     }
 
     /// Exports the policy as an HF folder (f32 safetensors + config + tokenizer files).
@@ -957,19 +1086,23 @@ impl Trainer {
         let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         save_hf_folder(&tmp, &self.policy.dec.config, &tensors, Dtype::F32, &files)?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+        run_dir::publish_dir(&tmp, dir)
     }
 
     /// The whole run: (resume,) eval before, the RL steps, eval after, export, summary.
     pub fn run(&mut self) -> Result<Summary> {
         let t0 = Instant::now();
-        std::fs::create_dir_all(&self.out).map_err(|e| io_err(&self.out, e))?;
+        let fp = Fingerprint::of(&self.cfg)?;
+        // Held until the run returns: the folder's lock.
+        let folder = run_dir::open(&self.cfg, &fp)?;
+        for n in &folder.notes {
+            eprintln!("dfpo-train: {n}");
+        }
+        self.fingerprint = Some(fp);
         let toml = self.cfg.to_toml();
-        eprintln!("dfpo-train: resolved config:\n{toml}");
-        write_atomic(self.out.join("config.toml"), |w| {
-            w.write_all(toml.as_bytes())
-        })?;
+        let cfg_path = self.out.join("config.toml");
+        write_atomic(&cfg_path, |w| w.write_all(toml.as_bytes()))?;
+        eprintln!("dfpo-train: configuration saved to {}", fmt_path(&cfg_path));
         eprintln!(
             "dfpo-train: {} on {}, policy {} ({} params), {} train prompts, eval splits: {}",
             self.cfg.algo.name.as_str(),
@@ -984,32 +1117,72 @@ impl Trainer {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let resumed = if self.cfg.run.resume {
-            self.resume()?
-        } else {
-            None
+        let resumed = match folder.start {
+            Start::Resume { eval_changed, .. } => {
+                // New eval settings: "before" is measured again on the initial policy.
+                let before = if eval_changed {
+                    Some(self.eval_before()?)
+                } else {
+                    None
+                };
+                let s = self.resume()?;
+                if let Some(b) = before {
+                    self.before = b;
+                }
+                s
+            }
+            Start::Fresh => None,
         };
         if let Some(s) = resumed {
             eprintln!("dfpo-train: resumed from step {s}");
-        } else {
-            let ev = self.evaluate()?;
-            self.before = ev
-                .iter()
-                .map(|e| (e.name.clone(), EvalEntry::from(e)))
-                .collect();
-            for e in &ev {
+            if s >= self.cfg.run.steps as u64 {
                 eprintln!(
-                    "dfpo-train: before: {} accuracy {:.3} (unparsed {:.3}, n {})",
-                    e.name, e.accuracy, e.unparsed, e.n
+                    "dfpo-train: {} holds this configuration's finished run (step {s} of {}): \
+                     evaluating it again; for a new run choose another run.out_dir or set \
+                     run.overwrite=true",
+                    fmt_path(&self.out),
+                    self.cfg.run.steps
                 );
             }
+        } else {
+            self.before = self.eval_before()?;
+        }
+        if let Some(signal) = super::interrupt::requested() {
+            return Err(Error::Interrupted {
+                signal,
+                msg: format!(
+                    "{} received before the first step: nothing to save",
+                    super::interrupt::name(signal)
+                ),
+            });
         }
         let mut metrics = MetricsWriter::create(&self.out.join("metrics.jsonl"), resumed)?;
+        let mut samples = if self.cfg.run.log_samples > 0 {
+            Some(MetricsWriter::create_records(
+                &self.out.join("samples.jsonl"),
+                resumed,
+            )?)
+        } else {
+            None
+        };
         let total = self.cfg.run.steps as u64;
         let mut bar = Progress::new(total, self.cfg.run.progress);
         let mut last_saved = self.step;
+        let mut warned_unparsed = false;
         while self.step < total {
             let mut m = self.train_step()?;
+            let unparsed = m.get("reward/unparsed_frac").copied().unwrap_or(0.0);
+            if unparsed > self.cfg.data.max_unparsed && !warned_unparsed {
+                warned_unparsed = true;
+                eprintln!(
+                    "dfpo-train: warning: step {}: the checker found no answer in {:.0}% of the \
+                     responses (reward/unparsed_frac; above data.max_unparsed = {}): their \
+                     reward is the incorrect one",
+                    self.step,
+                    100.0 * unparsed,
+                    self.cfg.data.max_unparsed
+                );
+            }
             let ev_every = self.cfg.run.eval_every as u64;
             if ev_every > 0 && self.step.is_multiple_of(ev_every) && self.step < total {
                 for e in self.evaluate()? {
@@ -1017,6 +1190,11 @@ impl Trainer {
                 }
             }
             metrics.write(self.step, &m)?;
+            if let Some(w) = samples.as_mut() {
+                for rec in &self.last_samples {
+                    w.write_record(rec)?;
+                }
+            }
             let shown: Vec<(&str, f64)> = [
                 ("reward", "reward/clean_mean"),
                 ("noisy", "reward/noisy_mean"),
@@ -1038,11 +1216,15 @@ impl Trainer {
                     self.step
                 )));
             }
+            if super::interrupt::requested().is_some() {
+                break;
+            }
         }
         bar.finish();
         if last_saved != self.step || list_checkpoints(&self.ckpt_root())?.is_empty() {
             self.save_checkpoint(self.seconds_before + t0.elapsed().as_secs_f64())?;
         }
+        self.stop_if_interrupted()?;
         let after_ev = self.evaluate()?;
         if let Some(c) = critic_calibration(self)? {
             let js = serde_json::to_string_pretty(&c).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -1071,7 +1253,6 @@ impl Trainer {
         write_atomic(self.out.join("summary.json"), |w| {
             w.write_all(js.as_bytes())
         })?;
-        eprintln!("{}", summary_table(&summary));
         eprintln!(
             "dfpo-train: final policy exported to {}",
             fmt_path(&final_dir)
@@ -1080,25 +1261,61 @@ impl Trainer {
     }
 }
 
-/// Complete checkpoints (`step-NNNNNN` folders with meta.json), oldest first.
-pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return Ok(out);
+pub use super::run_dir::list_checkpoints;
+
+/// Encodes the task's prompts and applies data.max_prompt_length / data.truncation to the
+/// training and eval prompts (dropped eval prompts leave their split); returns the training
+/// prompts' ids and the limit.
+fn fit_task_prompts(
+    task: &mut TaskData,
+    tok: &Tokenizer,
+    cfg: &TrainConfig,
+    dec: &Decoder,
+) -> Result<(Vec<Vec<u32>>, usize)> {
+    let d = &cfg.data;
+    let room = dec
+        .config
+        .max_position_embeddings
+        .saturating_sub(cfg.rollout.max_new_tokens);
+    let limit = if d.max_prompt_length > 0 {
+        d.max_prompt_length.min(room)
+    } else {
+        room
     };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if e.path().join("meta.json").exists() {
-                out.push((n, e.path()));
-            }
+    let encode = |ex: &[crate::task::Example]| {
+        ex.iter()
+            .map(|e| encode_prompt(tok, &e.prompt, d.chat_template))
+            .collect::<Result<Vec<_>>>()
+    };
+    let fit = |name: &str, ex: Vec<crate::task::Example>| {
+        let ids = encode(&ex)?;
+        let (ids, ex, changed) = crate::task::fit_prompts(ids, ex, limit, &d.truncation, name)?;
+        if changed > 0 {
+            let what = if d.truncation == "drop" {
+                "dropped"
+            } else {
+                "truncated"
+            };
+            eprintln!(
+                "dfpo-train: data: {what} {changed} {name} prompts longer than {limit} tokens \
+                 (data.truncation = {})",
+                d.truncation
+            );
         }
+        Ok::<_, Error>((ids, ex))
+    };
+    let (ids, train) = fit("train", std::mem::take(&mut task.train))?;
+    task.train = train;
+    for (name, ex) in task.evals.iter_mut() {
+        let (_, kept) = fit(name, std::mem::take(ex))?;
+        if kept.is_empty() {
+            return Err(Error::Invalid(format!(
+                "eval split {name}: every prompt is longer than {limit} tokens"
+            )));
+        }
+        *ex = kept;
     }
-    out.sort();
-    Ok(out)
+    Ok((ids, limit))
 }
 
 /// The before/after table printed at the end of a run.

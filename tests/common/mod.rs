@@ -102,3 +102,57 @@ pub fn fixtures_dir() -> std::path::PathBuf {
         Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
     }
 }
+
+/// Byte sizes, in order, of the parameters of kernel `name` in a PTX module: `.u64` 8, other
+/// scalars 4, `.b8 name[N]` (a by-value struct) N. Panics when the entry is missing.
+pub fn ptx_param_sizes(ptx: &str, name: &str) -> Vec<usize> {
+    let entry = format!(".entry {name}(");
+    let at = ptx
+        .find(&entry)
+        .unwrap_or_else(|| panic!("no kernel {name} in the PTX"));
+    let rest = &ptx[at + entry.len()..];
+    rest[..rest.find(')').unwrap()]
+        .lines()
+        .filter(|l| l.contains(".param"))
+        .map(|l| match l.find('[') {
+            Some(i) => l[i + 1..l.find(']').unwrap()].parse().unwrap(),
+            None if l.contains(".u64") => 8,
+            None => 4,
+        })
+        .collect()
+}
+
+/// A random tiny arithmetic model folder (`dfpo::task::arith::write_random_model` with `seed`),
+/// written once per test binary under the temp folder as `{prefix}-{pid}`.
+pub fn tiny_model(prefix: &str, seed: u64) -> std::path::PathBuf {
+    static ONCE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        dfpo::task::arith::write_random_model(&dir, seed).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// `{temp}/{prefix}-{pid}-{tag}`, removed if it exists.
+pub fn out_dir(prefix: &str, tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("{prefix}-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `--set`s of a fast CPU run of `model` into `out` (2 prompts x 2 samples of up to 4 tokens,
+/// 4 eval prompts per split; a random model's unreadable answers allowed).
+pub fn small_run_sets(model: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("model.policy={}", model.display()),
+        format!("run.out_dir={}", out.display()),
+        "run.device=cpu".into(),
+        "run.progress=false".into(),
+        "rollout.prompts_per_step=2".into(),
+        "rollout.n_samples=2".into(),
+        "rollout.max_new_tokens=4".into(),
+        "data.eval_size=4".into(),
+        "data.max_unparsed=1".into(),
+    ]
+}

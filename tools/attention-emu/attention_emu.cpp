@@ -5,7 +5,7 @@
 // the emulator's shared-memory race detector reports nothing.
 //
 //   tools/attention-emu/run.sh [quick|full] [order]     (order: 0 forward, 1 reverse, 2 random)
-#include "emu.h"
+#include "harness.h"
 
 #include "../../kernels/attention.cu"
 
@@ -13,11 +13,6 @@
 
 typedef __nv_bfloat16 bf;
 
-static std::mt19937_64 g_rng(42);
-static double normal() {
-    static std::normal_distribution<double> n(0.0, 1.0);
-    return n(g_rng);
-}
 static int irand(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g_rng); }
 
 static float rbf(float x) { return __bfloat162float(__float2bfloat16(x)); }
@@ -52,21 +47,15 @@ struct Shape {
     std::vector<int> lens;
 };
 
-static int g_fail = 0;
-static void expect(bool ok, const std::string& what) {
-    if (!ok) {
-        std::fprintf(stderr, "MISMATCH %s\n", what.c_str());
-        if (++g_fail > 20) std::exit(1);
-    }
-}
 
 // Launch wrappers (the same grids and shared-memory sizes as src/kernels/attention.rs).
 static size_t fwd_smem(int D) { return (size_t)(64 + 2 * 64) * (D + 8) * 2; }
 static int bwd_bm(int D) { return D >= 128 ? 32 : 64; }
 static size_t bwd_smem(int D) {
     const int BN = 64, BM = bwd_bm(D);
-    return (size_t)(2 * BN + 4 * BM) * (D + 8) * 2 + (size_t)BN * (BM + 8) * 2 + 4 * BM * 4;
+    return (size_t)(2 * BN + 4 * BM) * (D + 8) * 2 + 4 * BM * 4;
 }
+static size_t dq_smem(int D) { return (size_t)(2 * 64 + 4 * 64) * (D + 8) * 2; }
 static int dec_ch(int D) { return D >= 128 ? 32 : 64; }
 static size_t dec_smem(int D) { return (size_t)(8 * D + 8 * dec_ch(D) + 8) * 4 + (size_t)4 * dec_ch(D) * (D + 8) * 2; }
 
@@ -88,20 +77,20 @@ static void run_fwd(const Shape& sh, bf* q, bf* k, bf* v, u32* lens, bf* o, floa
 }
 
 static void run_bwd(const Shape& sh, bf* q, bf* k, bf* v, bf* o, float* lse, bf* dout, u32* lens, bf* dq, bf* dk,
-                    bf* dv, float* delta, float* dq_ws, float scale) {
+                    bf* dv, float* delta, float scale) {
     const float sl2 = scale * ATT_LOG2E;
     const long long rows = (long long)sh.B * sh.S * sh.Hq;
     dim3_t g1{(unsigned)((rows + 3) / 4), 1, 1};
     emu::launch("attention_bwd_pre", g1, {128, 1, 1}, 16,
-                [=] { ENTRY(attention_bwd_pre, sh.D, o, dout, lens, delta, dq_ws, sh.B, sh.S, sh.Hq); });
+                [=] { ENTRY(attention_bwd_pre, sh.D, o, dout, lens, delta, sh.B, sh.S, sh.Hq); });
     dim3_t g2{(unsigned)sh.Hkv, (unsigned)sh.B, (unsigned)((sh.S + 63) / 64)};
     emu::launch("attention_bwd", g2, {128, 1, 1}, bwd_smem(sh.D), [=] {
-        ENTRY(attention_bwd, sh.D, q, k, v, dout, lse, delta, lens, dq_ws, dk, dv, sh.S, sh.Hq, sh.Hkv, scale, sl2);
+        ENTRY(attention_bwd, sh.D, q, k, v, dout, lse, delta, lens, dk, dv, sh.S, sh.Hq, sh.Hkv, scale, sl2);
     });
-    const long long pairs = rows * sh.D / 2;
-    dim3_t g3{(unsigned)((pairs + 127) / 128), 1, 1};
-    emu::launch("attention_bwd_dq", g3, {128, 1, 1}, 16,
-                [=] { ENTRY(attention_bwd_dq, sh.D, dq_ws, lens, dq, sh.B, sh.S, sh.Hq, scale); });
+    dim3_t g3{(unsigned)sh.Hq, (unsigned)sh.B, (unsigned)((sh.S + 63) / 64)};
+    emu::launch("attention_bwd_dq", g3, {128, 1, 1}, dq_smem(sh.D), [=] {
+        ENTRY(attention_bwd_dq, sh.D, q, k, v, dout, lse, delta, lens, dq, sh.S, sh.Hq, sh.Hkv, scale, sl2);
+    });
 }
 
 // Double reference of the forward on bf16-rounded inputs (as floats).
@@ -198,7 +187,7 @@ static void test_fwd_bwd(const Shape& sh) {
     const size_t nq = (size_t)B * S * Hq * D, nk = (size_t)B * S * Hkv * D, nl = (size_t)B * Hq * S;
     const double scale = 1.0 / std::sqrt((double)D);
     Buf<bf> q(nq), k(nk), v(nk), o(nq), dout(nq), dq(nq), dk(nk), dv(nk);
-    Buf<float> lse(nl), delta(nl), dq_ws(nq);
+    Buf<float> lse(nl), delta(nl);
     Buf<u32> lens(B);
     for (int b = 0; b < B; ++b) lens[b] = (u32)sh.lens[b];
     std::vector<float> fq, fk, fv, fdo;
@@ -267,12 +256,10 @@ static void test_fwd_bwd(const Shape& sh) {
     init_grad(dk, dk0, Hkv);
     init_grad(dv, dv0, Hkv);
     for (size_t i = 0; i < nl; ++i) delta[i] = NaNf;
-    for (size_t i = 0; i < nq; ++i) dq_ws[i] = NaNf;
     run_bwd(sh, q.p(), k.p(), v.p(), o.p(), lse.p(), dout.p(), lens.p(), dq.p(), dk.p(), dv.p(), delta.p(),
-            dq_ws.p(), (float)scale);
+            (float)scale);
     for (auto* bp : {&dq, &dk, &dv}) bp->check("bwd grad buffer");
     delta.check("bwd delta");
-    dq_ws.check("bwd dq workspace");
 
     std::vector<double> rdq, rdk, rdv;
     ref_bwd(sh, fq, fk, fv, fo, fl, fdo, scale, rdq, rdk, rdv);
@@ -304,6 +291,31 @@ static void test_fwd_bwd(const Shape& sh) {
     const double wq = cmp("dq", dq, dq0, rdq, Hq);
     const double wk = cmp("dk", dk, dk0, rdk, Hkv);
     const double wv = cmp("dv", dv, dv0, rdv, Hkv);
+
+    // Bit reproducibility: the same backward with the blocks of every grid in reverse and in
+    // random order must give the same bits (no result may depend on which block runs first).
+    const std::vector<bf> bq(dq.p(), dq.p() + nq), bk(dk.p(), dk.p() + nk), bv(dv.p(), dv.p() + nk);
+    const int order0 = emu::E.block_order;
+    for (int order : {1, 2}) {
+        for (size_t i = 0; i < nq; ++i) dq[i] = __float2bfloat16(dq0[i]);
+        for (size_t i = 0; i < nk; ++i) {
+            dk[i] = __float2bfloat16(dk0[i]);
+            dv[i] = __float2bfloat16(dv0[i]);
+        }
+        emu::E.block_order = order;
+        run_bwd(sh, q.p(), k.p(), v.p(), o.p(), lse.p(), dout.p(), lens.p(), dq.p(), dk.p(), dv.p(), delta.p(),
+                (float)scale);
+        emu::E.block_order = order0;
+        auto same = [&](const char* name, Buf<bf>& g, const std::vector<bf>& want) {
+            size_t diff = 0;
+            for (size_t i = 0; i < want.size(); ++i) diff += g[i].x != want[i].x;
+            expect(diff == 0, std::string(name) + ": " + std::to_string(diff) + " elements differ in block order " +
+                                  std::to_string(order) + " " + ss);
+        };
+        same("dq", dq, bq);
+        same("dk", dk, bk);
+        same("dv", dv, bv);
+    }
     std::printf("fwd+bwd %-60s o %.1e lse %.1e dq %.1e dk %.1e dv %.1e (rel. to max|ref|)\n", ss.c_str(), worst_o,
                 worst_l, wq, wk, wv);
 }
@@ -413,6 +425,8 @@ int main(int argc, char** argv) {
         test_fwd_bwd({3, 70, 4, 2, 32, {70, 0, 33}});
         test_fwd_bwd({1, 129, 2, 2, 64, {129}});
         test_fwd_bwd({2, 65, 2, 1, 128, {65, 40}});
+        // Eight key tiles per query row: enough partial sums that an order-dependent dQ shows.
+        test_fwd_bwd({1, 500, 2, 1, 64, {500}});
         test_decode(3, 4, 2, 64, 200, {200, 0, 77}, 64);
         test_decode(2, 7, 1, 128, 100, {1, 100}, 64);
         test_decode(2, 9, 1, 32, 300, {300, 130}, 256);  // 4-5 chunks per split, 2 head groups
@@ -436,12 +450,5 @@ int main(int argc, char** argv) {
                     test_decode(4, gr.Hq, gr.Hkv, D, max_len, lens, split);
                 }
     }
-    std::printf("emulated %ld blocks, %ld warp collectives; races %ld; mismatches %d\n", emu::E.blocks,
-                emu::E.collectives, emu::E.races, g_fail);
-    if (emu::E.races || g_fail) {
-        std::printf("FAILED\n");
-        return 1;
-    }
-    std::printf("OK\n");
-    return 0;
+    return finish();
 }

@@ -12,7 +12,8 @@
 // starts as 0xFF bytes: NaN in bf16 and fp32). A shadow of the shared memory records, per byte and
 // barrier epoch, who wrote and who read it; two different threads touching a byte in the same
 // epoch with at least one write is reported as a race (like compute-sanitizer's racecheck).
-// The scheduling order of fibers can be forward, reversed or random per pass.
+// The scheduling order of fibers can be forward, reversed or random per pass, and so can the
+// order in which the blocks of a grid run.
 #pragma once
 #define DFPO_EMU 1
 
@@ -36,6 +37,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// Static __shared__ arrays become function statics: one copy, used by the block that runs (blocks
+// run one at a time). Unlike the dynamic shared memory they are not race-tracked or poisoned.
+#define __shared__ static
 
 struct dim3_t {
     unsigned x = 1, y = 1, z = 1;
@@ -59,6 +63,15 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float __int_as_float(unsigned i) { return __int_as_float((int)i); }
+inline float __uint_as_float(unsigned i) { return __int_as_float((int)i); }
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline unsigned __float_as_uint(float f) { return (unsigned)__float_as_int(f); }
+using std::isfinite;
+using std::isnan;
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
@@ -83,6 +96,8 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return {(uint16_t)(u >> 16)};
 }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
 inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {__bfloat162float(v.x), __bfloat162float(v.y)}; }
 
 namespace emu {
@@ -103,7 +118,7 @@ struct Copy {
     int bytes, src_bytes;
 };
 
-enum Kind { K_SHFL = 1, K_LDSM, K_LDSM_T, K_MMA, K_SYNCWARP };
+enum Kind { K_SHFL = 1, K_LDSM, K_LDSM_T, K_MMA, K_SYNCWARP, K_SHFL_IDX, K_SHFL_UP, K_SHFL_DOWN, K_BALLOT };
 
 struct WarpSt {
     int arrived = 0;
@@ -136,7 +151,11 @@ struct State {
     std::vector<std::vector<std::vector<Copy>>> groups;  // [thread][committed group]
     std::vector<std::vector<Copy>> open;                 // [thread]: not yet committed
     std::function<void()> body;
-    int order = 0;  // 0 forward, 1 reverse, 2 random
+    int order = 0;        // threads of a block: 0 forward, 1 reverse, 2 random
+    int block_order = 0;  // blocks of a grid: 0 forward, 1 reverse, 2 random
+    // When not empty: run only these blocks (linear index x + gx (y + gy z)) of the next launch,
+    // e.g. the last rows of a real-size problem whose buffers are sparse mappings.
+    std::vector<long long> only_blocks;
     std::mt19937 rng{12345};
     long races = 0, collectives = 0, blocks = 0;
 };
@@ -295,12 +314,23 @@ inline void launch(const char* name, dim3_t grid, dim3_t block, size_t smem_byte
     E.r_tid.assign(smem_bytes, 0);
     blockDim = {block.x, 1, 1};
     gridDim = grid;
+    // Blocks run one at a time, in launch order (x fastest), reversed, or shuffled: a result
+    // that depends on the order of blocks (e.g. float atomics) differs between orders.
+    std::vector<dim3_t> blocks;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
-                blockIdx = {x, y, z};
-                run_block();
+                const long long lin = x + (long long)grid.x * (y + (long long)grid.y * z);
+                if (E.only_blocks.empty() ||
+                    std::find(E.only_blocks.begin(), E.only_blocks.end(), lin) != E.only_blocks.end())
+                    blocks.push_back({x, y, z});
             }
+    if (E.block_order == 1) std::reverse(blocks.begin(), blocks.end());
+    if (E.block_order == 2) std::shuffle(blocks.begin(), blocks.end(), E.rng);
+    for (const dim3_t& b : blocks) {
+        blockIdx = b;
+        run_block();
+    }
     std::free(E.smem);
     E.smem = nullptr;
 }
@@ -350,10 +380,74 @@ inline T __shfl_xor_sync(unsigned mask, T v, int o) {
            }).v;
 }
 
-inline float atomicAdd(float* p, float v) {
-    const float old = *p;
+// Shuffles other than xor (PTX shfl.sync.idx / .up / .down with the whole warp): lane l reads
+// lane src & 31, l - d (its own value below d) or l + d (its own value from 32 - d).
+template <class T>
+inline T emu_shfl(int kind, unsigned mask, T v, int arg) {
+    struct In {
+        T v;
+        int arg;
+        unsigned mask;
+    };
+    struct Out {
+        T v;
+    };
+    return emu::collective<In, Out>(kind, In{v, arg, mask}, [kind](const In* const* in, Out* out, int w) {
+               for (int l = 0; l < 32; ++l) {
+                   if (in[l]->mask != 0xffffffffu) emu::fail("%s: shfl with a partial mask", emu::E.kernel);
+                   const int a = in[l]->arg;
+                   if (kind != emu::K_SHFL_IDX && a != in[0]->arg)
+                       emu::fail("%s: warp %d: lanes shuffle by different deltas", emu::E.kernel, w);
+                   int src = l;
+                   if (kind == emu::K_SHFL_IDX) src = a & 31;
+                   if (kind == emu::K_SHFL_UP && l >= a) src = l - a;
+                   if (kind == emu::K_SHFL_DOWN && l + a < 32) src = l + a;
+                   out[l].v = in[src]->v;
+               }
+           }).v;
+}
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src) { return emu_shfl(emu::K_SHFL_IDX, mask, v, src); }
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned d) { return emu_shfl(emu::K_SHFL_UP, mask, v, (int)d); }
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned d) { return emu_shfl(emu::K_SHFL_DOWN, mask, v, (int)d); }
+
+inline unsigned __ballot_sync(unsigned mask, bool pred) {
+    struct In {
+        int p;
+        unsigned mask;
+    };
+    struct Out {
+        unsigned b;
+    };
+    return emu::collective<In, Out>(emu::K_BALLOT, In{pred ? 1 : 0, mask}, [](const In* const* in, Out* out, int) {
+               unsigned b = 0;
+               for (int l = 0; l < 32; ++l) {
+                   if (in[l]->mask != 0xffffffffu) emu::fail("%s: ballot with a partial mask", emu::E.kernel);
+                   b |= (unsigned)in[l]->p << l;
+               }
+               for (int l = 0; l < 32; ++l) out[l].b = b;
+           }).b;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+// Atomics: fibers switch only at synchronisation points, so a read-modify-write is atomic.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
     *p = old + v;
     return old;
+}
+
+// Round-to-nearest float operations (no contraction on the host either: -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline unsigned long long __float2ull_rn(float f) {
+    if (!(f > 0.f)) return 0ull;  // negative and NaN (cvt.rni.u64 saturates; NaN gives 0)
+    if (f >= 18446744073709551616.f) return ~0ull;
+    return (unsigned long long)std::nearbyint(f);
 }
 
 typedef unsigned int emu_u32;

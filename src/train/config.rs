@@ -268,6 +268,11 @@ pub struct PpoConfig {
     pub agg: String,
     pub epochs: usize,
     pub minibatches: usize,
+    /// Rows per forward/backward pass (gradient accumulation over a minibatch's micro-batches;
+    /// 0: the whole minibatch in one pass). The graphs are built for this batch, so it bounds
+    /// the activation memory; the update is the same (the loss weights are normalised over the
+    /// whole minibatch, so the micro-batch gradients sum to the minibatch's).
+    pub micro_batch_size: usize,
     pub gamma: f64,
     pub lam: f64,
     /// Whiten advantages over the batch.
@@ -288,6 +293,7 @@ impl Default for PpoConfig {
             agg: "token-mean".into(),
             epochs: 1,
             minibatches: 2,
+            micro_batch_size: 0,
             gamma: 1.0,
             lam: 0.95,
             whiten: true,
@@ -656,6 +662,10 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "ppo.minibatches",
         "minibatches per epoch, >= 1, dividing prompts_per_step * n_samples",
+    ),
+    (
+        "ppo.micro_batch_size",
+        "responses per forward/backward pass; the minibatch's gradients are accumulated over its micro-batches before one optimizer step (verl's ppo_micro_batch_size, TRL's gradient accumulation; the loss is normalised over the whole minibatch, so the update equals the one-pass update up to float rounding). 0: the whole minibatch in one pass. Must divide the minibatch (prompts_per_step * n_samples / minibatches)",
     ),
     ("ppo.gamma", "discount, in [0, 1]"),
     ("ppo.lam", "GAE lambda, in [0, 1]"),
@@ -1216,6 +1226,16 @@ impl TrainConfig {
                 format!(
                     "{} minibatches do not divide the batch of prompts_per_step * n_samples = {} * {} = {batch} responses",
                     p.minibatches, ro.prompts_per_step, ro.n_samples
+                ),
+            )?;
+        }
+        let minibatch = batch / p.minibatches.max(1);
+        if p.micro_batch_size > 0 && !minibatch.is_multiple_of(p.micro_batch_size) {
+            fail(
+                &["ppo.micro_batch_size", "ppo.minibatches"],
+                format!(
+                    "a micro-batch of {} responses does not divide the minibatch of {minibatch} (prompts_per_step * n_samples / minibatches)",
+                    p.micro_batch_size
                 ),
             )?;
         }

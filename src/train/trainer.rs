@@ -20,7 +20,9 @@ use super::eval::{
 };
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
-use super::models::{response_logprobs, tensor_map, Critic, CriticHead, OptSettings, Policy};
+use super::models::{
+    response_logprobs, tensor_map, ActorStats, Critic, CriticHead, CriticStats, OptSettings, Policy,
+};
 use super::optim::Schedule;
 use super::rollout::{
     flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
@@ -211,7 +213,11 @@ impl Trainer {
         }
         let stop = stop_ids(&policy_dec, &tok);
         let rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples;
-        let b = rows / cfg.ppo.minibatches;
+        // The graphs' batch: one micro-batch (the whole minibatch without accumulation).
+        let b = match cfg.ppo.micro_batch_size {
+            0 => rows / cfg.ppo.minibatches,
+            m => m,
+        };
         let o = &cfg.optim;
         let total = cfg.run.steps as u64 * cfg.ppo.epochs as u64 * cfg.ppo.minibatches as u64;
         let settings = |lr: f64| OptSettings {
@@ -723,6 +729,47 @@ impl Trainer {
         })
     }
 
+    /// The critic head's inputs for the micro-batch `rows` (a range of positions in `sel`) of
+    /// the minibatch whose inputs are `full` (from [`Self::critic_inputs`], weights normalised
+    /// over the whole minibatch, so the micro-batches' losses and gradients add up to the
+    /// minibatch's). Every input lists entries in row order: `[rows][S]` positions for the value
+    /// and quantile heads, the response tokens for the flow head (its first input holds their
+    /// graph rows r·S + t, made local to the micro-batch; unused capacity −1).
+    fn micro_inputs(
+        &self,
+        full: &[Vec<f32>],
+        rows: std::ops::Range<usize>,
+        total_rows: usize,
+    ) -> Vec<Vec<f32>> {
+        let s = self.s;
+        let flow_cap = self.critic.as_ref().and_then(|c| c.flow_capacity());
+        // Entry range of the micro-batch and the total entry count.
+        let (lo, hi, n) = match flow_cap {
+            None => (rows.start * s, rows.end * s, total_rows * s),
+            Some(_) => {
+                let local = &full[0];
+                let first = |r: usize| local.partition_point(|&i| (i as usize) < r * s);
+                (first(rows.start), first(rows.end), local.len())
+            }
+        };
+        let mut out: Vec<Vec<f32>> = full
+            .iter()
+            .map(|v| {
+                let w = v.len().checked_div(n).unwrap_or(0);
+                v[lo * w..hi * w].to_vec()
+            })
+            .collect();
+        if let Some(cap) = flow_cap {
+            let shift = (rows.start * s) as f32;
+            for i in out[0].iter_mut() {
+                *i -= shift;
+            }
+            // Unused capacity: no row (−1), zero weight.
+            out[0].resize(cap, -1.0);
+        }
+        out
+    }
+
     /// The critic head's inputs for the minibatch of rollout rows `sel`.
     fn critic_inputs(&self, p: &Prepared, sel: &[usize]) -> Option<Vec<Vec<f32>>> {
         let c = self.critic.as_ref()?;
@@ -769,8 +816,6 @@ impl Trainer {
                     v.last().expect("token weights").clone()
                 };
                 v.push(risk_w);
-                // Unused capacity: no row (−1), zero weight.
-                v[0].resize(c.flow_capacity().unwrap_or(0), -1.0);
                 v
             }
         })
@@ -799,8 +844,30 @@ impl Trainer {
         let tw = token_weights(&gather(&p.mask, sel, s), s, seq_mean);
         let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
         let ref_lp = p.ref_lp.as_ref().map(|r| gather(r, sel, s));
-        let kl = ref_lp.as_deref().map(|r| (r, self.kl_coef as f32));
-        let (st, g) = self.policy.update(&seqs, &sk, &old_lp, &adv, &tw, kl)?;
+        let micro = self.micro_batches(sel.len());
+        let (mut st, mut g) = (ActorStats::default(), Vec::new());
+        for r in &micro {
+            let t = r.start * s..r.end * s;
+            let kl = ref_lp
+                .as_deref()
+                .map(|l| (&l[t.clone()], self.kl_coef as f32));
+            let (mst, mg) = self.policy.update(
+                &seqs[r.clone()],
+                &sk[r.clone()],
+                &old_lp[t.clone()],
+                &adv[t.clone()],
+                &tw[t],
+                kl,
+            )?;
+            // The weights are the minibatch's: losses, statistics and gradients add.
+            st.loss += mst.loss;
+            st.pg_loss += mst.pg_loss;
+            st.clipfrac += mst.clipfrac;
+            st.ppo_kl += mst.ppo_kl;
+            st.entropy += mst.entropy;
+            st.kl_loss += mst.kl_loss;
+            accumulate(&mut g, mg);
+        }
         let stop = |msg: String| -> Result<()> {
             if !skip_nonfinite {
                 return Err(Error::Invalid(format!(
@@ -838,8 +905,26 @@ impl Trainer {
         let Some(inputs) = self.critic_inputs(p, sel) else {
             return Ok(skipped);
         };
+        let parts: Vec<Vec<Vec<f32>>> = micro
+            .iter()
+            .map(|r| self.micro_inputs(&inputs, r.clone(), sel.len()))
+            .collect();
         let c = self.critic.as_mut().expect("critic inputs imply a critic");
-        let (cst, g) = c.update(&seqs, &inputs)?;
+        let (mut cst, mut g) = (None::<CriticStats>, Vec::new());
+        for (r, part) in micro.iter().zip(&parts) {
+            let (mst, mg) = c.update(&seqs[r.clone()], part)?;
+            match &mut cst {
+                None => cst = Some(mst),
+                Some(a) => {
+                    a.loss += mst.loss;
+                    for ((_, v), (_, mv)) in a.terms.iter_mut().zip(&mst.terms) {
+                        *v += mv;
+                    }
+                }
+            }
+            accumulate(&mut g, mg);
+        }
+        let cst = cst.expect("a minibatch has at least one micro-batch");
         let finite = cst.loss.is_finite();
         let o = if finite { Some(c.step(&g)?) } else { None };
         if !finite || !o.is_some_and(|o| o.applied) {
@@ -863,6 +948,15 @@ impl Trainer {
             add(acc, &format!("critic/{n}"), *v);
         }
         Ok(skipped)
+    }
+
+    /// The micro-batches (ranges of positions) of a minibatch of `rows` rows.
+    fn micro_batches(&self, rows: usize) -> Vec<std::ops::Range<usize>> {
+        let m = match self.cfg.ppo.micro_batch_size {
+            0 => rows.max(1),
+            m => m,
+        };
+        (0..rows).step_by(m).map(|a| a..(a + m).min(rows)).collect()
     }
 
     /// One RL step (prepare, then PPO epochs × minibatches); returns its metrics.
@@ -1341,4 +1435,17 @@ pub fn summary_table(s: &Summary) -> String {
 pub fn run(cfg: TrainConfig) -> Result<Summary> {
     let mut t = Trainer::new(cfg)?;
     t.run()
+}
+
+/// Adds the gradients `g` of one micro-batch into `acc` (empty: takes them).
+fn accumulate(acc: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
+    if acc.is_empty() {
+        *acc = g;
+        return;
+    }
+    for (a, g) in acc.iter_mut().zip(g) {
+        for (x, y) in a.iter_mut().zip(g) {
+            *x += y;
+        }
+    }
 }

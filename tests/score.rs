@@ -154,7 +154,10 @@ fn bad_input_names_file_line_and_field() {
     assert!(run(&a).unwrap_err().to_string().contains("score.batch"));
     a.batch = 2;
     a.device = "tpu".into();
-    assert!(run(&a).unwrap_err().to_string().contains("--device tpu"));
+    assert!(run(&a)
+        .unwrap_err()
+        .to_string()
+        .contains("score.device = \"tpu\""));
     a.device = "cpu".into();
     a.data = dir.0.join("missing.jsonl");
     assert!(run(&a).unwrap_err().to_string().contains("missing.jsonl"));

@@ -177,6 +177,6 @@ fn eval(a: &Args) -> dfpo::Result<()> {
 }
 
 fn critic_demo(a: &dfpo::demo::CriticDemoArgs) -> dfpo::Result<()> {
-    let device = dfpo::model::score::parse_device(&a.device)?;
+    let device = dfpo::model::score::parse_device("--device", &a.device)?;
     dfpo::demo::run(a, device).map(|_| ())
 }

@@ -103,21 +103,21 @@ pub struct Scored {
     pub sum: f64,
 }
 
-/// Resolves `--device`.
-pub fn parse_device(s: &str) -> Result<Device> {
+/// Resolves a device setting; `key` names it in errors (`run.device`, `score.device`, ...).
+pub fn parse_device(key: &str, s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => crate::device::cuda_device()
             .map(Device::Cuda)
             .ok_or_else(|| {
                 Error::Invalid(format!(
-                    "--device cuda: no CUDA device ({})",
+                    "{key} = cuda: no CUDA device ({})",
                     crate::device::cuda_unavailable_reason()
                 ))
             }),
         "auto" => Device::best(),
         other => Err(Error::Invalid(format!(
-            "--device {other}: expected cpu, cuda or auto"
+            "{key} = {other:?}: expected cpu, cuda or auto"
         ))),
     }
 }
@@ -160,7 +160,7 @@ pub fn score(args: &ScoreArgs) -> Result<Vec<Scored>> {
     if args.batch == 0 {
         return Err(Error::Invalid("score.batch must be at least 1".into()));
     }
-    let device = parse_device(&args.device)?;
+    let device = parse_device("score.device", &args.device)?;
     let model = super::builtin::model_dir(&args.model.to_string_lossy())?;
     let dec = Decoder::load(&model)?;
     let tok = Tokenizer::from_dir(&model)?;

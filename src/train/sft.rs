@@ -218,7 +218,7 @@ pub fn train(args: &SftArgs) -> Result<SftReport> {
             args.schedule
         )));
     }
-    let device = parse_device(&args.device)?;
+    let device = parse_device("sft.device", &args.device)?;
     let out = ModelOut {
         flag: "sft.out (--out)",
         dir: &args.out,

@@ -104,7 +104,7 @@ fn solver(name: &str) -> Solver {
 
 /// The device named by `run.device` ("auto": CUDA when present, else the CPU).
 pub fn resolve_device(name: &str) -> Result<Device> {
-    crate::model::score::parse_device(name)
+    crate::model::score::parse_device("run.device", name)
 }
 
 pub use crate::model::builtin::model_dir;

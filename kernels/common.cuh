@@ -9,6 +9,17 @@
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
+// The dynamic shared memory of a launch (16-byte aligned). The emulator (tools/cuda-emu, which
+// defines DFPO_EMU) has one buffer for it.
+#ifdef DFPO_EMU
+__device__ __forceinline__ char* dfpo_dyn_smem() { return emu_dyn_smem(); }
+#else
+__device__ __forceinline__ char* dfpo_dyn_smem() {
+    extern __shared__ __align__(16) char dfpo_smem[];
+    return dfpo_smem;
+}
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DFPO_FULL_MASK, v, o);

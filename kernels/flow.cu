@@ -397,8 +397,7 @@ __device__ void flow_integrate_impl(const float* __restrict__ hp, int H, int dep
                                     int K, long long R, const float* __restrict__ z0, const float* __restrict__ t0p,
                                     const float* __restrict__ t1p, float t0v, float t1v, int steps, int midpoint,
                                     int clip, float lo, float hi, float* __restrict__ z1, float* __restrict__ jac) {
-    extern __shared__ float4 flow_smem4[];
-    float* sm = reinterpret_cast<float*>(flow_smem4);
+    float* sm = reinterpret_cast<float*>(dfpo_dyn_smem());
     FlowTile t;
     t.hp = hp; t.u = u; t.H = H; t.depth = depth; t.K = K; t.R = R;
     t.TR = flow_tile_rows(H);
@@ -495,8 +494,7 @@ flow_integrate_jac(const float* __restrict__ hp, int H, int depth, const float* 
 extern "C" __global__ void __launch_bounds__(FLOW_THREADS, 2)
 flow_eval_fwd(const float* __restrict__ hp, int H, int depth, const float* __restrict__ u, int K, long long R,
               const float* __restrict__ z, const float* __restrict__ tau, float* __restrict__ v) {
-    extern __shared__ float4 flow_smem4[];
-    float* sm = reinterpret_cast<float*>(flow_smem4);
+    float* sm = reinterpret_cast<float*>(dfpo_dyn_smem());
     FlowTile t;
     t.hp = hp; t.u = u; t.H = H; t.depth = depth; t.K = K; t.R = R;
     t.TR = flow_tile_rows(H);
@@ -537,8 +535,7 @@ flow_eval_bwd(const float* __restrict__ hp, const float* __restrict__ WT, int H,
               const float* __restrict__ u, int K, long long R, const float* __restrict__ z,
               const float* __restrict__ tau, const float* __restrict__ dv, float* __restrict__ dz,
               float* __restrict__ wa, float* __restrict__ wh, float* __restrict__ partial) {
-    extern __shared__ float4 flow_smem4[];
-    float* sm = reinterpret_cast<float*>(flow_smem4);
+    float* sm = reinterpret_cast<float*>(dfpo_dyn_smem());
     const int TR = flow_tile_rows(H);
     const int V = flow_vec_len(H, depth);
     const float invH = 1.0f / (float)H;

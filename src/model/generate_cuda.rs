@@ -240,6 +240,8 @@ pub struct DeviceGenerator {
     graph: Option<(CudaGraph, Weights, SampleParams)>,
     traffic: Traffic,
     return_logprobs: bool,
+    /// Why stream capture failed, when it did (the generator then decodes with direct launches).
+    graph_unavailable: Option<String>,
 }
 
 // SAFETY: the CUDA graph handle is only used through `&mut self` (one thread at a time), which
@@ -352,6 +354,7 @@ impl DeviceGenerator {
             graph: None,
             traffic: Traffic::default(),
             return_logprobs: false,
+            graph_unavailable: None,
         })
     }
 
@@ -426,6 +429,11 @@ impl DeviceGenerator {
     /// do, and [`Generation::logprobs`] / `policy_logprobs` are empty).
     pub fn set_return_logprobs(&mut self, on: bool) {
         self.return_logprobs = on;
+    }
+
+    /// Why the driver refused stream capture, when it did (decoding then uses direct launches).
+    pub fn graph_unavailable(&self) -> Option<&str> {
+        self.graph_unavailable.as_deref()
     }
 
     /// Host traffic and step counts so far.
@@ -541,10 +549,19 @@ impl DeviceGenerator {
                 if self.graph.is_none() {
                     self.capture(&w, &p.sample)?;
                 }
-                let g = &self.graph.as_ref().expect("captured above").0;
-                g.launch()
-                    .map_err(|e| Error::Cuda(format!("device generation: graph launch: {e}")))?;
-                self.traffic.graph_launches += 1;
+                match &self.graph {
+                    Some((g, ..)) => {
+                        g.launch().map_err(|e| {
+                            Error::Cuda(format!("device generation: graph launch: {e}"))
+                        })?;
+                        self.traffic.graph_launches += 1;
+                    }
+                    None => {
+                        // Capture is unavailable (see `capture`): direct launches.
+                        unsafe { self.decode_step(&w, &p.sample)? };
+                        self.traffic.direct_steps += 1;
+                    }
+                }
             } else {
                 // SAFETY: as for the prefill.
                 unsafe { self.decode_step(&w, &p.sample)? };
@@ -633,9 +650,19 @@ impl DeviceGenerator {
     /// Captures one decode step (sample, state update, decode forward) as a CUDA graph.
     fn capture(&mut self, w: &Weights, sp: &SampleParams) -> Result<()> {
         let stream = self.dev.stream().clone();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| Error::Cuda(format!("device generation: begin capture: {e}")))?;
+        if let Err(e) =
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            // A driver without stream capture (the emulated one): say so once, then decode
+            // with direct launches. A failure after capture began is an error.
+            eprintln!(
+                "device generation: CUDA stream capture is unavailable ({e}); decoding with \
+                 direct launches"
+            );
+            self.use_graph = false;
+            self.graph_unavailable = Some(e.to_string());
+            return Ok(());
+        }
         // SAFETY: as in `generate`; during capture nothing runs, the launches are recorded.
         let r = unsafe { self.decode_step(w, sp) };
         let g = stream.end_capture(CUgraphInstantiate_flags(0));

@@ -950,8 +950,18 @@ impl DeviceGenerators {
                     max_prompt_len: s.max(max_prompt_len),
                     max_new_tokens: p.max_new_tokens,
                 };
-                self.gens
-                    .push(DeviceGenerator::new(self.dev.clone(), &self.config, cap)?);
+                let g = DeviceGenerator::new(self.dev.clone(), &self.config, cap)?;
+                eprintln!(
+                    "device generation: {} prompts x {} samples, {} + {} tokens: {:.2} GB on the \
+                     device (KV cache {:.2} GB)",
+                    cap.prompts,
+                    cap.n_samples,
+                    cap.max_prompt_len,
+                    cap.max_new_tokens,
+                    g.device_bytes() as f64 / 1e9,
+                    (g.b.kc.bytes + g.b.vc.bytes) as f64 / 1e9
+                );
+                self.gens.push(g);
                 self.gens.len() - 1
             }
         };

@@ -284,7 +284,7 @@ fn cuda_rollout_draws_follow_the_cpu_rule() {
     for r in 0..b.rows() {
         let seq = &b.seqs[r];
         let mut g = dec.build(1, seq.len(), &Device::Cpu).unwrap();
-        g.set_batch(&[seq.clone()]).unwrap();
+        g.set_batch(std::slice::from_ref(seq)).unwrap();
         g.forward().unwrap();
         let z = g.logits().unwrap();
         for j in 0..b.response_len[r] {

@@ -758,6 +758,7 @@ impl DeviceGenerator {
         gpu::linear_fwd(&self.dev, x, w.head, rows, h, v, self.b.logits.ptr, v, 0.0)
     }
 
+    #[allow(clippy::too_many_arguments)]
     unsafe fn linear(
         &self,
         x: u64,

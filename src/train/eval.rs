@@ -203,6 +203,10 @@ pub fn evaluate(
     })
 }
 
+/// A generator: prompts and settings in, rows out (prompt-major), as
+/// [`crate::model::generate::generate`].
+pub type GenerateFn<'a> = dyn FnMut(&[Vec<u32>], &GenerateParams) -> Result<Vec<Generation>> + 'a;
+
 /// [`evaluate`] with the generation done by `gen` (e.g. on the device from a policy graph's
 /// weights, [`crate::model::generate_cuda`]); `dec` gives the config's stop ids.
 pub fn evaluate_with(
@@ -212,7 +216,7 @@ pub fn evaluate_with(
     examples: &[Example],
     checker: Checker,
     opts: &EvalOpts,
-    gen: &mut dyn FnMut(&[Vec<u32>], &GenerateParams) -> Result<Vec<Generation>>,
+    gen: &mut GenerateFn<'_>,
 ) -> Result<EvalResult> {
     if opts.batch == 0 || opts.max_new_tokens == 0 {
         return Err(Error::Invalid(format!(

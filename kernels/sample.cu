@@ -1,9 +1,10 @@
 // sample.cu: token sampling from bf16 logits (CPU reference in src/kernels/sample.rs).
 // Defines:
-//   sample_rows  one block per row of logits [N][V]: temperature, top-k, top-p, greedy; returns
-//                the token, its log-prob under the sampling distribution (after temperature,
-//                top-k, top-p renormalisation), its log-prob under the temperature-1 policy, and
-//                optionally the number of tokens that survived the filters.
+//   sample_rows      one block per row of logits [N][V]: temperature, top-k, top-p, greedy; returns
+//                    the token, its log-prob under the sampling distribution (after temperature,
+//                    top-k, top-p renormalisation), its log-prob under the temperature-1 policy, and
+//                    optionally the number of tokens that survived the filters.
+//   sample_rows_dev  the same with (seed, counter) read from device memory (CUDA-graph decoding).
 //
 // Total order of the tokens: by logit descending, ties by id ascending. Every filter keeps a
 // prefix of that order, so the kept set is {key > kap} + {key == kap and id <= idthr}, where key is
@@ -392,10 +393,11 @@ __device__ SStat s_stats(const unsigned short* rowp, long long V, long long head
 // top_k in [1, V) or 0 (off), top_p < 1 or >= 1 (off).
 // Outputs per row: tokens, lp_sample (log-prob under the sampling distribution; 0 for greedy),
 // lp_policy (log-prob under softmax(logits)), n_kept (optional, may be null).
-extern "C" __global__ void __launch_bounds__(SB)
-sample_rows(const unsigned short* __restrict__ logits, long long V, int greedy, float c, u32 top_k,
-            float top_p, u64 seed, u64 counter, u32* __restrict__ tokens,
-            float* __restrict__ lp_sample, float* __restrict__ lp_policy, u32* __restrict__ n_kept) {
+__device__ __forceinline__ void sample_rows_impl(const unsigned short* __restrict__ logits, long long V,
+                                                 int greedy, float c, u32 top_k, float top_p, u64 seed,
+                                                 u64 counter, u32* __restrict__ tokens,
+                                                 float* __restrict__ lp_sample,
+                                                 float* __restrict__ lp_policy, u32* __restrict__ n_kept) {
     __shared__ u32 s_h32[256];
     __shared__ unsigned long long s_h64[256];
     __shared__ u32 s_scan[SNW];
@@ -600,4 +602,22 @@ sample_rows(const unsigned short* __restrict__ logits, long long V, int greedy, 
         lp_policy[row] = S_LN2 * (zt * S_LOG2E - (st.m1 + log2f(st.S1)));
         if (n_kept != nullptr) n_kept[row] = ok ? nk : 0u;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(SB)
+sample_rows(const unsigned short* __restrict__ logits, long long V, int greedy, float c, u32 top_k,
+            float top_p, u64 seed, u64 counter, u32* __restrict__ tokens,
+            float* __restrict__ lp_sample, float* __restrict__ lp_policy, u32* __restrict__ n_kept) {
+    sample_rows_impl(logits, V, greedy, c, top_k, top_p, seed, counter, tokens, lp_sample, lp_policy,
+                     n_kept);
+}
+
+// sample_rows with (seed, counter) read from the device (seed_ctr[0], seed_ctr[1]), so that a
+// captured CUDA graph replays with the values the generation state holds at each launch.
+extern "C" __global__ void __launch_bounds__(SB)
+sample_rows_dev(const unsigned short* __restrict__ logits, long long V, int greedy, float c, u32 top_k,
+                float top_p, const u64* __restrict__ seed_ctr, u32* __restrict__ tokens,
+                float* __restrict__ lp_sample, float* __restrict__ lp_policy, u32* __restrict__ n_kept) {
+    sample_rows_impl(logits, V, greedy, c, top_k, top_p, seed_ctr[0], seed_ctr[1], tokens, lp_sample,
+                     lp_policy, n_kept);
 }

@@ -243,3 +243,79 @@ fn cuda_full_steps_of_every_algorithm_are_finite() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The trainer's rollout on CUDA generates on the device (src/model/generate_cuda.rs) from the
+/// policy graph's weights: its draws follow the CPU sampler's rule (the exponential race with the
+/// same seed and counters) on the CPU's own logits of the rollout's tokens, except at near-ties
+/// that bf16 arithmetic cannot settle.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_rollout_draws_follow_the_cpu_rule() {
+    use dfpo::kernels::sample::cpu as scpu;
+    if dfpo::device::cuda_for_test("cuda_rollout_draws_follow_the_cpu_rule").is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dfpo-cuda-rollout-{}", std::process::id()));
+    arith::write_random_model(&dir, 5).unwrap();
+    let sets: Vec<String> = vec![
+        format!("model.policy={}", dir.display()),
+        format!("run.out_dir={}", dir.join("run").display()),
+        "run.device=cuda".into(),
+        "run.progress=false".into(),
+        "rollout.prompts_per_step=4".into(),
+        "rollout.n_samples=4".into(),
+        "data.eval_size=8".into(),
+    ];
+    let cfg = TrainConfig::load(None, &sets).unwrap();
+    let t = Trainer::new(cfg).unwrap();
+    let step = 0;
+    let b = t.rollout(step).unwrap();
+    let seed = dfpo::train::rollout::Stream::new(t.cfg.run.seed, step, "rollout").next_u64();
+    let rc = &t.cfg.rollout;
+    let sp = dfpo::kernels::sample::SampleParams {
+        temperature: rc.temperature,
+        top_k: rc.top_k as u32,
+        top_p: rc.top_p,
+    };
+    let dec = &t.policy.dec;
+    let v = dec.config.vocab_size;
+    let rows = b.rows() as u64;
+    let (mut exact, mut all) = (0usize, 0usize);
+    for r in 0..b.rows() {
+        let seq = &b.seqs[r];
+        let mut g = dec.build(1, seq.len(), &Device::Cpu).unwrap();
+        g.set_batch(std::slice::from_ref(seq)).unwrap();
+        g.forward().unwrap();
+        let z = g.logits().unwrap();
+        for j in 0..b.response_len[r] {
+            let at = b.prompt_len[r] - 1 + j;
+            let row = &z[at * v..(at + 1) * v];
+            let tok = seq[at + 1];
+            let tol = 3e-2 * row.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64)) + 1e-4;
+            let (zmax, _) = scpu::row_max(row).unwrap();
+            let order = scpu::rank_order(row);
+            let len = scpu::kept_len(row, &order, zmax, &sp);
+            let counter = j as u64 * rows;
+            let te = sp.temperature as f64;
+            let (want, best) = scpu::race(row, &order[..len], zmax, te, seed, counter, r);
+            all += 1;
+            if tok == want {
+                exact += 1;
+                continue;
+            }
+            let u = dfpo::kernels::uniform_open(
+                seed,
+                dfpo::kernels::sample::element_counter(counter, r, v, tok as usize),
+            );
+            let sc = scpu::race_score(row[tok as usize] as f64, zmax, te, u);
+            assert!(
+                sc >= best - 4.0 * tol / te,
+                "row {r} token {j}: the device drew {tok} (race score {sc}), the CPU rule {want} \
+                 ({best}): not a near-tie"
+            );
+        }
+    }
+    eprintln!("CUDA rollout: {exact} of {all} draws equal the CPU rule's exactly");
+    assert!(all > 0 && exact * 10 >= all * 8, "{exact} of {all}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -92,14 +92,14 @@ p2=$(( $(left) * 60 / 100 ))
 say "== phase 2: benches (${p2}s) =="
 deadline2=$(( $(date +%s) + p2 ))
 export CRITERION_HOME="$logs/criterion"
-for n in ${GPU_CHECK_BENCHES-flow risk rl attention lmops layers model train_step}; do
+for n in ${GPU_CHECK_BENCHES-flow risk rl attention lmops layers model generate train_step}; do
   l=$(( deadline2 - $(date +%s) ))
   (( l < 10 )) && { say "bench-$n: NOT RUN (out of time)"; continue; }
-  lim=$(( l < 45 ? l : 45 )); [[ $n == train_step ]] && lim=$l
+  lim=$(( l < 45 ? l : 45 )); [[ $n == train_step ]] && lim=$l; [[ $n == generate ]] && lim=$(( l < 90 ? l : 90 ))
   DFPO_BENCH_CUDA_STEPS=1 timeout "$lim" "$bin/bench-$n" --bench _cuda --warm-up-time 0.5 --measurement-time 1.5 \
     > "$logs/bench-$n.log" 2>&1
   say "bench-$n: exit $?"
-  grep -E "time:|thrpt:|^[a-z_]+_cuda/|DFPO/PPO|: (dfpo|ppo) " "$logs/bench-$n.log" | head -60 >> "$summary"
+  grep -E "time:|thrpt:|^[a-z_]+_cuda/|DFPO/PPO|: (dfpo|ppo) |^cuda: rollout" "$logs/bench-$n.log" | head -60 >> "$summary"
 done
 snapshot
 
@@ -113,10 +113,12 @@ elif python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; th
   (( l > 5 )) && timeout "$l" python3 "$ref/torch_bench.py" --reps 10 --out "$logs/torch.json" > "$logs/torch_bench.log" 2>&1; say "torch_bench: exit $?"
   l=$(( $(left) - 5 )); (( l > 40 )) && l=40
   (( l > 5 )) && timeout "$l" python3 "$ref/torch_attention_bench.py" --reps 10 --out "$logs/torch_attention.json" > "$logs/torch_attention.log" 2>&1; say "torch_attention: exit $?"
+  l=$(( $(left) - 5 )); (( l > 75 )) && l=75
+  (( l > 5 )) && timeout "$l" python3 "$ref/torch_generate_bench.py" --warmup 1 --reps 2 --out "$logs/torch_generate.json" > "$logs/torch_generate.log" 2>&1; say "torch_generate: exit $?"
   l=$(( $(left) - 5 ))
   (( l > 5 )) && timeout "$l" python3 "$ref/torch_dfpo_step.py" --warmup 2 --reps 5 --out "$logs/torch_dfpo_step.json" > "$logs/torch_dfpo_step.log" 2>&1; say "torch_dfpo_step: exit $?"
   grep -h '"bench": "torch_dfpo_step"' "$logs/torch_dfpo_step.log" >> "$summary" 2>/dev/null
-  python3 "$ref/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" "$logs/torch_dfpo_step.json" >> "$summary" 2>&1
+  python3 "$ref/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" "$logs/torch_generate.json" "$logs/torch_dfpo_step.json" >> "$summary" 2>&1
 else
   say "PyTorch with CUDA not available: comparison NOT run"
 fi

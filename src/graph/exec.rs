@@ -157,6 +157,35 @@ impl Session {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
+    /// The device address (CUdeviceptr) of input or parameter `t` on a CUDA session, with its
+    /// element type: it stays the same for the session's life (the persistent buffer is allocated
+    /// once), so a kernel or a captured CUDA graph may read the live values there, e.g. device
+    /// generation reading the policy's weights. `Error::Invalid` on a CPU session or for an
+    /// activation (arena tensors are only meaningful while live inside a run).
+    pub fn persistent_ptr(&self, t: TensorId) -> Result<(u64, DType)> {
+        let info = self
+            .plan
+            .tensors
+            .get(t.0)
+            .ok_or_else(|| Error::Invalid(format!("unknown tensor {t:?}")))?;
+        if !matches!(info.role, Role::Input | Role::Param) {
+            return Err(Error::Invalid(format!(
+                "persistent_ptr: {} is not an input or parameter",
+                info.name
+            )));
+        }
+        match &self.storage {
+            Storage::Cpu { .. } => Err(Error::Invalid(format!(
+                "persistent_ptr: {} lives on the CPU",
+                info.name
+            ))),
+            Storage::Cuda { dev, pers, .. } => {
+                let (p, _g) = pers.device_ptr(dev.stream());
+                Ok((p + self.plan.pers_offset[t.0] as u64, info.dtype))
+            }
+        }
+    }
+
     /// [`Session::read`] of an f32 tensor.
     pub fn read_f32(&self, t: TensorId) -> Result<Vec<f32>> {
         self.read::<f32>(t)

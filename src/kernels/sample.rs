@@ -391,15 +391,7 @@ pub mod cuda {
         if n_kept != 0 {
             check_ptr("sample n_kept", n_kept, 4)?;
         }
-        let vl = v as i64;
-        let greedy = i32::from(p.is_greedy());
-        let c = if p.is_greedy() {
-            0.0f32
-        } else {
-            (std::f64::consts::LOG2_E / p.temperature as f64) as f32
-        };
-        let top_k = p.top_k_for(v).unwrap_or(0) as u32;
-        let top_p = if p.top_p_active() { p.top_p } else { 2.0f32 };
+        let (vl, greedy, c, top_k, top_p) = kernel_params(v, p);
         let f = dev.function(FAMILY, "sample_rows")?;
         let mut a = dev.launch_builder(&f);
         a.arg(&logits)
@@ -415,6 +407,74 @@ pub mod cuda {
             .arg(&logprob_policy)
             .arg(&n_kept);
         dev.launch("sample_rows", a, cfg)
+    }
+
+    /// The kernel's scalar parameters: (V, greedy, log2(e)/T, top-k or 0, top-p or 2 = off).
+    fn kernel_params(v: usize, p: &SampleParams) -> (i64, i32, f32, u32, f32) {
+        let c = if p.is_greedy() {
+            0.0f32
+        } else {
+            (std::f64::consts::LOG2_E / p.temperature as f64) as f32
+        };
+        let top_k = p.top_k_for(v).unwrap_or(0) as u32;
+        let top_p = if p.top_p_active() { p.top_p } else { 2.0f32 };
+        (v as i64, i32::from(p.is_greedy()), c, top_k, top_p)
+    }
+
+    /// [`sample_raw`] with the seed and the counter read from the device when the kernel runs:
+    /// `seed_ctr` addresses two u64, `[seed, counter]` (8-byte aligned). The launch's arguments
+    /// do not change from call to call, so it can be captured in a CUDA graph and replayed while
+    /// the counter advances on the device (device generation).
+    ///
+    /// # Safety
+    /// As [`sample_raw`]; `seed_ctr` must address two u64 on `dev`'s context.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sample_dev_raw(
+        dev: &CudaDevice,
+        logits: u64,
+        n: usize,
+        v: usize,
+        p: &SampleParams,
+        seed_ctr: u64,
+        tokens: u64,
+        logprob_sample: u64,
+        logprob_policy: u64,
+        n_kept: u64,
+    ) -> Result<()> {
+        p.validate()?;
+        dims("sample", n, v)?;
+        if v > MAX_VOCAB {
+            return Err(Error::Invalid(format!(
+                "sample: v = {v} exceeds the kernel's limit {MAX_VOCAB}"
+            )));
+        }
+        let cfg = launch_config(n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        check_ptr("sample logits", logits, 2)?;
+        check_ptr("sample seed_ctr", seed_ctr, 8)?;
+        check_ptr("sample tokens", tokens, 4)?;
+        check_ptr("sample logprob_sample", logprob_sample, 4)?;
+        check_ptr("sample logprob_policy", logprob_policy, 4)?;
+        if n_kept != 0 {
+            check_ptr("sample n_kept", n_kept, 4)?;
+        }
+        let (vl, greedy, c, top_k, top_p) = kernel_params(v, p);
+        let f = dev.function(FAMILY, "sample_rows_dev")?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&logits)
+            .arg(&vl)
+            .arg(&greedy)
+            .arg(&c)
+            .arg(&top_k)
+            .arg(&top_p)
+            .arg(&seed_ctr)
+            .arg(&tokens)
+            .arg(&logprob_sample)
+            .arg(&logprob_policy)
+            .arg(&n_kept);
+        dev.launch("sample_rows_dev", a, cfg)
     }
 
     /// The launch over `n` rows: one block per row (the kernel indexes rows as `row·V` in i64);

@@ -549,6 +549,20 @@ impl DecoderGraph {
         self.session.read_f32(g)
     }
 
+    /// The device address of parameter `name` on a CUDA graph (bf16, HF layout): the live
+    /// weights, fixed for the graph's life (see [`Session::persistent_ptr`]).
+    pub fn param_device_ptr(&self, name: &str) -> Result<u64> {
+        let t = *self.params.get(name).ok_or_else(|| {
+            Error::Invalid(format!("param_device_ptr: no parameter named {name}"))
+        })?;
+        match self.session.persistent_ptr(t)? {
+            (p, DType::BF16) => Ok(p),
+            (_, d) => Err(Error::Invalid(format!(
+                "param_device_ptr: {name} holds {d:?}, device generation reads bf16"
+            ))),
+        }
+    }
+
     /// Overwrites parameter `name` (f32 values, HF layout).
     pub fn set_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
         let t = *self

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod generate_cuda;
 pub mod init;
 pub mod ops;
 pub mod score;

@@ -1,6 +1,7 @@
 //! Evaluation: generate answers to eval prompts and score them with a [`Checker`].
 //!
-//! Generation is [`crate::model::generate::generate`] (CPU, KV cache) in batches of
+//! Generation is [`crate::model::generate::generate`] (CPU, KV cache; the trainer generates on
+//! the device on CUDA, [`evaluate_with`]) in batches of
 //! `opts.batch` prompts, stopping at EOS (the tokenizer's and the config's EOS ids). Greedy
 //! decoding takes one answer per prompt; otherwise `pass_k` samples at `temperature`, and a
 //! prompt counts as solved when ANY of them is correct (pass@k). `unparsed` is the share of all
@@ -12,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::kernels::sample::SampleParams;
 use crate::kernels::splitmix64;
 use crate::model::decoder::Decoder;
-use crate::model::generate::{generate, GenerateParams};
+use crate::model::generate::{generate, GenerateParams, Generation};
 use crate::model::tokenizer::Tokenizer;
 use crate::task::{encode_prompt, Checker, Example, Verdict};
 
@@ -188,7 +189,7 @@ pub fn response_text(tok: &Tokenizer, tokens: &[u32], stop: &[u32]) -> Result<St
     tok.decode(body, true)
 }
 
-/// Evaluates `dec` on `examples` (see the module doc).
+/// Evaluates `dec` on `examples` (see the module doc), generating on the CPU.
 pub fn evaluate(
     dec: &Decoder,
     tok: &Tokenizer,
@@ -196,6 +197,26 @@ pub fn evaluate(
     examples: &[Example],
     checker: Checker,
     opts: &EvalOpts,
+) -> Result<EvalResult> {
+    evaluate_with(dec, tok, name, examples, checker, opts, &mut |ps, p| {
+        generate(dec, ps, p)
+    })
+}
+
+/// A generator: prompts and settings in, rows out (prompt-major), as
+/// [`crate::model::generate::generate`].
+pub type GenerateFn<'a> = dyn FnMut(&[Vec<u32>], &GenerateParams) -> Result<Vec<Generation>> + 'a;
+
+/// [`evaluate`] with the generation done by `gen` (e.g. on the device from a policy graph's
+/// weights, [`crate::model::generate_cuda`]); `dec` gives the config's stop ids.
+pub fn evaluate_with(
+    dec: &Decoder,
+    tok: &Tokenizer,
+    name: &str,
+    examples: &[Example],
+    checker: Checker,
+    opts: &EvalOpts,
+    gen: &mut GenerateFn<'_>,
 ) -> Result<EvalResult> {
     if opts.batch == 0 || opts.max_new_tokens == 0 {
         return Err(Error::Invalid(format!(
@@ -241,7 +262,7 @@ pub fn evaluate(
             n_samples: k,
             seed: splitmix64(opts.seed ^ splitmix64(bi as u64)),
         };
-        let gens = generate(dec, &prompts, &params)
+        let gens = gen(&prompts, &params)
             .map_err(|e| Error::Invalid(format!("evaluate {name}: batch {bi}: {e}")))?;
         let mut ok = vec![false; chunk.len()];
         for g in &gens {

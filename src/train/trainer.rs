@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::calibration::{calibration_table, critic_calibration};
 use super::config::{Algo, TrainConfig};
 use super::eval::{
-    check_unparsed, cut_at_stop, evaluate, response_text, stop_ids, EvalOpts, EvalResult,
+    check_unparsed, cut_at_stop, evaluate_with, response_text, stop_ids, EvalOpts, EvalResult,
 };
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
@@ -41,7 +41,7 @@ use crate::model::checkpoint::{
     read_safetensors, save_hf_folder, save_safetensors, write_atomic, Dtype, Tensor, TensorMap,
 };
 use crate::model::decoder::{Decoder, DecoderGraph};
-use crate::model::generate::{generate, GenerateParams};
+use crate::model::generate::{generate, GenerateParams, Generation};
 use crate::model::tokenizer::Tokenizer;
 use crate::task::{encode_prompt, load_task, TaskData};
 
@@ -164,6 +164,8 @@ pub struct Trainer {
     reward_cmd: Option<std::sync::Mutex<super::reward_cmd::RewardCommand>>,
     /// The sample generations of the last step (samples.jsonl).
     pub last_samples: Vec<serde_json::Value>,
+    /// On CUDA: rollouts and evals generate on the device from the policy graph's weights.
+    device_gen: Option<std::sync::Mutex<crate::model::generate_cuda::DeviceGenerators>>,
 }
 
 fn fmt_path(p: &Path) -> String {
@@ -341,6 +343,12 @@ impl Trainer {
                 super::reward_cmd::RewardCommand::start(&cfg.reward.command, cfg.reward.timeout_s)?;
             Some(std::sync::Mutex::new(c))
         };
+        let device_gen = match &device {
+            Device::Cuda(d) => Some(std::sync::Mutex::new(
+                crate::model::generate_cuda::DeviceGenerators::new(d.clone(), &policy.dec.config),
+            )),
+            Device::Cpu => None,
+        };
         Ok(Trainer {
             cfg,
             ops: StepOps::new(&device),
@@ -364,7 +372,25 @@ impl Trainer {
             prompt_limit,
             reward_cmd,
             last_samples: Vec::new(),
+            device_gen,
         })
+    }
+
+    /// Generation for rollouts and evals: on CUDA on the device from the policy graph's live
+    /// weights ([`crate::model::generate_cuda`]), else on the CPU from the host copy.
+    fn generate(&self, prompts: &[Vec<u32>], gp: &GenerateParams) -> Result<Vec<Generation>> {
+        match &self.device_gen {
+            Some(m) => m
+                .lock()
+                .map_err(|_| Error::Invalid("device generation: a previous call panicked".into()))?
+                .generate(
+                    &self.policy.graph,
+                    prompts,
+                    gp,
+                    self.s - self.cfg.rollout.max_new_tokens,
+                ),
+            None => generate(&self.policy.dec, prompts, gp),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -409,13 +435,14 @@ impl Trainer {
             .evals
             .iter()
             .map(|(name, ex)| {
-                evaluate(
+                evaluate_with(
                     &self.policy.dec,
                     &self.tok,
                     name,
                     ex,
                     self.task.checker,
                     &opts,
+                    &mut |ps, gp| self.generate(ps, gp),
                 )
             })
             .collect()
@@ -437,7 +464,7 @@ impl Trainer {
             n_samples: rc.n_samples,
             seed: Stream::new(self.cfg.run.seed, step, "rollout").next_u64(),
         };
-        let gens = generate(&self.policy.dec, &prompts, &gp)?;
+        let gens = self.generate(&prompts, &gp)?;
         let mut noise = Stream::new(self.cfg.run.seed, step, "reward");
         let mut b = Batch {
             s: self.s,

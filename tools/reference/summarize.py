@@ -19,6 +19,10 @@ PAIRS = [
     (r"^risk_cuda/stats/R32768xK32$", "risk_stats_k32_ms", "sort + tail stats, K=32"),
     (r"^risk_cuda/stats/R32768xK64$", "risk_stats_k64_ms", "sort + tail stats, K=64"),
     (r"^risk_cuda/stats/R32768xK256$", "risk_stats_k256_ms", "sort + tail stats, K=256"),
+    # benches/generate.rs and torch_generate_bench.py: 64 rows x (128 prompt + 256 new tokens),
+    # Qwen2-0.5B shape, bf16; torch = transformers generate with a static KV cache.
+    (r"^generate_cuda/rollout_graph$", "generate_rollout_ms", "rollout generate, CUDA graph decode"),
+    (r"^generate_cuda/rollout_direct$", "generate_rollout_ms", "rollout generate, direct launches"),
 ]
 
 
@@ -67,6 +71,11 @@ def main():
                 continue
             n, (ms, _) = hits[0]
             print(f"  {what}: dfpo {ms:.4f} ms, torch {torch[key]:.4f} ms -> {torch[key] / ms:.2f}x  [{n}]")
+    if "torch_generate" in torch:
+        g = torch["torch_generate"]
+        print(f"  (rollout generate torch side: {g.get('device')}, {g.get('dtype')}, "
+              f"torch.compile {'on' if g.get('compiled') else 'off'}, "
+              f"{torch['generate_rollout_tokens_per_s']:.0f} new tokens/s)")
     train_step_ratios(crit, torch.get("torch_dfpo_step"))
 
 

@@ -535,6 +535,14 @@ impl DecoderGraph {
         self.params.keys().map(|s| s.as_str())
     }
 
+    /// The graph tensor of parameter `name`.
+    pub fn param_id(&self, name: &str) -> Result<TensorId> {
+        self.params
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("no parameter named {name}")))
+    }
+
     /// The gradient (f32, HF layout) of parameter `name` after [`DecoderGraph::run`].
     pub fn grad(&self, name: &str) -> Result<Vec<f32>> {
         let t = *self

@@ -611,7 +611,7 @@ impl Trainer {
             let out = c.forward_readout(&batch.seqs)?;
             match (&c.head, &fs) {
                 (CriticHead::Flow { .. }, Some(fs)) => {
-                    let params = c.flow_params().expect("flow critic").to_vec();
+                    let params = c.flow_params()?;
                     let (z, sd) = flow_readout(&self.ops, fs, &params, &out, &mask)?;
                     values = z;
                     sample_std = sd;
@@ -667,7 +667,7 @@ impl Trainer {
         }
         let targets = match (&fs, self.critic.as_ref()) {
             (Some(fs), Some(c)) => {
-                let params = c.flow_params().expect("flow critic").to_vec();
+                let params = c.flow_params()?;
                 let cc = &self.cfg.critic;
                 let o = FlowTargetOpts {
                     gamma: gae.gamma,
@@ -800,7 +800,7 @@ impl Trainer {
         let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
         let ref_lp = p.ref_lp.as_ref().map(|r| gather(r, sel, s));
         let kl = ref_lp.as_deref().map(|r| (r, self.kl_coef as f32));
-        let (st, g) = self.policy.update(&seqs, &sk, &old_lp, &adv, &tw, kl)?;
+        let st = self.policy.update(&seqs, &sk, &old_lp, &adv, &tw, kl)?;
         let stop = |msg: String| -> Result<()> {
             if !skip_nonfinite {
                 return Err(Error::Invalid(format!(
@@ -817,7 +817,7 @@ impl Trainer {
             ))?;
             skipped += 1.0;
         } else {
-            let o = self.policy.step(&g)?;
+            let o = self.policy.step()?;
             if !o.applied {
                 stop(format!(
                     "step {step}: the actor gradient norm is {}",
@@ -839,9 +839,9 @@ impl Trainer {
             return Ok(skipped);
         };
         let c = self.critic.as_mut().expect("critic inputs imply a critic");
-        let (cst, g) = c.update(&seqs, &inputs)?;
+        let cst = c.update(&seqs, &inputs)?;
         let finite = cst.loss.is_finite();
-        let o = if finite { Some(c.step(&g)?) } else { None };
+        let o = if finite { Some(c.step()?) } else { None };
         if !finite || !o.is_some_and(|o| o.applied) {
             let bad = cst
                 .terms
@@ -868,6 +868,7 @@ impl Trainer {
     /// One RL step (prepare, then PPO epochs × minibatches); returns its metrics.
     pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
         let t0 = Instant::now();
+        let traffic0 = self.device.traffic();
         let p = self.prepare()?;
         let step = self.step;
         let rows = p.batch.rows();
@@ -881,6 +882,9 @@ impl Trainer {
                 skipped += self.update_minibatch(&p, &order[j * bsz..(j + 1) * bsz], &mut acc)?;
             }
         }
+        // Generation runs on the host: its weights follow the (device) optimizer once a step.
+        self.policy.sync_host()?;
+        let traffic1 = self.device.traffic();
         let (batch, mask, ntok, kl) = (&p.batch, &p.mask, p.ntok, &p.kl);
         let mut m = p.metrics.clone();
         for (k, (s, c)) in acc {
@@ -932,6 +936,9 @@ impl Trainer {
         m.insert("timing/step_s".into(), t_total);
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
+        // Host <-> device bytes of this step (0 on the CPU device), see docs/PERF.md.
+        m.insert("perf/h2d_bytes".into(), (traffic1.0 - traffic0.0) as f64);
+        m.insert("perf/d2h_bytes".into(), (traffic1.1 - traffic0.1) as f64);
         self.last_samples = self.samples_of(step, &p.batch);
         self.step += 1;
         Ok(m)
@@ -960,9 +967,9 @@ impl Trainer {
                 state.insert(k, Tensor { shape, data: v });
             }
         };
-        put(self.policy.opt.state("policy."));
+        put(self.policy.opt.state("policy.")?);
         if let Some(c) = &self.critic {
-            put(c.opt.state("critic."));
+            put(c.opt.state("critic.")?);
         }
         save_safetensors(tmp.join("state.safetensors"), &state, Dtype::F32)?;
         let meta = Meta {
@@ -971,8 +978,8 @@ impl Trainer {
             data_position: self.step * self.cfg.rollout.prompts_per_step as u64,
             seed: self.cfg.run.seed,
             algo: self.cfg.algo.name.as_str().into(),
-            policy_opt_step: self.policy.opt.step,
-            critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.step),
+            policy_opt_step: self.policy.opt.steps(),
+            critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.steps()),
             seconds,
             before: self.before.clone(),
             fingerprint: self.fingerprint.clone(),
@@ -1108,7 +1115,7 @@ impl Trainer {
             self.cfg.algo.name.as_str(),
             self.device.describe(),
             self.cfg.model.policy,
-            self.policy.opt.params().iter().map(Vec::len).sum::<usize>(),
+            self.policy.opt.total_len(),
             self.train_ids.len(),
             self.task
                 .evals

@@ -4,6 +4,11 @@
 //                        updated in place from g * scale (scale = the clip factor, read from device
 //                        memory: no host round trip), decoupled weight decay, bias correction;
 //                        optional bf16 copy of the new p. A non-finite scale skips the step.
+//   adamw_multi          the same update over many parameters in one launch (multi-tensor): a table
+//                        of segments (master p, gradient, m, v, compute copy, length, decay on/off,
+//                        the copy's type: none, fp32 or bf16) and a table of fixed-size chunks,
+//                        one block per chunk; copy_only writes the compute copies from p only
+//                        (after a restore) and changes nothing else
 //   adamw_norm_partial   global gradient norm, pass 1: per-block sum of g^2 in double over a list
 //                        of fp32 buffers (their virtual concatenation, split into fixed chunks)
 //   adamw_norm_finalize  pass 2, one block: sums the partials in a fixed order -> norm and the
@@ -80,6 +85,82 @@ adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict
                 m[i] = mi;
                 v[i] = vi;
                 if (pb != nullptr) pb[i] = (unsigned short)adamw_bf16(pi);
+            }
+        }
+    }
+}
+
+// One contiguous run of one parameter with one weight decay (64 bytes; AdamwSeg in
+// src/kernels/adamw.rs builds it as 8 u64 words in this order).
+struct AdamwSeg {
+    float* p;             // fp32 master weights
+    const float* g;       // fp32 gradient
+    float* m;             // first moment
+    float* v;             // second moment
+    void* out;            // compute copy (out_kind 1: fp32, 2: bf16 bits) or null (out_kind 0)
+    long long n;          // elements
+    int out_kind;
+    int decay_on;         // 0: no weight decay (factor 1), else the step's decay factor
+    int vec;              // p, g, m, v 16-byte aligned and out aligned to 4 of its elements
+    int pad;
+};
+
+// Block b updates elements [start, min(start + chunk_len, n)) of segment seg, where
+// (seg, start) = chunks[2b], chunks[2b + 1] and start is a multiple of 4. scale: the device clip
+// scale (element 1 of the grad-norm's clip buffer); a non-finite one skips the update.
+extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK)
+adamw_multi(const AdamwSeg* __restrict__ segs, const long long* __restrict__ chunks,
+            long long chunk_len, float b1c, float b2, float b2c, float eps, float decay,
+            float step_size, float bc2_sqrt, const float* __restrict__ scale_ptr, int copy_only) {
+    float scale = 1.f;
+    if (!copy_only) {
+        scale = *scale_ptr;
+        if (!isfinite(scale)) return;  // non-finite gradient norm: nothing changes
+    }
+    const AdamwSeg s = segs[chunks[2 * (long long)blockIdx.x]];
+    const long long c0 = chunks[2 * (long long)blockIdx.x + 1];
+    const long long c1 = (c0 + chunk_len < s.n) ? c0 + chunk_len : s.n;
+    const float dec = s.decay_on ? decay : 1.f;
+    float* __restrict__ outf = reinterpret_cast<float*>(s.out);
+    unsigned short* __restrict__ outb = reinterpret_cast<unsigned short*>(s.out);
+    for (long long i0 = c0 + 4 * (long long)threadIdx.x; i0 < c1; i0 += 4 * ADAMW_BLOCK) {
+        if (s.vec && i0 + 3 < c1) {
+            const long long q = i0 >> 2;
+            float4 pp = reinterpret_cast<const float4*>(s.p)[q];
+            if (!copy_only) {
+                const float4 gg = reinterpret_cast<const float4*>(s.g)[q];
+                float4 mm = reinterpret_cast<const float4*>(s.m)[q];
+                float4 vv = reinterpret_cast<const float4*>(s.v)[q];
+                adamw_one(pp.x, gg.x, mm.x, vv.x, scale, b1c, b2, b2c, eps, dec, step_size, bc2_sqrt);
+                adamw_one(pp.y, gg.y, mm.y, vv.y, scale, b1c, b2, b2c, eps, dec, step_size, bc2_sqrt);
+                adamw_one(pp.z, gg.z, mm.z, vv.z, scale, b1c, b2, b2c, eps, dec, step_size, bc2_sqrt);
+                adamw_one(pp.w, gg.w, mm.w, vv.w, scale, b1c, b2, b2c, eps, dec, step_size, bc2_sqrt);
+                reinterpret_cast<float4*>(s.p)[q] = pp;
+                reinterpret_cast<float4*>(s.m)[q] = mm;
+                reinterpret_cast<float4*>(s.v)[q] = vv;
+            }
+            if (s.out_kind == 1) {
+                reinterpret_cast<float4*>(outf)[q] = pp;
+            } else if (s.out_kind == 2) {
+                uint2 o;
+                o.x = adamw_bf16(pp.x) | (adamw_bf16(pp.y) << 16);
+                o.y = adamw_bf16(pp.z) | (adamw_bf16(pp.w) << 16);
+                reinterpret_cast<uint2*>(outb)[q] = o;
+            }
+        } else {
+            const long long i1 = (i0 + 4 < c1) ? i0 + 4 : c1;
+            for (long long i = i0; i < i1; ++i) {
+                float pi = s.p[i];
+                if (!copy_only) {
+                    float mi = s.m[i], vi = s.v[i];
+                    adamw_one(pi, s.g[i], mi, vi, scale, b1c, b2, b2c, eps, dec, step_size,
+                              bc2_sqrt);
+                    s.p[i] = pi;
+                    s.m[i] = mi;
+                    s.v[i] = vi;
+                }
+                if (s.out_kind == 1) outf[i] = pi;
+                else if (s.out_kind == 2) outb[i] = (unsigned short)adamw_bf16(pi);
             }
         }
     }

@@ -79,7 +79,7 @@ fn actor_loss_matches_an_independent_ppo_computation() {
         .collect();
     let adv: Vec<f32> = (0..rows * s).map(|_| rng.normal() as f32).collect();
     let tw = dfpo::train::rollout::token_weights(m, s, false);
-    let (st, _) = t.policy.update(seqs, skip, &old, &adv, &tw, None).unwrap();
+    let st = t.policy.update(seqs, skip, &old, &adv, &tw, None).unwrap();
 
     // Independently: the plain decoder graph's log-probs and the rl kernel's PPO loss.
     let dec = Decoder::load(tiny_model()).unwrap();
@@ -242,10 +242,11 @@ fn flow_critic_loss_matches_an_independent_computation() {
                 .collect(),
         );
     }
-    let (st, grads) = critic.update(&seqs, &gathered).unwrap();
+    let st = critic.update(&seqs, &gathered).unwrap();
+    let grads = critic.grads().unwrap();
 
     // Independently: hidden → u → the three evaluations → the loss, term by term, in f64.
-    let params = critic.flow_params().unwrap().to_vec();
+    let params = critic.flow_params().unwrap();
     let h = hidden_states(&dec, &seqs, s);
     let mut cu = vec![0.0f64; n * shape.width];
     let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
@@ -345,7 +346,7 @@ fn value_and_quantile_losses_match_independent_computations() {
     .unwrap();
     let ret: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
     let old: Vec<f32> = (0..n).map(|_| rng.range(-0.5, 0.5) as f32).collect();
-    let (st, _) = c
+    let st = c
         .update(&seqs, &[ret.clone(), old.clone(), tw.clone()])
         .unwrap();
     let mut want = 0.0f64;
@@ -371,7 +372,7 @@ fn value_and_quantile_losses_match_independent_computations() {
     };
     let mut c = Critic::new(&dec, b, s, &Device::Cpu, head, &OptSettings::constant(1e-3)).unwrap();
     let g: Vec<f32> = (0..n * k).map(|_| rng.range(-2.0, 2.0) as f32).collect();
-    let (st, _) = c.update(&seqs, &[g.clone(), tw.clone()]).unwrap();
+    let st = c.update(&seqs, &[g.clone(), tw.clone()]).unwrap();
     let mut want = 0.0f64;
     for t in 0..n {
         for i in 0..k {
@@ -401,8 +402,8 @@ fn every_algorithm_runs_a_step_and_moves_its_weights() {
     for algo in ["dfpo", "ppo", "grpo", "quantile"] {
         let out = out_dir(&format!("algo-{algo}"));
         let mut t = Trainer::new(small_cfg(algo, &out, 2)).unwrap();
-        let before = t.policy.opt.params().to_vec();
-        let cbefore = t.critic.as_ref().map(|c| c.opt.params().to_vec());
+        let before = t.policy.opt.params_host().unwrap();
+        let cbefore = t.critic.as_ref().map(|c| c.opt.params_host().unwrap());
         let m = t.train_step().unwrap();
         for (k, v) in &m {
             assert!(v.is_finite(), "{algo}: metric {k} = {v}");
@@ -417,14 +418,14 @@ fn every_algorithm_runs_a_step_and_moves_its_weights() {
         }
         assert_ne!(
             before,
-            t.policy.opt.params(),
+            t.policy.opt.params_host().unwrap(),
             "{algo}: the policy did not move"
         );
         if let Some(cb) = cbefore {
             assert!(m.contains_key("critic/loss") && m.contains_key("critic/value_mean"));
             assert_ne!(
                 cb,
-                t.critic.as_ref().unwrap().opt.params(),
+                t.critic.as_ref().unwrap().opt.params_host().unwrap(),
                 "{algo}: critic did not move"
             );
         }
@@ -511,7 +512,7 @@ fn the_export_loads_and_scores() {
     for (name, tns) in dec.params() {
         assert_eq!(
             tns.data.as_slice(),
-            t.policy.opt.param(name).unwrap(),
+            t.policy.opt.param_host(name).unwrap(),
             "{name} differs from the master weights"
         );
     }
@@ -773,12 +774,12 @@ fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
         p.adv.iter().all(|&a| a == 0.0),
         "equal rewards: zero advantages"
     );
-    let before = t.policy.opt.params().to_vec();
+    let before = t.policy.opt.params_host().unwrap();
     let rows: Vec<usize> = (0..batch.rows()).collect();
     let mut acc = std::collections::BTreeMap::new();
     t.update_minibatch(&p, &rows[..4], &mut acc).unwrap();
     assert!(
-        before != t.policy.opt.params(),
+        before != t.policy.opt.params_host().unwrap(),
         "zero advantages and no KL loss: the policy did not move"
     );
     let kl_loss = acc["actor/kl_loss"].0;
@@ -861,9 +862,15 @@ fn flow_head_norms_and_biases_are_not_weight_decayed() {
     let mut opt = OptSettings::constant(0.1);
     opt.hp.weight_decay = 0.5;
     let mut c = Critic::new(&dec, 2, 6, &Device::Cpu, head, &opt).unwrap();
-    let before = c.flow_params().unwrap().to_vec();
-    let zeros: Vec<Vec<f32>> = c.opt.params().iter().map(|p| vec![0.0; p.len()]).collect();
-    assert!(c.step(&zeros).unwrap().applied);
+    let before = c.flow_params().unwrap();
+    let zeros: Vec<Vec<f32>> = c
+        .opt
+        .params_host()
+        .unwrap()
+        .iter()
+        .map(|p| vec![0.0; p.len()])
+        .collect();
+    assert!(c.opt.step_host(&zeros).unwrap().applied);
     let after = c.flow_params().unwrap();
     let lay = shape.layout();
     // A zero gradient leaves Adam's step at 0: only the decay moves a weight, by lr·wd = 5%.
@@ -1010,10 +1017,10 @@ fn micro_batches_accumulate_to_the_one_pass_update() {
             let critic = t
                 .critic
                 .as_ref()
-                .map(|c| c.opt.params().concat())
+                .map(|c| c.opt.params_host().unwrap().concat())
                 .unwrap_or_default();
             let _ = std::fs::remove_dir_all(&out);
-            (m, t.policy.opt.params().concat(), critic)
+            (m, t.policy.opt.params_host().unwrap().concat(), critic)
         };
         let (m1, p1, c1) = run(0);
         for micro in [1, 2] {

@@ -7,6 +7,7 @@
 //! `DFPO_SYNC_LAUNCH=1` synchronises after every launch so a faulting kernel is named at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -72,6 +73,15 @@ impl Device {
             other => Err(Error::Invalid(format!(
                 "DFPO_DEVICE={other}: expected cpu, cuda or auto"
             ))),
+        }
+    }
+
+    /// Bytes copied host -> device and device -> host through the device layer so far
+    /// (`(h2d, d2h)`; always `(0, 0)` on the CPU). Subtract two readings for one step's traffic.
+    pub fn traffic(&self) -> (u64, u64) {
+        match self {
+            Device::Cpu => (0, 0),
+            Device::Cuda(d) => d.traffic(),
         }
     }
 
@@ -151,6 +161,9 @@ pub struct CudaDevice {
     /// The dynamic shared memory each function (by its CUfunction handle) is opted into so far.
     smem_optin: Mutex<HashMap<usize, u32>>,
     sync_launch: bool,
+    /// Bytes copied host -> device and device -> host (see [`CudaDevice::count_h2d`]).
+    h2d_bytes: AtomicU64,
+    d2h_bytes: AtomicU64,
 }
 
 impl CudaDevice {
@@ -175,6 +188,8 @@ impl CudaDevice {
             blas: OnceLock::new(),
             smem_optin: Mutex::new(HashMap::new()),
             sync_launch: std::env::var("DFPO_SYNC_LAUNCH").is_ok_and(|v| v == "1"),
+            h2d_bytes: AtomicU64::new(0),
+            d2h_bytes: AtomicU64::new(0),
         }))
     }
 
@@ -236,6 +251,43 @@ impl CudaDevice {
         );
         // A thread that lost a race drops its handle and uses the winner's.
         Ok(self.blas.get_or_init(|| h).clone())
+    }
+
+    /// Records `bytes` copied host -> device. Every copy of the crate goes through a counted
+    /// path: [`CudaDevice::htod`], the graph session's writes and the executor's uploads.
+    pub fn count_h2d(&self, bytes: usize) {
+        self.h2d_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Records `bytes` copied device -> host.
+    pub fn count_d2h(&self, bytes: usize) {
+        self.d2h_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// `(h2d, d2h)` bytes copied so far (process-wide for this device).
+    pub fn traffic(&self) -> (u64, u64) {
+        (
+            self.h2d_bytes.load(Ordering::Relaxed),
+            self.d2h_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A new device buffer holding `data` (counted host -> device).
+    pub fn htod<T: cudarc::driver::DeviceRepr>(
+        &self,
+        data: &[T],
+    ) -> Result<cudarc::driver::CudaSlice<T>> {
+        self.count_h2d(std::mem::size_of_val(data));
+        Ok(self.stream.clone_htod(data)?)
+    }
+
+    /// `src` copied to the host (counted device -> host; the copy synchronises the stream).
+    pub fn dtoh<T: cudarc::driver::DeviceRepr, S: cudarc::driver::DevicePtr<T>>(
+        &self,
+        src: &S,
+    ) -> Result<Vec<T>> {
+        self.count_d2h(src.len() * std::mem::size_of::<T>());
+        Ok(self.stream.clone_dtoh(src)?)
     }
 
     /// Waits for all queued work and reports any asynchronous error.

@@ -133,11 +133,72 @@ impl Session {
             Storage::Cpu { pers, .. } => {
                 bytemuck::cast_slice_mut::<u128, u8>(pers)[off..off + len].copy_from_slice(src)
             }
-            Storage::Cuda { dev, pers, .. } => dev
-                .stream()
-                .memcpy_htod(src, &mut pers.slice_mut(off..off + len))?,
+            Storage::Cuda { dev, pers, .. } => {
+                dev.count_h2d(len);
+                dev.stream()
+                    .memcpy_htod(src, &mut pers.slice_mut(off..off + len))?
+            }
         }
         Ok(())
+    }
+
+    /// Overwrites the gradient of parameter `param` after a [`Session::run`] (it lives to the end
+    /// of the run, so it holds until the next run): gradient accumulation over micro-batches
+    /// writes the summed gradients back before the optimizer reads them.
+    pub fn write_param_grad(&mut self, param: TensorId, data: &[f32]) -> Result<()> {
+        let info = self
+            .plan
+            .tensors
+            .get(param.0)
+            .ok_or_else(|| Error::Invalid(format!("unknown tensor {param:?}")))?;
+        if info.role != Role::Param {
+            return Err(Error::Invalid(format!(
+                "{}: write_param_grad takes a parameter",
+                info.name
+            )));
+        }
+        let g = self
+            .plan
+            .grad(param)
+            .ok_or_else(|| Error::Invalid(format!("{} has no gradient", info.name)))?;
+        let ginfo = &self.plan.tensors[g.0];
+        crate::error::check_len(&ginfo.name, data.len(), ginfo.len)?;
+        let (_, off, len) = self.region(g, DType::F32)?;
+        let src: &[u8] = bytemuck::cast_slice(data);
+        match &mut self.storage {
+            Storage::Cpu { arena, .. } => {
+                bytemuck::cast_slice_mut::<u128, u8>(arena)[off..off + len].copy_from_slice(src)
+            }
+            Storage::Cuda { dev, arena, .. } => {
+                dev.count_h2d(len);
+                dev.stream()
+                    .memcpy_htod(src, &mut arena.slice_mut(off..off + len))?
+            }
+        }
+        Ok(())
+    }
+
+    /// The device address (CUdeviceptr) of tensor `t` on a CUDA session, for launchers that
+    /// work on the session's buffers directly (the device optimizer). Valid while the session
+    /// lives: its buffers are allocated once.
+    pub fn cuda_ptr(&self, t: TensorId) -> Result<u64> {
+        let info = self
+            .plan
+            .tensors
+            .get(t.0)
+            .ok_or_else(|| Error::Invalid(format!("unknown tensor {t:?}")))?;
+        let (p, off, _) = self.region(t, info.dtype)?;
+        match &self.storage {
+            Storage::Cpu { .. } => Err(Error::Invalid(format!(
+                "cuda_ptr({}): the session is on the CPU",
+                info.name
+            ))),
+            Storage::Cuda { dev, pers, arena } => {
+                let buf = if p { pers } else { arena };
+                let (base, _sync) = buf.device_ptr(dev.stream());
+                Ok(base + off as u64)
+            }
+        }
     }
 
     /// Copies tensor `t` out. Arena tensors hold meaningful values only while live: read kept
@@ -151,7 +212,7 @@ impl Session {
             }
             Storage::Cuda { dev, pers, arena } => {
                 let src = if p { pers } else { arena };
-                dev.stream().clone_dtoh(&src.slice(off..off + len))?
+                dev.dtoh(&src.slice(off..off + len))?
             }
         };
         Ok(bytemuck::pod_collect_to_vec(&bytes))
@@ -252,9 +313,13 @@ impl Session {
                     Storage::Cpu { arena, .. } => bytemuck::cast_slice_mut::<u128, u8>(arena)
                         [off..off + 4]
                         .copy_from_slice(&1.0f32.to_ne_bytes()),
-                    Storage::Cuda { dev, arena, .. } => dev
-                        .stream()
-                        .memcpy_htod(&1.0f32.to_ne_bytes(), &mut arena.slice_mut(off..off + 4))?,
+                    Storage::Cuda { dev, arena, .. } => {
+                        dev.count_h2d(4);
+                        dev.stream().memcpy_htod(
+                            &1.0f32.to_ne_bytes(),
+                            &mut arena.slice_mut(off..off + 4),
+                        )?
+                    }
                 }
             }
             let (i, fwd) = match *step {
@@ -414,6 +479,7 @@ impl<'a> Exec<'a> {
         t: TensorId,
     ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); self.len(t)];
+        dev.count_d2h(std::mem::size_of_val(out.as_slice()));
         dev.make_current()?;
         // SAFETY: the tensor holds len elements of T at ptr(t); the stream is synchronised
         // before `out` is read or dropped.
@@ -430,6 +496,7 @@ impl<'a> Exec<'a> {
 
     /// Uploads `data` to `t` (synchronised, so `data` may go away afterwards).
     fn upload<T: bytemuck::Pod>(&self, dev: &CudaDevice, t: TensorId, data: &[T]) -> Result<()> {
+        dev.count_h2d(std::mem::size_of_val(data));
         dev.make_current()?;
         // SAFETY: the tensor holds data.len() elements of T at ptr(t) (lengths checked by the
         // callers); synchronised before `data` can go away.

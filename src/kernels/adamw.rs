@@ -468,6 +468,139 @@ pub mod cuda {
         )
     }
 
+    /// Elements per block of [`multi_step_raw`] (a multiple of 4).
+    pub const MULTI_CHUNK: usize = 8192;
+
+    /// What [`MultiSeg::out`] receives: nothing, an fp32 copy or a bf16 copy of the weights.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum OutKind {
+        None = 0,
+        F32 = 1,
+        Bf16 = 2,
+    }
+
+    /// One contiguous run of one parameter updated with one weight decay by [`multi_step_raw`]:
+    /// device addresses of the fp32 master weights, gradient and moments (`n` each) and of the
+    /// compute copy (`out`, 0 with [`OutKind::None`]); `decay` false: never weight-decayed.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MultiSeg {
+        pub p: u64,
+        pub g: u64,
+        pub m: u64,
+        pub v: u64,
+        pub out: u64,
+        pub out_kind: OutKind,
+        pub n: usize,
+        pub decay: bool,
+    }
+
+    /// The two device tables of [`multi_step_raw`]: the segments (8 u64 words each, the layout
+    /// of `AdamwSeg` in adamw.cu) and the chunks (`[segment, start]` pairs, one block each).
+    /// Empty segments get no chunk. Checks every pointer's alignment.
+    pub fn multi_tables(segs: &[MultiSeg]) -> Result<(Vec<u64>, Vec<i64>)> {
+        let mut words = Vec::with_capacity(segs.len() * 8);
+        let mut chunks = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            let what = |x: &str| format!("adamw_multi segment {i} {x}");
+            if s.n > 0 {
+                check_ptr(&what("p"), s.p, 4)?;
+                check_ptr(&what("g"), s.g, 4)?;
+                check_ptr(&what("m"), s.m, 4)?;
+                check_ptr(&what("v"), s.v, 4)?;
+                match s.out_kind {
+                    OutKind::None => {}
+                    OutKind::F32 => check_ptr(&what("out"), s.out, 4)?,
+                    OutKind::Bf16 => check_ptr(&what("out"), s.out, 2)?,
+                }
+            }
+            let out_align = match s.out_kind {
+                OutKind::None => 1,
+                OutKind::F32 => 16,
+                OutKind::Bf16 => 8,
+            };
+            let vec = [s.p, s.g, s.m, s.v].iter().all(|p| p % 16 == 0)
+                && (s.out_kind == OutKind::None || s.out.is_multiple_of(out_align));
+            let out = if s.out_kind == OutKind::None {
+                0
+            } else {
+                s.out
+            };
+            words.extend([s.p, s.g, s.m, s.v, out, s.n as u64]);
+            words.push(s.out_kind as u64 | (u64::from(s.decay) << 32));
+            words.push(u64::from(vec));
+            for c in (0..s.n).step_by(MULTI_CHUNK) {
+                chunks.extend([i as i64, c as i64]);
+            }
+        }
+        Ok((words, chunks))
+    }
+
+    /// One AdamW step over every segment of a [`multi_tables`] pair in one launch (or, with
+    /// `copy_only`, the compute copies rewritten from the master weights and nothing else).
+    /// `hp.weight_decay` applies to the segments with `decay`; `scale` is the device clip scale
+    /// (element 1 of [`grad_norm_raw`]'s `clip`; ignored with `copy_only`): a non-finite scale
+    /// leaves everything unchanged.
+    ///
+    /// # Safety
+    /// `segs` and `chunks` must be the uploaded tables of live, non-overlapping buffers on
+    /// `dev`'s context (`nchunks` = the chunk pairs); `scale` must address one f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn multi_step_raw(
+        dev: &CudaDevice,
+        segs: u64,
+        chunks: u64,
+        nchunks: usize,
+        hp: &AdamWParams,
+        step: u64,
+        scale: u64,
+        copy_only: bool,
+    ) -> Result<()> {
+        let sc = hp.scalars(step)?;
+        if nchunks == 0 {
+            return Ok(());
+        }
+        check_ptr("adamw_multi segments", segs, 8)?;
+        check_ptr("adamw_multi chunks", chunks, 8)?;
+        if !copy_only {
+            check_ptr("adamw_multi scale", scale, 4)?;
+        }
+        let grid = u32::try_from(nchunks)
+            .map_err(|_| Error::Shape(format!("adamw_multi: {nchunks} chunks")))?;
+        let f32s = |x: f64| x as f32;
+        let (b1c, b2, b2c, eps) = (
+            f32s(sc.one_minus_beta1),
+            f32s(sc.beta2),
+            f32s(sc.one_minus_beta2),
+            f32s(sc.eps),
+        );
+        let (decay, step_size, bc2s) = (f32s(sc.decay), f32s(sc.step_size), f32s(sc.bc2_sqrt));
+        let chunk = MULTI_CHUNK as i64;
+        let copy = i32::from(copy_only);
+        let f = dev.function(FAMILY, "adamw_multi")?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&segs)
+            .arg(&chunks)
+            .arg(&chunk)
+            .arg(&b1c)
+            .arg(&b2)
+            .arg(&b2c)
+            .arg(&eps)
+            .arg(&decay)
+            .arg(&step_size)
+            .arg(&bc2s)
+            .arg(&scale)
+            .arg(&copy);
+        dev.launch(
+            "adamw_multi",
+            a,
+            LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (ADAMW_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    }
+
     /// One AdamW step (see the module doc) on device views. `clip` is the `[norm, scale]`
     /// buffer of [`grad_norm_into`]: its scale multiplies the gradients, and a NaN scale (a
     /// non-finite norm) makes the kernel leave everything unchanged.

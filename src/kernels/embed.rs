@@ -435,7 +435,7 @@ pub mod cuda {
             return Ok(());
         }
         let s = dev.stream();
-        let plan_dev = s.clone_htod(plan.packed())?;
+        let plan_dev = dev.htod(plan.packed())?;
         let mut ws = s.alloc_zeros::<f32>(embed_bwd_workspace_len(n, d))?;
         let (pp, _g1) = plan_dev.device_ptr(s);
         let (dp, _g2) = dout.device_ptr(s);

@@ -661,8 +661,8 @@ pub mod cuda {
         let mut stats = s.alloc_zeros::<f32>(2)?;
         whiten_with_workspace(dev, x, mask, out, &mut stats.as_view_mut(), &mut ws)?;
         let g = reduce_blocks(x.len());
-        let fin = s.clone_dtoh(&ws.slice(3 * g..3 * g + 4))?;
-        let st = s.clone_dtoh(&stats)?;
+        let fin = dev.dtoh(&ws.slice(3 * g..3 * g + 4))?;
+        let st = dev.dtoh(&stats)?;
         dev.synchronize()?;
         let n_valid = fin[2];
         if n_valid < 2.0 {
@@ -832,7 +832,7 @@ pub mod cuda {
             grad,
             &mut stats.as_view_mut(),
         )?;
-        let st = dev.stream().clone_dtoh(&stats)?;
+        let st = dev.dtoh(&stats)?;
         dev.synchronize()?;
         Ok(PpoStats {
             loss: st[0],

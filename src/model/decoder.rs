@@ -535,6 +535,14 @@ impl DecoderGraph {
         self.params.keys().map(|s| s.as_str())
     }
 
+    /// The graph tensor of parameter `name`.
+    pub fn param_id(&self, name: &str) -> Result<TensorId> {
+        self.params
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("no parameter named {name}")))
+    }
+
     /// The gradient (f32, HF layout) of parameter `name` after [`DecoderGraph::run`].
     pub fn grad(&self, name: &str) -> Result<Vec<f32>> {
         let t = *self
@@ -547,6 +555,16 @@ impl DecoderGraph {
             .grad(t)
             .ok_or_else(|| Error::Invalid(format!("grad: {name} has no gradient")))?;
         self.session.read_f32(g)
+    }
+
+    /// Overwrites the gradient of parameter `name` (after a run; see
+    /// [`crate::graph::exec::Session::write_param_grad`]).
+    pub fn set_grad(&mut self, name: &str, g: &[f32]) -> Result<()> {
+        let t = *self
+            .params
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("set_grad: no parameter named {name}")))?;
+        self.session.write_param_grad(t, g)
     }
 
     /// The device address of parameter `name` on a CUDA graph (bf16, HF layout): the live

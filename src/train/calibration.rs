@@ -241,7 +241,7 @@ pub fn critic_calibration(t: &mut Trainer) -> Result<Option<Calibration>> {
             let u: Vec<f32> = (0..np)
                 .flat_map(|i| out[(i * s + pos[i]) * w..(i * s + pos[i] + 1) * w].to_vec())
                 .collect();
-            let flow = critic.flow_params().expect("flow critic").to_vec();
+            let flow = critic.flow_params()?;
             let mask = vec![1.0f32; np];
             let mut steps = vec![fs.readout_steps];
             if e.critic_ode_steps > 0 && e.critic_ode_steps as u32 != fs.readout_steps {

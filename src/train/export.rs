@@ -170,9 +170,8 @@ fn export_critic(t: &Trainer, dir: &Path) -> Result<bool> {
     let h = cdec.config.hidden_size;
     let param = |name: &str| -> Result<Vec<f32>> {
         c.opt
-            .param(name)
-            .map(<[f32]>::to_vec)
-            .ok_or_else(|| Error::Invalid(format!("export: the critic has no parameter {name}")))
+            .param_host(name)
+            .map_err(|_| Error::Invalid(format!("export: the critic has no parameter {name}")))
     };
     let mut head: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| -> Result<()> {

@@ -3,9 +3,10 @@
 //! Both are a [`Decoder`] trunk built for one minibatch shape `(B, S)`; the policy adds the LM
 //! head and the clipped-PPO actor loss, the critic one of three heads: a scalar value head
 //! (PPO), a K-quantile head (quantile critic) or the DFPO flow head (`FlowCond` + three
-//! `FlowEval`s + [`FlowCriticLoss`]). Each owns an [`AdamW`] over its fp32 master weights and
-//! writes them back into its graph (and, for the policy, into the host [`Decoder`] that
-//! generates rollouts) after every update.
+//! `FlowEval`s + [`FlowCriticLoss`]). Each owns an [`Optimizer`] over its fp32 master weights
+//! (on the host on the CPU, on the GPU on CUDA) that writes the new weights into its graph after
+//! every update; the policy's host [`Decoder`] (it generates rollouts) is refreshed from them by
+//! [`Policy::sync_host`].
 //!
 //! Per-token vectors are `[B][S]` row-major, index t = the position of the token that PRECEDES
 //! the scored token (the log-prob at t scores token t + 1; the value at t is V(s_{t+1}) in the
@@ -17,7 +18,7 @@ use super::heads::{
     ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, GatherRows, HostOp, QuantileLoss, RiskTerms,
     ValueLoss,
 };
-use super::optim::{AdamW, Schedule, StepOutcome};
+use super::optim::{Optimizer, Schedule, StepOutcome};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::graph::ops::FlowSolveTarget;
@@ -57,25 +58,38 @@ impl OptSettings {
     }
 }
 
-fn optimizer(dec: &Decoder, extra: &[(String, Vec<f32>)], s: &OptSettings) -> Result<AdamW> {
+fn optimizer(
+    dec: &Decoder,
+    extra: &[(String, Vec<f32>)],
+    s: &OptSettings,
+    device: &Device,
+) -> Result<Optimizer> {
     let mut named: Vec<(String, Vec<f32>)> = dec
         .params()
         .iter()
         .map(|(k, t)| (k.clone(), t.data.clone()))
         .collect();
     named.extend(extra.iter().cloned());
-    AdamW::new(named, s.hp, s.max_grad_norm, s.schedule.clone())
+    Optimizer::new(named, s.hp, s.max_grad_norm, s.schedule.clone(), device)
 }
 
-/// Reads every parameter's gradient in optimizer order.
-fn grads(graph: &DecoderGraph, opt: &AdamW) -> Result<Vec<Vec<f32>>> {
+/// Reads every parameter's gradient in optimizer order (a download on CUDA: tests and tools;
+/// the optimizer reads them where they are).
+fn grads(graph: &DecoderGraph, opt: &Optimizer) -> Result<Vec<Vec<f32>>> {
     opt.names().iter().map(|n| graph.grad(n)).collect()
 }
 
-/// Writes the optimizer's master weights into the graph.
-fn write_params(graph: &mut DecoderGraph, opt: &AdamW) -> Result<()> {
-    for (n, p) in opt.names().iter().zip(opt.params()) {
-        graph.set_param(n, p)?;
+/// Writes every parameter's gradient (optimizer order) into the graph.
+fn set_grads(graph: &mut DecoderGraph, opt: &Optimizer, g: &[Vec<f32>]) -> Result<()> {
+    if g.len() != opt.names().len() {
+        return Err(Error::Invalid(format!(
+            "set_grads: {} gradients for {} parameters",
+            g.len(),
+            opt.names().len()
+        )));
+    }
+    for (n, v) in opt.names().iter().zip(g) {
+        graph.set_grad(n, v)?;
     }
     Ok(())
 }
@@ -122,9 +136,12 @@ pub struct ActorStats {
 /// The policy: trunk + LM head + clipped-PPO loss.
 pub struct Policy {
     pub graph: DecoderGraph,
-    pub opt: AdamW,
-    /// Host copy for generation, kept equal to the master weights.
+    pub opt: Optimizer,
+    /// Host copy for generation: equal to the master weights after [`Policy::sync_host`] (at
+    /// once after each step with the host optimizer; on CUDA once per training step).
     pub dec: Decoder,
+    /// The device optimizer stepped since `dec` was last refreshed.
+    host_stale: bool,
     old_lp: TensorId,
     adv: TensorId,
     tok_w: TensorId,
@@ -187,11 +204,12 @@ impl Policy {
             })
         })?;
         let (old_lp, adv, tok_w, stats, kl_in) = ids.expect("head built");
-        let opt = optimizer(&dec, &[], opt)?;
+        let opt = optimizer(&dec, &[], opt, device)?;
         Ok(Policy {
             graph,
             opt,
             dec,
+            host_stale: false,
             old_lp,
             adv,
             tok_w,
@@ -206,9 +224,10 @@ impl Policy {
         response_logprobs(&mut self.graph, seqs, skip)
     }
 
-    /// One update on a minibatch (at most B rows; `old_lp`, `adv`, `tok_w` are `[rows][S]`).
-    /// `kl`: the KL-in-the-loss inputs, the reference log-probs (`[rows][S]`) and β, given
-    /// exactly when the policy was built with a KL term.
+    /// The loss and gradients of a minibatch (at most B rows; `old_lp`, `adv`, `tok_w` are
+    /// `[rows][S]`); apply them with [`Policy::step`]. `kl`: the KL-in-the-loss inputs, the
+    /// reference log-probs (`[rows][S]`) and β, given exactly when the policy was built with a
+    /// KL term.
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
@@ -218,7 +237,7 @@ impl Policy {
         adv: &[f32],
         tok_w: &[f32],
         kl: Option<(&[f32], f32)>,
-    ) -> Result<(ActorStats, Vec<Vec<f32>>)> {
+    ) -> Result<ActorStats> {
         let (b, s) = self.graph.shape();
         let pad = |v: &[f32]| {
             let mut o = v.to_vec();
@@ -246,37 +265,61 @@ impl Policy {
         }
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
-        let g = grads(&self.graph, &self.opt)?;
-        Ok((
-            ActorStats {
-                loss: loss as f64,
-                pg_loss: st[0] as f64,
-                clipfrac: st[1] as f64,
-                ppo_kl: st[2] as f64,
-                entropy: st[3] as f64,
-                kl_loss: st[4] as f64,
-                ..Default::default()
-            },
-            g,
-        ))
+        Ok(ActorStats {
+            loss: loss as f64,
+            pg_loss: st[0] as f64,
+            clipfrac: st[1] as f64,
+            ppo_kl: st[2] as f64,
+            entropy: st[3] as f64,
+            kl_loss: st[4] as f64,
+            ..Default::default()
+        })
     }
 
-    /// Applies an optimizer step with `grads` and syncs the weights everywhere.
-    pub fn step(&mut self, grads: &[Vec<f32>]) -> Result<StepOutcome> {
-        let out = self.opt.step(grads)?;
+    /// The parameter gradients of the last [`Policy::update`], in optimizer order (copied to
+    /// the host: tests, and gradient accumulation over micro-batches).
+    pub fn grads(&self) -> Result<Vec<Vec<f32>>> {
+        grads(&self.graph, &self.opt)
+    }
+
+    /// Replaces the last update's gradients (optimizer order), e.g. by a micro-batch sum.
+    pub fn set_grads(&mut self, g: &[Vec<f32>]) -> Result<()> {
+        set_grads(&mut self.graph, &self.opt, g)
+    }
+
+    /// Applies an optimizer step with the last update's gradients (the graph holds the new
+    /// weights afterwards; the host copy with the host optimizer, else after
+    /// [`Policy::sync_host`]).
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        let out = self.opt.step_graph(&mut self.graph)?;
         if out.applied {
-            self.sync()?;
+            self.host_stale = true;
+            if matches!(self.opt, Optimizer::Host(_)) {
+                self.sync_host()?;
+            }
         }
         Ok(out)
     }
 
-    /// Writes the master weights into the graph and the generation copy.
-    pub fn sync(&mut self) -> Result<()> {
-        write_params(&mut self.graph, &self.opt)?;
-        for (n, p) in self.opt.names().iter().zip(self.opt.params()) {
-            self.dec.set_param_data(n, p)?;
+    /// Refreshes the host copy `dec` from the master weights when a step changed them (on
+    /// CUDA a download of every parameter: the trainer does it once per training step, for
+    /// generation on the host).
+    pub fn sync_host(&mut self) -> Result<()> {
+        if !self.host_stale {
+            return Ok(());
         }
+        for (n, p) in self.opt.names().iter().zip(self.opt.params_host()?) {
+            self.dec.set_param_data(n, &p)?;
+        }
+        self.host_stale = false;
         Ok(())
+    }
+
+    /// Writes the master weights into the graph and the generation copy (after a restore).
+    pub fn sync(&mut self) -> Result<()> {
+        self.opt.write_graph(&mut self.graph)?;
+        self.host_stale = true;
+        self.sync_host()
     }
 }
 
@@ -447,7 +490,7 @@ pub fn flow_head_graph(
 /// The critic: trunk + head + loss.
 pub struct Critic {
     pub graph: DecoderGraph,
-    pub opt: AdamW,
+    pub opt: Optimizer,
     pub head: CriticHead,
     /// Host-fed inputs of the loss, in the head's order.
     inputs: Vec<TensorId>,
@@ -592,7 +635,7 @@ impl Critic {
             }
         })?;
         let (inputs, readout, stats, term_names) = built.expect("head built");
-        let mut opt = optimizer(dec, &extra, opt)?;
+        let mut opt = optimizer(dec, &extra, opt, device)?;
         if let CriticHead::Flow { shape, .. } = &head {
             opt.set_no_decay(FLOW_PARAMS, flow_no_decay(shape))?;
         }
@@ -605,7 +648,7 @@ impl Critic {
             stats,
             term_names,
         };
-        write_params(&mut c.graph, &c.opt)?;
+        c.opt.write_graph(&mut c.graph)?;
         Ok(c)
     }
 
@@ -633,18 +676,18 @@ impl Critic {
         }
     }
 
-    /// The flow head's current parameters (flow critic only).
-    pub fn flow_params(&self) -> Option<&[f32]> {
-        self.opt.param(FLOW_PARAMS)
+    /// The flow head's current parameters (flow critic only; a small download on CUDA).
+    pub fn flow_params(&self) -> Result<Vec<f32>> {
+        if !matches!(self.head, CriticHead::Flow { .. }) {
+            return Err(Error::Invalid("flow_params: not a flow critic".into()));
+        }
+        self.opt.param_host(FLOW_PARAMS)
     }
 
-    /// One update on a minibatch with the head's inputs (each `[rows][S]` or `[rows][S][K]`, in
-    /// the head's input order; padded here to the graph's batch).
-    pub fn update(
-        &mut self,
-        seqs: &[Vec<u32>],
-        inputs: &[Vec<f32>],
-    ) -> Result<(CriticStats, Vec<Vec<f32>>)> {
+    /// The loss and gradients of a minibatch with the head's inputs (each `[rows][S]` or
+    /// `[rows][S][K]`, in the head's input order; padded here to the graph's batch); apply them
+    /// with [`Critic::step`].
+    pub fn update(&mut self, seqs: &[Vec<u32>], inputs: &[Vec<f32>]) -> Result<CriticStats> {
         if inputs.len() != self.inputs.len() {
             return Err(Error::Invalid(format!(
                 "critic update: {} inputs, the head takes {}",
@@ -667,33 +710,37 @@ impl Critic {
         }
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
-        let g = grads(&self.graph, &self.opt)?;
-        Ok((
-            CriticStats {
-                loss: loss as f64,
-                terms: self
-                    .term_names
-                    .iter()
-                    .copied()
-                    .zip(st.iter().map(|&v| v as f64))
-                    .collect(),
-            },
-            g,
-        ))
+        Ok(CriticStats {
+            loss: loss as f64,
+            terms: self
+                .term_names
+                .iter()
+                .copied()
+                .zip(st.iter().map(|&v| v as f64))
+                .collect(),
+        })
     }
 
-    /// Applies an optimizer step and writes the weights back.
-    pub fn step(&mut self, grads: &[Vec<f32>]) -> Result<StepOutcome> {
-        let out = self.opt.step(grads)?;
-        if out.applied {
-            write_params(&mut self.graph, &self.opt)?;
-        }
-        Ok(out)
+    /// The parameter gradients of the last [`Critic::update`], in optimizer order (copied to
+    /// the host: tests, and gradient accumulation over micro-batches).
+    pub fn grads(&self) -> Result<Vec<Vec<f32>>> {
+        grads(&self.graph, &self.opt)
+    }
+
+    /// Replaces the last update's gradients (optimizer order), e.g. by a micro-batch sum.
+    pub fn set_grads(&mut self, g: &[Vec<f32>]) -> Result<()> {
+        set_grads(&mut self.graph, &self.opt, g)
+    }
+
+    /// Applies an optimizer step with the last update's gradients (the graph holds the new
+    /// weights afterwards).
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        self.opt.step_graph(&mut self.graph)
     }
 
     /// Writes the master weights into the graph (after a checkpoint restore).
     pub fn sync(&mut self) -> Result<()> {
-        write_params(&mut self.graph, &self.opt)
+        self.opt.write_graph(&mut self.graph)
     }
 }
 
@@ -721,15 +768,21 @@ fn flow_eval(shape: FlowHeadShape, k: usize) -> crate::graph::ops::FlowEval {
 }
 
 /// The policy's master weights as an HF tensor map (for export), shaped like `dec`'s.
-pub fn tensor_map(dec: &Decoder, opt: &AdamW) -> Result<TensorMap> {
+pub fn tensor_map(dec: &Decoder, opt: &Optimizer) -> Result<TensorMap> {
     let mut out = BTreeMap::new();
+    let all: BTreeMap<&str, Vec<f32>> = opt
+        .names()
+        .iter()
+        .map(String::as_str)
+        .zip(opt.params_host()?)
+        .collect();
     for (name, t) in dec.params() {
-        let data = opt
-            .param(name)
+        let data = all
+            .get(name.as_str())
             .ok_or_else(|| Error::Invalid(format!("export: no master weights for {name}")))?;
         out.insert(
             name.clone(),
-            crate::model::checkpoint::Tensor::new(t.shape.clone(), data.to_vec())?,
+            crate::model::checkpoint::Tensor::new(t.shape.clone(), data.clone())?,
         );
     }
     Ok(out)

@@ -644,7 +644,7 @@ impl Trainer {
             let out = c.forward_readout(&batch.seqs)?;
             match (&c.head, &fs) {
                 (CriticHead::Flow { .. }, Some(fs)) => {
-                    let params = c.flow_params().expect("flow critic").to_vec();
+                    let params = c.flow_params()?;
                     let (z, sd) = flow_readout(&self.ops, fs, &params, &out, &mask)?;
                     values = z;
                     sample_std = sd;
@@ -700,7 +700,7 @@ impl Trainer {
         }
         let targets = match (&fs, self.critic.as_ref()) {
             (Some(fs), Some(c)) => {
-                let params = c.flow_params().expect("flow critic").to_vec();
+                let params = c.flow_params()?;
                 let cc = &self.cfg.critic;
                 let o = FlowTargetOpts {
                     gamma: gae.gamma,
@@ -872,13 +872,17 @@ impl Trainer {
         let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
         let ref_lp = p.ref_lp.as_ref().map(|r| gather(r, sel, s));
         let micro = self.micro_batches(sel.len());
-        let (mut st, mut g) = (ActorStats::default(), Vec::new());
+        let mut st = ActorStats::default();
+        // More than one micro-batch: their gradients are summed on the host and written back
+        // into the graph, where the optimizer reads them (a download and an upload per
+        // micro-batch on CUDA: no device-side accumulation yet).
+        let mut g = Vec::new();
         for r in &micro {
             let t = r.start * s..r.end * s;
             let kl = ref_lp
                 .as_deref()
                 .map(|l| (&l[t.clone()], self.kl_coef as f32));
-            let (mst, mg) = self.policy.update(
+            let mst = self.policy.update(
                 &seqs[r.clone()],
                 &sk[r.clone()],
                 &old_lp[t.clone()],
@@ -893,7 +897,12 @@ impl Trainer {
             st.ppo_kl += mst.ppo_kl;
             st.entropy += mst.entropy;
             st.kl_loss += mst.kl_loss;
-            accumulate(&mut g, mg);
+            if micro.len() > 1 {
+                accumulate(&mut g, self.policy.grads()?);
+            }
+        }
+        if micro.len() > 1 {
+            self.policy.set_grads(&g)?;
         }
         let stop = |msg: String| -> Result<()> {
             if !skip_nonfinite {
@@ -911,7 +920,7 @@ impl Trainer {
             ))?;
             skipped += 1.0;
         } else {
-            let o = self.policy.step(&g)?;
+            let o = self.policy.step()?;
             if !o.applied {
                 stop(format!(
                     "step {step}: the actor gradient norm is {}",
@@ -939,7 +948,7 @@ impl Trainer {
         let c = self.critic.as_mut().expect("critic inputs imply a critic");
         let (mut cst, mut g) = (None::<CriticStats>, Vec::new());
         for (r, part) in micro.iter().zip(&parts) {
-            let (mst, mg) = c.update(&seqs[r.clone()], part)?;
+            let mst = c.update(&seqs[r.clone()], part)?;
             match &mut cst {
                 None => cst = Some(mst),
                 Some(a) => {
@@ -949,11 +958,16 @@ impl Trainer {
                     }
                 }
             }
-            accumulate(&mut g, mg);
+            if micro.len() > 1 {
+                accumulate(&mut g, c.grads()?);
+            }
+        }
+        if micro.len() > 1 {
+            c.set_grads(&g)?;
         }
         let cst = cst.expect("a minibatch has at least one micro-batch");
         let finite = cst.loss.is_finite();
-        let o = if finite { Some(c.step(&g)?) } else { None };
+        let o = if finite { Some(c.step()?) } else { None };
         if !finite || !o.is_some_and(|o| o.applied) {
             let bad = cst
                 .terms
@@ -989,6 +1003,7 @@ impl Trainer {
     /// One RL step (prepare, then PPO epochs × minibatches); returns its metrics.
     pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
         let t0 = Instant::now();
+        let traffic0 = self.device.traffic();
         let p = self.prepare()?;
         let step = self.step;
         let rows = p.batch.rows();
@@ -1002,6 +1017,9 @@ impl Trainer {
                 skipped += self.update_minibatch(&p, &order[j * bsz..(j + 1) * bsz], &mut acc)?;
             }
         }
+        // Generation runs on the host: its weights follow the (device) optimizer once a step.
+        self.policy.sync_host()?;
+        let traffic1 = self.device.traffic();
         let (batch, mask, ntok, kl) = (&p.batch, &p.mask, p.ntok, &p.kl);
         let mut m = p.metrics.clone();
         for (k, (s, c)) in acc {
@@ -1053,6 +1071,9 @@ impl Trainer {
         m.insert("timing/step_s".into(), t_total);
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
+        // Host <-> device bytes of this step (0 on the CPU device), see docs/PERF.md.
+        m.insert("perf/h2d_bytes".into(), (traffic1.0 - traffic0.0) as f64);
+        m.insert("perf/d2h_bytes".into(), (traffic1.1 - traffic0.1) as f64);
         self.last_samples = self.samples_of(step, &p.batch);
         self.step += 1;
         Ok(m)
@@ -1081,9 +1102,9 @@ impl Trainer {
                 state.insert(k, Tensor { shape, data: v });
             }
         };
-        put(self.policy.opt.state("policy."));
+        put(self.policy.opt.state("policy.")?);
         if let Some(c) = &self.critic {
-            put(c.opt.state("critic."));
+            put(c.opt.state("critic.")?);
         }
         save_safetensors(tmp.join("state.safetensors"), &state, Dtype::F32)?;
         let meta = Meta {
@@ -1092,8 +1113,8 @@ impl Trainer {
             data_position: self.step * self.cfg.rollout.prompts_per_step as u64,
             seed: self.cfg.run.seed,
             algo: self.cfg.algo.name.as_str().into(),
-            policy_opt_step: self.policy.opt.step,
-            critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.step),
+            policy_opt_step: self.policy.opt.steps(),
+            critic_opt_step: self.critic.as_ref().map_or(0, |c| c.opt.steps()),
             seconds,
             before: self.before.clone(),
             fingerprint: self.fingerprint.clone(),
@@ -1229,7 +1250,7 @@ impl Trainer {
             self.cfg.algo.name.as_str(),
             self.device.describe(),
             self.cfg.model.policy,
-            self.policy.opt.params().iter().map(Vec::len).sum::<usize>(),
+            self.policy.opt.total_len(),
             self.train_ids.len(),
             self.task
                 .evals

@@ -4,7 +4,7 @@
 Phases (every run is one `dfpo-train train` in <runs-dir>/<phase>/<name>; a run whose summary.json
 exists is skipped, so the matrix resumes and can be run in pieces, on different days):
 
-1. sweep:  per algorithm, a 3-point actor learning-rate sweep (x0.5, x1, x2 of optim.actor_lr)
+1. sweep:  per algorithm, a 3-point actor learning-rate sweep (1e-5, 3e-5, 1e-4 = optim.actor_lr)
            at the sweep noise setting, --sweep-seeds seeds. The learning rate of each algorithm is
            chosen by its mean area under the VALIDATION accuracy curve (prompts carved from the
            training side; the eval splits are never used for a choice). Written to
@@ -58,7 +58,9 @@ NOISE_MODELS = {
                 lambda v: ["reward.flip_prob=0", f"reward.partial_credit={v}"]),
 }
 ALGOS = ("dfpo", "ppo", "grpo", "quantile")
-LR_FACTORS = (0.5, 1.0, 2.0)
+# The 3-point actor learning-rate grid (a factor ~3 apart, the default optim.actor_lr on top:
+# at 1e-4 every algorithm lost ~13 points of greedy in-domain accuracy in 10 steps of flip 0.2).
+LR_GRID = (1e-5, 3e-5, 1e-4)
 DEFAULT_ACTOR_LR = 1e-4
 LADDER = [
     ("dfpo-bcfm", "flow critic, BCFM only",
@@ -196,8 +198,7 @@ def sweep_runs(a):
     out = []
     model, level = a.sweep_setting
     for algo in a.algos:
-        for f in LR_FACTORS:
-            lr = DEFAULT_ACTOR_LR * f
+        for lr in LR_GRID:
             for seed in range(1, a.sweep_seeds + 1):
                 out.append(Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level),
                                noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], f"{algo} lr {fmt(lr)}"))
@@ -212,8 +213,7 @@ def lr_choice(a, results):
     choice = {}
     for algo in a.algos:
         scores = {}
-        for f in LR_FACTORS:
-            lr = DEFAULT_ACTOR_LR * f
+        for lr in LR_GRID:
             vals = [r["auc"]["validation"] for r in results.get(("sweep", f"{algo}-lr{fmt(lr)}"), [])
                     if "validation" in r["auc"]]
             if len(vals) < a.sweep_seeds:
@@ -463,12 +463,11 @@ def report(a, runs, results, choice, problems, command):
     if choice:
         L += ["Learning rates (optim.actor_lr) chosen on the validation split (mean validation AUC over "
               f"{a.sweep_seeds} sweep seeds at {setting_name(*a.sweep_setting)}):", "",
-              "| algo | chosen | " + " | ".join(f"lr {fmt(DEFAULT_ACTOR_LR * f)}" for f in LR_FACTORS) + " |",
-              "|---|---|" + "---|" * len(LR_FACTORS)]
+              "| algo | chosen | " + " | ".join(f"lr {fmt(lr)}" for lr in LR_GRID) + " |",
+              "|---|---|" + "---|" * len(LR_GRID)]
         for algo, (lr, scores) in choice.items():
             L.append(f"| {algo} | {fmt(lr)} | " + " | ".join(
-                f"{scores[DEFAULT_ACTOR_LR * f]:.3f}" if (DEFAULT_ACTOR_LR * f) in scores else "n/a"
-                for f in LR_FACTORS) + " |")
+                f"{scores[lr]:.3f}" if lr in scores else "n/a" for lr in LR_GRID) + " |")
         L.append("")
     settings = []
     for model in a.noise_models:

@@ -264,4 +264,36 @@ mod tests {
             assert!(CHARS.contains(ch));
         }
     }
+
+    #[test]
+    fn one_key_selects_the_task() {
+        use crate::train::config::TrainConfig;
+        let c = TrainConfig::load(None, &["data.task=chain".into()]).unwrap();
+        assert_eq!(c.model.policy, crate::model::builtin::BUILTIN_CHAIN);
+        assert_eq!(c.data.checker, "chain");
+        assert_eq!(c.rollout.max_new_tokens, ROLLOUT_MAX_NEW_TOKENS);
+        let c = TrainConfig::load(
+            None,
+            &[
+                "data.task=chain".into(),
+                "rollout.max_new_tokens=70".into(),
+                "model.policy=/some/folder".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.rollout.max_new_tokens, 70);
+        assert_eq!(c.model.policy, "/some/folder");
+        // The default run is untouched.
+        let d = TrainConfig::load(None, &[]).unwrap();
+        assert_eq!(d, TrainConfig::default());
+        assert_eq!(d.model.policy, "builtin");
+        // A debiased reward needs error rates below 1/2 in total.
+        let e = TrainConfig::load(
+            None,
+            &["reward.flip_prob=0.5".into(), "reward.debias=true".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reward.debias"), "{e}");
+    }
 }

@@ -108,6 +108,8 @@ def parse_args(argv):
     ap.add_argument("--ladder-setting", default="flip:0.4", help="noise setting of the ladder and references (default: %(default)s)")
     ap.add_argument("--phases", default="sweep,main,ladder,refs", help="which phases (default: %(default)s)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sweep: every algorithm at optim.actor_lr")
+    ap.add_argument("--lr-grid", default=",".join(fmt(x) for x in LR_GRID),
+                    help="the sweep's actor learning rates (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=60, help="RL steps per run (default: %(default)s)")
     ap.add_argument("--eval-every", type=int, default=15, help="clean evals every this many steps (default: %(default)s)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
@@ -137,6 +139,12 @@ def parse_args(argv):
             a.level_override = tuple(float(v) for v in a.levels.split(","))
         except ValueError:
             fail(f"--levels: expected numbers, got {a.levels!r}")
+    try:
+        a.lr_grid = tuple(float(x) for x in a.lr_grid.split(",") if x.strip())
+    except ValueError:
+        fail(f"--lr-grid: expected numbers, got {a.lr_grid!r}")
+    if not a.lr_grid or min(a.lr_grid) <= 0:
+        fail("--lr-grid: expected positive learning rates")
     a.sweep_setting = parse_setting(a.sweep_setting)
     a.ladder_setting = parse_setting(a.ladder_setting)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
@@ -168,14 +176,19 @@ def setting_name(model, level):
 
 
 class Run:
-    """One training run: where it goes and what it sets."""
+    """One training run: the cell it belongs to (phase, name), where it goes and what it sets.
+    `same_as` points a run at an identical earlier one (a main run at the sweep setting, seed and
+    chosen learning rate IS that sweep run), which is then reused, not run twice."""
 
-    def __init__(self, phase, name, algo, seed, setting, sets, label):
+    def __init__(self, phase, name, algo, seed, setting, sets, label, same_as=None):
         self.phase, self.name, self.algo, self.seed = phase, name, algo, seed
         self.setting, self.sets, self.label = setting, sets, label
+        self.same_as = same_as
 
     @property
     def out_dir(self):
+        if self.same_as is not None:
+            return self.same_as.out_dir
         return os.path.join(RUNS_DIR, self.phase, f"{self.name}-s{self.seed}")
 
     def done(self):
@@ -198,7 +211,7 @@ def sweep_runs(a):
     out = []
     model, level = a.sweep_setting
     for algo in a.algos:
-        for lr in LR_GRID:
+        for lr in a.lr_grid:
             for seed in range(1, a.sweep_seeds + 1):
                 out.append(Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level),
                                noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], f"{algo} lr {fmt(lr)}"))
@@ -213,7 +226,7 @@ def lr_choice(a, results):
     choice = {}
     for algo in a.algos:
         scores = {}
-        for lr in LR_GRID:
+        for lr in a.lr_grid:
             vals = [r["auc"]["validation"] for r in results.get(("sweep", f"{algo}-lr{fmt(lr)}"), [])
                     if "validation" in r["auc"]]
             if len(vals) < a.sweep_seeds:
@@ -236,8 +249,11 @@ def main_runs(a, choice):
             for algo in a.algos:
                 lr = choice[algo][0]
                 for seed in range(1, a.seeds + 1):
+                    same = None
+                    if not a.no_sweep and (model, level) == a.sweep_setting and seed <= a.sweep_seeds:
+                        same = Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level), [], "")
                     out.append(Run("main", f"{algo}-{setting_name(model, level)}", algo, seed, (model, level),
-                                   noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], algo))
+                                   noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], algo, same))
     return out
 
 
@@ -287,14 +303,20 @@ def run_one(exe, run, a):
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - t0
+    # CPU seconds of the run (the machine is shared: wall time says little).
+    with open(run.out_dir.rstrip("/") + ".time.json", "w") as f:
+        json.dump({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime}, f)
+    if p.returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-5:])
-        return f"exit status {r.returncode} (log: {log_path}):\n{tail}", time.time() - t0
+        return f"exit status {p.returncode} (log: {log_path}):\n{tail}", wall
     if not run.done():
-        return f"finished without writing summary.json (log: {log_path})", time.time() - t0
-    return None, time.time() - t0
+        return f"finished without writing summary.json (log: {log_path})", wall
+    return None, wall
 
 
 def execute(a, runs, budget):
@@ -350,8 +372,14 @@ def load_run(run):
     for split, pts in curves.items():
         area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
         auc[split] = area / max(1, pts[-1][0] - pts[0][0])
+    cpu = None
+    try:
+        with open(d.rstrip("/") + ".time.json") as f:
+            cpu = json.load(f)["cpu_s"]
+    except (OSError, ValueError, KeyError):
+        pass
     return {
-        "seed": run.seed, "steps": steps, "seconds": s["seconds"],
+        "seed": run.seed, "steps": steps, "seconds": s["seconds"], "cpu": cpu,
         "before": {k: v["accuracy"] for k, v in s["before"].items()},
         "after": {k: v["accuracy"] for k, v in s["after"].items()},
         "auc": auc, "curves": curves,
@@ -396,23 +424,28 @@ def paired(rows, base, key):
     return f"{m:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{mark}"
 
 
+def cpu_mean(rows):
+    xs = [r["cpu"] for r in rows if r.get("cpu") is not None]
+    return f"{sum(xs) / len(xs):.0f}" if xs else "n/a"
+
+
 def table(rows_by_label, base_rows):
     """Markdown rows: label | seeds | final ID | Δ vs PPO | AUC ID | ΔAUC vs PPO | final OOD | ΔOOD | s/run."""
     fin = lambda r: r["after"]["in_domain"]
     auc = lambda r: r["auc"]["in_domain"]
     ood = lambda r: r["after"]["out_of_domain"]
-    out = ["| run | seeds | in-domain final | Δ vs PPO [95% CI] | in-domain AUC | ΔAUC vs PPO [95% CI] | OOD final | ΔOOD vs PPO [95% CI] | s/run |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| run | seeds | in-domain final | Δ vs PPO [95% CI] | in-domain AUC | ΔAUC vs PPO [95% CI] | OOD final | ΔOOD vs PPO [95% CI] | wall s/run | CPU s/run |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in rows_by_label:
         if not rows:
-            out.append(f"| {label} | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            out.append(f"| {label} | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
         is_base = rows is base_rows
         out.append(
             f"| {label} | {len(rows)} | {fmt_ms([fin(r) for r in rows])} | {'(base)' if is_base else paired(rows, base_rows, fin)} "
             f"| {fmt_ms([auc(r) for r in rows])} | {'(base)' if is_base else paired(rows, base_rows, auc)} "
             f"| {fmt_ms([ood(r) for r in rows])} | {'(base)' if is_base else paired(rows, base_rows, ood)} "
-            f"| {sum(r['seconds'] for r in rows) / len(rows):.0f} |")
+            f"| {sum(r['seconds'] for r in rows) / len(rows):.0f} | {cpu_mean(rows)} |")
     return out
 
 
@@ -463,11 +496,11 @@ def report(a, runs, results, choice, problems, command):
     if choice:
         L += ["Learning rates (optim.actor_lr) chosen on the validation split (mean validation AUC over "
               f"{a.sweep_seeds} sweep seeds at {setting_name(*a.sweep_setting)}):", "",
-              "| algo | chosen | " + " | ".join(f"lr {fmt(lr)}" for lr in LR_GRID) + " |",
-              "|---|---|" + "---|" * len(LR_GRID)]
+              "| algo | chosen | " + " | ".join(f"lr {fmt(lr)}" for lr in a.lr_grid) + " |",
+              "|---|---|" + "---|" * len(a.lr_grid)]
         for algo, (lr, scores) in choice.items():
             L.append(f"| {algo} | {fmt(lr)} | " + " | ".join(
-                f"{scores[lr]:.3f}" if lr in scores else "n/a" for lr in LR_GRID) + " |")
+                f"{scores[lr]:.3f}" if lr in scores else "n/a" for lr in a.lr_grid) + " |")
         L.append("")
     settings = []
     for model in a.noise_models:

@@ -53,7 +53,7 @@ pub const MAX_ANSWER_TOKENS: usize = 63;
 /// `rollout.max_new_tokens` of a chain run unless given (the longest answer fits).
 pub const ROLLOUT_MAX_NEW_TOKENS: usize = 64;
 /// The seed of the fixed eval and validation sets.
-const FIXED_SEED: u64 = 0xC4A1_5E7;
+const FIXED_SEED: u64 = 0x0C4A_15E7;
 
 /// The prompts' partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,7 +257,7 @@ mod tests {
         let best_ind = example(&[10; IN_DOMAIN_OPERANDS]);
         assert!(tok_len(&worst_ood.answer) < MAX_ANSWER_TOKENS);
         assert!(tok_len(&best_ind.answer) + 1 >= 30, "{}", best_ind.answer);
-        assert!(tok_len(&worst_ind.answer) + 1 <= 200);
+        assert!(tok_len(&worst_ind.answer) < 200);
         let longest = 1 + tok_len(&worst_ood.prompt) + MAX_ANSWER_TOKENS;
         assert!(longest <= model_config().max_position_embeddings);
         for ch in worst_ood.prompt.chars().chain(worst_ood.answer.chars()) {

@@ -546,7 +546,7 @@ impl Trainer {
         let (lo, hi) = super::noise::reward_range(r);
         let clip = cc
             .clip_returns
-            .then(|| ((lo - spread) as f32, (hi + spread) as f32));
+            .then_some(((lo - spread) as f32, (hi + spread) as f32));
         Some(FlowSolve {
             shape: *shape,
             k: *k,

@@ -318,7 +318,10 @@ fn out_of_range_values_name_key_and_origin() {
             &["optim.schedule=linear"],
             &["optim.schedule", "cosine | constant"],
         ),
-        (&["data.task=gsm8k"], &["data.task", "arith | jsonl"]),
+        (
+            &["data.task=gsm8k"],
+            &["data.task", "arith | chain | jsonl"],
+        ),
         (
             &["data.checker=regex"],
             &["data.checker", "arith | gsm8k | math"],

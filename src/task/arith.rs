@@ -54,8 +54,14 @@ pub fn builtin_dir() -> Result<PathBuf> {
 
 /// The vocabulary in id order.
 pub fn vocab() -> Vec<String> {
+    vocab_of(CHARS)
+}
+
+/// The special tokens then one token per character of `chars`, in id order (the vocabulary of
+/// every built-in char-level task).
+pub fn vocab_of(chars: &str) -> Vec<String> {
     let mut v: Vec<String> = [PAD, BOS, EOS, UNK].iter().map(|s| s.to_string()).collect();
-    v.extend(CHARS.chars().map(String::from));
+    v.extend(chars.chars().map(String::from));
     v
 }
 
@@ -63,7 +69,13 @@ pub fn vocab() -> Vec<String> {
 /// of [`CHARS`] encodes to one token per character, anything else to `<unk>`), no normaliser or
 /// pre-tokeniser, a BOS prepended by the post-processor, and the `Fuse` decoder (concatenate).
 pub fn tokenizer_json() -> String {
-    let vocab = vocab();
+    tokenizer_json_of(CHARS)
+}
+
+/// [`tokenizer_json`] for the vocabulary [`vocab_of`]`(chars)` (the builder every built-in
+/// char-level task shares).
+pub fn tokenizer_json_of(chars: &str) -> String {
+    let vocab = vocab_of(chars);
     let added: Vec<Value> = vocab[..4]
         .iter()
         .enumerate()
@@ -117,6 +129,11 @@ pub fn tokenizer_json() -> String {
 
 /// The tokenizer_config.json naming the special tokens (no chat template: prompts are raw).
 pub fn tokenizer_config_json() -> String {
+    tokenizer_config_json_of(64)
+}
+
+/// [`tokenizer_config_json`] with `model_max_length` = `max_len`.
+pub fn tokenizer_config_json_of(max_len: usize) -> String {
     let v = json!({
         "bos_token": BOS,
         "eos_token": EOS,
@@ -125,7 +142,7 @@ pub fn tokenizer_config_json() -> String {
         "add_bos_token": true,
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
-        "model_max_length": 64,
+        "model_max_length": max_len,
         "tokenizer_class": "PreTrainedTokenizerFast"
     });
     let mut s = serde_json::to_string_pretty(&v).expect("a Value always serializes");
@@ -149,13 +166,17 @@ pub fn write_random_model(dir: &Path, seed: u64) -> Result<()> {
 
 /// Writes tokenizer.json and tokenizer_config.json into `dir` (created if needed), atomically.
 pub fn write_tokenizer_files(dir: &Path) -> Result<()> {
+    write_tokenizer_files_of(dir, &tokenizer_json(), &tokenizer_config_json())
+}
+
+/// Writes the given tokenizer.json and tokenizer_config.json texts into `dir` (created if
+/// needed), atomically.
+pub fn write_tokenizer_files_of(dir: &Path, tj: &str, tc: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| crate::Error::Io {
         path: dir.display().to_string(),
         source,
     })?;
-    let tj = tokenizer_json();
     write_atomic(dir.join("tokenizer.json"), |w| w.write_all(tj.as_bytes()))?;
-    let tc = tokenizer_config_json();
     write_atomic(dir.join("tokenizer_config.json"), |w| {
         w.write_all(tc.as_bytes())
     })

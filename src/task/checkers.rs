@@ -39,6 +39,31 @@ pub fn arith_extract(s: &str) -> Option<String> {
     Some(canonical_int(neg, &rest[..end]))
 }
 
+/// The integer after the LAST `=` of `s` (spaces removed), canonical: the final line of a chain
+/// scratchpad `"23+41=64;64+17=81"` → "81". No `=`, or no digit right after it: None.
+pub fn chain_extract(s: &str) -> Option<String> {
+    let t: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    let at = t.rfind('=')?;
+    arith_extract(&t[at + 1..]).filter(|a| !a.starts_with('-'))
+}
+
+/// Whether `response` has the shape of a chain scratchpad for `prompt`: one line (`;`-separated)
+/// per `+` of the prompt, each `digits+digits=digits` (the arithmetic may be wrong).
+pub fn chain_shape(response: &str, prompt: &str) -> bool {
+    let want = prompt.matches('+').count();
+    let t: String = response.chars().filter(|c| !c.is_whitespace()).collect();
+    let lines: Vec<&str> = t.split(';').collect();
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+    want > 0
+        && lines.len() == want
+        && lines.iter().all(|l| match l.split_once('=') {
+            Some((lhs, rhs)) => {
+                digits(rhs) && matches!(lhs.split_once('+'), Some((a, b)) if digits(a) && digits(b))
+            }
+            None => false,
+        })
+}
+
 /// The first number of `s` (commas and `$` removed), canonical: "1,234.50" → "1234.5",
 /// "72.00" → "72", "-3" → "-3". None when `s` holds no digit.
 pub fn gsm8k_normalise(s: &str) -> Option<String> {

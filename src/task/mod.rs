@@ -8,6 +8,7 @@
 //! [`load_task`] resolves a [`DataConfig`] into training prompts, named eval sets and a checker.
 
 pub mod arith;
+pub mod chain;
 pub mod checkers;
 pub mod dataset;
 
@@ -42,6 +43,8 @@ pub enum Checker {
     Gsm8k,
     /// The content of the last `\boxed{...}`, normalised.
     Math,
+    /// The integer after the last `=` (the built-in chain task's scratchpad).
+    Chain,
 }
 
 impl Checker {
@@ -51,8 +54,9 @@ impl Checker {
             "arith" => Ok(Checker::Arith),
             "gsm8k" => Ok(Checker::Gsm8k),
             "math" => Ok(Checker::Math),
+            "chain" => Ok(Checker::Chain),
             other => Err(Error::Invalid(format!(
-                "data.checker = \"{other}\": expected \"arith\", \"gsm8k\" or \"math\""
+                "data.checker = \"{other}\": expected \"arith\", \"gsm8k\", \"math\" or \"chain\""
             ))),
         }
     }
@@ -62,6 +66,7 @@ impl Checker {
             Checker::Arith => "arith",
             Checker::Gsm8k => "gsm8k",
             Checker::Math => "math",
+            Checker::Chain => "chain",
         }
     }
 
@@ -71,6 +76,7 @@ impl Checker {
             Checker::Arith => checkers::arith_extract(response),
             Checker::Gsm8k => checkers::gsm8k_extract(response),
             Checker::Math => checkers::math_extract(response),
+            Checker::Chain => checkers::chain_extract(response),
         }
     }
 
@@ -86,6 +92,7 @@ impl Checker {
     pub fn parse_reference(&self, answer: &str) -> Option<String> {
         match self {
             Checker::Arith => checkers::arith_extract(answer),
+            Checker::Chain => checkers::chain_extract(answer),
             Checker::Gsm8k => {
                 checkers::gsm8k_extract(answer).or_else(|| checkers::gsm8k_normalise(answer))
             }
@@ -106,6 +113,29 @@ impl Checker {
             Verdict::Incorrect
         }
     }
+}
+
+impl Checker {
+    /// Whether `response` has the right shape for `prompt` whatever its answer (the "flawed
+    /// verifier" noise model gives partial credit to a wrong answer of the right shape): chain,
+    /// a full scratchpad ([`checkers::chain_shape`]); the others, a readable final answer.
+    pub fn right_shape(&self, response: &str, prompt: &str) -> bool {
+        match self {
+            Checker::Chain => checkers::chain_shape(response, prompt),
+            _ => self.extract(response).is_some(),
+        }
+    }
+}
+
+/// Whether the first integer of `prompt` is odd (the subset of the state-dependent noise model;
+/// false when the prompt holds no digit).
+pub fn first_operand_odd(prompt: &str) -> bool {
+    let digits: String = prompt
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.bytes().last().is_some_and(|d| (d - b'0') % 2 == 1)
 }
 
 /// What a run trains and evaluates on.
@@ -145,6 +175,40 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
                 checker,
             })
         }
+        "chain" => {
+            // The task's own checker; the default ("arith") names it too.
+            if !matches!(checker, Checker::Chain | Checker::Arith) {
+                return Err(Error::Invalid(format!(
+                    "data.checker = \"{}\": the built-in chain task needs \"chain\"",
+                    cfg.checker
+                )));
+            }
+            let pool = |full: usize| {
+                if cfg.eval_size == 0 {
+                    full
+                } else {
+                    cfg.eval_size.min(full)
+                }
+            };
+            Ok(TaskData {
+                train: chain::train_examples(chain::TRAIN_POOL, seed),
+                evals: vec![
+                    (
+                        "in_domain".into(),
+                        chain::in_domain(pool(chain::IN_DOMAIN_POOL)),
+                    ),
+                    (
+                        "out_of_domain".into(),
+                        chain::out_of_domain(pool(chain::OUT_OF_DOMAIN_POOL)),
+                    ),
+                    (
+                        "validation".into(),
+                        chain::validation(pool(chain::VALIDATION_POOL)),
+                    ),
+                ],
+                checker: Checker::Chain,
+            })
+        }
         "jsonl" => {
             if cfg.train_file.is_empty() {
                 return Err(Error::Invalid(
@@ -177,7 +241,7 @@ pub fn load_task(cfg: &DataConfig, seed: u64) -> Result<TaskData> {
             })
         }
         other => Err(Error::Invalid(format!(
-            "data.task = \"{other}\": expected \"arith\" or \"jsonl\""
+            "data.task = \"{other}\": expected \"arith\", \"chain\" or \"jsonl\""
         ))),
     }
 }

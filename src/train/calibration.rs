@@ -25,7 +25,7 @@
 use serde::Serialize;
 
 use super::models::CriticHead;
-use super::rollout::{flow_readout, noisy_reward, Stream};
+use super::rollout::{flow_readout, Stream};
 use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::kernels::sample::SampleParams;
@@ -200,11 +200,17 @@ pub fn critic_calibration(t: &mut Trainer) -> Result<Option<Calibration>> {
             let i = group[c.prompt_index];
             let resp = [&gens[i].tokens[..j], &c.tokens[..]].concat();
             let text = super::eval::response_text(&t.tok, &resp, &t.stop)?;
-            let answer = &t.task.train[idx[i]].answer;
-            let ok = t.task.checker.check(&text, answer) == Verdict::Correct;
+            let ex = &t.task.train[idx[i]];
+            let ok = t.task.checker.check(&text, &ex.answer) == Verdict::Correct;
             let r = &t.cfg.reward;
             clean[i].push(if ok { r.correct } else { r.incorrect });
-            noisy[i].push(noisy_reward(ok, r, &mut noise));
+            let scored = super::noise::Scored {
+                correct: ok,
+                right_shape: r.partial_credit > 0.0
+                    && t.task.checker.right_shape(&text, &ex.prompt),
+                in_subset: super::noise::in_subset(r, &ex.prompt),
+            };
+            noisy[i].push(super::noise::noisy_reward(scored, r, &mut noise));
         }
     }
     // The critic at each prefix's state: the value at the token before y_j of the full row.

@@ -120,7 +120,7 @@ impl Default for ModelSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// "arith" (built-in task) or "jsonl" (train_file/eval_files).
+    /// "arith" or "chain" (built-in tasks) or "jsonl" (train_file/eval_files).
     pub task: String,
     /// JSONL {"prompt","answer"} training prompts (task = "jsonl").
     pub train_file: String,
@@ -203,6 +203,28 @@ pub struct RewardConfig {
     pub flip_prob: f64,
     /// Zero-mean Gaussian noise of this std added to the training reward.
     pub gaussian_sigma: f64,
+    /// Asymmetric label noise (after the symmetric flip): a reported-correct response becomes
+    /// incorrect with this probability (false negatives; train/noise.rs).
+    pub fn_prob: f64,
+    /// A reported-incorrect response becomes correct with this probability (false positives).
+    pub fp_prob: f64,
+    /// Scale of additive Student-t noise (0: off).
+    pub t_scale: f64,
+    /// Degrees of freedom of the Student-t noise (> 0; small = heavy tails).
+    pub t_nu: f64,
+    /// Probability of an additive outlier of ±outlier_mag (either sign equally likely).
+    pub outlier_prob: f64,
+    pub outlier_mag: f64,
+    /// State-dependent noise: "none", or "odd_first" (prompts whose first integer is odd flip
+    /// with subset_flip_prob instead of flip_prob).
+    pub subset: String,
+    pub subset_flip_prob: f64,
+    /// Flawed verifier: a wrong answer of the right shape earns this share of the way from the
+    /// incorrect to the correct reward (0: off).
+    pub partial_credit: f64,
+    /// Debiased reward under the known label error rates, c0 + (r - c0 - q0(c1 - c0))/(1 - q0
+    /// - q1); (r - p)/(1 - 2p) for symmetric flips of 0/1 rewards.
+    pub debias: bool,
     pub correct: f64,
     pub incorrect: f64,
     /// An external reward program (JSONL over stdin/stdout, reward_cmd.rs); "" = the checker.
@@ -216,6 +238,16 @@ impl Default for RewardConfig {
         RewardConfig {
             flip_prob: 0.2,
             gaussian_sigma: 0.0,
+            fn_prob: 0.0,
+            fp_prob: 0.0,
+            t_scale: 0.0,
+            t_nu: 3.0,
+            outlier_prob: 0.0,
+            outlier_mag: 5.0,
+            subset: "none".into(),
+            subset_flip_prob: 0.0,
+            partial_credit: 0.0,
+            debias: false,
             correct: 1.0,
             incorrect: 0.0,
             command: String::new(),
@@ -557,7 +589,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "data.task",
-        "arith (the built-in task) | jsonl (data.train_file, data.eval_files)",
+        "arith (the built-in addition task) | chain (the built-in chained-addition task with a scratchpad, 36-62-token answers; sets the keys not given: model.policy builtin -> builtin-chain, data.checker chain, rollout.max_new_tokens 64) | jsonl (data.train_file, data.eval_files)",
     ),
     (
         "data.train_file",
@@ -569,7 +601,7 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "data.checker",
-        "answer checker: arith (exact integer) | gsm8k (#### n) | math (\\boxed{})",
+        "answer checker: arith (exact integer) | gsm8k (#### n) | math (\\boxed{}) | chain (the integer after the last =)",
     ),
     (
         "data.chat_template",
@@ -616,6 +648,43 @@ const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "reward.gaussian_sigma",
         "std of zero-mean Gaussian noise added to the training reward, >= 0",
+    ),
+    (
+        "reward.fn_prob",
+        "false negatives: a reported-correct training reward becomes incorrect with this probability (after the flip), in [0, 1]",
+    ),
+    (
+        "reward.fp_prob",
+        "false positives: a reported-incorrect training reward becomes correct with this probability (after the flip), in [0, 1]",
+    ),
+    (
+        "reward.t_scale",
+        "scale of additive Student-t noise on the training reward, >= 0 (0: off)",
+    ),
+    (
+        "reward.t_nu",
+        "degrees of freedom of the Student-t noise, > 0 (1: Cauchy)",
+    ),
+    (
+        "reward.outlier_prob",
+        "probability of an additive outlier of +-reward.outlier_mag on the training reward, in [0, 1]",
+    ),
+    ("reward.outlier_mag", "size of the outliers, >= 0"),
+    (
+        "reward.subset",
+        "state-dependent noise: none | odd_first (prompts whose first integer is odd flip with reward.subset_flip_prob instead of reward.flip_prob)",
+    ),
+    (
+        "reward.subset_flip_prob",
+        "flip probability on the prompts of reward.subset, in [0, 1]",
+    ),
+    (
+        "reward.partial_credit",
+        "flawed verifier: a wrong answer of the right shape (chain: a full scratchpad; others: a readable answer) earns this share of correct - incorrect, in [0, 1] (0: off)",
+    ),
+    (
+        "reward.debias",
+        "replace the training reward by its unbiased estimate under the known label error rates ((r - p)/(1 - 2p) for flips of 0/1 rewards; needs total error rates below 1)",
     ),
     ("reward.correct", "reward of a correct answer"),
     ("reward.incorrect", "reward of an incorrect answer"),
@@ -912,13 +981,14 @@ impl TrainConfig {
         for set in sets {
             merge_set(&schema, set, &mut merged, &mut origins)?;
         }
-        let cfg: TrainConfig =
+        let mut cfg: TrainConfig =
             toml::Value::Table(merged)
                 .try_into()
                 .map_err(|e: toml::de::Error| {
                     // Every key and type was checked above, so this is not expected.
                     Error::Invalid(format!("config: {}", e.to_string().trim_end()))
                 })?;
+        cfg.apply_task_defaults(|k| origins.contains_key(k));
         if let Err(v) = cfg.check() {
             let blamed = v.keys.iter().find_map(|k| origins.get(*k).map(|o| (*k, o)));
             return Err(match blamed {
@@ -934,6 +1004,25 @@ impl TrainConfig {
             });
         }
         Ok(cfg)
+    }
+
+    /// The built-in chain task's own defaults for the keys the file and the `--set`s did not
+    /// give (`given`): with `data.task = "chain"`, `model.policy = "builtin"` is the chain warm
+    /// start (`builtin-chain`), `data.checker` is `chain`, `rollout.max_new_tokens` is
+    /// [`crate::task::chain::ROLLOUT_MAX_NEW_TOKENS`]. So one key selects the task.
+    pub fn apply_task_defaults(&mut self, given: impl Fn(&str) -> bool) {
+        if self.data.task != "chain" {
+            return;
+        }
+        if !given("model.policy") && self.model.policy == crate::model::builtin::BUILTIN {
+            self.model.policy = crate::model::builtin::BUILTIN_CHAIN.into();
+        }
+        if !given("data.checker") {
+            self.data.checker = "chain".into();
+        }
+        if !given("rollout.max_new_tokens") {
+            self.rollout.max_new_tokens = crate::task::chain::ROLLOUT_MAX_NEW_TOKENS;
+        }
     }
 
     /// Checks ranges, enumerations and the cross-field rules; the error names the key.
@@ -1102,7 +1191,7 @@ impl TrainConfig {
         }
 
         let d = &self.data;
-        one_of(key!("data.task"), &d.task, &["arith", "jsonl"])?;
+        one_of(key!("data.task"), &d.task, &["arith", "chain", "jsonl"])?;
         if d.task == "jsonl" && d.train_file.trim().is_empty() {
             fail(
                 &["data.train_file", "data.task"],
@@ -1139,7 +1228,7 @@ impl TrainConfig {
         one_of(
             key!("data.checker"),
             &d.checker,
-            &["arith", "gsm8k", "math"],
+            &["arith", "gsm8k", "math", "chain"],
         )?;
         range(key!("data.max_unparsed"), d.max_unparsed, NONNEG, LE1)?;
         one_of(
@@ -1189,9 +1278,58 @@ impl TrainConfig {
             NONNEG,
             None,
         )?;
+        for (k, v) in [
+            (key!("reward.fn_prob"), rw.fn_prob),
+            (key!("reward.fp_prob"), rw.fp_prob),
+            (key!("reward.outlier_prob"), rw.outlier_prob),
+            (key!("reward.subset_flip_prob"), rw.subset_flip_prob),
+            (key!("reward.partial_credit"), rw.partial_credit),
+        ] {
+            range(k, v, NONNEG, LE1)?;
+        }
+        range(key!("reward.t_scale"), rw.t_scale, NONNEG, None)?;
+        range(key!("reward.t_nu"), rw.t_nu, POS, None)?;
+        range(key!("reward.outlier_mag"), rw.outlier_mag, NONNEG, None)?;
+        one_of(key!("reward.subset"), &rw.subset, &["none", "odd_first"])?;
+        if rw.debias {
+            for sub in [false, true] {
+                let (q0, q1) = super::noise::label_error_rates(rw, sub);
+                if q0 + q1 >= 1.0 - 1e-6 {
+                    fail(
+                        &["reward.debias", "reward.flip_prob"],
+                        format!(
+                            "the label error rates add up to {:.3} (>= 1): the debiased reward \
+                             divides by 1 - q0 - q1",
+                            q0 + q1
+                        ),
+                    )?;
+                }
+            }
+            if rw.correct == rw.incorrect {
+                fail(
+                    &["reward.debias", "reward.correct"],
+                    "reward.correct = reward.incorrect: nothing to debias".into(),
+                )?;
+            }
+        }
         range(key!("reward.correct"), rw.correct, None, None)?;
         range(key!("reward.incorrect"), rw.incorrect, None, None)?;
         range(key!("reward.timeout_s"), rw.timeout_s, POS, None)?;
+        if !rw.command.is_empty()
+            && (rw.fn_prob > 0.0
+                || rw.fp_prob > 0.0
+                || rw.subset != "none"
+                || rw.partial_credit > 0.0
+                || rw.debias)
+        {
+            fail(
+                &["reward.command"],
+                "the label noise models (reward.fn_prob, fp_prob, subset, partial_credit, \
+                 debias) act on the checker's verdict; with reward.command set only the additive \
+                 ones (gaussian_sigma, t_scale, outlier_prob) apply"
+                    .into(),
+            )?;
+        }
         if !rw.command.is_empty() && rw.flip_prob > 0.0 {
             fail(
                 &["reward.flip_prob", "reward.command"],
@@ -1444,6 +1582,7 @@ impl ConfigArgs {
             match (key, value) {
                 // The built-in task's name selects it; a file selects JSONL data.
                 ("data.train_file", "arith" | "builtin") => sets.push("data.task=arith".into()),
+                ("data.train_file", "chain") => sets.push("data.task=chain".into()),
                 ("data.train_file", f) => {
                     sets.push("data.task=jsonl".into());
                     sets.push(format!("data.train_file={f}"));

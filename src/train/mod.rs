@@ -8,6 +8,7 @@ pub mod heads;
 pub mod interrupt;
 pub mod metrics;
 pub mod models;
+pub mod noise;
 pub mod optim;
 pub mod reward_cmd;
 pub mod rollout;

@@ -54,22 +54,6 @@ impl Stream {
     }
 }
 
-/// The training reward: the clean reward flipped with probability `flip_prob` (correct ↔
-/// incorrect), plus N(0, σ²).
-pub fn noisy_reward(
-    correct: bool,
-    r: &crate::train::config::RewardConfig,
-    rng: &mut Stream,
-) -> f64 {
-    let flip = r.flip_prob > 0.0 && rng.uniform() < r.flip_prob;
-    let c = correct != flip;
-    let mut v = if c { r.correct } else { r.incorrect };
-    if r.gaussian_sigma > 0.0 {
-        v += r.gaussian_sigma * rng.normal();
-    }
-    v
-}
-
 /// One rollout batch: rows = prompts × samples, prompt-major.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {

@@ -34,7 +34,7 @@ use crate::model::decoder::Decoder;
 use crate::model::init::random_decoder;
 use crate::model::score::parse_device;
 use crate::model::tokenizer::Tokenizer;
-use crate::task::{arith, dataset, encode_prompt, parse_eval_spec, Checker, Example};
+use crate::task::{arith, chain, dataset, encode_prompt, parse_eval_spec, Checker, Example};
 
 /// `--model` value for a random init of the built-in model.
 pub const BUILTIN_INIT: &str = "builtin-init";
@@ -47,7 +47,7 @@ pub struct SftArgs {
     /// An HF model folder, "builtin" (the shipped warm start) or "builtin-init" (a random init
     /// of the built-in arithmetic model with the tokenizer we build).
     pub model: String,
-    /// "arith" (the built-in task) or a JSONL file of {"prompt","answer"} lines.
+    /// "arith" or "chain" (the built-in tasks) or a JSONL file of {"prompt","answer"} lines.
     pub data: String,
     /// Eval sets for JSONL data, "name=path". The arith task has its own.
     pub eval_files: Vec<String>,
@@ -253,8 +253,15 @@ fn train_into(
 ) -> Result<SftReport> {
     // Model and tokenizer.
     let (dec, tok, tok_files) = if args.model == BUILTIN_INIT {
-        arith::write_tokenizer_files(staging)?;
-        let dec = random_decoder(arith::model_config(), args.seed)?;
+        // The built-in model of the task: chain's with sft.data = "chain", else arith's.
+        let config = if args.data == "chain" {
+            chain::write_tokenizer_files(staging)?;
+            chain::model_config()
+        } else {
+            arith::write_tokenizer_files(staging)?;
+            arith::model_config()
+        };
+        let dec = random_decoder(config, args.seed)?;
         (dec, Tokenizer::from_dir(staging)?, Vec::new())
     } else {
         let dir = crate::model::builtin::model_dir(&args.model)?;
@@ -288,7 +295,35 @@ fn train_into(
         })?;
 
     // Data.
-    let (train, evals, checker) = if args.data == "arith" {
+    let (train, evals, checker) = if args.data == "chain" {
+        let n = if args.train_size > 0 {
+            args.train_size
+        } else {
+            args.steps * args.batch
+        };
+        let m = |full: usize| {
+            if args.eval_size == 0 {
+                full
+            } else {
+                args.eval_size.min(full)
+            }
+        };
+        let evals = vec![
+            (
+                "in_domain".to_string(),
+                chain::in_domain(m(chain::IN_DOMAIN_POOL)),
+            ),
+            (
+                "out_of_domain".to_string(),
+                chain::out_of_domain(m(chain::OUT_OF_DOMAIN_POOL)),
+            ),
+        ];
+        (
+            chain::sft_examples(n, args.ood_frac, args.seed),
+            evals,
+            Checker::Chain,
+        )
+    } else if args.data == "arith" {
         let n = if args.train_size > 0 {
             args.train_size
         } else {

@@ -25,8 +25,8 @@ use super::models::{
 };
 use super::optim::Schedule;
 use super::rollout::{
-    flow_readout, flow_targets, gather, grpo_advantages, noisy_reward, pool_first_token_targets,
-    token_rewards, token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, GrpoStd, Stream,
+    flow_readout, flow_targets, gather, grpo_advantages, pool_first_token_targets, token_rewards,
+    token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, GrpoStd, Stream,
 };
 use super::run_dir::{self, Fingerprint, Start};
 use super::step_ops::StepOps;
@@ -507,10 +507,7 @@ impl Trainer {
                 Some(rep) => {
                     let mid = 0.5 * (r.correct + r.incorrect);
                     let ok = rep[j].correct.unwrap_or(rep[j].reward > mid);
-                    let mut noisy = rep[j].reward;
-                    if r.gaussian_sigma > 0.0 {
-                        noisy += r.gaussian_sigma * noise.normal();
-                    }
+                    let noisy = rep[j].reward + super::noise::additive_noise(r, &mut noise);
                     (ok, false, rep[j].reward, noisy)
                 }
                 None => {
@@ -518,7 +515,15 @@ impl Trainer {
                     let ok = verdict == crate::task::Verdict::Correct;
                     let clean = if ok { r.correct } else { r.incorrect };
                     let unparsed = verdict == crate::task::Verdict::Unparsed;
-                    (ok, unparsed, clean, noisy_reward(ok, r, &mut noise))
+                    let ex = example(g);
+                    let scored = super::noise::Scored {
+                        correct: ok,
+                        right_shape: r.partial_credit > 0.0
+                            && self.task.checker.right_shape(text, &ex.prompt),
+                        in_subset: super::noise::in_subset(r, &ex.prompt),
+                    };
+                    let noisy = super::noise::noisy_reward(scored, r, &mut noise);
+                    (ok, unparsed, clean, noisy)
                 }
             };
             b.unparsed.push(unparsed);
@@ -552,7 +557,8 @@ impl Trainer {
     }
 
     /// The flow critic's solve settings (None without one). The return clip is the reachable
-    /// range of a return: the two rewards, widened by 3σ of the Gaussian reward noise and, when
+    /// range of a return: the rewards (`noise::reward_range`: debiasing widens them), widened by
+    /// `noise::additive_spread` (3σ of the Gaussian, 3 scales of the Student-t noise) and, when
     /// the KL is in the reward, by β·T (a KL of at most 1 nat per token over T tokens). A wide
     /// range leaves the readout's tails free: with a slack of 1 reward the one-step samples put
     /// a quarter of their mass below 0 on the built-in task, and the CVaR error was 9x larger
@@ -569,13 +575,11 @@ impl Trainer {
         } else {
             0.0
         };
-        let spread = 3.0 * r.gaussian_sigma + kl_slack;
-        let clip = cc.clip_returns.then(|| {
-            (
-                (r.correct.min(r.incorrect) - spread) as f32,
-                (r.correct.max(r.incorrect) + spread) as f32,
-            )
-        });
+        let spread = super::noise::additive_spread(r) + kl_slack;
+        let (lo, hi) = super::noise::reward_range(r);
+        let clip = cc
+            .clip_returns
+            .then_some(((lo - spread) as f32, (hi + spread) as f32));
         Some(FlowSolve {
             shape: *shape,
             k: *k,

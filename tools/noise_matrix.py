@@ -1,0 +1,605 @@
+#!/usr/bin/env python3
+"""The noisy-reward experiment of issue 12 on the built-in chain task (`tools/compare --experiment noise`).
+
+Phases (every run is one `dfpo-train train` in <runs-dir>/<phase>/<name>; a run whose summary.json
+exists is skipped, so the matrix resumes and can be run in pieces, on different days):
+
+1. sweep:  per algorithm, a 3-point actor learning-rate sweep (1e-5, 3e-5, 1e-4 = optim.actor_lr)
+           at the sweep noise setting, --sweep-seeds seeds. The learning rate of each algorithm is
+           chosen by its mean area under the VALIDATION accuracy curve (prompts carved from the
+           training side; the eval splits are never used for a choice). Written to
+           <runs-dir>/lr_choice.json.
+2. main:   algorithms x noise models x 2 levels x --seeds seeds, at the chosen learning rates.
+3. ladder: DFPO's ablation ladder at the ladder setting: flow critic with BCFM only
+           (critic.w_dcfm = w_gc = w_cvar = w_gain = w_shape = 0), + DCFM (w_dcfm back),
+           + consistency (w_gc back), + risk terms (= dfpo, the main cell); PPO is the main cell.
+4. refs:   references at the ladder setting: PPO and GRPO with the debiased reward
+           (reward.debias = true, the known rates), GRPO with a group of 8 (rollout.n_samples = 8).
+
+Every run is scored on the same fixed eval sets (the whole held-out pools of the chain task:
+in_domain 400 prompts, out_of_domain 200, validation 200; independent of the seed), clean and
+greedy, every --eval-every steps. Statistics: per cell the mean ± sample std over seeds of the
+final in-domain accuracy and of the area under the in-domain accuracy curve (trapezoid over the
+evals at steps 0, e, 2e, ..., T, divided by T); per seed the difference to PPO at the same noise
+setting and seed (paired), its mean and a percentile bootstrap 95% interval over seeds (10 000
+resamples, fixed seed).
+
+Standard library only; matplotlib (optional) draws the curves.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (description, level key, levels, sets(level))
+NOISE_MODELS = {
+    "flip": ("symmetric flips (correct <-> incorrect with p)", "p", (0.2, 0.4),
+             lambda v: [f"reward.flip_prob={v}"]),
+    "fneg": ("asymmetric false negatives (correct -> 0 with p)", "p", (0.3, 0.6),
+             lambda v: ["reward.flip_prob=0", f"reward.fn_prob={v}"]),
+    "fpos": ("asymmetric false positives (wrong -> 1 with p)", "p", (0.1, 0.2),
+             lambda v: ["reward.flip_prob=0", f"reward.fp_prob={v}"]),
+    "heavy": ("heavy-tailed additive noise: s * Student-t(nu = 2)", "s", (0.3, 1.0),
+              lambda v: ["reward.flip_prob=0", f"reward.t_scale={v}", "reward.t_nu=2"]),
+    "outlier": ("rare outliers: +-5 with probability p", "p", (0.02, 0.1),
+                lambda v: ["reward.flip_prob=0", f"reward.outlier_prob={v}", "reward.outlier_mag=5"]),
+    "state": ("state-dependent flips: p on prompts with an odd first operand, 0.05 elsewhere", "p", (0.3, 0.45),
+              lambda v: ["reward.flip_prob=0.05", "reward.subset=odd_first", f"reward.subset_flip_prob={v}"]),
+    "partial": ("flawed verifier: partial credit c for a wrong full scratchpad", "c", (0.3, 0.6),
+                lambda v: ["reward.flip_prob=0", f"reward.partial_credit={v}"]),
+}
+ALGOS = ("dfpo", "ppo", "grpo", "quantile")
+# The 3-point actor learning-rate grid (a factor ~3 apart, the default optim.actor_lr on top:
+# at 1e-4 every algorithm lost ~13 points of greedy in-domain accuracy in 10 steps of flip 0.2).
+LR_GRID = (1e-5, 3e-5, 1e-4)
+DEFAULT_ACTOR_LR = 1e-4
+LADDER = [
+    ("dfpo-bcfm", "flow critic, BCFM only",
+     ["critic.w_dcfm=0", "critic.w_gc=0", "critic.w_cvar=0", "critic.w_gain=0", "critic.w_shape=0"]),
+    ("dfpo-dcfm", "+ DCFM", ["critic.w_gc=0", "critic.w_cvar=0", "critic.w_gain=0", "critic.w_shape=0"]),
+    ("dfpo-gc", "+ consistency", ["critic.w_cvar=0", "critic.w_gain=0", "critic.w_shape=0"]),
+]
+REFS = [
+    ("ppo-debias", "ppo", "PPO, debiased reward (r - p)/(1 - 2p)", ["reward.debias=true"]),
+    ("grpo-debias", "grpo", "GRPO, debiased reward", ["reward.debias=true"]),
+    ("grpo-g8", "grpo", "GRPO, group of 8 (rollout.n_samples = 8)", ["rollout.n_samples=8"]),
+]
+
+
+def fail(msg):
+    print(f"tools/compare --experiment noise: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return "%g" % v
+
+
+def parse_setting(s):
+    """'flip:0.4' -> ('flip', 0.4)."""
+    name, _, lvl = s.partition(":")
+    if name not in NOISE_MODELS:
+        fail(f"unknown noise model {name!r} (one of {', '.join(NOISE_MODELS)})")
+    try:
+        return name, float(lvl)
+    except ValueError:
+        fail(f"{s!r}: expected MODEL:LEVEL, e.g. flip:0.4")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="tools/compare --experiment noise", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algos", default="dfpo,ppo,grpo", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--noise-models", default="flip,fneg,heavy",
+                    help=f"main-matrix noise models, comma-separated, of {','.join(NOISE_MODELS)} (default: %(default)s)")
+    ap.add_argument("--levels", default="", help="override the two levels of every model, e.g. 0.2,0.4")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds 1..N of the main matrix, ladder and references (default: %(default)s)")
+    ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds of the learning-rate sweep (default: %(default)s)")
+    ap.add_argument("--sweep-setting", default="flip:0.2", help="noise setting of the sweep (default: %(default)s)")
+    ap.add_argument("--ladder-setting", default="flip:0.4", help="noise setting of the ladder and references (default: %(default)s)")
+    ap.add_argument("--phases", default="sweep,main,ladder,refs", help="which phases (default: %(default)s)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the sweep: every algorithm at optim.actor_lr")
+    ap.add_argument("--lr-grid", default=",".join(fmt(x) for x in LR_GRID),
+                    help="the sweep's actor learning rates (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=60, help="RL steps per run (default: %(default)s)")
+    ap.add_argument("--eval-every", type=int, default=15, help="clean evals every this many steps (default: %(default)s)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
+    ap.add_argument("--max-runs", type=int, default=0, help="stop after starting this many runs (0: all), to run the matrix in pieces")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra option for every run (repeatable)")
+    ap.add_argument("--runs-dir", default=os.path.join(REPO, "runs", "noise"), help="(default: runs/noise)")
+    ap.add_argument("--results", default=os.path.join(REPO, "docs", "results-noise.md"), help="report (default: docs/results-noise.md)")
+    ap.add_argument("--png", default=os.path.join(REPO, "docs", "results-noise.png"), help="curves (default: docs/results-noise.png)")
+    ap.add_argument("--title", default="The noisy-reward matrix on the chain task", help="heading of the report")
+    ap.add_argument("--report-only", action="store_true", help="run nothing; report what exists")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs that would start, run nothing")
+    a = ap.parse_args(argv)
+    a.algos = [x.strip() for x in a.algos.split(",") if x.strip()]
+    for x in a.algos:
+        if x not in ALGOS:
+            fail(f"--algos: unknown algorithm {x!r} ({', '.join(ALGOS)})")
+    if "ppo" not in a.algos:
+        fail("--algos must include ppo (the paired differences are against it)")
+    a.noise_models = [x.strip() for x in a.noise_models.split(",") if x.strip()]
+    for x in a.noise_models:
+        if x not in NOISE_MODELS:
+            fail(f"--noise-models: unknown {x!r} ({', '.join(NOISE_MODELS)})")
+    a.level_override = None
+    if a.levels:
+        try:
+            a.level_override = tuple(float(v) for v in a.levels.split(","))
+        except ValueError:
+            fail(f"--levels: expected numbers, got {a.levels!r}")
+    try:
+        a.lr_grid = tuple(float(x) for x in a.lr_grid.split(",") if x.strip())
+    except ValueError:
+        fail(f"--lr-grid: expected numbers, got {a.lr_grid!r}")
+    if not a.lr_grid or min(a.lr_grid) <= 0:
+        fail("--lr-grid: expected positive learning rates")
+    a.sweep_setting = parse_setting(a.sweep_setting)
+    a.ladder_setting = parse_setting(a.ladder_setting)
+    a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
+    for x in a.phases:
+        if x not in ("sweep", "main", "ladder", "refs"):
+            fail(f"--phases: unknown phase {x!r} (sweep, main, ladder, refs)")
+    if a.no_sweep and "sweep" in a.phases:
+        a.phases.remove("sweep")
+    for n, what in ((a.seeds, "--seeds"), (a.sweep_seeds, "--sweep-seeds"), (a.steps, "--steps"),
+                    (a.eval_every, "--eval-every"), (a.jobs, "--jobs")):
+        if n < 1:
+            fail(f"{what} must be >= 1, got {n}")
+    for s in a.sets:
+        if "=" not in s:
+            fail(f"--set {s!r}: expected KEY=VALUE")
+        key = s.partition("=")[0].strip()
+        if key in ("run.out_dir", "run.seed", "algo.name", "optim.actor_lr", "data.task") or key.startswith("reward."):
+            fail(f"--set {s!r}: {key} is set by the experiment itself")
+    a.runs_dir = os.path.abspath(a.runs_dir)
+    return a
+
+
+def levels_of(a, model):
+    return a.level_override or NOISE_MODELS[model][2]
+
+
+def setting_name(model, level):
+    return f"{model}{fmt(level)}"
+
+
+class Run:
+    """One training run: the cell it belongs to (phase, name), where it goes and what it sets.
+    `same_as` points a run at an identical earlier one (a main run at the sweep setting, seed and
+    chosen learning rate IS that sweep run), which is then reused, not run twice."""
+
+    def __init__(self, phase, name, algo, seed, setting, sets, label, same_as=None):
+        self.phase, self.name, self.algo, self.seed = phase, name, algo, seed
+        self.setting, self.sets, self.label = setting, sets, label
+        self.same_as = same_as
+
+    @property
+    def out_dir(self):
+        if self.same_as is not None:
+            return self.same_as.out_dir
+        return os.path.join(RUNS_DIR, self.phase, f"{self.name}-s{self.seed}")
+
+    def done(self):
+        return os.path.isfile(os.path.join(self.out_dir, "summary.json"))
+
+
+RUNS_DIR = None
+
+
+def common_sets(a):
+    return ["data.task=chain", f"run.steps={a.steps}", f"run.eval_every={a.eval_every}",
+            "run.progress=false", "run.save_every=0", "run.log_samples=2"] + a.sets
+
+
+def noise_sets(model, level):
+    return NOISE_MODELS[model][3](level)
+
+
+def sweep_runs(a):
+    out = []
+    model, level = a.sweep_setting
+    for algo in a.algos:
+        for lr in a.lr_grid:
+            for seed in range(1, a.sweep_seeds + 1):
+                out.append(Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level),
+                               noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], f"{algo} lr {fmt(lr)}"))
+    return out
+
+
+def lr_choice(a, results):
+    """algo -> (chosen lr, {lr: mean validation AUC}) from the sweep runs (None when incomplete)."""
+    path = os.path.join(RUNS_DIR, "lr_choice.json")
+    if a.no_sweep:
+        return {algo: (DEFAULT_ACTOR_LR, {}) for algo in a.algos}
+    choice = {}
+    for algo in a.algos:
+        scores = {}
+        for lr in a.lr_grid:
+            vals = [r["auc"]["validation"] for r in results.get(("sweep", f"{algo}-lr{fmt(lr)}"), [])
+                    if "validation" in r["auc"]]
+            if len(vals) < a.sweep_seeds:
+                return None
+            scores[lr] = sum(vals) / len(vals)
+        # Ties go to the default learning rate (then the smaller one).
+        best = max(scores, key=lambda lr: (round(scores[lr], 6), lr == DEFAULT_ACTOR_LR, -lr))
+        choice[algo] = (best, scores)
+    os.makedirs(RUNS_DIR, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({k: {"lr": v[0], "validation_auc": {fmt(x): y for x, y in v[1].items()}} for k, v in choice.items()},
+                  f, indent=2)
+    return choice
+
+
+def main_runs(a, choice):
+    out = []
+    for model in a.noise_models:
+        for level in levels_of(a, model):
+            for algo in a.algos:
+                lr = choice[algo][0]
+                for seed in range(1, a.seeds + 1):
+                    same = None
+                    if not a.no_sweep and (model, level) == a.sweep_setting and seed <= a.sweep_seeds:
+                        same = Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level), [], "")
+                    out.append(Run("main", f"{algo}-{setting_name(model, level)}", algo, seed, (model, level),
+                                   noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], algo, same))
+    return out
+
+
+def ladder_runs(a, choice):
+    model, level = a.ladder_setting
+    lr = choice.get("dfpo", (DEFAULT_ACTOR_LR,))[0]
+    return [Run("ladder", f"{name}-{setting_name(model, level)}", "dfpo", seed, (model, level),
+                noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"] + extra, label)
+            for name, label, extra in LADDER for seed in range(1, a.seeds + 1)]
+
+
+def ref_runs(a, choice):
+    model, level = a.ladder_setting
+    out = []
+    for name, algo, label, extra in REFS:
+        lr = choice.get(algo, (DEFAULT_ACTOR_LR,))[0]
+        for seed in range(1, a.seeds + 1):
+            out.append(Run("refs", f"{name}-{setting_name(model, level)}", algo, seed, (model, level),
+                           noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"] + extra, label))
+    return out
+
+
+def trainer_path():
+    env = os.environ.get("DFPO_TRAIN")
+    if env:
+        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
+            fail(f"DFPO_TRAIN={env} is not an executable file")
+        return env
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
+    exe = os.path.join(target, "release", "dfpo-train")
+    if not os.path.isfile(exe):
+        print(f"{exe} missing: cargo build --release --bin dfpo-train", flush=True)
+        r = subprocess.run(["cargo", "build", "--release", "--bin", "dfpo-train"], cwd=REPO)
+        if r.returncode != 0 or not os.path.isfile(exe):
+            fail("cargo build --release --bin dfpo-train failed")
+    return exe
+
+
+def run_one(exe, run, a):
+    os.makedirs(os.path.dirname(run.out_dir), exist_ok=True)
+    cmd = [exe, "train", "--set", f"run.out_dir={run.out_dir}", "--set", f"algo.name={run.algo}",
+           "--set", f"run.seed={run.seed}"]
+    for s in common_sets(a) + run.sets:
+        cmd += ["--set", s]
+    log_path = run.out_dir.rstrip("/") + ".log"
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - t0
+    # CPU seconds of the run (the machine is shared: wall time says little).
+    with open(run.out_dir.rstrip("/") + ".time.json", "w") as f:
+        json.dump({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime}, f)
+    if p.returncode != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-5:])
+        return f"exit status {p.returncode} (log: {log_path}):\n{tail}", wall
+    if not run.done():
+        return f"finished without writing summary.json (log: {log_path})", wall
+    return None, wall
+
+
+def execute(a, runs, budget):
+    """Runs the runs not done yet (at most budget[0] more); returns the failures."""
+    todo = [r for r in runs if not r.done()]
+    if budget[0] is not None:
+        todo = todo[:max(0, budget[0])]
+        budget[0] -= len(todo)
+    print(f"{len(runs) - len([r for r in runs if not r.done()])} of {len(runs)} runs done; "
+          f"starting {len(todo)}", flush=True)
+    if a.dry_run:
+        for r in todo:
+            print(f"  would run {r.phase}/{r.name}-s{r.seed}: {' '.join(r.sets)}")
+        return {}
+    failures = {}
+    if not todo:
+        return failures
+    exe = trainer_path()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        futs = {pool.submit(run_one, exe, r, a): r for r in todo}
+        for fut in concurrent.futures.as_completed(futs):
+            r = futs[fut]
+            err, secs = fut.result()
+            print(f"{r.phase}/{r.name}-s{r.seed}: {'ok' if err is None else 'FAILED ' + err} ({secs:.0f} s)", flush=True)
+            if err is not None:
+                failures[(r.phase, r.name, r.seed)] = err
+    return failures
+
+
+def load_run(run):
+    """Final accuracies, the in-domain/validation curves and their areas, from the run folder."""
+    d = run.out_dir
+    with open(os.path.join(d, "summary.json")) as f:
+        s = json.load(f)
+    if s.get("algo") != run.algo or s.get("seed") != run.seed:
+        raise ValueError(f"{d}/summary.json belongs to algo={s.get('algo')} seed={s.get('seed')}")
+    steps = int(s["steps"])
+    curves = {}
+    for split in ("in_domain", "out_of_domain", "validation"):
+        if split not in s["before"]:
+            continue
+        pts = [(0, s["before"][split]["accuracy"])]
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            for line in f:
+                m = json.loads(line)
+                k = f"eval/{split}/accuracy"
+                if k in m and 0 < m["step"] < steps:
+                    pts.append((m["step"], m[k]))
+        pts.append((steps, s["after"][split]["accuracy"]))
+        pts.sort()
+        curves[split] = pts
+    auc = {}
+    for split, pts in curves.items():
+        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
+        auc[split] = area / max(1, pts[-1][0] - pts[0][0])
+    cpu = None
+    try:
+        with open(d.rstrip("/") + ".time.json") as f:
+            cpu = json.load(f)["cpu_s"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return {
+        "seed": run.seed, "steps": steps, "seconds": s["seconds"], "cpu": cpu,
+        "before": {k: v["accuracy"] for k, v in s["before"].items()},
+        "after": {k: v["accuracy"] for k, v in s["after"].items()},
+        "auc": auc, "curves": curves,
+    }
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def fmt_ms(xs):
+    if not xs:
+        return "n/a"
+    m, s = mean_std(xs)
+    return f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"
+
+
+def bootstrap_ci(ds, n=10000, seed=12345):
+    """Percentile bootstrap 95% interval of the mean of ds (resampling seeds)."""
+    if len(ds) < 2:
+        return None
+    rng = random.Random(seed)
+    k = len(ds)
+    means = sorted(sum(rng.choice(ds) for _ in range(k)) / k for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def paired(rows, base, key):
+    """Per-seed differences rows - base on `key` (a function of a run), over the seeds in both."""
+    b = {r["seed"]: key(r) for r in base}
+    ds = [key(r) - b[r["seed"]] for r in rows if r["seed"] in b]
+    if not ds:
+        return "n/a"
+    m = sum(ds) / len(ds)
+    ci = bootstrap_ci(ds)
+    if ci is None:
+        return f"{m:+.3f} (n = 1)"
+    mark = " *" if ci[0] > 0 or ci[1] < 0 else ""
+    return f"{m:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{mark}"
+
+
+def cpu_mean(rows):
+    xs = [r["cpu"] for r in rows if r.get("cpu") is not None]
+    return f"{sum(xs) / len(xs):.0f}" if xs else "n/a"
+
+
+def table(rows_by_label, base_rows):
+    """Markdown rows: label | seeds | final ID | Δ vs PPO | AUC ID | ΔAUC vs PPO | final OOD | ΔOOD | s/run."""
+    fin = lambda r: r["after"]["in_domain"]
+    auc = lambda r: r["auc"]["in_domain"]
+    ood = lambda r: r["after"]["out_of_domain"]
+    out = ["| run | seeds | in-domain final | Δ vs PPO [95% CI] | in-domain AUC | ΔAUC vs PPO [95% CI] | OOD final | ΔOOD vs PPO [95% CI] | wall s/run | CPU s/run |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, rows in rows_by_label:
+        if not rows:
+            out.append(f"| {label} | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        is_base = rows is base_rows
+        out.append(
+            f"| {label} | {len(rows)} | {fmt_ms([fin(r) for r in rows])} | {'(base)' if is_base else paired(rows, base_rows, fin)} "
+            f"| {fmt_ms([auc(r) for r in rows])} | {'(base)' if is_base else paired(rows, base_rows, auc)} "
+            f"| {fmt_ms([ood(r) for r in rows])} | {'(base)' if is_base else paired(rows, base_rows, ood)} "
+            f"| {sum(r['seconds'] for r in rows) / len(rows):.0f} | {cpu_mean(rows)} |")
+    return out
+
+
+def plot(a, results, settings):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the curves", flush=True)
+        return False
+    if not settings:
+        return False
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), sharey=True, squeeze=False)
+    for ax, (model, level) in zip(axes[0], settings):
+        for algo in a.algos:
+            rows = results.get(("main", f"{algo}-{setting_name(model, level)}"), [])
+            if not rows:
+                continue
+            xs = [x for x, _ in rows[0]["curves"]["in_domain"]]
+            if any([x for x, _ in r["curves"]["in_domain"]] != xs for r in rows):
+                continue
+            ys = [sum(r["curves"]["in_domain"][i][1] for r in rows) / len(rows) for i in range(len(xs))]
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{algo} (n={len(rows)})")
+        ax.set_title(f"{model} {fmt(level)}", fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clean in-domain accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(a.png)), exist_ok=True)
+    fig.savefig(a.png, dpi=110)
+    print(f"wrote {a.png}")
+    return True
+
+
+def report(a, runs, results, choice, problems, command):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    L = [f"## {a.title}", "",
+         f"Generated by `tools/compare --experiment noise` on {now}. Command (from `{os.getcwd()}`):", "",
+         "    " + command, "",
+         f"Task `data.task = chain` (the warm start `assets/chain-sft`), {a.steps} RL steps of 16 prompts x 4 "
+         f"samples (GRPO g8: x 8), KL {kl_statement(a)}; every run is scored clean and greedy on the same fixed "
+         f"sets (whole held-out pools: in_domain 400, out_of_domain 200, validation 200) every "
+         f"{a.eval_every} steps. Cells: mean ± sample std over seeds; Δ: mean paired per-seed difference to PPO "
+         "at the same noise setting and seed with a percentile-bootstrap 95% interval over seeds (`*`: the "
+         "interval excludes 0); AUC: area under the in-domain accuracy curve / steps.", ""]
+    if choice:
+        L += ["Learning rates (optim.actor_lr) chosen on the validation split (mean validation AUC over "
+              f"{a.sweep_seeds} sweep seeds at {setting_name(*a.sweep_setting)}):", "",
+              "| algo | chosen | " + " | ".join(f"lr {fmt(lr)}" for lr in a.lr_grid) + " |",
+              "|---|---|" + "---|" * len(a.lr_grid)]
+        for algo, (lr, scores) in choice.items():
+            L.append(f"| {algo} | {fmt(lr)} | " + " | ".join(
+                f"{scores[lr]:.3f}" if lr in scores else "n/a" for lr in a.lr_grid) + " |")
+        L.append("")
+    settings = []
+    for model in a.noise_models:
+        for level in levels_of(a, model):
+            settings.append((model, level))
+            rows = [(algo, results.get(("main", f"{algo}-{setting_name(model, level)}"), [])) for algo in a.algos]
+            base = dict(rows)["ppo"]
+            if not any(r for _, r in rows):
+                continue
+            L += [f"### {NOISE_MODELS[model][0]}, {NOISE_MODELS[model][1]} = {fmt(level)}", ""]
+            before = [r["before"]["in_domain"] for _, rs in rows for r in rs]
+            L.append(f"Warm start: in-domain {before[0]:.3f}.")
+            L.append("")
+            L += table(rows, base) + [""]
+    mdl, lvl = a.ladder_setting
+    sname = setting_name(mdl, lvl)
+    base = results.get(("main", f"ppo-{sname}"), [])
+    ladder = [("ppo", base)] + [(label, results.get(("ladder", f"{n}-{sname}"), [])) for n, label, _ in LADDER] \
+        + [("+ risk terms (= dfpo)", results.get(("main", f"dfpo-{sname}"), []))]
+    if any(r for _, r in ladder[1:-1]):
+        L += [f"### Ablation ladder at {NOISE_MODELS[mdl][0]}, {NOISE_MODELS[mdl][1]} = {fmt(lvl)}", ""]
+        L += table(ladder, base) + [""]
+    refs = [("ppo", base)] + [(label, results.get(("refs", f"{n}-{sname}"), [])) for n, _, label, _ in REFS]
+    if any(r for _, r in refs[1:]):
+        L += [f"### References at {NOISE_MODELS[mdl][0]}, {NOISE_MODELS[mdl][1]} = {fmt(lvl)}", ""]
+        L += table(refs, base) + [""]
+    total = sum(r["seconds"] for rows in results.values() for r in rows)
+    n = sum(len(rows) for rows in results.values())
+    L.append(f"{n} runs, {total / 3600:.2f} h of run time in all (wall time of each run, summed). Runs: `{RUNS_DIR}`.")
+    if problems:
+        L += ["", "Missing or failed runs:", ""] + [f"- {p}" for p in problems[:40]]
+        if len(problems) > 40:
+            L.append(f"- ... and {len(problems) - 40} more")
+    if plot(a, results, settings):
+        rel = os.path.relpath(a.png, os.path.dirname(os.path.abspath(a.results)))
+        L += ["", f"![mean clean in-domain accuracy during training]({rel})"]
+    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
+    with open(a.results, "w") as f:
+        f.write("\n".join(L) + "\n")
+    print(f"wrote {a.results}")
+
+
+def kl_statement(a):
+    coef = next((s.partition("=")[2] for s in reversed(a.sets) if s.startswith("kl.coef=")), "0.001")
+    return (f"kl.coef = {coef} (the default: k1 in the reward for ppo/dfpo/quantile, k3 in the loss for grpo; "
+            "reference = the warm start)")
+
+
+def main(argv):
+    global RUNS_DIR
+    a = parse_args(argv)
+    RUNS_DIR = a.runs_dir
+    command = " ".join(shlex.quote(x) for x in ["tools/compare", "--experiment", "noise"] + argv)
+    budget = [a.max_runs if a.max_runs > 0 else None]
+    failures = {}
+    results = {}
+
+    def collect(runs):
+        problems = []
+        for r in runs:
+            key = (r.phase, r.name)
+            results.setdefault(key, [])
+            if (r.phase, r.name, r.seed) in failures:
+                problems.append(f"{r.phase}/{r.name}-s{r.seed}: failed: {failures[(r.phase, r.name, r.seed)].splitlines()[0]}")
+            elif not r.done():
+                problems.append(f"{r.phase}/{r.name}-s{r.seed}: not run yet")
+            else:
+                try:
+                    results[key].append(load_run(r))
+                except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                    problems.append(f"{r.phase}/{r.name}-s{r.seed}: {e}")
+        return problems
+
+    problems = []
+    sweep = sweep_runs(a) if not a.no_sweep else []
+    if "sweep" in a.phases and not a.report_only:
+        failures.update(execute(a, sweep, budget))
+    problems += collect(sweep)
+    choice = lr_choice(a, results)
+    if choice is None and a.dry_run:
+        print("(the sweep is not done: the later phases are listed at the default learning rate)")
+        choice = {algo: (DEFAULT_ACTOR_LR, {}) for algo in a.algos}
+    later = []
+    if choice is None:
+        problems.append("the learning-rate sweep is incomplete: main, ladder and refs wait for it")
+    else:
+        for phase, make in (("main", main_runs), ("ladder", ladder_runs), ("refs", ref_runs)):
+            runs = make(a, choice)
+            if phase in a.phases and not a.report_only:
+                failures.update(execute(a, runs, budget))
+            later += runs
+        problems += collect(later)
+    if a.dry_run:
+        return 0
+    report(a, sweep + later, results, choice, [p for p in problems if "not run yet" not in p] +
+           ([f"{sum('not run yet' in p for p in problems)} runs not run yet"] if any("not run yet" in p for p in problems) else []),
+           command)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Tests of tools/noise_matrix.py (`tools/compare --experiment noise`) against the stand-in
+trainer tools/noise-fake-train, whose accuracies are known in closed form. Run:
+    python3 tools/noise_matrix_test.py
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def run(tmp, *extra):
+    env = dict(os.environ, DFPO_TRAIN=os.path.join(TOOLS, "noise-fake-train"))
+    cmd = [os.path.join(TOOLS, "compare"), "--experiment", "noise", "--runs-dir", os.path.join(tmp, "runs"),
+           "--results", os.path.join(tmp, "r.md"), "--png", os.path.join(tmp, "r.png"),
+           "--algos", "dfpo,ppo", "--noise-models", "flip,fneg", "--seeds", "4", "--sweep-seeds", "2",
+           "--lr-grid", "1e-5,3e-5,1e-4", "--steps", "20", "--eval-every", "5", "--jobs", "2", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+class NoiseMatrix(unittest.TestCase):
+    def test_matrix_statistics_and_resume(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run(tmp)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            runs = os.path.join(tmp, "runs")
+            # The learning rate with the best validation AUC (3e-5 in the fake) is chosen.
+            choice = json.loads(read(os.path.join(runs, "lr_choice.json")))
+            self.assertEqual(choice["dfpo"]["lr"], 3e-5)
+            self.assertEqual(choice["ppo"]["lr"], 3e-5)
+            # Main runs at the sweep setting reuse the sweep's runs (seeds 1-2); no dir twice.
+            self.assertFalse(os.path.exists(os.path.join(runs, "main", "dfpo-flip0.2-s1")))
+            self.assertTrue(os.path.exists(os.path.join(runs, "main", "dfpo-flip0.2-s3")))
+            self.assertTrue(os.path.exists(os.path.join(runs, "main", "dfpo-fneg0.6-s1")))
+            # Every run is told its noise model; the non-flip models switch the flips off.
+            a = read(os.path.join(runs, "main", "ppo-fneg0.3-s2", "args.txt"))
+            for want in ("reward.flip_prob=0", "reward.fn_prob=0.3", "data.task=chain", "optim.actor_lr=3e-05"):
+                self.assertIn(want + "\n", a)
+            md = read(os.path.join(tmp, "r.md"))
+            # dfpo - ppo is exactly +0.05 per seed: the interval is a point.
+            self.assertIn("| dfpo | 4 | 0.675 ± 0.013 | +0.050 [+0.050, +0.050] * ", md)
+            # AUC of a linear curve from 0.5 to a: (0.5 + a)/2; ppo mean a = 0.625.
+            self.assertIn("| ppo | 4 | 0.625 ± 0.013 | (base) | 0.562 ± 0.006 |", md)
+            self.assertIn("+0.025 [+0.025, +0.025] *", md)  # ΔAUC = 0.05 / 2
+            # The ladder and the references (dfpo/ppo/grpo with the chosen or default lr).
+            self.assertIn("BCFM only", md)
+            self.assertIn("group of 8", md)
+            # Resume: nothing runs again.
+            r2 = run(tmp)
+            self.assertEqual(r2.returncode, 0, r2.stderr)
+            self.assertNotIn(": ok", r2.stdout)
+            self.assertIn("starting 0", r2.stdout)
+
+    def test_bad_arguments(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run(tmp, "--set", "reward.flip_prob=0.3")
+            self.assertEqual(r.returncode, 2)
+            self.assertIn("set by the experiment itself", r.stderr)
+            r = run(tmp, "--noise-models", "nonsense")
+            self.assertEqual(r.returncode, 2)
+            self.assertIn("unknown 'nonsense'", r.stderr)
+
+
+sys.path.insert(0, TOOLS)
+import noise_matrix  # noqa: E402
+
+
+class Bootstrap(unittest.TestCase):
+    def test_interval_covers_the_mean_and_is_deterministic(self):
+        ds = [0.1, -0.05, 0.02, 0.07, 0.0, 0.03]
+        lo, hi = noise_matrix.bootstrap_ci(ds)
+        m = sum(ds) / len(ds)
+        self.assertLess(lo, m)
+        self.assertGreater(hi, m)
+        self.assertEqual((lo, hi), noise_matrix.bootstrap_ci(ds))
+        self.assertIsNone(noise_matrix.bootstrap_ci([0.1]))
+
+
+if __name__ == "__main__":
+    unittest.main()

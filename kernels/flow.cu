@@ -276,7 +276,8 @@ struct FlowTile {
 // Input: l == 0: a_0 from u, ze[r], te[r] (tangent of a_0 = w_z); l >= 1: a_l in X[r] (tangent in T[r]).
 // Output: l < depth-1 or SAVE: h_l -> X[r] (dh_l -> T[r]); otherwise v -> vout[r] (and ∂v/∂z ->
 // vzout[r]). SAVE also stores a_l to ga[r] and h_l (l < depth-1) to gh[r] (global, tile-relative).
-// Rows past the end get zeros in X (and T) so later matmuls read finite values.
+// Rows past the end get zeros in X (and T) so later matmuls read finite values, and zeros in
+// vout (vzout) on the last layer.
 template <bool TAN, bool SAVE>
 __device__ void flow_row_pass(const FlowTile& t, int l, float* X, float* T, const float* ze, const float* te,
                               float* vout, float* vzout, float* ga, float* gh) {
@@ -297,6 +298,12 @@ __device__ void flow_row_pass(const FlowTile& t, int l, float* X, float* T, cons
             for (int j = lane; j < H; j += 32) {
                 xr[j] = 0.0f;
                 if (TAN) tr[j] = 0.0f;
+            }
+            // The caller reads vout (vzout) of every tile row, past the end too (the emulator
+            // found flow_integrate reading them uninitialised).
+            if (last && !SAVE && lane == 0) {
+                vout[r] = 0.0f;
+                if (TAN) vzout[r] = 0.0f;
             }
             continue;
         }

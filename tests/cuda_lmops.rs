@@ -663,12 +663,14 @@ fn cuda_sample_empirical_distribution_and_determinism() {
     let Some(dev) = cuda_for_test("cuda_sample_empirical_distribution_and_determinism") else {
         return;
     };
-    // Deterministic seeds (see the CPU test of the same name): 40000 rows of the same logits.
+    // Deterministic seeds (see the CPU test of the same name): 40000 rows of the same logits
+    // (4000 on the emulator: the chi-square bound below holds for any count; every config's
+    // kept tokens still have expected counts of at least ~40).
     let v = 10;
     let row: Vec<f32> = (0..v).map(|j| ((j * 7 % 10) as f32) * 0.35 - 1.0).collect();
     let bits: Vec<u16> = bf16_bits(&row);
     let row64 = bf16_f64(&bits);
-    let draws = 40_000;
+    let draws = if dfpo::device::emulated() { 4_000 } else { 40_000 };
     let all: Vec<u16> = (0..draws).flat_map(|_| bits.iter().cloned()).collect();
     let zd = up(&dev, &all);
     for (ci, p) in [

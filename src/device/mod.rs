@@ -146,6 +146,12 @@ pub fn cuda_for_test(test: &str) -> Option<Arc<CudaDevice>> {
     }
 }
 
+/// True when running on the emulated CUDA driver (`tools/emu` sets `DFPO_EMU=1`): tests then
+/// pick smaller problems that still cover every code path (each test says which).
+pub fn emulated() -> bool {
+    std::env::var("DFPO_EMU").is_ok_and(|v| v == "1")
+}
+
 /// One CUDA GPU: its context, the stream every dfpo kernel runs on, and the module cache.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,

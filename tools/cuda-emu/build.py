@@ -10,6 +10,9 @@ pointer, parameter types through template deduction, __launch_bounds__). The ker
 bounds are read from the preprocessed file, so macro-generated kernels are found too.
 
     tools/cuda-emu/build.py [--force] [--quiet]    prints the library folder
+
+Environment: DFPO_EMU_OUT (build folder, default target/cuda-emu), DFPO_EMU_KERNELS (kernels
+folder, default kernels/), CXX (default g++).
 """
 import hashlib
 import os
@@ -20,8 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-KERNELS = os.path.join(ROOT, "kernels")
-OUT = os.path.join(ROOT, "target", "cuda-emu")
+KERNELS = os.environ.get("DFPO_EMU_KERNELS") or os.path.join(ROOT, "kernels")
+# DFPO_EMU_OUT: another build folder (mutate.py builds mutants there); DFPO_EMU_KERNELS: another
+# kernels folder (a mutated copy).
+OUT = os.environ.get("DFPO_EMU_OUT") or os.path.join(ROOT, "target", "cuda-emu")
 LIB = os.path.join(OUT, "lib")
 CXX = os.environ.get("CXX", "g++")
 
@@ -147,9 +152,25 @@ def build(force=False, quiet=False):
     for src in ("emu_runtime.cpp", "driver.cpp", "cublas.cpp"):
         jobs.append([CXX] + RUNTIME_FLAGS + ["-c", os.path.join(HERE, src),
                                             "-o", os.path.join(obj, src.replace(".cpp", ".o"))])
+    # An object is recompiled only when its command, its source or a header changed.
+    headers = b"".join(open(os.path.join(dd, f), "rb").read()
+                       for dd in (KERNELS, HERE) for f in sorted(os.listdir(dd)) if f.endswith((".cuh", ".h")))
+
+    def compile_one(cmd):
+        src, out = cmd[cmd.index("-c") + 1], cmd[cmd.index("-o") + 1]
+        h = hashlib.sha256(" ".join(cmd).encode() + open(src, "rb").read() + headers)
+        if src.startswith(gen):
+            h.update(open(os.path.join(KERNELS, os.path.basename(src)[5:-4] + ".cu"), "rb").read())
+        key = out + ".hash"
+        if os.path.exists(out) and os.path.exists(key) and open(key).read() == h.hexdigest():
+            return
+        sh(cmd)
+        with open(key, "w") as fh:
+            fh.write(h.hexdigest())
+
     workers = int(os.environ.get("CARGO_BUILD_JOBS", "2") or 2)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        list(ex.map(sh, jobs))
+        list(ex.map(compile_one, jobs))
     kobjs = [os.path.join(obj, f"kern_{cu[:-3]}.o") for cu in cus if os.path.exists(os.path.join(obj, f"kern_{cu[:-3]}.o"))]
     sh([CXX, "-shared", "-pthread", "-o", libcuda, "-Wl,-soname,libcuda.so.1",
         os.path.join(obj, "emu_runtime.o"), os.path.join(obj, "driver.o")] + kobjs +

@@ -368,35 +368,41 @@ fn check_draws(
             let counter = j as u64 * rows;
             let (want, best) = scpu::race(row, &order[..len], zmax, t, p.seed, counter, r);
             all += 1;
+            // Only a near-tie may differ from the CPU's draw. The device's kept set lies between
+            // a narrow and a wide version of the CPU's (a filter boundary moves by the logit
+            // error: top-k's edge logit ± 2·tol, top-p's mass ± 0.05), and its token wins the
+            // race over it: so the token is in the wide set and scores no less, up to the logit
+            // error, than every token of the narrow set.
+            let score = |x: u32| {
+                let u = dfpo::kernels::uniform_open(
+                    p.seed,
+                    dfpo::kernels::sample::element_counter(counter, r, s.v, x as usize),
+                );
+                scpu::race_score(row[x as usize] as f64, zmax, t, u)
+            };
+            let z = |x: u32| row[x as usize] as f64;
+            let (mut narrow, mut wide) = (p.sample, p.sample);
+            if p.sample.top_p_active() {
+                narrow.top_p = (p.sample.top_p - 0.05).max(1e-3);
+                wide.top_p = (p.sample.top_p + 0.05).min(1.0);
+            }
+            let k_edge = p.sample.top_k_for(s.v).map(|k| z(order[k - 1]));
+            let nlen = scpu::kept_len(row, &order, zmax, &narrow);
+            let narrow_set: Vec<u32> = order[..nlen]
+                .iter()
+                .copied()
+                .filter(|&x| k_edge.is_none_or(|e| z(x) > e + 2.0 * tol))
+                .collect();
+            let wlen = scpu::kept_len(row, &order, zmax, &wide);
+            // The kept set is settled when no boundary token is within the logit error.
+            let settled = narrow_set.len() == len
+                && wlen <= len
+                && order[len..]
+                    .iter()
+                    .all(|&x| z(x) < z(order[len - 1]) - 2.0 * tol);
             if tok == want {
                 exact += 1;
             } else {
-                // Only a near-tie may differ. The device's kept set lies between a narrow and a
-                // wide version of the CPU's (a filter boundary moves by the logit error: top-k's
-                // edge logit ± 2·tol, top-p's mass ± 0.05), and its token wins the race over it:
-                // so the token is in the wide set and scores no less, up to the logit error,
-                // than every token of the narrow set.
-                let score = |x: u32| {
-                    let u = dfpo::kernels::uniform_open(
-                        p.seed,
-                        dfpo::kernels::sample::element_counter(counter, r, s.v, x as usize),
-                    );
-                    scpu::race_score(row[x as usize] as f64, zmax, t, u)
-                };
-                let z = |x: u32| row[x as usize] as f64;
-                let (mut narrow, mut wide) = (p.sample, p.sample);
-                if p.sample.top_p_active() {
-                    narrow.top_p = (p.sample.top_p - 0.05).max(1e-3);
-                    wide.top_p = (p.sample.top_p + 0.05).min(1.0);
-                }
-                let k_edge = p.sample.top_k_for(s.v).map(|k| z(order[k - 1]));
-                let nlen = scpu::kept_len(row, &order, zmax, &narrow);
-                let narrow_set: Vec<u32> = order[..nlen]
-                    .iter()
-                    .copied()
-                    .filter(|&x| k_edge.is_none_or(|e| z(x) > e + 2.0 * tol))
-                    .collect();
-                let wlen = scpu::kept_len(row, &order, zmax, &wide);
                 let rank = order.iter().position(|&x| x == tok).unwrap();
                 let edge = z(order[len - 1]);
                 assert!(
@@ -426,7 +432,7 @@ fn check_draws(
                 "{what} row {r} step {j}: policy log-prob {} vs CPU {want_lp}",
                 d.policy_logprobs[j]
             );
-            if tok == want {
+            if tok == want && settled {
                 let dist = scpu::filtered_distribution(row, &p.sample).unwrap();
                 if let Some(&(_, q)) = dist.iter().find(|x| x.0 == tok) {
                     let want_s = q.ln() as f32;

@@ -321,3 +321,46 @@ fn cuda_rollout_draws_follow_the_cpu_rule() {
     assert!(all > 0 && exact * 10 >= all * 8, "{exact} of {all}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `dfpo-train eval` and the trainer's evals generate on the device on CUDA: the device
+/// generators' decode steps grow, and the result covers every example.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_eval_generates_on_the_device() {
+    if dfpo::device::cuda_for_test("cuda_eval_generates_on_the_device").is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dfpo-cuda-eval-{}", std::process::id()));
+    arith::write_random_model(&dir, 6).unwrap();
+    let sets: Vec<String> = vec![
+        format!("model.policy={}", dir.display()),
+        format!("run.out_dir={}", dir.join("run").display()),
+        "run.device=cuda".into(),
+        "run.progress=false".into(),
+        "rollout.prompts_per_step=2".into(),
+        "rollout.n_samples=2".into(),
+        "data.eval_size=6".into(),
+        "data.max_unparsed=1".into(),
+    ];
+    let cfg = TrainConfig::load(None, &sets).unwrap();
+    let t = Trainer::new(cfg).unwrap();
+    let before = t.generation_traffic().expect("CUDA trainer");
+    let res = t.evaluate().unwrap();
+    let after = t.generation_traffic().unwrap();
+    assert!(!res.is_empty());
+    for r in &res {
+        assert_eq!(r.n, 6, "{}", r.name);
+        assert!(
+            (0.0..=1.0).contains(&r.accuracy),
+            "{}: {}",
+            r.name,
+            r.accuracy
+        );
+    }
+    let steps = |x: &dfpo::model::generate_cuda::Traffic| x.graph_launches + x.direct_steps;
+    assert!(
+        steps(&after) > steps(&before) && after.d2h_bytes > before.d2h_bytes,
+        "the evals did not generate on the device: {before:?} -> {after:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

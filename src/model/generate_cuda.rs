@@ -24,6 +24,10 @@
 //! `DFPO_CUDA_GRAPH=0` runs the launches directly every step (debugging; also forced by
 //! `DFPO_SYNC_LAUNCH=1`, which synchronises inside launches).
 //!
+//! A generator has its own stream and cuBLAS handle on the device's context (its capture then
+//! records only its own launches, whatever other threads queue elsewhere); a call first waits
+//! for the work queued on the stream of the weights' graph, so it reads the updated weights.
+//!
 //! Host traffic per call: the prompts, their lengths and the state block up (a few KiB), the
 //! active-row count (4 bytes) every [`ACTIVE_CHECK_EVERY`] steps so that a batch whose rows
 //! all stopped ends early, and at the end the generated token ids and counts (and, only when
@@ -38,7 +42,7 @@ use super::config::ModelConfig;
 use super::decoder::DecoderGraph;
 use super::generate::{GenerateParams, Generation};
 use super::ops::gpu;
-use crate::device::{blocks_for, CudaDevice};
+use crate::device::{blocks_for, CudaDevice, Device};
 use crate::error::{Error, Result};
 use crate::kernels::sample::{self, SampleParams};
 use crate::kernels::{act, attention, embed, norm, rope};
@@ -253,8 +257,12 @@ fn bf16s(n: usize) -> usize {
 }
 
 impl DeviceGenerator {
-    /// Allocates the buffers for `cap` on `dev`.
+    /// Allocates the buffers for `cap` on `dev`'s GPU. The generator runs on a stream (and
+    /// cuBLAS handle) of its own on the same context, so that capturing its decode step cannot
+    /// take in work another thread queues on `dev`'s stream; each call first waits for the work
+    /// queued on the weights' device (e.g. their last update).
     pub fn new(dev: Arc<CudaDevice>, config: &ModelConfig, cap: GenCapacity) -> Result<Self> {
+        let dev = CudaDevice::new(dev.ordinal())?;
         if cap.prompts == 0
             || cap.n_samples == 0
             || cap.max_prompt_len == 0
@@ -485,6 +493,16 @@ impl DeviceGenerator {
                 p.stop_ids.len(),
                 self.cap
             )));
+        }
+        match weights.session().device() {
+            Device::Cuda(d) if d.ordinal() == self.dev.ordinal() => d.synchronize()?,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "device generation: the weights' graph is on {}, the generator on cuda:{}",
+                    other.describe(),
+                    self.dev.ordinal()
+                )))
+            }
         }
         let w = Weights::of(weights, c)?;
         let cap = self.cap;

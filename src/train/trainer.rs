@@ -376,6 +376,14 @@ impl Trainer {
         })
     }
 
+    /// On CUDA: the host traffic and decode steps of device generation so far (rollouts and
+    /// evals); `None` on the CPU.
+    pub fn generation_traffic(&self) -> Option<crate::model::generate_cuda::Traffic> {
+        self.device_gen
+            .as_ref()
+            .and_then(|m| m.lock().ok().map(|g| g.traffic()))
+    }
+
     /// Generation for rollouts and evals: on CUDA on the device from the policy graph's live
     /// weights ([`crate::model::generate_cuda`]), else on the CPU from the host copy.
     fn generate(&self, prompts: &[Vec<u32>], gp: &GenerateParams) -> Result<Vec<Generation>> {

@@ -670,7 +670,11 @@ fn cuda_sample_empirical_distribution_and_determinism() {
     let row: Vec<f32> = (0..v).map(|j| ((j * 7 % 10) as f32) * 0.35 - 1.0).collect();
     let bits: Vec<u16> = bf16_bits(&row);
     let row64 = bf16_f64(&bits);
-    let draws = if dfpo::device::emulated() { 4_000 } else { 40_000 };
+    let draws = if dfpo::device::emulated() {
+        4_000
+    } else {
+        40_000
+    };
     let all: Vec<u16> = (0..draws).flat_map(|_| bits.iter().cloned()).collect();
     let zd = up(&dev, &all);
     for (ci, p) in [

@@ -127,16 +127,25 @@ impl Session {
             )));
         }
         crate::error::check_len(&info.name, data.len(), info.len)?;
-        let (_, off, len) = self.region(t, T::DTYPE)?;
+        self.copy_in(t, data)
+    }
+
+    /// Copies host `data` into tensor `t`'s bytes (persistent or arena, per its role).
+    fn copy_in<T: Element>(&mut self, t: TensorId, data: &[T]) -> Result<()> {
+        let (persistent, off, len) = self.region(t, T::DTYPE)?;
         let src: &[u8] = bytemuck::cast_slice(data);
         match &mut self.storage {
-            Storage::Cpu { pers, .. } => {
-                bytemuck::cast_slice_mut::<u128, u8>(pers)[off..off + len].copy_from_slice(src)
+            Storage::Cpu { pers, arena } => {
+                let buf = if persistent { pers } else { arena };
+                bytemuck::cast_slice_mut::<u128, u8>(buf)[off..off + len].copy_from_slice(src)
             }
-            Storage::Cuda { dev, pers, .. } => {
+            Storage::Cuda {
+                dev, pers, arena, ..
+            } => {
                 dev.count_h2d(len);
+                let buf = if persistent { pers } else { arena };
                 dev.stream()
-                    .memcpy_htod(src, &mut pers.slice_mut(off..off + len))?
+                    .memcpy_htod(src, &mut buf.slice_mut(off..off + len))?
             }
         }
         Ok(())
@@ -163,19 +172,7 @@ impl Session {
             .ok_or_else(|| Error::Invalid(format!("{} has no gradient", info.name)))?;
         let ginfo = &self.plan.tensors[g.0];
         crate::error::check_len(&ginfo.name, data.len(), ginfo.len)?;
-        let (_, off, len) = self.region(g, DType::F32)?;
-        let src: &[u8] = bytemuck::cast_slice(data);
-        match &mut self.storage {
-            Storage::Cpu { arena, .. } => {
-                bytemuck::cast_slice_mut::<u128, u8>(arena)[off..off + len].copy_from_slice(src)
-            }
-            Storage::Cuda { dev, arena, .. } => {
-                dev.count_h2d(len);
-                dev.stream()
-                    .memcpy_htod(src, &mut arena.slice_mut(off..off + len))?
-            }
-        }
-        Ok(())
+        self.copy_in(g, data)
     }
 
     /// The device address (CUdeviceptr) of tensor `t` on a CUDA session, for launchers that

@@ -41,7 +41,10 @@ fn recipe(out_given: bool, task: &str) -> Vec<String> {
         v.push("sft.data=chain".into());
         v.push(format!("sft.steps={CHAIN_STEPS}"));
         v.push(format!("sft.ood_frac={}", chain::SFT_OOD_FRACTION));
-        v.push(format!("sft.max_new_tokens={}", chain::ROLLOUT_MAX_NEW_TOKENS));
+        v.push(format!(
+            "sft.max_new_tokens={}",
+            chain::ROLLOUT_MAX_NEW_TOKENS
+        ));
         v.push("sft.eval_size=0".into());
         dfpo::model::builtin::chain_assets_dir()
     } else {
@@ -57,7 +60,10 @@ fn recipe(out_given: bool, task: &str) -> Vec<String> {
 fn main() {
     let mut cli = Cli::parse();
     if cli.task != "arith" && cli.task != "chain" {
-        eprintln!("make_builtin_sft: error: --task {}: expected arith or chain", cli.task);
+        eprintln!(
+            "make_builtin_sft: error: --task {}: expected arith or chain",
+            cli.task
+        );
         std::process::exit(1);
     }
     let mut sets = recipe(cli.config.out.is_some(), &cli.task);
@@ -93,7 +99,10 @@ fn run(args: &SftArgs, no_sampling_stats: bool, task: &str) -> dfpo::Result<()> 
         (
             vec![
                 ("in_domain", chain::in_domain(chain::IN_DOMAIN_POOL)),
-                ("out_of_domain", chain::out_of_domain(chain::OUT_OF_DOMAIN_POOL)),
+                (
+                    "out_of_domain",
+                    chain::out_of_domain(chain::OUT_OF_DOMAIN_POOL),
+                ),
                 ("validation", chain::validation(chain::VALIDATION_POOL)),
             ],
             Checker::Chain,

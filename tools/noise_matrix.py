@@ -103,6 +103,7 @@ def parse_args(argv):
                     help=f"main-matrix noise models, comma-separated, of {','.join(NOISE_MODELS)} (default: %(default)s)")
     ap.add_argument("--levels", default="", help="override the two levels of every model, e.g. 0.2,0.4")
     ap.add_argument("--seeds", type=int, default=10, help="seeds 1..N of the main matrix, ladder and references (default: %(default)s)")
+    ap.add_argument("--ladder-seeds", type=int, default=0, help="seeds of the ladder and references (default: --seeds)")
     ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds of the learning-rate sweep (default: %(default)s)")
     ap.add_argument("--sweep-setting", default="flip:0.2", help="noise setting of the sweep (default: %(default)s)")
     ap.add_argument("--ladder-setting", default="flip:0.4", help="noise setting of the ladder and references (default: %(default)s)")
@@ -163,6 +164,9 @@ def parse_args(argv):
         key = s.partition("=")[0].strip()
         if key in ("run.out_dir", "run.seed", "algo.name", "optim.actor_lr", "data.task") or key.startswith("reward."):
             fail(f"--set {s!r}: {key} is set by the experiment itself")
+    if a.ladder_seeds < 0:
+        fail(f"--ladder-seeds must be >= 0, got {a.ladder_seeds}")
+    a.ladder_seeds = a.ladder_seeds or a.seeds
     a.runs_dir = os.path.abspath(a.runs_dir)
     return a
 
@@ -262,7 +266,7 @@ def ladder_runs(a, choice):
     lr = choice.get("dfpo", (DEFAULT_ACTOR_LR,))[0]
     return [Run("ladder", f"{name}-{setting_name(model, level)}", "dfpo", seed, (model, level),
                 noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"] + extra, label)
-            for name, label, extra in LADDER for seed in range(1, a.seeds + 1)]
+            for name, label, extra in LADDER for seed in range(1, a.ladder_seeds + 1)]
 
 
 def ref_runs(a, choice):
@@ -270,7 +274,7 @@ def ref_runs(a, choice):
     out = []
     for name, algo, label, extra in REFS:
         lr = choice.get(algo, (DEFAULT_ACTOR_LR,))[0]
-        for seed in range(1, a.seeds + 1):
+        for seed in range(1, a.ladder_seeds + 1):
             out.append(Run("refs", f"{name}-{setting_name(model, level)}", algo, seed, (model, level),
                            noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"] + extra, label))
     return out
@@ -527,9 +531,20 @@ def report(a, runs, results, choice, problems, command):
     if any(r for _, r in refs[1:]):
         L += [f"### References at {NOISE_MODELS[mdl][0]}, {NOISE_MODELS[mdl][1]} = {fmt(lvl)}", ""]
         L += table(refs, base) + [""]
-    total = sum(r["seconds"] for rows in results.values() for r in rows)
-    n = sum(len(rows) for rows in results.values())
-    L.append(f"{n} runs, {total / 3600:.2f} h of run time in all (wall time of each run, summed). Runs: `{RUNS_DIR}`.")
+    uniq = {r.out_dir for r in runs if r.done()}
+    walls, cpus = [], []
+    for d in uniq:
+        try:
+            with open(os.path.join(d, "summary.json")) as f:
+                walls.append(json.load(f)["seconds"])
+            with open(d.rstrip("/") + ".time.json") as f:
+                cpus.append(json.load(f)["cpu_s"])
+        except (OSError, ValueError, KeyError):
+            pass
+    L.append(f"{len(uniq)} distinct runs (a main run at the sweep setting, seed and chosen learning rate is "
+             f"the sweep's run), {sum(walls) / 3600:.2f} h of wall time summed over runs"
+             + (f", {sum(cpus) / 3600:.2f} CPU-hours over the {len(cpus)} runs that recorded it" if cpus else "")
+             + f". Runs: `{RUNS_DIR}`.")
     if problems:
         L += ["", "Missing or failed runs:", ""] + [f"- {p}" for p in problems[:40]]
         if len(problems) > 40:
@@ -588,8 +603,10 @@ def main(argv):
         problems.append("the learning-rate sweep is incomplete: main, ladder and refs wait for it")
     else:
         for phase, make in (("main", main_runs), ("ladder", ladder_runs), ("refs", ref_runs)):
+            if phase not in a.phases:
+                continue
             runs = make(a, choice)
-            if phase in a.phases and not a.report_only:
+            if not a.report_only:
                 failures.update(execute(a, runs, budget))
             later += runs
         problems += collect(later)

@@ -296,4 +296,23 @@ mod tests {
         .to_string();
         assert!(e.contains("reward.debias"), "{e}");
     }
+
+    #[test]
+    fn the_shared_tokenizer_builder_keeps_the_shipped_files() {
+        // The arith files the builder writes are the shipped ones, byte for byte; the chain
+        // files too.
+        assert_eq!(
+            super::super::arith::tokenizer_json(),
+            include_str!("../../assets/arith-sft/tokenizer.json")
+        );
+        assert_eq!(
+            super::super::arith::tokenizer_config_json(),
+            include_str!("../../assets/arith-sft/tokenizer_config.json")
+        );
+        assert_eq!(
+            tokenizer_json(),
+            include_str!("../../assets/chain-sft/tokenizer.json")
+        );
+        assert_eq!(vocab().len(), 17);
+    }
 }

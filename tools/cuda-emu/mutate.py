@@ -112,7 +112,8 @@ def main():
     if "--write" in sys.argv:
         doc = os.path.join(ROOT, "docs", "EMULATOR.md")
         with open(doc, "a") as fh:
-            fh.write("\n| mutant | kernel file | test run | result | what caught it |\n|---|---|---|---|---|\n")
+            if "| mutant |" not in open(doc).read():
+                fh.write("\n| mutant | kernel file | test run | result | what caught it |\n|---|---|---|---|---|\n")
             for m, verdict, what in rows:
                 fh.write(f"| {m[0]} | kernels/{m[1]} | {m[4]} {m[5]} | {verdict} | {what} |\n")
 

@@ -40,9 +40,11 @@ MUTANTS = [
     # other fault kinds
     ("attention: causal mask off by one", "attention.cu", "if (key > row || row >= len) x = neg_inf;",
      "if (key > row + 1 || row >= len) x = neg_inf;", "cuda_attention", "cuda_attention_fwd"),
+    # (xor 3 instead of 1 in the last step is an equivalent mutant: {16, 8, 4, 2, 3} still spans
+    # every lane, so the sum is the same; xor 2 twice is not)
     ("common: wrong shuffle lane in warp_sum", "common.cuh",
      "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DFPO_FULL_MASK, v, o);\n    return v;\n}\n\n__device__ __forceinline__ double",
-     "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DFPO_FULL_MASK, v, o == 1 ? 3 : o);\n    return v;\n}\n\n__device__ __forceinline__ double",
+     "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DFPO_FULL_MASK, v, o == 1 ? 2 : o);\n    return v;\n}\n\n__device__ __forceinline__ double",
      "cuda_layers", "cuda_rmsnorm_matches_cpu"),
     ("attention: C-to-A fragment halves swapped", "attention.cu", "a[1] = att_pack_bf16(lo[2], lo[3]);",
      "a[1] = att_pack_bf16(lo[3], lo[2]);", "cuda_attention", "cuda_attention_fwd"),

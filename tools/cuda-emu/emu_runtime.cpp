@@ -933,6 +933,15 @@ void emu_atomic(void* p, int op, int type, const void* v, const void* cmp, void*
     }
 }
 
+void emu_check_vec_align(const void* p, unsigned bytes) {
+    if (!E.active) return;
+    const uintptr_t a = (uintptr_t)p;
+    if (smem_index(a) >= 0)
+        check_align(a, bytes, "shared memory");
+    else if (is_device(a))
+        check_align(a, bytes, "global memory");
+}
+
 char* emu_dyn_smem() { return (char*)E.dyn; }
 
 unsigned emu_smem_u32(const void* p) {

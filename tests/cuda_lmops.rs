@@ -19,7 +19,15 @@ use dfpo::kernels::xent::{self, IGNORE_INDEX};
 use dfpo::Error;
 
 const VOCABS: [usize; 4] = [17, 1000, 32000, 151936];
-const ROWS: usize = 37;
+/// Rows per case: 37, or 7 on the emulator (the row kinds cycle with a period of at most 6, and
+/// every vocabulary size, parameter set and row offset is still run).
+fn n_rows() -> usize {
+    if dfpo::device::emulated() {
+        7
+    } else {
+        37
+    }
+}
 
 fn up<T: DeviceRepr>(dev: &CudaDevice, x: &[T]) -> CudaSlice<T> {
     dev.stream().clone_htod(x).unwrap()
@@ -129,7 +137,7 @@ fn cuda_xent_forward_matches_cpu() {
     let mut rng = Rng::fresh("cuda_xent_forward_matches_cpu");
     for &v in &VOCABS {
         for (t, offset) in [(1.0f32, 0usize), (0.7, 1)] {
-            let n = ROWS;
+            let n = n_rows();
             // One extra leading element: offset 1 makes every row base misaligned.
             let mut zf = logits(&mut rng, n, v);
             zf.insert(0, 0.0);
@@ -163,7 +171,7 @@ fn cuda_xent_all_masked_rows_match_cpu() {
     let mut rng = Rng::fresh("cuda_xent_all_masked_rows_match_cpu");
     let neg_inf = half::bf16::NEG_INFINITY.to_bits();
     for &v in &[17usize, 1000, 151936] {
-        let n = ROWS;
+        let n = n_rows();
         let t = 0.8f32;
         let mut bits = bf16_bits(&logits(&mut rng, n, v));
         let masked = |r: usize| r % 3 == 1;
@@ -258,7 +266,7 @@ fn cuda_xent_backward_matches_cpu() {
         .iter()
         .enumerate()
         {
-            let n = ROWS;
+            let n = n_rows();
             let zb = bf16_bits(&logits(&mut rng, n, v));
             let z = bf16_f64(&zb);
             let tg = targets(&mut rng, n, v);
@@ -623,7 +631,7 @@ fn cuda_sample_matches_cpu() {
         ];
         for (ci, p) in cases.iter().enumerate() {
             for kind in 0..2 {
-                let n = ROWS;
+                let n = n_rows();
                 let mut zf = if kind == 0 {
                     logits(&mut rng, n, v)
                 } else {
@@ -664,8 +672,9 @@ fn cuda_sample_empirical_distribution_and_determinism() {
         return;
     };
     // Deterministic seeds (see the CPU test of the same name): 40000 rows of the same logits
-    // (4000 on the emulator: the chi-square bound below holds for any count; every config's
-    // kept tokens still have expected counts of at least ~40).
+    // (300 on the emulator, where each row is a block of 512 fibers: the bound below, about 4.5
+    // times the chi-square mean, stays loose at expected counts of ~3 for the least likely
+    // token; the rerun must still be bit-identical).
     let v = 10;
     let row: Vec<f32> = (0..v).map(|j| ((j * 7 % 10) as f32) * 0.35 - 1.0).collect();
     let bits: Vec<u16> = bf16_bits(&row);
@@ -729,7 +738,7 @@ fn cuda_sample_flags_rows_that_cannot_be_sampled() {
     let mut rng = Rng::fresh("cuda_sample_flags_rows_that_cannot_be_sampled");
     let neg_inf = half::bf16::NEG_INFINITY.to_bits();
     for &v in &[17usize, 1000, 151936] {
-        let n = ROWS;
+        let n = n_rows();
         let mut bits = bf16_bits(&logits(&mut rng, n, v));
         for r in 0..n {
             let row = &mut bits[r * v..(r + 1) * v];

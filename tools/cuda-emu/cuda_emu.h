@@ -37,6 +37,22 @@ struct dim3_t {
 };
 extern "C" dim3_t threadIdx, blockIdx, blockDim, gridDim;
 
+// A whole-vector copy (a 16- or 8-byte load or store on the GPU) checks the alignment of both
+// sides: the compiler may split the copy into smaller accesses, which the hooks would accept.
+extern "C" void emu_check_vec_align(const void* p, unsigned bytes);
+#define EMU_VEC_COPY(name, bytes)                                              \
+    name() = default;                                                          \
+    name(const name& o) {                                                      \
+        emu_check_vec_align(&o, bytes);                                        \
+        v_ = o.v_;                                                             \
+    }                                                                          \
+    name& operator=(const name& o) {                                           \
+        emu_check_vec_align(&o, bytes);                                        \
+        emu_check_vec_align(this, bytes);                                      \
+        v_ = o.v_;                                                             \
+        return *this;                                                          \
+    }
+
 // ---- vector types: unions with a GCC vector member, so a whole-vector load or store is one
 // 8- or 16-byte access (an instrumented __tsan_read16 etc., alignment-checked by the run time) ----
 #define EMU_VEC4(name, T)                                     \
@@ -45,6 +61,7 @@ extern "C" dim3_t threadIdx, blockIdx, blockDim, gridDim;
         struct {                                              \
             T x, y, z, w;                                     \
         };                                                    \
+        EMU_VEC_COPY(name, 4 * sizeof(T))                     \
     };                                                        \
     inline name make_##name(T a, T b, T c, T d) {             \
         name r;                                               \
@@ -60,6 +77,7 @@ extern "C" dim3_t threadIdx, blockIdx, blockDim, gridDim;
         struct {                                              \
             T x, y;                                           \
         };                                                    \
+        EMU_VEC_COPY(name, 2 * sizeof(T))                     \
     };                                                        \
     inline name make_##name(T a, T b) {                       \
         name r;                                               \

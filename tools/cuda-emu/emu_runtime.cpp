@@ -260,8 +260,8 @@ struct Group {
     unsigned mask = 0, arrived = 0;
     int kind = 0, sub = 0;
     bool complete = false;
-    alignas(16) unsigned char in[32][80];
-    alignas(16) unsigned char out[32][80];
+    alignas(16) unsigned char in[32][48];
+    alignas(16) unsigned char out[32][48];
 };
 
 struct Warp {
@@ -722,7 +722,7 @@ static void collective(int kind, int sub, unsigned mask, const void* in, size_t 
             if (!x->complete && (x->mask & ~x->arrived & (1u << lane)))
                 FAIL("warp %d: lane %d reaches %s (mask 0x%08x) while lanes of mask 0x%08x wait for it in %s", w,
                      lane, coll_name(kind), mask, x->mask, coll_name(x->kind));
-        g = new Group();
+        g = new Group;  // no value-initialisation of the operand arrays
         g->mask = mask;
         g->kind = kind;
         g->sub = sub;
@@ -931,6 +931,15 @@ void emu_atomic(void* p, int op, int type, const void* v, const void* cmp, void*
             break;
         }
     }
+}
+
+void emu_check_vec_align(const void* p, unsigned bytes) {
+    if (!E.active) return;
+    const uintptr_t a = (uintptr_t)p;
+    if (smem_index(a) >= 0)
+        check_align(a, bytes, "shared memory");
+    else if (is_device(a))
+        check_align(a, bytes, "global memory");
 }
 
 char* emu_dyn_smem() { return (char*)E.dyn; }

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Mutation proof of the emulated CUDA driver: injects one fault at a time into a copy of
+kernels/, builds the emulator from it (in its own folder, reusing the unchanged objects) and runs
+the kernel family's CUDA test binary (already built by cargo: the kernels are found by name, so
+the mutated C++ runs) on it. A mutant is CAUGHT when the test fails; the first emulator error or
+panic line says what caught it. Writes the table to docs/EMULATOR.md with --write.
+
+    cargo test --release --no-run --test cuda_attention ...   (the test binaries)
+    python3 tools/cuda-emu/mutate.py [--write] [name-substring ...]
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+# (name, file, old, new, test binary, test filter)
+MUTANTS = [
+    # a removed barrier protecting shared memory, in every kernel file that has one
+    ("adamw: norm-partial barrier removed", "adamw.cu", "__syncthreads();", "", "cuda_lmops", "cuda_grad_norm"),
+    ("attention: fwd mid-loop barrier removed", "attention.cu",
+     "        __syncthreads();  // V_j landed; every warp is done with K_j", "", "cuda_attention", "cuda_attention_fwd"),
+    ("decoder: bias-grad barrier removed", "decoder.cu", "__syncthreads();", "", "cuda_decoder", ""),
+    ("flow: tile-matmul barrier removed", "flow.cu",
+     "    __syncthreads();  // every thread has finished reading X (Y may alias X)", "", "cuda_flow",
+     "eval_forward_matches_cpu"),
+    ("loss: mse partial-sum barrier removed", "loss.cu", "__syncthreads();", "", "cuda_graph", ""),
+    ("norm: dw-finalize barrier removed", "norm.cu", "__syncthreads();", "", "cuda_layers", "cuda_rmsnorm"),
+    ("rl: first barrier removed", "rl.cu", "__syncthreads();", "", "cuda_rl", ""),
+    ("rope: table barrier removed", "rope.cu", "__syncthreads();", "", "cuda_layers", "cuda_rope"),
+    ("sample: first barrier removed", "sample.cu", "__syncthreads();", "", "cuda_lmops",
+     "cuda_sample_flags_rows_that_cannot_be_sampled"),
+    ("xent: block-reduction barrier removed", "xent.cu", "__syncthreads();", "", "cuda_lmops", "cuda_xent_forward"),
+    ("risk: staging __syncwarp removed", "risk.cu", "        __syncwarp();  // the next row group reuses the staging area",
+     "", "cuda_risk", "stats_match_cpu"),
+    # other fault kinds
+    ("attention: causal mask off by one", "attention.cu", "if (key > row || row >= len) x = neg_inf;",
+     "if (key > row + 1 || row >= len) x = neg_inf;", "cuda_attention", "cuda_attention_fwd"),
+    # (xor 3 instead of 1 in the last step is an equivalent mutant: {16, 8, 4, 2, 3} still spans
+    # every lane, so the sum is the same; xor 2 twice is not)
+    ("common: wrong shuffle lane in warp_sum", "common.cuh",
+     "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DFPO_FULL_MASK, v, o);\n    return v;\n}\n\n__device__ __forceinline__ double",
+     "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(DFPO_FULL_MASK, v, o == 1 ? 2 : o);\n    return v;\n}\n\n__device__ __forceinline__ double",
+     "cuda_layers", "cuda_rmsnorm_matches_cpu"),
+    ("attention: C-to-A fragment halves swapped", "attention.cu", "a[1] = att_pack_bf16(lo[2], lo[3]);",
+     "a[1] = att_pack_bf16(lo[3], lo[2]);", "cuda_attention", "cuda_attention_fwd"),
+    ("attention: fwd waits for V one group too early (missing cp.async wait)", "attention.cu",
+     "        att_cp_wait<0>();\n        __syncthreads();  // V_j landed",
+     "        att_cp_wait<1>();\n        __syncthreads();  // V_j landed", "cuda_attention", "cuda_attention_fwd"),
+    ("act: 16-byte load 8 bytes off (misaligned vector access)", "act.cu",
+     "unpack8(*(const uint4*)(g + inter), uf);", "unpack8(*(const uint4*)(g + inter + 4), uf);", "cuda_layers",
+     "cuda_swiglu"),
+    ("xent: 32-bit row offset (wraps only past 2^31 logits)", "xent.cu",
+     "const unsigned short* rowp = logits + row * V;", "const unsigned short* rowp = logits + (int)(row * V);",
+     "cuda_lmops", "cuda_xent_forward"),
+]
+
+
+def test_binary(name):
+    c = [p for p in glob.glob(os.path.join(ROOT, "target", "release", "deps", name + "-*"))
+         if os.access(p, os.X_OK) and not p.endswith(".d")]
+    return max(c, key=os.path.getmtime) if c else None
+
+
+def run(mutant, tmp):
+    name, fname, old, new, binary, filt = mutant
+    src_dir = os.path.join(ROOT, "kernels")
+    kdir = os.path.join(tmp, "kernels")
+    if os.path.exists(kdir):
+        shutil.rmtree(kdir)
+    shutil.copytree(src_dir, kdir)
+    path = os.path.join(kdir, fname)
+    text = open(path).read()
+    n = text.count(old)
+    if n == 0:
+        return "SKIP", f"pattern not found in kernels/{fname}"
+    open(path, "w").write(text.replace(old, new, 1))
+    env = dict(os.environ, DFPO_EMU_KERNELS=kdir, DFPO_EMU_OUT=os.path.join(tmp, "emu"))
+    b = subprocess.run([sys.executable, os.path.join(HERE, "build.py"), "--quiet"], env=env, capture_output=True,
+                       text=True)
+    if b.returncode != 0:
+        return "CAUGHT", "does not compile: " + (b.stderr.strip().splitlines() or ["?"])[-1][:150]
+    exe = test_binary(binary)
+    if not exe:
+        return "SKIP", f"no test binary {binary} (cargo test --release --no-run --test {binary})"
+    env.update(LD_LIBRARY_PATH=b.stdout.strip(), DFPO_REQUIRE_CUDA="1", DFPO_EMU="1")
+    cmd = [exe, "--include-ignored", "--test-threads=1"] + ([filt] if filt else [])
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=int(os.environ.get("MUTANT_TIMEOUT", "600")))
+    except subprocess.TimeoutExpired:
+        return "TIMEOUT", "the test ran past the time limit"
+    out = r.stdout + r.stderr
+    lines = [l for l in out.splitlines() if "CUDA-EMU ERROR" in l]
+    lines += [l for l in out.splitlines() if "panicked" in l or "assert" in l.lower() or "mismatch" in l.lower()]
+    if r.returncode == 0:
+        return "MISSED", ""
+    what = lines[0] if lines else out.strip().splitlines()[-1]
+    return "CAUGHT", what.replace("|", "/")[:220]
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    todo = [m for m in MUTANTS if not args or any(a in m[0] for a in args)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(ROOT, "target", "cuda-emu")
+        if os.path.isdir(base):
+            shutil.copytree(base, os.path.join(tmp, "emu"), symlinks=True)
+        for m in todo:
+            verdict, what = run(m, tmp)
+            print(f"{m[0]:70s} {verdict:7s} {what}", flush=True)
+            rows.append((m, verdict, what))
+    if "--write" in sys.argv:
+        doc = os.path.join(ROOT, "docs", "EMULATOR.md")
+        with open(doc, "a") as fh:
+            if "| mutant |" not in open(doc).read():
+                fh.write("\n| mutant | kernel file | test run | result | what caught it |\n|---|---|---|---|---|\n")
+            for m, verdict, what in rows:
+                fh.write(f"| {m[0]} | kernels/{m[1]} | {m[4]} {m[5]} | {verdict} | {what} |\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,11 @@
 //                      fixed summation order, deterministic; the rows split so that a narrow
 //                      bias such as the k/v biases still fills the card)
 //   decoder_add_bf16   y[i] = bf16(y[i] + x[i])     (gradient accumulation of bf16 buffers)
+//   decoder_cast_bf16_f32   y[i] = float(x[i])      (the flow critic's f32 conditioning)
+//   decoder_acc_f32_bf16    dx[i] = bf16(float(dx[i]) + dy[i])   (its backward)
+//   decoder_gather_rows     y[i][c] = x[rows[i]][c], 0 for rows[i] < 0 (f32; rows as f32)
+//   decoder_scatter_rows    dx[rows[i]][c] += dy[i][c]  (its backward; rows must be distinct,
+//                      so every element has one writer: deterministic, no atomics)
 //   decoder_nll_fwd    loss = −Σ_{t valid} lp[t] / #valid   (one block; 0 when none is valid)
 //   decoder_nll_bwd    dlp[t] += −dloss / #valid for valid t (one block)
 // "valid": targets[t] != 0xffffffff (the xent ignore index).
@@ -58,6 +63,49 @@ extern "C" __global__ void decoder_add_bf16(const bf16* __restrict__ x, bf16* __
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         y[i] = __float2bfloat16_rn(__bfloat162float(y[i]) + __bfloat162float(x[i]));
+}
+
+extern "C" __global__ void decoder_cast_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y,
+                                                 long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = __bfloat162float(x[i]);
+}
+
+extern "C" __global__ void decoder_acc_f32_bf16(const float* __restrict__ dy, bf16* __restrict__ dx,
+                                                long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        dx[i] = __float2bfloat16_rn(__bfloat162float(dx[i]) + dy[i]);
+}
+
+// The row of output row i: rows[i] as an index in [0, n), or -1 (none; also for anything out of
+// range, which the host rejects before it writes the list).
+__device__ __forceinline__ long long decoder_row(const float* __restrict__ rows, long long i, int n) {
+    const float r = rows[i];
+    return (r >= 0.f && r < (float)n) ? (long long)r : -1;
+}
+
+extern "C" __global__ void decoder_gather_rows(const float* __restrict__ x,
+                                               const float* __restrict__ rows,
+                                               float* __restrict__ y, int n, int m, int w) {
+    const long long total = (long long)m * w;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const long long r = decoder_row(rows, e / w, n);
+        y[e] = r >= 0 ? x[r * w + e % w] : 0.f;
+    }
+}
+
+extern "C" __global__ void decoder_scatter_rows(const float* __restrict__ dy,
+                                                const float* __restrict__ rows,
+                                                float* __restrict__ dx, int n, int m, int w) {
+    const long long total = (long long)m * w;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const long long r = decoder_row(rows, e / w, n);
+        if (r >= 0) dx[r * w + e % w] += dy[e];
+    }
 }
 
 // Block-wide sums of (value, count) over 1024 threads; result valid in every thread.

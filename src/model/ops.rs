@@ -1216,6 +1216,59 @@ pub mod gpu {
         dev.launch("decoder_bias_grad_finalize", l, cfg)
     }
 
+    /// `y = float(x)` for `n` bf16 values.
+    ///
+    /// # Safety
+    /// Device buffers of `n` bf16 and `n` f32.
+    pub unsafe fn cast_bf16_f32(dev: &CudaDevice, x: u64, y: u64, n: usize) -> Result<()> {
+        let f = dev.function(FAMILY, "decoder_cast_bf16_f32")?;
+        let nn = n as i64;
+        let mut l = dev.launch_builder(&f);
+        l.arg(&x).arg(&y).arg(&nn);
+        dev.launch("decoder_cast_bf16_f32", l, grid(n))
+    }
+
+    /// `dx = bf16(float(dx) + dy)` for `n` values (the cast's gradient, rounded once).
+    ///
+    /// # Safety
+    /// Device buffers of `n` f32 and `n` bf16.
+    pub unsafe fn acc_f32_bf16(dev: &CudaDevice, dy: u64, dx: u64, n: usize) -> Result<()> {
+        let f = dev.function(FAMILY, "decoder_acc_f32_bf16")?;
+        let nn = n as i64;
+        let mut l = dev.launch_builder(&f);
+        l.arg(&dy).arg(&dx).arg(&nn);
+        dev.launch("decoder_acc_f32_bf16", l, grid(n))
+    }
+
+    /// `y[i] = x[rows[i]]` (rows of `w` f32; `rows` f32 indices into `n` rows, −1 = a zero
+    /// row) for `m` output rows; `scatter`: the backward `dx[rows[i]] += dy[i]` instead (the
+    /// rows must be distinct). `a` is x (gather) or dy (scatter), `b` y or dx.
+    ///
+    /// # Safety
+    /// Device buffers of `n·w` f32 (x / dx), `m` f32 (rows) and `m·w` f32 (y / dy).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows(
+        dev: &CudaDevice,
+        scatter: bool,
+        a: u64,
+        rows: u64,
+        b: u64,
+        n: usize,
+        m: usize,
+        w: usize,
+    ) -> Result<()> {
+        let name = if scatter {
+            "decoder_scatter_rows"
+        } else {
+            "decoder_gather_rows"
+        };
+        let f = dev.function(FAMILY, name)?;
+        let (nn, mm, ww) = (int("rows n", n)?, int("rows m", m)?, int("rows w", w)?);
+        let mut l = dev.launch_builder(&f);
+        l.arg(&a).arg(&rows).arg(&b).arg(&nn).arg(&mm).arg(&ww);
+        dev.launch(name, l, grid(m * w))
+    }
+
     /// `y += x` elementwise (bf16, rounded once).
     ///
     /// # Safety

@@ -154,7 +154,7 @@ fn cuda_cast_and_row_gather_match_the_host_kernels() {
         &k,
         &[x.clone(), rows.clone()],
         &[],
-        &[dyr.clone()],
+        std::slice::from_ref(&dyr),
         &[true, false],
     )
     .unwrap();

@@ -333,6 +333,78 @@ fn bench_cuda(c: &mut Criterion) {
                 })
             })
         });
+        // The same update as one adamw_multi launch over the Qwen2-0.5B parameter list (290
+        // tensors, from 128-element biases to the 136M-element embedding; 494M in all).
+        let (h, kv, f, vocab) = (896usize, 128usize, 4864usize, 151_936usize);
+        let mut sizes = vec![vocab * h];
+        for _ in 0..24 {
+            sizes.extend([
+                h * h,
+                kv * h,
+                kv * h,
+                h,
+                kv,
+                kv,
+                h * h,
+                f * h,
+                f * h,
+                h * f,
+                h,
+                h,
+            ]);
+        }
+        let total: usize = sizes.iter().sum();
+        assert!(
+            total <= n,
+            "the Qwen2-0.5B list ({total}) exceeds the buffers ({n})"
+        );
+        let mut segs = Vec::new();
+        let mut at = 0u64;
+        for &len in &sizes {
+            segs.push(adamw::cuda::MultiSeg {
+                p: pp + 4 * at,
+                g: gp + 4 * at,
+                m: mp + 4 * at,
+                v: vp + 4 * at,
+                out: pbp + 2 * at,
+                out_kind: adamw::cuda::OutKind::Bf16,
+                n: len,
+                decay: len > h,
+            });
+            at += len.next_multiple_of(4) as u64;
+        }
+        let (words, chunks) = adamw::cuda::multi_tables(&segs).unwrap();
+        let wd = s.clone_htod(&words).unwrap();
+        let kd = s.clone_htod(&chunks).unwrap();
+        let (wdp, _g9) = wd.device_ptr(&s);
+        let (kdp, _g10) = kd.device_ptr(&s);
+        let nchunks = chunks.len() / 2;
+        let multi_bytes = (30 * total) as u64;
+        floor_line(&dev, "adamw_multi Qwen2-0.5B list", multi_bytes);
+        g.throughput(Throughput::Bytes(multi_bytes));
+        g.bench_function(
+            "adamw_multi Qwen2-0.5B list (290 tensors, +bf16 copies)",
+            |b| {
+                b.iter_custom(|iters| {
+                    timed(&dev, iters, || {
+                        step += 1;
+                        unsafe {
+                            adamw::cuda::multi_step_raw(
+                                &dev,
+                                wdp,
+                                kdp,
+                                nchunks,
+                                &hp,
+                                step,
+                                cp + 4,
+                                false,
+                            )
+                            .unwrap()
+                        }
+                    })
+                })
+            },
+        );
         g.throughput(Throughput::Bytes(norm_bytes));
         g.bench_function("grad_norm 500M", |b| {
             b.iter_custom(|iters| {

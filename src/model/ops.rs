@@ -366,6 +366,14 @@ impl Op for Linear {
     fn backward_reads(&self) -> (bool, bool) {
         (true, false)
     }
+    fn backward_scratch(&self, ins: &[usize], _outs: &[usize], cuda: bool) -> usize {
+        // The bias gradient's row-chunk partials (CUDA).
+        if cuda && ins.len() == 3 {
+            gpu::bias_grad_workspace_len(self.n, self.dout)
+        } else {
+            0
+        }
+    }
     fn backward(
         &self,
         x: &mut Exec<'_>,
@@ -382,8 +390,9 @@ impl Op for Linear {
             // SAFETY: graph tensors of the forward's lengths; dW is the f32 parameter gradient.
             unsafe { gpu::linear_bwd(dev, xx, w, dy, m, n, k, m, dx, dw)? };
             if let Some(Some(db)) = d_ins.get(2) {
-                // SAFETY: dy n·m bf16, db m f32.
-                unsafe { gpu::bias_grad(dev, dy, x.ptr(*db), n, m)? };
+                let ws = x.require_scratch("linear bias gradient")?;
+                // SAFETY: dy n·m bf16, db m f32, the scratch sized by backward_scratch.
+                unsafe { gpu::bias_grad_split(dev, dy, x.ptr(*db), x.ptr(ws), n, m)? };
             }
             return Ok(());
         }
@@ -1158,21 +1167,106 @@ pub mod gpu {
         dev.launch("decoder_bias_fill", l, grid(n * m))
     }
 
-    /// `db[c] += Σ_r dy[r][c]` (dy bf16 `[n][m]`, db fp32).
+    /// Row chunks of [`bias_grad_split`] for `n` rows: about 128 rows each, at most 64
+    /// (depends on `n` only, so the sums are the same on every GPU).
+    pub fn bias_grad_chunks(n: usize) -> usize {
+        n.div_ceil(128).clamp(1, 64)
+    }
+
+    /// f32 workspace of [`bias_grad_split`].
+    pub fn bias_grad_workspace_len(n: usize, m: usize) -> usize {
+        bias_grad_chunks(n) * m
+    }
+
+    /// `db[c] += Σ_r dy[r][c]` (dy bf16 `[n][m]`, db fp32), with the rows split over
+    /// [`bias_grad_chunks`] blocks per 32 columns and an ordered finalize: a narrow bias (the
+    /// k/v biases, 128 columns: 4 blocks) no longer leaves the card idle. `ws` holds
+    /// [`bias_grad_workspace_len`] f32.
     ///
     /// # Safety
-    /// Device buffers of `n·m` bf16 and `m` f32.
-    pub unsafe fn bias_grad(dev: &CudaDevice, dy: u64, db: u64, n: usize, m: usize) -> Result<()> {
-        let f = dev.function(FAMILY, "decoder_bias_grad")?;
-        let (nn, mm) = (int("bias n", n)?, int("bias m", m)?);
+    /// Device buffers of `n·m` bf16, `m` f32 and the workspace, not overlapping.
+    pub unsafe fn bias_grad_split(
+        dev: &CudaDevice,
+        dy: u64,
+        db: u64,
+        ws: u64,
+        n: usize,
+        m: usize,
+    ) -> Result<()> {
+        let chunks = bias_grad_chunks(n);
+        let rpc = int("bias rows per chunk", n.div_ceil(chunks))?;
+        let (nn, mm, ch) = (int("bias n", n)?, int("bias m", m)?, chunks as i32);
+        let f = dev.function(FAMILY, "decoder_bias_grad_partial")?;
         let mut l = dev.launch_builder(&f);
-        l.arg(&dy).arg(&db).arg(&nn).arg(&mm);
+        l.arg(&dy).arg(&ws).arg(&nn).arg(&mm).arg(&rpc);
         let cfg = LaunchConfig {
-            grid_dim: (m.div_ceil(32).max(1) as u32, 1, 1),
+            grid_dim: (m.div_ceil(32).max(1) as u32, chunks as u32, 1),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        dev.launch("decoder_bias_grad", l, cfg)
+        dev.launch("decoder_bias_grad_partial", l, cfg)?;
+        let f = dev.function(FAMILY, "decoder_bias_grad_finalize")?;
+        let mut l = dev.launch_builder(&f);
+        l.arg(&ws).arg(&ch).arg(&mm).arg(&db);
+        let cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(128).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        dev.launch("decoder_bias_grad_finalize", l, cfg)
+    }
+
+    /// `y = float(x)` for `n` bf16 values.
+    ///
+    /// # Safety
+    /// Device buffers of `n` bf16 and `n` f32.
+    pub unsafe fn cast_bf16_f32(dev: &CudaDevice, x: u64, y: u64, n: usize) -> Result<()> {
+        let f = dev.function(FAMILY, "decoder_cast_bf16_f32")?;
+        let nn = n as i64;
+        let mut l = dev.launch_builder(&f);
+        l.arg(&x).arg(&y).arg(&nn);
+        dev.launch("decoder_cast_bf16_f32", l, grid(n))
+    }
+
+    /// `dx = bf16(float(dx) + dy)` for `n` values (the cast's gradient, rounded once).
+    ///
+    /// # Safety
+    /// Device buffers of `n` f32 and `n` bf16.
+    pub unsafe fn acc_f32_bf16(dev: &CudaDevice, dy: u64, dx: u64, n: usize) -> Result<()> {
+        let f = dev.function(FAMILY, "decoder_acc_f32_bf16")?;
+        let nn = n as i64;
+        let mut l = dev.launch_builder(&f);
+        l.arg(&dy).arg(&dx).arg(&nn);
+        dev.launch("decoder_acc_f32_bf16", l, grid(n))
+    }
+
+    /// `y[i] = x[rows[i]]` (rows of `w` f32; `rows` f32 indices into `n` rows, −1 = a zero
+    /// row) for `m` output rows; `scatter`: the backward `dx[rows[i]] += dy[i]` instead (the
+    /// rows must be distinct). `a` is x (gather) or dy (scatter), `b` y or dx.
+    ///
+    /// # Safety
+    /// Device buffers of `n·w` f32 (x / dx), `m` f32 (rows) and `m·w` f32 (y / dy).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows(
+        dev: &CudaDevice,
+        scatter: bool,
+        a: u64,
+        rows: u64,
+        b: u64,
+        n: usize,
+        m: usize,
+        w: usize,
+    ) -> Result<()> {
+        let name = if scatter {
+            "decoder_scatter_rows"
+        } else {
+            "decoder_gather_rows"
+        };
+        let f = dev.function(FAMILY, name)?;
+        let (nn, mm, ww) = (int("rows n", n)?, int("rows m", m)?, int("rows w", w)?);
+        let mut l = dev.launch_builder(&f);
+        l.arg(&a).arg(&rows).arg(&b).arg(&nn).arg(&mm).arg(&ww);
+        dev.launch(name, l, grid(m * w))
     }
 
     /// `y += x` elementwise (bf16, rounded once).

@@ -13,9 +13,10 @@
 //! every loss is Σ_t tok_w_t · loss_t.
 
 use crate::error::{check_len, Error, Result};
-use crate::graph::{Exec, Op, TensorId};
+use crate::graph::{DType, Exec, Op, TensorId};
 use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
 use crate::kernels::rl;
+use crate::model::ops::gpu;
 use crate::train::step_ops::StepOps;
 
 /// A small op computed on the host from f32 vectors.
@@ -115,6 +116,60 @@ impl HostKernel for Cast {
     }
 }
 
+/// The graph op of [`Cast`] from bf16 to f32 (the flow critic's conditioning): on CUDA a cast
+/// kernel and, backward, `dx = bf16(dx + dy)` on the device (the host kernel's arithmetic:
+/// one rounding), never a host round trip; on the CPU the host kernel.
+impl Op for Cast {
+    fn name(&self) -> String {
+        "cast_bf16_f32".into()
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        check_len("cast input", x.len(ins[0]), self.n)?;
+        check_len("cast output", x.len(outs[0]), self.n)?;
+        if let Some(dev) = x.cuda_device() {
+            if (x.dtype(ins[0]), x.dtype(outs[0])) != (DType::BF16, DType::F32) {
+                return Err(Error::Invalid(format!(
+                    "cast: the CUDA op casts bf16 to f32, got {:?} to {:?}",
+                    x.dtype(ins[0]),
+                    x.dtype(outs[0])
+                )));
+            }
+            // SAFETY: n bf16 in, n f32 out (checked above).
+            return unsafe { gpu::cast_bf16_f32(dev, x.ptr(ins[0]), x.ptr(outs[0]), self.n) };
+        }
+        let v = x.to_host(ins[0])?;
+        x.from_host(outs[0], &v)
+    }
+    fn backward_reads(&self) -> (bool, bool) {
+        (false, false)
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        _ins: &[TensorId],
+        _outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let Some(d) = d_ins[0] else { return Ok(()) };
+        if let Some(dev) = x.cuda_device() {
+            if (x.dtype(d_outs[0]), x.dtype(d)) != (DType::F32, DType::BF16) {
+                return Err(Error::Invalid(
+                    "cast backward: the CUDA op adds an f32 gradient into a bf16 one".into(),
+                ));
+            }
+            // SAFETY: n f32 and n bf16 gradients (the forward's lengths).
+            return unsafe { gpu::acc_f32_bf16(dev, x.ptr(d_outs[0]), x.ptr(d), self.n) };
+        }
+        let dy = x.to_host(d_outs[0])?;
+        let mut acc = x.to_host(d)?;
+        for (a, v) in acc.iter_mut().zip(&dy) {
+            *a += v;
+        }
+        x.from_host(d, &acc)
+    }
+}
+
 /// Row gather: ins `[x (n·w), rows (m; f32 row indices, −1 = none)]`, out `[y (m·w)]` with
 /// y[i] = x[rows[i]] (zeros for −1); the backward scatter-adds into x. Lets the flow head
 /// evaluate only the response tokens of a minibatch.
@@ -125,6 +180,30 @@ pub struct GatherRows {
 }
 
 impl GatherRows {
+    fn f32_only(&self, x: &Exec<'_>, ts: &[TensorId]) -> Result<()> {
+        match ts.iter().find(|&&t| x.dtype(t) != DType::F32) {
+            Some(&t) => Err(Error::Invalid(format!(
+                "gather_rows: the CUDA op takes f32 tensors, got {:?}",
+                x.dtype(t)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a row list before it is written to the device op: every entry an integer in
+    /// `-1..n` (−1: none) and no row twice (the device backward gives each row one writer).
+    pub fn check_rows(&self, idx: &[f32]) -> Result<()> {
+        let mut seen = vec![false; self.n];
+        for r in self.rows(idx)?.into_iter().flatten() {
+            if std::mem::replace(&mut seen[r], true) {
+                return Err(Error::Invalid(format!(
+                    "gather_rows: row {r} is listed twice"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn rows(&self, idx: &[f32]) -> Result<Vec<Option<usize>>> {
         idx.iter()
             .map(|&r| {
@@ -140,6 +219,68 @@ impl GatherRows {
                 }
             })
             .collect()
+    }
+}
+
+/// The graph op of [`GatherRows`] (f32 rows): on CUDA a gather kernel and, backward, a
+/// scatter-add on the device (the rows must be distinct: [`GatherRows::check_rows`], which the
+/// critic applies to its row list on the host); on the CPU the host kernel.
+impl Op for GatherRows {
+    fn name(&self) -> String {
+        "gather_rows".into()
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        check_len("gather_rows x", x.len(ins[0]), self.n * self.w)?;
+        check_len("gather_rows rows", x.len(ins[1]), self.m)?;
+        check_len("gather_rows y", x.len(outs[0]), self.m * self.w)?;
+        if let Some(dev) = x.cuda_device() {
+            self.f32_only(x, &[ins[0], ins[1], outs[0]])?;
+            let (a, r, b) = (x.ptr(ins[0]), x.ptr(ins[1]), x.ptr(outs[0]));
+            // SAFETY: lengths and dtypes checked above.
+            return unsafe { gpu::rows(dev, false, a, r, b, self.n, self.m, self.w) };
+        }
+        let iv = vec![x.to_host(ins[0])?, x.to_host(ins[1])?];
+        let y = HostKernel::forward(self, &iv)?;
+        x.from_host(outs[0], &y[0])
+    }
+    fn backward_reads(&self) -> (bool, bool) {
+        (true, false)
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        _outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        if d_ins[1].is_some() {
+            return Err(Error::Invalid(
+                "gather_rows: indices get no gradient".into(),
+            ));
+        }
+        let Some(d) = d_ins[0] else { return Ok(()) };
+        if let Some(dev) = x.cuda_device() {
+            self.f32_only(x, &[d_outs[0], d])?;
+            let (a, r, b) = (x.ptr(d_outs[0]), x.ptr(ins[1]), x.ptr(d));
+            // SAFETY: the forward's lengths; the graph's gradients are f32 (checked).
+            return unsafe { gpu::rows(dev, true, a, r, b, self.n, self.m, self.w) };
+        }
+        let rows = self.rows(&x.to_host(ins[1])?)?;
+        let dy = x.to_host(d_outs[0])?;
+        let mut acc = x.to_host(d)?;
+        let w = self.w;
+        for (i, r) in rows.into_iter().enumerate() {
+            if let Some(r) = r {
+                for (a, g) in acc[r * w..(r + 1) * w]
+                    .iter_mut()
+                    .zip(&dy[i * w..(i + 1) * w])
+                {
+                    *a += g;
+                }
+            }
+        }
+        x.from_host(d, &acc)
     }
 }
 

@@ -420,11 +420,11 @@ pub fn flow_head_graph(
     let u = g.node(flow_cond(shape), &[p, c], &[("flow_u", n * shape.width)])?[0];
     let rows = g.input("flow_rows", m);
     let us = g.node_typed(
-        HostOp(GatherRows {
+        GatherRows {
             n,
             m,
             w: shape.width,
-        }),
+        },
         &[u, rows],
         &[("flow_u_rows", m * shape.width, DType::F32)],
     )?[0];
@@ -609,7 +609,7 @@ impl Critic {
                         t.hidden
                     } else {
                         g.node_typed(
-                            HostOp(Cast { n: n * h }),
+                            Cast { n: n * h },
                             &[t.hidden],
                             &[("hidden_f32", n * h, DType::F32)],
                         )?[0]
@@ -695,8 +695,22 @@ impl Critic {
                 self.inputs.len()
             )));
         }
+        if let CriticHead::Flow {
+            max_tokens, shape, ..
+        } = &self.head
+        {
+            // The device gather's backward needs distinct rows: refuse a bad list here.
+            let (b, s) = self.graph.shape();
+            GatherRows {
+                n: b * s,
+                m: *max_tokens,
+                w: shape.width,
+            }
+            .check_rows(&inputs[0])?;
+        }
+        let flow = matches!(self.head, CriticHead::Flow { .. });
         self.graph.set_batch(seqs)?;
-        for (&t, v) in self.inputs.iter().zip(inputs) {
+        for (i, (&t, v)) in self.inputs.iter().zip(inputs).enumerate() {
             let len = self.graph.session().plan().tensor(t).len;
             let mut o = v.clone();
             if o.len() > len {
@@ -705,7 +719,8 @@ impl Critic {
                     o.len()
                 )));
             }
-            o.resize(len, 0.0);
+            // The flow head's row list pads with "none" (a 0 would list token 0 again).
+            o.resize(len, if flow && i == 0 { -1.0 } else { 0.0 });
             self.graph.session_mut().write(t, &o)?;
         }
         let loss = self.graph.run()?;

@@ -802,6 +802,33 @@ mod tests {
     }
 
     #[test]
+    fn decay_runs_split_a_tensor_by_its_no_decay_ranges() {
+        assert_eq!(decay_runs(5, true, &[]), vec![(0..5, true)]);
+        assert_eq!(decay_runs(5, false, &[]), vec![(0..5, false)]);
+        assert_eq!(decay_runs(0, true, &[]), vec![]);
+        // Unsorted, touching and overlapping ranges; the ends of the tensor.
+        assert_eq!(
+            decay_runs(10, true, &[6..8, 0..2, 1..3, 8..10]),
+            vec![
+                (0..2, false),
+                (2..3, false),
+                (3..6, true),
+                (6..8, false),
+                (8..10, false)
+            ]
+        );
+        // Every element lands in exactly one run.
+        let runs = decay_runs(10, true, &[4..4, 2..5]);
+        let mut seen = [0; 10];
+        for (r, _) in &runs {
+            for i in r.clone() {
+                seen[i] += 1;
+            }
+        }
+        assert_eq!(seen, [1; 10]);
+    }
+
+    #[test]
     fn state_round_trips() {
         let hp = AdamWParams::default();
         let mut a = AdamW::new(vec![("w".into(), vec![1.0, 2.0])], hp, 1.0, sched()).unwrap();

@@ -1271,6 +1271,27 @@ impl Trainer {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // The graph planner's memory per model (issue 11 item 5): one arena of activations and
+        // gradients, one persistent buffer of parameters and inputs.
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        let mut plans = vec![("policy", self.policy.graph.session().plan())];
+        if let Some(c) = &self.critic {
+            plans.push(("critic", c.graph.session().plan()));
+        }
+        if let Some(r) = &self.reference {
+            plans.push(("reference", r.session().plan()));
+        }
+        let mem: Vec<String> = plans
+            .iter()
+            .map(|(n, p)| {
+                format!(
+                    "{n} arena {:.1} MiB + parameters/inputs {:.1} MiB",
+                    mib(p.arena_bytes()),
+                    mib(p.persistent_bytes())
+                )
+            })
+            .collect();
+        eprintln!("dfpo-train: planned memory: {}", mem.join("; "));
         let resumed = match folder.start {
             Start::Resume { eval_changed, .. } => {
                 // New eval settings: "before" is measured again on the initial policy.

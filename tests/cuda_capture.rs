@@ -62,9 +62,15 @@ fn captured_launches_run_only_when_the_graph_is_launched() {
     };
     let st = dev.stream().clone();
     let (xp, yp) = (ptr(&dev, &x), ptr(&dev, &y));
-    assert_eq!(status(&dev), CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+    assert_eq!(
+        status(&dev),
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+    );
     st.begin_capture(THREAD_LOCAL).unwrap();
-    assert_eq!(status(&dev), CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE);
+    assert_eq!(
+        status(&dev),
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE
+    );
     // Two launches: all 8 elements, then the first 3 again. `n` changes after each launch is
     // recorded: the graph must keep the values it was captured with.
     let mut n = 8i64;
@@ -77,7 +83,10 @@ fn captured_launches_run_only_when_the_graph_is_launched() {
         .unwrap()
         .expect("a graph with two launches");
     assert_eq!(n, 0);
-    assert_eq!(status(&dev), CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+    assert_eq!(
+        status(&dev),
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+    );
     assert_eq!(
         st.clone_dtoh(&y).unwrap(),
         vec![bf(2.0); 8],
@@ -96,7 +105,8 @@ fn captured_launches_run_only_when_the_graph_is_launched() {
     // Direct launches after the capture run at once again.
     add(&dev, xp, yp, &8).unwrap();
     let mut w = want(3.0);
-    w.iter_mut().for_each(|e| *e = bf(half::bf16::from_bits(*e).to_f32() + 1.0));
+    w.iter_mut()
+        .for_each(|e| *e = bf(half::bf16::from_bits(*e).to_f32() + 1.0));
     assert_eq!(st.clone_dtoh(&y).unwrap(), w);
 }
 
@@ -110,8 +120,12 @@ fn captured_gemm_keeps_its_scalars_and_replays() {
     let (m, n, k) = (3usize, 4usize, 5usize);
     let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
     let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.25 - 0.5).collect();
-    let ad = st.clone_htod(&a.iter().map(|&v| bf(v)).collect::<Vec<_>>()).unwrap();
-    let bd = st.clone_htod(&b.iter().map(|&v| bf(v)).collect::<Vec<_>>()).unwrap();
+    let ad = st
+        .clone_htod(&a.iter().map(|&v| bf(v)).collect::<Vec<_>>())
+        .unwrap();
+    let bd = st
+        .clone_htod(&b.iter().map(|&v| bf(v)).collect::<Vec<_>>())
+        .unwrap();
     let c0: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
     let cd = st.clone_htod(&c0).unwrap();
     dev.blas().unwrap(); // the handle is created (and allocates) before the capture
@@ -123,9 +137,16 @@ fn captured_gemm_keeps_its_scalars_and_replays() {
     // SAFETY: A is m×k (ld m), B k×n (ld k), C m×n fp32 (ld m).
     unsafe { gpu::gemm(&dev, false, false, m, n, k, ap, m, bp, k, beta, cp, m, true) }.unwrap();
     beta = 0.0;
-    let g = st.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    let g = st
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .unwrap();
     assert_eq!(beta, 0.0);
-    assert_eq!(st.clone_dtoh(&cd).unwrap(), c0, "the GEMM ran during capture");
+    assert_eq!(
+        st.clone_dtoh(&cd).unwrap(),
+        c0,
+        "the GEMM ran during capture"
+    );
     let prod: Vec<f32> = (0..m * n)
         .map(|idx| {
             let (i, j) = (idx % m, idx / m);
@@ -182,7 +203,10 @@ fn a_synchronous_call_during_capture_fails_and_invalidates_it() {
         Some(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
         "end of an invalidated capture"
     );
-    assert_eq!(status(&dev), CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+    assert_eq!(
+        status(&dev),
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+    );
 
     // Synchronizing the capturing stream.
     st.begin_capture(THREAD_LOCAL).unwrap();
@@ -199,7 +223,10 @@ fn a_synchronous_call_during_capture_fails_and_invalidates_it() {
     // The stream captures again afterwards.
     st.begin_capture(THREAD_LOCAL).unwrap();
     add(&dev, xp, yp, &8).unwrap();
-    let g = st.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    let g = st
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .unwrap();
     g.launch().unwrap();
     assert_eq!(st.clone_dtoh(&y).unwrap(), vec![bf(3.0); 8]);
 }

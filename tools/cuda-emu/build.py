@@ -149,7 +149,7 @@ def build(force=False, quiet=False):
                 fh.write(f'        emu_reg::reg("{name}", &{name}, (unsigned)({bound}), "{cu}");\n')
             fh.write("    }\n} emu_register_" + stem + ";\n}  // namespace\n")
         jobs.append([CXX] + KERNEL_FLAGS + ["-c", tu, "-o", os.path.join(obj, f"kern_{stem}.o")])
-    for src in ("emu_runtime.cpp", "driver.cpp", "cublas.cpp"):
+    for src in ("emu_runtime.cpp", "driver.cpp", "graph.cpp", "cublas.cpp"):
         jobs.append([CXX] + RUNTIME_FLAGS + ["-c", os.path.join(HERE, src),
                                             "-o", os.path.join(obj, src.replace(".cpp", ".o"))])
     # An object is recompiled only when its command, its source or a header changed.
@@ -173,7 +173,7 @@ def build(force=False, quiet=False):
         list(ex.map(compile_one, jobs))
     kobjs = [os.path.join(obj, f"kern_{cu[:-3]}.o") for cu in cus if os.path.exists(os.path.join(obj, f"kern_{cu[:-3]}.o"))]
     sh([CXX, "-shared", "-pthread", "-o", libcuda, "-Wl,-soname,libcuda.so.1",
-        os.path.join(obj, "emu_runtime.o"), os.path.join(obj, "driver.o")] + kobjs +
+        os.path.join(obj, "emu_runtime.o"), os.path.join(obj, "driver.o"), os.path.join(obj, "graph.o")] + kobjs +
        ["-Wl,-T," + os.path.join(HERE, "emu.ld"), "-Wl,-z,defs"])
     sh([CXX, "-shared", "-pthread", "-o", libblas, "-Wl,-soname,libcublas.so.13",
         os.path.join(obj, "cublas.o"), "-L", LIB, "-l:libcuda.so.1", "-Wl,-rpath,$ORIGIN", "-Wl,-z,defs"])

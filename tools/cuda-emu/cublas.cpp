@@ -11,6 +11,8 @@
 extern "C" int cuemu_context_current();
 extern "C" int cuemu_range_ok(unsigned long long p, size_t n, char* err, size_t errlen);
 extern "C" int cuemu_stream_ok(void* s);
+extern "C" int cuemu_capture_status(void* s);
+extern "C" int cuemu_record_callback(void* s, const char* what, int (*run)(void*), void* data, void (*dtor)(void*));
 
 namespace {
 enum {
@@ -66,6 +68,64 @@ float load(const void* p, int t, size_t i) {
     std::memcpy(&b, (const char*)p + 2 * i, 2);
     return bf2f(b);
 }
+
+// One GEMM, by value (alpha and beta read at call time: host pointer mode).
+struct Gemm {
+    int ta, tb, m, n, k;
+    float al, be;
+    const void *A, *B;
+    void* C;
+    int at, lda, bt, ldb, ct, ldc;
+};
+
+// The operands' extents (checked at the call, and again when a captured GEMM replays).
+bool operands_ok(const Gemm& g) {
+    const int arows = g.ta ? g.k : g.m, acols = g.ta ? g.m : g.k, brows = g.tb ? g.n : g.k, bcols = g.tb ? g.k : g.n;
+    if (g.k > 0 && (!extent_ok("A", g.A, g.at, arows, acols, g.lda) || !extent_ok("B", g.B, g.bt, brows, bcols, g.ldb)))
+        return false;
+    return extent_ok("C", g.C, g.ct, g.m, g.n, g.ldc);
+}
+
+void run(const Gemm& g) {
+    const int m = g.m, n = g.n, k = g.k, ta = g.ta, tb = g.tb, lda = g.lda, ldb = g.ldb, ldc = g.ldc;
+    // op(A) as m x k row-major and op(B) as n x k row-major, in fp32.
+    std::vector<float> a((size_t)m * k), b((size_t)n * k);
+    for (int i = 0; i < m; ++i)
+        for (int p = 0; p < k; ++p)
+            a[(size_t)i * k + p] = load(g.A, g.at, ta ? (size_t)i * lda + p : (size_t)p * lda + i);
+    for (int j = 0; j < n; ++j)
+        for (int p = 0; p < k; ++p)
+            b[(size_t)j * k + p] = load(g.B, g.bt, tb ? (size_t)p * ldb + j : (size_t)j * ldb + p);
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+            const float* ar = &a[(size_t)i * k];
+            const float* br = &b[(size_t)j * k];
+            float s = 0.0f;
+            for (int p = 0; p < k; ++p) s += ar[p] * br[p];
+            const size_t ci = (size_t)j * ldc + i;
+            float r = g.al * s;
+            if (g.be != 0.0f) r += g.be * load(g.C, g.ct, ci);
+            if (g.ct == CUDA_R_32F)
+                std::memcpy((char*)g.C + 4 * ci, &r, 4);
+            else {
+                uint16_t o = f2bf(r);
+                std::memcpy((char*)g.C + 2 * ci, &o, 2);
+            }
+        }
+}
+
+// A GEMM recorded into a stream capture, replayed by cuGraphLaunch.
+int replay(void* p) {
+    const Gemm& g = *(const Gemm*)p;
+    if (!operands_ok(g)) {
+        std::fprintf(stderr, "cuda-emu cublasGemmEx (captured, replayed): an operand is no longer in one live "
+                             "allocation\n");
+        return 700;  // CUDA_ERROR_ILLEGAL_ADDRESS
+    }
+    run(g);
+    return 0;
+}
+void free_gemm(void* p) { delete (Gemm*)p; }
 }  // namespace
 
 extern "C" {
@@ -143,36 +203,21 @@ int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha
         return CUBLAS_STATUS_INVALID_VALUE;
     }
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    float al, be;
-    std::memcpy(&al, alpha, 4);
-    std::memcpy(&be, beta, 4);
-    if (k > 0 && (!extent_ok("A", A, at, arows, acols, lda) || !extent_ok("B", B, bt, brows, bcols, ldb)))
-        return CUBLAS_STATUS_INVALID_VALUE;
-    if (!extent_ok("C", C, ct, m, n, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
-    // op(A) as m x k row-major and op(B) as n x k row-major, in fp32.
-    std::vector<float> a((size_t)m * k), b((size_t)n * k);
-    for (int i = 0; i < m; ++i)
-        for (int p = 0; p < k; ++p)
-            a[(size_t)i * k + p] = load(A, at, ta ? (size_t)i * lda + p : (size_t)p * lda + i);
-    for (int j = 0; j < n; ++j)
-        for (int p = 0; p < k; ++p)
-            b[(size_t)j * k + p] = load(B, bt, tb ? (size_t)p * ldb + j : (size_t)j * ldb + p);
-    for (int j = 0; j < n; ++j)
-        for (int i = 0; i < m; ++i) {
-            const float* ar = &a[(size_t)i * k];
-            const float* br = &b[(size_t)j * k];
-            float s = 0.0f;
-            for (int p = 0; p < k; ++p) s += ar[p] * br[p];
-            const size_t ci = (size_t)j * ldc + i;
-            float r = al * s;
-            if (be != 0.0f) r += be * load(C, ct, ci);
-            if (ct == CUDA_R_32F)
-                std::memcpy((char*)C + 4 * ci, &r, 4);
-            else {
-                uint16_t o = f2bf(r);
-                std::memcpy((char*)C + 2 * ci, &o, 2);
-            }
+    Gemm g{ta, tb, m, n, k, 0.0f, 0.0f, A, B, C, at, lda, bt, ldb, ct, ldc};
+    std::memcpy(&g.al, alpha, 4);
+    std::memcpy(&g.be, beta, 4);
+    if (!operands_ok(g)) return CUBLAS_STATUS_INVALID_VALUE;
+    void* stream = ((Handle*)h)->stream;
+    if (cuemu_capture_status(stream)) {
+        // Stream capture: recorded (its scalars by value), run at each graph launch.
+        Gemm* rec = new Gemm(g);
+        if (cuemu_record_callback(stream, "cublasGemmEx", replay, rec, free_gemm) != 0) {
+            std::fprintf(stderr, "cuda-emu cublasGemmEx: the stream's capture was invalidated\n");
+            return CUBLAS_STATUS_EXECUTION_FAILED;
         }
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    run(g);
     return CUBLAS_STATUS_SUCCESS;
 }
 

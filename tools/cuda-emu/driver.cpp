@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "emu_internal.h"
+#include "graph.h"
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -151,6 +152,11 @@ const char* err_name(CUresult e) {
         case 701: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
         case 719: return "CUDA_ERROR_LAUNCH_FAILED";
         case 801: return "CUDA_ERROR_NOT_SUPPORTED";
+        case 401: return "CUDA_ERROR_ILLEGAL_STATE";
+        case 900: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case 901: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+        case 907: return "CUDA_ERROR_STREAM_CAPTURE_CAPTURED_EVENT";
+        case 908: return "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD";
     }
     return nullptr;
 }
@@ -310,7 +316,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 }
 CUresult cuCtxSynchronize() {
     NEED_CTX("cuCtxSynchronize");
-    return CUDA_SUCCESS;
+    return emu_cap::unsafe_call("cuCtxSynchronize");
 }
 CUresult cuCtxGetStreamPriorityRange(int* lo, int* hi) {
     NEED_CTX("cuCtxGetStreamPriorityRange");
@@ -347,27 +353,37 @@ CUresult cuStreamDestroy_v2(void* s) {
 }
 CUresult cuStreamSynchronize(void* s) {
     NEED_CTX("cuStreamSynchronize");
-    return stream_ok(s) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
+    return emu_cap::sync_call("cuStreamSynchronize", s);
 }
 CUresult cuStreamQuery(void* s) {
     NEED_CTX("cuStreamQuery");
-    return stream_ok(s) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
+    return emu_cap::sync_call("cuStreamQuery", s);
 }
 CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     NEED_CTX("cuStreamWaitEvent");
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    std::lock_guard<std::mutex> g(g_mu);
-    return g_events.count(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> g(g_mu);
+        if (!g_events.count(e)) return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (emu_cap::event_captured(e) && emu_cap::status(s) == emu_cap::STATUS_NONE)
+        return emu_cap::refuse("cuStreamWaitEvent", s,
+                               "waiting on an event recorded in another stream's capture (a fork into the capture) "
+                               "is not emulated");
+    return CUDA_SUCCESS;
 }
 CUresult cuStreamIsCapturing(void* s, int* status) {
     NEED_CTX("cuStreamIsCapturing");
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    *status = emu_cap::status(s);
     return CUDA_SUCCESS;
 }
 CUresult cuLaunchHostFunc(void* s, void (*fn)(void*), void* data) {
     NEED_CTX("cuLaunchHostFunc");
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (emu_cap::status(s)) return emu_cap::record_host_fn(s, fn, data);
     fn(data);
     return CUDA_SUCCESS;
 }
@@ -383,20 +399,33 @@ CUresult cuEventDestroy_v2(void* e) {
     NEED_INIT();
     std::lock_guard<std::mutex> g(g_mu);
     if (!g_events.erase(e)) return CUDA_ERROR_INVALID_HANDLE;
+    emu_cap::event_destroyed(e);
     delete (Event*)e;
     return CUDA_SUCCESS;
 }
 CUresult cuEventRecord(void* e, void* s) {
     NEED_CTX("cuEventRecord");
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    std::lock_guard<std::mutex> g(g_mu);
-    return g_events.count(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> g(g_mu);
+        if (!g_events.count(e)) return CUDA_ERROR_INVALID_HANDLE;
+    }
+    emu_cap::event_recorded(e, s);
+    return CUDA_SUCCESS;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
 CUresult cuEventSynchronize(void* e) {
     NEED_CTX("cuEventSynchronize");
-    std::lock_guard<std::mutex> g(g_mu);
-    return g_events.count(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> g(g_mu);
+        if (!g_events.count(e)) return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (emu_cap::event_captured(e)) {
+        say("cuEventSynchronize/cuEventQuery: the event was last recorded in a capturing stream "
+            "(CUDA_ERROR_STREAM_CAPTURE_CAPTURED_EVENT)");
+        return emu_cap::ERR_CAPTURED_EVENT;
+    }
+    return CUDA_SUCCESS;
 }
 CUresult cuEventQuery(void* e) { return cuEventSynchronize(e); }
 CUresult cuEventElapsedTime(float* ms, void*, void*) {
@@ -407,7 +436,7 @@ CUresult cuEventElapsedTime(float* ms, void*, void*) {
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
 // ---- memory ----
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+static CUresult mem_alloc(CUdeviceptr* p, size_t bytes) {
     NEED_CTX("cuMemAlloc");
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     char* m = emu::dev_alloc(bytes, ++g_alloc_serial);
@@ -415,11 +444,17 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     *p = (CUdeviceptr)m;
     return CUDA_SUCCESS;
 }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemAlloc")) return r;
+    return mem_alloc(p, bytes);
+}
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemAlloc_v2(p, bytes);
+    if (emu_cap::status(s))
+        return emu_cap::refuse("cuMemAllocAsync", s, "stream-ordered allocation nodes are not emulated");
+    return mem_alloc(p, bytes);
 }
-CUresult cuMemFree_v2(CUdeviceptr p) {
+static CUresult mem_free(CUdeviceptr p) {
     NEED_CTX("cuMemFree");
     if (p == 0) return CUDA_SUCCESS;
     std::string err;
@@ -435,9 +470,15 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     }
     return CUDA_SUCCESS;
 }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemFree")) return r;
+    return mem_free(p);
+}
 CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemFree_v2(p);
+    if (emu_cap::status(s))
+        return emu_cap::refuse("cuMemFreeAsync", s, "stream-ordered free nodes are not emulated");
+    return mem_free(p);
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     NEED_CTX("cuMemGetInfo");
@@ -446,38 +487,74 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     *free_b = used < t ? t - used : 0;
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+static CUresult memcpyhtod(CUdeviceptr dst, const void* src, size_t n) {
     NEED_CTX("cuMemcpyHtoD");
     if (CUresult r = check_dev("cuMemcpyHtoD destination", dst, n)) return r;
     if (n) std::memcpy((void*)dst, src, n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+static CUresult memcpydtoh(void* dst, CUdeviceptr src, size_t n) {
     NEED_CTX("cuMemcpyDtoH");
     if (CUresult r = check_dev("cuMemcpyDtoH source", src, n)) return r;
     if (n) std::memcpy(dst, (const void*)src, n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+static CUresult memcpydtod(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     NEED_CTX("cuMemcpyDtoD");
     if (CUresult r = check_dev("cuMemcpyDtoD destination", dst, n)) return r;
     if (CUresult r = check_dev("cuMemcpyDtoD source", src, n)) return r;
     if (n) std::memmove((void*)dst, (const void*)src, n);
     return CUDA_SUCCESS;
 }
+static CUresult memsetd8(CUdeviceptr dst, unsigned char v, size_t n);
+static CUresult memsetd32(CUdeviceptr dst, unsigned v, size_t n);
+// The synchronous copies and memsets are "potentially unsafe" during a capture (graph.cpp);
+// the async ones are recorded into a capture on their stream.
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemcpyHtoD")) return r;
+    return memcpyhtod(dst, src, n);
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemcpyDtoH")) return r;
+    return memcpydtoh(dst, src, n);
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemcpyDtoD")) return r;
+    return memcpydtod(dst, src, n);
+}
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemsetD8")) return r;
+    return memsetd8(dst, v, n);
+}
+CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    if (CUresult r = emu_cap::unsafe_call("cuMemsetD32")) return r;
+    return memsetd32(dst, v, n);
+}
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemcpyHtoD_v2(dst, src, n);
+    if (emu_cap::status(s))
+        return emu_cap::refuse("cuMemcpyHtoDAsync", s, "the emulator has no pinned host memory, and copies from "
+                                                      "pageable memory cannot be captured");
+    return memcpyhtod(dst, src, n);
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemcpyDtoH_v2(dst, src, n);
+    if (emu_cap::status(s))
+        return emu_cap::refuse("cuMemcpyDtoHAsync", s, "the emulator has no pinned host memory, and copies to "
+                                                      "pageable memory cannot be captured");
+    return memcpydtoh(dst, src, n);
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemcpyDtoD_v2(dst, src, n);
+    if (emu_cap::status(s)) {
+        NEED_CTX("cuMemcpyDtoDAsync");
+        if (CUresult r = check_dev("cuMemcpyDtoDAsync destination", dst, n)) return r;
+        if (CUresult r = check_dev("cuMemcpyDtoDAsync source", src, n)) return r;
+        return emu_cap::record_memcpy_dtod(s, dst, src, n);
+    }
+    return memcpydtod(dst, src, n);
 }
-CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+static CUresult memsetd8(CUdeviceptr dst, unsigned char v, size_t n) {
     NEED_CTX("cuMemsetD8");
     if (CUresult r = check_dev("cuMemsetD8", dst, n)) return r;
     if (n) std::memset((void*)dst, v, n);
@@ -485,9 +562,14 @@ CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemsetD8_v2(dst, v, n);
+    if (emu_cap::status(s)) {
+        NEED_CTX("cuMemsetD8Async");
+        if (CUresult r = check_dev("cuMemsetD8Async", dst, n)) return r;
+        return emu_cap::record_memset(s, dst, v, 1, n);
+    }
+    return memsetd8(dst, v, n);
 }
-CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+static CUresult memsetd32(CUdeviceptr dst, unsigned v, size_t n) {
     NEED_CTX("cuMemsetD32");
     if (dst % 4) return CUDA_ERROR_INVALID_VALUE;
     if (CUresult r = check_dev("cuMemsetD32", dst, n * 4)) return r;
@@ -496,7 +578,13 @@ CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
 }
 CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* s) {
     if (!stream_ok(s)) return CUDA_ERROR_INVALID_HANDLE;
-    return cuMemsetD32_v2(dst, v, n);
+    if (emu_cap::status(s)) {
+        NEED_CTX("cuMemsetD32Async");
+        if (dst % 4) return CUDA_ERROR_INVALID_VALUE;
+        if (CUresult r = check_dev("cuMemsetD32Async", dst, n * 4)) return r;
+        return emu_cap::record_memset(s, dst, v, 4, n);
+    }
+    return memsetd32(dst, v, n);
 }
 
 // ---- modules and functions ----
@@ -647,6 +735,10 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
             say("cuLaunchKernel(%s): kernelParams[%zu] is null", name, i);
             return CUDA_ERROR_INVALID_VALUE;
         }
+    if (emu_cap::status(s)) {  // recorded with its parameters' values (graph.cpp)
+        const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+        return emu_cap::record_kernel(s, f, name, grid, block, smem, params, fn->k->sizes);
+    }
     emu::launch(fn->k, dim3_t{gx, gy, gz}, dim3_t{bx, by, bz}, smem, params);
     return CUDA_SUCCESS;
 }
@@ -669,11 +761,6 @@ EMU_UNSUPPORTED(cuDeviceSetMemPool)
 EMU_UNSUPPORTED(cuDestroyExternalMemory)
 EMU_UNSUPPORTED(cuExternalMemoryGetMappedBuffer)
 EMU_UNSUPPORTED(cuImportExternalMemory)
-EMU_UNSUPPORTED(cuGraphDestroy)
-EMU_UNSUPPORTED(cuGraphExecDestroy)
-EMU_UNSUPPORTED(cuGraphInstantiateWithFlags)
-EMU_UNSUPPORTED(cuGraphLaunch)
-EMU_UNSUPPORTED(cuGraphUpload)
 EMU_UNSUPPORTED(cuLaunchCooperativeKernel)
 EMU_UNSUPPORTED(cuLaunchKernelEx)
 EMU_UNSUPPORTED(cuMemAdvise_v2)
@@ -696,8 +783,6 @@ EMU_UNSUPPORTED(cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags)
 EMU_UNSUPPORTED(cuOccupancyMaxPotentialBlockSize)
 EMU_UNSUPPORTED(cuOccupancyMaxPotentialBlockSizeWithFlags)
 EMU_UNSUPPORTED(cuStreamAttachMemAsync)
-EMU_UNSUPPORTED(cuStreamBeginCapture_v2)
-EMU_UNSUPPORTED(cuStreamEndCapture)
 EMU_UNSUPPORTED(cuPointerGetAttribute)
 EMU_UNSUPPORTED(cuMemcpy2D_v2)
 EMU_UNSUPPORTED(cuMemcpy3D_v2)

@@ -48,7 +48,7 @@ impl std::fmt::Debug for StepOps {
 
 /// Uploads a host vector (the CUDA backend's inputs).
 fn up<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, x: &[T]) -> Result<CudaSlice<T>> {
-    Ok(dev.stream().clone_htod(x)?)
+    dev.htod(x)
 }
 
 /// A zeroed device output of `n` values.
@@ -58,7 +58,7 @@ fn zeros(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
 
 /// Downloads a device output into `out` (a stream synchronisation).
 fn down(dev: &CudaDevice, x: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
-    let v = dev.stream().clone_dtoh(x)?;
+    let v = dev.dtoh(x)?;
     if v.len() != out.len() {
         return Err(Error::Shape(format!(
             "step ops: a device output of {} values for a host buffer of {}",

@@ -64,7 +64,10 @@ if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   timeout 600 python3 "$here/reference/torch_dfpo_step.py" --out "$logs/torch_dfpo_step.json" > "$logs/torch_dfpo_step.log" 2>&1 ||
     say "torch_dfpo_step.py: exit $? (see torch_dfpo_step.log)"
   grep -h '"bench": "torch_dfpo_step"' "$logs/torch_dfpo_step.log" >> "$summary"
-  python3 "$here/reference/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" "$logs/torch_dfpo_step.json" 2>&1 | tee -a "$summary"
+  # Rollout generation: transformers generate with a static KV cache (pairs with benches/generate.rs).
+  timeout 300 python3 "$here/reference/torch_generate_bench.py" --out "$logs/torch_generate.json" > "$logs/torch_generate.log" 2>&1 ||
+    say "torch_generate_bench.py: exit $? (see torch_generate.log)"
+  python3 "$here/reference/summarize.py" "$logs/criterion" "$logs/torch.json" "$logs/torch_attention.json" "$logs/torch_dfpo_step.json" "$logs/torch_generate.json" 2>&1 | tee -a "$summary"
 else
   say "PyTorch with CUDA not available: comparison NOT run"
 fi

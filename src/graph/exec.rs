@@ -256,6 +256,7 @@ impl Session {
         let plan = &self.plan;
         for (i, n) in plan.nodes.iter().enumerate() {
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            x.scratch = n.fwd_scratch;
             n.op.forward(&mut x, &n.ins, &n.outs).map_err(|e| {
                 Error::Invalid(format!("forward of node {i} ({}): {e}", n.op.name()))
             })?;
@@ -280,6 +281,7 @@ impl Session {
             })?;
         for (i, n) in plan.nodes.iter().enumerate().take(last + 1) {
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            x.scratch = n.fwd_scratch;
             n.op.forward(&mut x, &n.ins, &n.outs).map_err(|e| {
                 Error::Invalid(format!("forward of node {i} ({}): {e}", n.op.name()))
             })?;
@@ -325,7 +327,7 @@ impl Session {
             };
             let n = &plan.nodes[i];
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
-            x.scratch = if fwd { None } else { n.scratch };
+            x.scratch = if fwd { n.fwd_scratch } else { n.scratch };
             let r = if fwd {
                 n.op.forward(&mut x, &n.ins, &n.outs)
             } else {
@@ -401,16 +403,17 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// The scratch tensor of the running backward step (sized by [`super::Op::backward_scratch`]).
+    /// The scratch tensor of the running step (sized by [`super::Op::backward_scratch`] or
+    /// [`super::Op::forward_scratch`]).
     pub fn scratch(&self) -> Option<TensorId> {
         self.scratch
     }
 
-    /// The scratch tensor of the running backward step, or an error naming `what` when the op's
-    /// [`super::Op::backward_scratch`] planned none.
+    /// The scratch tensor of the running step, or an error naming `what` when the op's
+    /// [`super::Op::backward_scratch`] / [`super::Op::forward_scratch`] planned none.
     pub fn require_scratch(&self, what: &str) -> Result<TensorId> {
         self.scratch
-            .ok_or_else(|| Error::Invalid(format!("{what}: no backward scratch planned")))
+            .ok_or_else(|| Error::Invalid(format!("{what}: no scratch planned for this step")))
     }
 
     /// Number of elements of `t`.

@@ -93,6 +93,11 @@ pub trait Op {
     fn backward_scratch(&self, _ins: &[usize], _outs: &[usize], _cuda: bool) -> usize {
         0
     }
+    /// f32 of scratch memory the forward needs, as [`Op::backward_scratch`]: an arena region
+    /// live during that forward only (e.g. one chunk of logits of the chunked LM head).
+    fn forward_scratch(&self, _ins: &[usize], _outs: &[usize], _cuda: bool) -> usize {
+        0
+    }
     /// Reads `ins`, `outs` and `d_outs`; ACCUMULATES into each `d_ins[i]` that is `Some`
     /// (gradients nobody needs are `None`).
     fn backward(
@@ -109,7 +114,10 @@ pub(crate) struct Node {
     pub op: Box<dyn Op>,
     pub ins: Vec<TensorId>,
     pub outs: Vec<TensorId>,
+    /// Backward scratch ([`Op::backward_scratch`]).
     pub scratch: Option<TensorId>,
+    /// Forward scratch ([`Op::forward_scratch`]).
+    pub fwd_scratch: Option<TensorId>,
 }
 
 /// Records tensors and nodes.
@@ -197,6 +205,7 @@ impl GraphBuilder {
             ins: ins.to_vec(),
             outs: out_ids.clone(),
             scratch: None,
+            fwd_scratch: None,
         });
         Ok(out_ids)
     }
@@ -208,8 +217,15 @@ impl GraphBuilder {
 
     /// Plans forward + backward of the scalar `loss` (an activation of length 1) for `device`
     /// (scratch sizes may differ between the CPU and CUDA paths of an op).
-    pub fn plan(mut self, loss: TensorId, device: &Device) -> Result<Plan> {
-        let cuda = device.is_cuda();
+    pub fn plan(self, loss: TensorId, device: &Device) -> Result<Plan> {
+        self.plan_for(loss, device.is_cuda())
+    }
+
+    /// [`GraphBuilder::plan`] for the CPU (`cuda = false`) or a CUDA device, without one: the
+    /// plan is layout only (sizes, offsets, schedule), so the memory of a shape no machine here
+    /// could hold can be planned and measured ([`Plan::arena_bytes`]). A session for it needs a
+    /// device of the same kind.
+    pub fn plan_for(mut self, loss: TensorId, cuda: bool) -> Result<Plan> {
         let nt = self.tensors.len();
         let bad = loss.0 >= nt
             || self.tensors[loss.0].len != 1
@@ -260,16 +276,28 @@ impl GraphBuilder {
                 steps.push(Step::Backward(i));
             }
         }
-        // Scratch regions of the backward steps.
+        // Scratch regions of the forward and backward steps.
         for st in &steps {
-            if let Step::Backward(i) = *st {
-                let n = &self.nodes[i];
-                let lens =
-                    |ts: &[TensorId]| ts.iter().map(|t| self.tensors[t.0].len).collect::<Vec<_>>();
-                let need = n.op.backward_scratch(&lens(&n.ins), &lens(&n.outs), cuda);
-                if need > 0 {
-                    let name = format!("scratch({})", n.op.name());
-                    let t = self.add(&name, need, DType::F32, Role::Scratch);
+            let (i, fwd) = match *st {
+                Step::Forward(i) => (i, true),
+                Step::Backward(i) => (i, false),
+            };
+            let n = &self.nodes[i];
+            let lens =
+                |ts: &[TensorId]| ts.iter().map(|t| self.tensors[t.0].len).collect::<Vec<_>>();
+            let (ins, outs) = (lens(&n.ins), lens(&n.outs));
+            let need = if fwd {
+                n.op.forward_scratch(&ins, &outs, cuda)
+            } else {
+                n.op.backward_scratch(&ins, &outs, cuda)
+            };
+            if need > 0 {
+                let what = if fwd { "fwd_scratch" } else { "scratch" };
+                let name = format!("{what}({})", n.op.name());
+                let t = self.add(&name, need, DType::F32, Role::Scratch);
+                if fwd {
+                    self.nodes[i].fwd_scratch = Some(t);
+                } else {
                     self.nodes[i].scratch = Some(t);
                 }
             }
@@ -287,7 +315,7 @@ impl GraphBuilder {
             match *step {
                 Step::Forward(i) => {
                     let n = &self.nodes[i];
-                    for &t in n.ins.iter().chain(&n.outs) {
+                    for &t in n.ins.iter().chain(&n.outs).chain(&n.fwd_scratch) {
                         touch(t, s, &mut first, &mut lastu);
                     }
                 }

@@ -304,7 +304,11 @@ xent_bwd_inplace(unsigned short* z, const u32* __restrict__ targets, long long V
         zr[j] = none ? 0 : xent_to_bf16(xent_grad(xent_bf16(zr[j]), j, t, c, inv_t, lse2, H, g_lp, g_H));
     uint4* zv = reinterpret_cast<uint4*>(zr + head);
     for (long long i = tid; i < nvec; i += XENT_BLOCK) {
-        uint4 o = {0u, 0u, 0u, 0u};
+        uint4 o;
+        o.x = 0u;
+        o.y = 0u;
+        o.z = 0u;
+        o.w = 0u;
         if (!none) {
             const uint4 zq = zv[i];
             const long long j0 = head + 8 * i;

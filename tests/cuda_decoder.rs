@@ -5,8 +5,9 @@
 //! |diff| ≤ 5e-2 + 2e-2·|want|; loss relative 2e-2; every parameter gradient: cosine similarity
 //! with the CPU gradient ≥ 0.99 and max|diff| ≤ 0.1·max|want|.
 //!
-//! The CPU side is always the unfused head (readable logits); the CUDA side runs the unfused head
-//! and the chunked LM head (5 rows a chunk over 72 tokens: the last chunk short).
+//! The CPU side is always the unfused head (readable logits); the CUDA side runs the unfused head,
+//! and the chunked LM head (5 rows a chunk over 72 tokens: the last chunk short) with every layer
+//! recomputed in the backward.
 
 mod common;
 
@@ -44,6 +45,7 @@ fn check(model: &str, chunked: bool) {
         } else {
             LmHeadMode::Logits
         },
+        recompute_layers: chunked,
     });
     let mut gpu = dec.build(b, s, &Device::Cuda(dev.clone())).unwrap();
     gpu.set_batch(&seqs).unwrap();

@@ -75,19 +75,26 @@ fn max_abs(x: &[f32]) -> f64 {
 }
 
 /// Checks `model` against the golden of `golden_of`; `f16` selects the F16-rounded tolerances.
-/// Three LM heads: the unfused one with readable logits, the chunked one at its default budget
-/// (one chunk here) and at a budget of 3 rows a chunk (several chunks, the last one short).
+/// Three graphs: the unfused LM head with readable logits, the chunked one at its default budget
+/// (one chunk here), and the chunked one at 3 rows a chunk (several chunks, the last one short)
+/// with every layer recomputed in the backward.
 fn check(model: &str, golden_of: &str, f16: bool) {
     let mut dec = Decoder::load(common::fixtures_dir().join(model)).unwrap();
     let row = LmHeadXent::row_bytes(dec.config.vocab_size, false);
-    for lm_head in [
-        LmHeadMode::Logits,
-        BuildOptions::default().lm_head,
-        LmHeadMode::Chunked {
-            scratch_bytes: 3 * row + row / 2,
-        },
+    for (lm_head, recompute_layers) in [
+        (LmHeadMode::Logits, false),
+        (BuildOptions::default().lm_head, false),
+        (
+            LmHeadMode::Chunked {
+                scratch_bytes: 3 * row + row / 2,
+            },
+            true,
+        ),
     ] {
-        dec.set_build_options(BuildOptions { lm_head });
+        dec.set_build_options(BuildOptions {
+            lm_head,
+            recompute_layers,
+        });
         check_graph(&dec, model, golden_of, f16);
     }
 }
@@ -100,7 +107,7 @@ fn check_graph(dec: &Decoder, model: &str, golden_of: &str, f16: bool) {
     g.set_batch(&seqs).unwrap();
     let loss = g.run().unwrap();
     let v = dec.config.vocab_size;
-    let model = &format!("{model} ({:?})", dec.build_options().lm_head);
+    let model = &format!("{model} ({:?})", dec.build_options());
 
     // Logits at valid positions (the chunked head never forms them: reading is an error).
     let (lshape, want_logits) = gold.float("logits");

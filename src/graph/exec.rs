@@ -322,14 +322,20 @@ impl Session {
                 }
             }
             let (i, fwd) = match *step {
-                Step::Forward(i) => (i, true),
+                Step::Forward(i) | Step::Recompute(i) => (i, true),
                 Step::Backward(i) => (i, false),
             };
             let n = &plan.nodes[i];
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
-            x.scratch = if fwd { n.fwd_scratch } else { n.scratch };
-            let r = if fwd {
+            x.scratch = match *step {
+                Step::Forward(_) => n.fwd_scratch,
+                Step::Recompute(_) => n.re_fwd_scratch,
+                Step::Backward(_) => n.scratch,
+            };
+            let r = if let Step::Forward(_) = *step {
                 n.op.forward(&mut x, &n.ins, &n.outs)
+            } else if let Step::Recompute(_) = *step {
+                n.op.forward(&mut x, &n.re_ins, &n.re_outs)
             } else {
                 let d_outs: Vec<TensorId> = n
                     .outs
@@ -338,7 +344,8 @@ impl Session {
                     .collect();
                 let d_ins: Vec<Option<TensorId>> =
                     n.ins.iter().map(|t| plan.grad_of[t.0]).collect();
-                n.op.backward(&mut x, &n.ins, &n.outs, &d_outs, &d_ins)
+                // Values through the recompute copies (the originals where there are none).
+                n.op.backward(&mut x, &n.re_ins, &n.re_outs, &d_outs, &d_ins)
             };
             r.map_err(|e| {
                 Error::Invalid(format!(

@@ -58,6 +58,11 @@ pub enum LmHeadMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BuildOptions {
     pub lm_head: LmHeadMode,
+    /// Recompute each layer's activations in the backward instead of keeping them from the
+    /// forward (gradient checkpointing per layer): the arena keeps only each layer's output
+    /// (residual and normed hidden state) plus one layer's activations at a time, for one more
+    /// forward of every layer (about +1/3 of the trunk's FLOPs in a training step).
+    pub recompute_layers: bool,
 }
 
 impl Default for BuildOptions {
@@ -66,6 +71,7 @@ impl Default for BuildOptions {
             lm_head: LmHeadMode::Chunked {
                 scratch_bytes: DEFAULT_HEAD_SCRATCH_BYTES,
             },
+            recompute_layers: false,
         }
     }
 }
@@ -157,10 +163,28 @@ impl Decoder {
         self.build_tempered(b, s, device, temperature, true, nll_head)
     }
 
-    /// The plan (layout and schedule, nothing allocated) of the NLL training graph
-    /// ([`Decoder::build_nll`]) of a model with `config`, for batches of `b` × `s` tokens on the
-    /// CPU or a CUDA device: the memory a shape needs, measured without its parameters or a
-    /// device ([`Plan::arena_bytes`], [`Plan::persistent_bytes`]).
+    /// The plan (layout and schedule, nothing allocated) of the training graph
+    /// [`Decoder::build_tempered`] would make with `opts` and `head` for a model with `config`,
+    /// for batches of `b` × `s` tokens on the CPU or a CUDA device (`cuda`): the memory a shape
+    /// needs ([`Plan::arena_bytes`], [`Plan::persistent_bytes`]), measured without the weights or
+    /// a device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_with(
+        config: &ModelConfig,
+        b: usize,
+        s: usize,
+        cuda: bool,
+        temperature: f32,
+        lm_head: bool,
+        opts: BuildOptions,
+        head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
+    ) -> Result<Plan> {
+        config.validate("Decoder::plan_with")?;
+        let built = graph_for(config, b, s, cuda, temperature, lm_head, opts, head)?;
+        built.g.plan_for(built.loss, cuda)
+    }
+
+    /// [`Decoder::plan_with`] of the NLL graph of [`Decoder::build_nll`].
     pub fn plan_nll(
         config: &ModelConfig,
         b: usize,
@@ -169,8 +193,7 @@ impl Decoder {
         temperature: f32,
         opts: BuildOptions,
     ) -> Result<Plan> {
-        let built = graph_for(config, b, s, cuda, temperature, true, opts, nll_head)?;
-        built.g.plan_for(built.loss, cuda)
+        Self::plan_with(config, b, s, cuda, temperature, true, opts, nll_head)
     }
 
     /// Builds the trunk (and, with `lm_head`, the logits and per-token log-probs/entropies), then
@@ -361,6 +384,9 @@ fn graph_for(
     )?;
     let (mut resid, mut a) = (x0, first[0]);
     for l in 0..c.num_hidden_layers {
+        if opts.recompute_layers {
+            g.begin_recompute()?;
+        }
         let pn = |s: &str| format!("model.layers.{l}.{s}");
         let lin = |g: &mut GraphBuilder,
                    x: TensorId,
@@ -461,6 +487,9 @@ fn graph_for(
         )?;
         resid = n1[0];
         a = n1[1];
+        if opts.recompute_layers {
+            g.end_recompute()?;
+        }
     }
     let (logits, lp) = if lm_head {
         let head_w = p(if c.tie_word_embeddings {

@@ -6,6 +6,10 @@
 //!   (4096 tokens); the same shape is timed in PyTorch eager bf16 by
 //!   `tools/reference/torch_model_bench.py`.
 //!
+//! Each at three graph variants: the default chunked LM head, the unfused head (kept logits,
+//! `_unfused_head`) and the chunked head with every layer recomputed (`_recompute`): the ratios
+//! are the chunked head's and the recomputation's cost.
+//!
 //! `cargo bench --bench model -- --warm-up-time 1 --measurement-time 2`
 
 use std::time::Duration;
@@ -13,7 +17,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfpo::model::checkpoint::{expected_tensors, Tensor, TensorMap};
 use dfpo::model::config::ModelConfig;
-use dfpo::model::decoder::Decoder;
+use dfpo::model::decoder::{BuildOptions, Decoder, LmHeadMode};
 use dfpo::Device;
 
 fn batch(b: usize, s: usize, v: u32, seed: u64) -> Vec<Vec<u32>> {
@@ -30,22 +34,49 @@ fn batch(b: usize, s: usize, v: u32, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// (bench name suffix, build options) of the three variants.
+fn variants() -> [(&'static str, BuildOptions); 3] {
+    let d = BuildOptions::default();
+    [
+        ("", d),
+        (
+            "_unfused_head",
+            BuildOptions {
+                lm_head: LmHeadMode::Logits,
+                ..d
+            },
+        ),
+        (
+            "_recompute",
+            BuildOptions {
+                recompute_layers: true,
+                ..d
+            },
+        ),
+    ]
+}
+
 fn cpu(c: &mut Criterion) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-    let dec = Decoder::load(dir).unwrap();
+    let mut dec = Decoder::load(dir).unwrap();
     let (b, s) = (4, 64);
     println!(
         "cpu: tiny-llama fwd+bwd, B = {b}, S = {s} ({} tokens)",
         b * s
     );
-    let mut g = dec.build(b, s, &Device::Cpu).unwrap();
-    g.set_batch(&batch(b, s, dec.config.vocab_size as u32, 1))
-        .unwrap();
     let mut grp = c.benchmark_group("model_cpu");
     grp.sample_size(10)
         .measurement_time(Duration::from_secs(2))
         .throughput(Throughput::Elements((b * s) as u64));
-    grp.bench_function("tiny_llama_fwd_bwd", |bch| bch.iter(|| g.run().unwrap()));
+    for (suffix, opts) in variants() {
+        dec.set_build_options(opts);
+        let mut g = dec.build(b, s, &Device::Cpu).unwrap();
+        g.set_batch(&batch(b, s, dec.config.vocab_size as u32, 1))
+            .unwrap();
+        grp.bench_function(format!("tiny_llama_fwd_bwd{suffix}"), |bch| {
+            bch.iter(|| g.run().unwrap())
+        });
+    }
     grp.finish();
 }
 
@@ -91,20 +122,26 @@ fn cuda(c: &mut Criterion) {
         params.insert(name, Tensor::new(shape, data).unwrap());
     }
     let v = cfg.vocab_size as u32;
-    let dec = Decoder::new(cfg, params).unwrap();
+    let mut dec = Decoder::new(cfg, params).unwrap();
     let (b, s) = (8, 512);
     println!(
         "cuda: Qwen2-0.5B shape fwd+bwd bf16, B = {b}, S = {s} ({} tokens)",
         b * s
     );
-    let mut g = dec.build(b, s, &Device::Cuda(dev.clone())).unwrap();
-    g.set_batch(&batch(b, s, v, 2)).unwrap();
     let mut grp = c.benchmark_group("model_cuda");
     grp.sample_size(10)
         .measurement_time(Duration::from_secs(5))
         .throughput(Throughput::Elements((b * s) as u64));
-    // run() reads the loss back, which synchronises the stream.
-    grp.bench_function("qwen2_0.5b_fwd_bwd", |bch| bch.iter(|| g.run().unwrap()));
+    for (suffix, opts) in variants() {
+        dec.set_build_options(opts);
+        // One graph at a time on the card (dropped at the end of the iteration).
+        let mut g = dec.build(b, s, &Device::Cuda(dev.clone())).unwrap();
+        g.set_batch(&batch(b, s, v, 2)).unwrap();
+        // run() reads the loss back, which synchronises the stream.
+        grp.bench_function(format!("qwen2_0.5b_fwd_bwd{suffix}"), |bch| {
+            bch.iter(|| g.run().unwrap())
+        });
+    }
     grp.finish();
 }
 

@@ -6,6 +6,9 @@
 //             sum-exp / sum-exp-weighted, never materialising the softmax); fp32 outputs
 //   xent_bwd  one more pass: d_logits (bf16, accumulated: read, add in fp32, round once, write)
 //             from per-row upstream d_logprob and d_entropy and the saved lse and entropy
+//   xent_bwd_inplace  the same gradient written OVER the logits (bf16(g), what xent_bwd gives a
+//             zeroed d_logits; rows with no gradient become 0): the chunked LM head's backward
+//             (src/model/lm_head.rs), so a chunk needs one buffer, not two
 // One block per row; 16-byte vector loads (8 bf16) over the 16-byte-aligned body of each row,
 // scalar loads for the unaligned head and the tail, so any V works.
 #include <cuda_bf16.h>
@@ -269,5 +272,52 @@ xent_bwd(const unsigned short* __restrict__ logits, const u32* __restrict__ targ
         o.z = xent_acc2(dq.z, zq.z, j0 + 4, t, c, inv_t, lse2, H, g_lp, g_H);
         o.w = xent_acc2(dq.w, zq.w, j0 + 6, t, c, inv_t, lse2, H, g_lp, g_H);
         dv[i] = o;
+    }
+}
+
+// The chunked LM head's backward: overwrites z [N][V] (bf16, the logits of this chunk, computed
+// again from the hidden states) with d_logits = bf16(xent_grad), the value xent_bwd accumulates
+// into a zeroed d_logits. Rows with no upstream gradient, or only -inf logits, become 0 (the next
+// GEMMs read every row). Each element is read and written by the same thread, so in place is
+// safe (no __restrict__ on z). grid = N, block = XENT_BLOCK.
+extern "C" __global__ void __launch_bounds__(XENT_BLOCK)
+xent_bwd_inplace(unsigned short* z, const u32* __restrict__ targets, long long V, float c,
+                 float inv_t, const float* __restrict__ lse, const float* __restrict__ entropy,
+                 const float* __restrict__ d_logprob, const float* __restrict__ d_entropy) {
+    const long long row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const u32 tu = targets[row];
+    float g_lp = d_logprob != nullptr ? d_logprob[row] : 0.f;
+    if (tu == XENT_IGNORE || (long long)tu >= V) g_lp = 0.f;
+    const long long t = (tu == XENT_IGNORE || (long long)tu >= V) ? -1 : (long long)tu;
+    const float g_H = d_entropy != nullptr ? d_entropy[row] : 0.f;
+    const bool none = (g_lp == 0.f && g_H == 0.f) || lse[row] == __int_as_float(0xff800000);
+    const float lse2 = lse[row] * XENT_LOG2E;
+    const float H = entropy[row];
+
+    unsigned short* zr = z + row * V;
+    long long head, nvec, tail0;
+    xent_split(zr, V, true, head, nvec, tail0);
+    for (long long j = tid; j < head; j += XENT_BLOCK)
+        zr[j] = none ? 0 : xent_to_bf16(xent_grad(xent_bf16(zr[j]), j, t, c, inv_t, lse2, H, g_lp, g_H));
+    for (long long j = tail0 + tid; j < V; j += XENT_BLOCK)
+        zr[j] = none ? 0 : xent_to_bf16(xent_grad(xent_bf16(zr[j]), j, t, c, inv_t, lse2, H, g_lp, g_H));
+    uint4* zv = reinterpret_cast<uint4*>(zr + head);
+    for (long long i = tid; i < nvec; i += XENT_BLOCK) {
+        uint4 o;
+        o.x = 0u;
+        o.y = 0u;
+        o.z = 0u;
+        o.w = 0u;
+        if (!none) {
+            const uint4 zq = zv[i];
+            const long long j0 = head + 8 * i;
+            // xent_acc2 over a zero d_logits: bf16(0 + g) = bf16(g).
+            o.x = xent_acc2(0u, zq.x, j0 + 0, t, c, inv_t, lse2, H, g_lp, g_H);
+            o.y = xent_acc2(0u, zq.y, j0 + 2, t, c, inv_t, lse2, H, g_lp, g_H);
+            o.z = xent_acc2(0u, zq.z, j0 + 4, t, c, inv_t, lse2, H, g_lp, g_H);
+            o.w = xent_acc2(0u, zq.w, j0 + 6, t, c, inv_t, lse2, H, g_lp, g_H);
+        }
+        zv[i] = o;
     }
 }

@@ -4,22 +4,27 @@
 //! bf16 tolerances: logits |diff| ≤ 3e-2·max|logit| (+2e-2·|want|); log-probs of valid targets
 //! |diff| ≤ 5e-2 + 2e-2·|want|; loss relative 2e-2; every parameter gradient: cosine similarity
 //! with the CPU gradient ≥ 0.99 and max|diff| ≤ 0.1·max|want|.
+//!
+//! The CPU side is always the unfused head (readable logits); the CUDA side runs the unfused head,
+//! and the chunked LM head (5 rows a chunk over 72 tokens: the last chunk short) with every layer
+//! recomputed in the backward.
 
 mod common;
 
 use common::assert_close;
-use dfpo::model::decoder::Decoder;
+use dfpo::model::decoder::{BuildOptions, Decoder, LmHeadMode};
+use dfpo::model::lm_head::LmHeadXent;
 use dfpo::Device;
 
 fn max_abs(x: &[f32]) -> f64 {
     x.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()))
 }
 
-fn check(model: &str) {
+fn check(model: &str, chunked: bool) {
     let Some(dev) = dfpo::device::cuda_for_test(&format!("cuda_decoder_{model}")) else {
         return;
     };
-    let dec = Decoder::load(common::fixtures_dir().join(model)).unwrap();
+    let mut dec = Decoder::load(common::fixtures_dir().join(model)).unwrap();
     // A right-padded batch of 3 with lengths 23, 9, 1 over S = 24 (ids from a fresh stream).
     let mut rng = common::Rng::fresh(&format!("cuda_decoder_{model}"));
     let v = dec.config.vocab_size as u64;
@@ -28,28 +33,44 @@ fn check(model: &str) {
         .map(|&l| (0..l).map(|_| (rng.next_u64() % v) as u32).collect())
         .collect();
     let (b, s) = (3, 24);
-    let mut cpu = dec.build(b, s, &Device::Cpu).unwrap();
+    let mut cpu = dec.build_with_logits(b, s, &Device::Cpu).unwrap();
     cpu.set_batch(&seqs).unwrap();
     let want_loss = cpu.run().unwrap();
+    let row = LmHeadXent::row_bytes(v as usize, true);
+    dec.set_build_options(BuildOptions {
+        lm_head: if chunked {
+            LmHeadMode::Chunked {
+                scratch_bytes: 5 * row + row / 2,
+            }
+        } else {
+            LmHeadMode::Logits
+        },
+        recompute_layers: chunked,
+    });
     let mut gpu = dec.build(b, s, &Device::Cuda(dev.clone())).unwrap();
     gpu.set_batch(&seqs).unwrap();
     let loss = gpu.run().unwrap();
     dev.synchronize().unwrap();
 
     let vv = v as usize;
-    let (wl, gl) = (cpu.logits().unwrap(), gpu.logits().unwrap());
-    let (mut a, mut bb) = (Vec::new(), Vec::new());
-    for (i, q) in seqs.iter().enumerate() {
-        a.extend_from_slice(&gl[i * s * vv..(i * s + q.len()) * vv]);
-        bb.extend_from_slice(&wl[i * s * vv..(i * s + q.len()) * vv]);
+    let wl = cpu.logits().unwrap();
+    if chunked {
+        assert!(gpu.logits().is_err(), "the chunked head has no logits");
+    } else {
+        let gl = gpu.logits().unwrap();
+        let (mut a, mut bb) = (Vec::new(), Vec::new());
+        for (i, q) in seqs.iter().enumerate() {
+            a.extend_from_slice(&gl[i * s * vv..(i * s + q.len()) * vv]);
+            bb.extend_from_slice(&wl[i * s * vv..(i * s + q.len()) * vv]);
+        }
+        assert_close(
+            &format!("{model} logits"),
+            &a,
+            &bb,
+            2e-2,
+            3e-2 * max_abs(&bb),
+        );
     }
-    assert_close(
-        &format!("{model} logits"),
-        &a,
-        &bb,
-        2e-2,
-        3e-2 * max_abs(&bb),
-    );
     assert_close(
         &format!("{model} logprobs"),
         &gpu.token_logprobs().unwrap(),
@@ -79,11 +100,23 @@ fn check(model: &str) {
 #[test]
 #[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_tiny_llama_matches_cpu() {
-    check("tiny-llama");
+    check("tiny-llama", false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
+fn cuda_tiny_llama_chunked_head_matches_cpu() {
+    check("tiny-llama", true);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_tiny_qwen2_matches_cpu() {
-    check("tiny-qwen2");
+    check("tiny-qwen2", false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
+fn cuda_tiny_qwen2_chunked_head_matches_cpu() {
+    check("tiny-qwen2", true);
 }

@@ -67,7 +67,7 @@ fn generator(
 
 /// CPU fp32 logits `[len][V]` of `seq`.
 fn cpu_logits(dec: &Decoder, seq: &[u32]) -> Vec<f32> {
-    let mut g = dec.build(1, seq.len(), &Device::Cpu).unwrap();
+    let mut g = dec.build_with_logits(1, seq.len(), &Device::Cpu).unwrap();
     g.set_batch(&[seq.to_vec()]).unwrap();
     g.forward().unwrap();
     g.logits().unwrap()

@@ -285,7 +285,7 @@ fn cuda_rollout_draws_follow_the_cpu_rule() {
     let (mut exact, mut all) = (0usize, 0usize);
     for r in 0..b.rows() {
         let seq = &b.seqs[r];
-        let mut g = dec.build(1, seq.len(), &Device::Cpu).unwrap();
+        let mut g = dec.build_with_logits(1, seq.len(), &Device::Cpu).unwrap();
         g.set_batch(std::slice::from_ref(seq)).unwrap();
         g.forward().unwrap();
         let z = g.logits().unwrap();

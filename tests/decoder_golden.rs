@@ -20,7 +20,8 @@ use std::collections::BTreeMap;
 
 use common::assert_close;
 use dfpo::model::checkpoint::{read_safetensors_any, AnyTensor};
-use dfpo::model::decoder::Decoder;
+use dfpo::model::decoder::{BuildOptions, Decoder, DecoderGraph, LmHeadMode};
+use dfpo::model::lm_head::LmHeadXent;
 use dfpo::Device;
 
 struct Golden {
@@ -74,33 +75,49 @@ fn max_abs(x: &[f32]) -> f64 {
 }
 
 /// Checks `model` against the golden of `golden_of`; `f16` selects the F16-rounded tolerances.
+/// Three graphs: the unfused LM head with readable logits, the chunked one at its default budget
+/// (one chunk here), and the chunked one at 3 rows a chunk (several chunks, the last one short)
+/// with every layer recomputed in the backward.
 fn check(model: &str, golden_of: &str, f16: bool) {
+    let mut dec = Decoder::load(common::fixtures_dir().join(model)).unwrap();
+    let row = LmHeadXent::row_bytes(dec.config.vocab_size, false);
+    for (lm_head, recompute_layers) in [
+        (LmHeadMode::Logits, false),
+        (BuildOptions::default().lm_head, false),
+        (
+            LmHeadMode::Chunked {
+                scratch_bytes: 3 * row + row / 2,
+            },
+            true,
+        ),
+    ] {
+        dec.set_build_options(BuildOptions {
+            lm_head,
+            recompute_layers,
+        });
+        check_graph(&dec, model, golden_of, f16);
+    }
+}
+
+fn check_graph(dec: &Decoder, model: &str, golden_of: &str, f16: bool) {
     let gold = Golden::load(golden_of);
-    let dec = Decoder::load(common::fixtures_dir().join(model)).unwrap();
     let (seqs, t) = gold.batch();
     let b = seqs.len();
     let mut g = dec.build(b, t, &Device::Cpu).unwrap();
     g.set_batch(&seqs).unwrap();
     let loss = g.run().unwrap();
     let v = dec.config.vocab_size;
+    let model = &format!("{model} ({:?})", dec.build_options());
 
-    // Logits at valid positions.
+    // Logits at valid positions (the chunked head never forms them: reading is an error).
     let (lshape, want_logits) = gold.float("logits");
     assert_eq!(lshape, vec![b, t, v]);
-    let logits = g.logits().unwrap();
-    let scale = max_abs(&want_logits);
-    let (mut got_v, mut want_v) = (Vec::new(), Vec::new());
-    for (i, s) in seqs.iter().enumerate() {
-        let r = i * t * v..(i * t + s.len()) * v;
-        got_v.extend_from_slice(&logits[r.clone()]);
-        want_v.extend_from_slice(&want_logits[r]);
-    }
-    let (ratol, rrtol) = if f16 {
-        (2e-2, 0.0)
+    if dec.build_options().lm_head != LmHeadMode::Logits {
+        let e = g.logits().unwrap_err().to_string();
+        assert!(e.contains("chunked LM head"), "{e}");
     } else {
-        (1e-4 * scale, 1e-4)
-    };
-    assert_close(&format!("{model} logits"), &got_v, &want_v, rrtol, ratol);
+        check_logits(&g, model, &seqs, t, v, &want_logits, f16);
+    }
 
     // Per-token log-probs.
     let (_, want_lp) = gold.float("token_logprobs");
@@ -161,6 +178,31 @@ fn check(model: &str, golden_of: &str, f16: bool) {
     g.forward().unwrap();
     assert_eq!(g.loss().unwrap(), loss);
     assert_eq!(g.token_logprobs().unwrap(), lp);
+}
+
+fn check_logits(
+    g: &DecoderGraph,
+    model: &str,
+    seqs: &[Vec<u32>],
+    t: usize,
+    v: usize,
+    want_logits: &[f32],
+    f16: bool,
+) {
+    let logits = g.logits().unwrap();
+    let scale = max_abs(want_logits);
+    let (mut got_v, mut want_v) = (Vec::new(), Vec::new());
+    for (i, s) in seqs.iter().enumerate() {
+        let r = i * t * v..(i * t + s.len()) * v;
+        got_v.extend_from_slice(&logits[r.clone()]);
+        want_v.extend_from_slice(&want_logits[r]);
+    }
+    let (ratol, rrtol) = if f16 {
+        (2e-2, 0.0)
+    } else {
+        (1e-4 * scale, 1e-4)
+    };
+    assert_close(&format!("{model} logits"), &got_v, &want_v, rrtol, ratol);
 }
 
 #[test]

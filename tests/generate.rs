@@ -14,7 +14,7 @@ fn model(name: &str) -> Decoder {
 
 /// Log-probs and argmax of the next token after each prefix, by re-running the whole sequence.
 fn reforward(dec: &Decoder, seq: &[u32]) -> (Vec<f32>, Vec<u32>) {
-    let mut g = dec.build(1, seq.len(), &Device::Cpu).unwrap();
+    let mut g = dec.build_with_logits(1, seq.len(), &Device::Cpu).unwrap();
     g.set_batch(&[seq.to_vec()]).unwrap();
     g.forward().unwrap();
     let lp = g.token_logprobs().unwrap();

@@ -256,6 +256,7 @@ impl Session {
         let plan = &self.plan;
         for (i, n) in plan.nodes.iter().enumerate() {
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            x.scratch = n.fwd_scratch;
             n.op.forward(&mut x, &n.ins, &n.outs).map_err(|e| {
                 Error::Invalid(format!("forward of node {i} ({}): {e}", n.op.name()))
             })?;
@@ -280,6 +281,7 @@ impl Session {
             })?;
         for (i, n) in plan.nodes.iter().enumerate().take(last + 1) {
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
+            x.scratch = n.fwd_scratch;
             n.op.forward(&mut x, &n.ins, &n.outs).map_err(|e| {
                 Error::Invalid(format!("forward of node {i} ({}): {e}", n.op.name()))
             })?;
@@ -320,14 +322,20 @@ impl Session {
                 }
             }
             let (i, fwd) = match *step {
-                Step::Forward(i) => (i, true),
+                Step::Forward(i) | Step::Recompute(i) => (i, true),
                 Step::Backward(i) => (i, false),
             };
             let n = &plan.nodes[i];
             let mut x = Exec::new(plan, &self.device, &mut self.storage);
-            x.scratch = if fwd { None } else { n.scratch };
-            let r = if fwd {
+            x.scratch = match *step {
+                Step::Forward(_) => n.fwd_scratch,
+                Step::Recompute(_) => n.re_fwd_scratch,
+                Step::Backward(_) => n.scratch,
+            };
+            let r = if let Step::Forward(_) = *step {
                 n.op.forward(&mut x, &n.ins, &n.outs)
+            } else if let Step::Recompute(_) = *step {
+                n.op.forward(&mut x, &n.re_ins, &n.re_outs)
             } else {
                 let d_outs: Vec<TensorId> = n
                     .outs
@@ -336,7 +344,8 @@ impl Session {
                     .collect();
                 let d_ins: Vec<Option<TensorId>> =
                     n.ins.iter().map(|t| plan.grad_of[t.0]).collect();
-                n.op.backward(&mut x, &n.ins, &n.outs, &d_outs, &d_ins)
+                // Values through the recompute copies (the originals where there are none).
+                n.op.backward(&mut x, &n.re_ins, &n.re_outs, &d_outs, &d_ins)
             };
             r.map_err(|e| {
                 Error::Invalid(format!(
@@ -401,16 +410,17 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// The scratch tensor of the running backward step (sized by [`super::Op::backward_scratch`]).
+    /// The scratch tensor of the running step (sized by [`super::Op::backward_scratch`] or
+    /// [`super::Op::forward_scratch`]).
     pub fn scratch(&self) -> Option<TensorId> {
         self.scratch
     }
 
-    /// The scratch tensor of the running backward step, or an error naming `what` when the op's
-    /// [`super::Op::backward_scratch`] planned none.
+    /// The scratch tensor of the running step, or an error naming `what` when the op's
+    /// [`super::Op::backward_scratch`] / [`super::Op::forward_scratch`] planned none.
     pub fn require_scratch(&self, what: &str) -> Result<TensorId> {
         self.scratch
-            .ok_or_else(|| Error::Invalid(format!("{what}: no backward scratch planned")))
+            .ok_or_else(|| Error::Invalid(format!("{what}: no scratch planned for this step")))
     }
 
     /// Number of elements of `t`.

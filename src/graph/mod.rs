@@ -14,6 +14,14 @@
 //!
 //! Gradient convention: every backward ACCUMULATES (+=) into its input gradients, so a tensor
 //! read by several nodes gets the sum; the executor zero-fills each gradient when it becomes live.
+//!
+//! Activation recomputation: nodes recorded between [`GraphBuilder::begin_recompute`] and
+//! [`GraphBuilder::end_recompute`] form a segment (e.g. one decoder layer). Its internal
+//! tensors (outputs read only inside the segment) live in the forward only until their last
+//! reader there; just before the segment's backward the executor runs the segment's forward
+//! again into fresh copies of them, which the backward steps read. The segment's inputs and its
+//! outputs read elsewhere are kept as usual. Memory: one segment's activations instead of all;
+//! cost: one more forward of every segment.
 
 mod exec;
 pub mod ops;
@@ -93,6 +101,11 @@ pub trait Op {
     fn backward_scratch(&self, _ins: &[usize], _outs: &[usize], _cuda: bool) -> usize {
         0
     }
+    /// f32 of scratch memory the forward needs, as [`Op::backward_scratch`]: an arena region
+    /// live during that forward only (e.g. one chunk of logits of the chunked LM head).
+    fn forward_scratch(&self, _ins: &[usize], _outs: &[usize], _cuda: bool) -> usize {
+        0
+    }
     /// Reads `ins`, `outs` and `d_outs`; ACCUMULATES into each `d_ins[i]` that is `Some`
     /// (gradients nobody needs are `None`).
     fn backward(
@@ -109,7 +122,16 @@ pub(crate) struct Node {
     pub op: Box<dyn Op>,
     pub ins: Vec<TensorId>,
     pub outs: Vec<TensorId>,
+    /// Backward scratch ([`Op::backward_scratch`]).
     pub scratch: Option<TensorId>,
+    /// Forward scratch ([`Op::forward_scratch`]).
+    pub fwd_scratch: Option<TensorId>,
+    /// The tensors the recompute and backward steps use in place of `ins` / `outs` /
+    /// `fwd_scratch`: the same, except a recomputed segment's internal tensors, replaced by
+    /// their copies.
+    pub re_ins: Vec<TensorId>,
+    pub re_outs: Vec<TensorId>,
+    pub re_fwd_scratch: Option<TensorId>,
 }
 
 /// Records tensors and nodes.
@@ -119,6 +141,9 @@ pub struct GraphBuilder {
     nodes: Vec<Node>,
     producer: Vec<Option<usize>>,
     keep: Vec<TensorId>,
+    /// Recomputed segments: node ranges.
+    segments: Vec<std::ops::Range<usize>>,
+    open_segment: Option<usize>,
 }
 
 impl GraphBuilder {
@@ -197,6 +222,10 @@ impl GraphBuilder {
             ins: ins.to_vec(),
             outs: out_ids.clone(),
             scratch: None,
+            fwd_scratch: None,
+            re_ins: ins.to_vec(),
+            re_outs: out_ids.clone(),
+            re_fwd_scratch: None,
         });
         Ok(out_ids)
     }
@@ -206,10 +235,42 @@ impl GraphBuilder {
         self.keep.push(t);
     }
 
+    /// Starts a recomputed segment: the nodes added until [`GraphBuilder::end_recompute`] run
+    /// their forward again before their backward, and their internal activations are not kept
+    /// between the two (module doc). Segments do not nest.
+    pub fn begin_recompute(&mut self) -> Result<()> {
+        if self.open_segment.is_some() {
+            return Err(Error::Invalid(
+                "begin_recompute: a recomputed segment is already open".into(),
+            ));
+        }
+        self.open_segment = Some(self.nodes.len());
+        Ok(())
+    }
+
+    /// Ends the segment [`GraphBuilder::begin_recompute`] started.
+    pub fn end_recompute(&mut self) -> Result<()> {
+        let start = self
+            .open_segment
+            .take()
+            .ok_or_else(|| Error::Invalid("end_recompute: no recomputed segment is open".into()))?;
+        if start < self.nodes.len() {
+            self.segments.push(start..self.nodes.len());
+        }
+        Ok(())
+    }
+
     /// Plans forward + backward of the scalar `loss` (an activation of length 1) for `device`
     /// (scratch sizes may differ between the CPU and CUDA paths of an op).
-    pub fn plan(mut self, loss: TensorId, device: &Device) -> Result<Plan> {
-        let cuda = device.is_cuda();
+    pub fn plan(self, loss: TensorId, device: &Device) -> Result<Plan> {
+        self.plan_for(loss, device.is_cuda())
+    }
+
+    /// [`GraphBuilder::plan`] for the CPU (`cuda = false`) or a CUDA device, without one: the
+    /// plan is layout only (sizes, offsets, schedule), so the memory of a shape no machine here
+    /// could hold can be planned and measured ([`Plan::arena_bytes`]). A session for it needs a
+    /// device of the same kind.
+    pub fn plan_for(mut self, loss: TensorId, cuda: bool) -> Result<Plan> {
         let nt = self.tensors.len();
         let bad = loss.0 >= nt
             || self.tensors[loss.0].len != 1
@@ -251,26 +312,89 @@ impl GraphBuilder {
             }
         }
 
+        if self.open_segment.is_some() {
+            return Err(Error::Invalid(
+                "plan: a recomputed segment was begun and not ended".into(),
+            ));
+        }
         // Schedule: forward nodes in order, then the backward of every node that has a
-        // gradient to give, in reverse order.
+        // gradient to give, in reverse order; a recomputed segment's forward runs again just
+        // before the first of its backward steps.
         let nf = self.nodes.len();
+        let has_bwd =
+            |n: &Node, grad_of: &[Option<TensorId>]| n.ins.iter().any(|t| grad_of[t.0].is_some());
         let mut steps: Vec<Step> = (0..nf).map(Step::Forward).collect();
+        let segments = std::mem::take(&mut self.segments);
+        let seg_of = |i: usize| segments.iter().find(|r| r.contains(&i));
+        let mut recomputed = vec![false; segments.len()];
         for i in (0..nf).rev() {
-            if self.nodes[i].ins.iter().any(|t| grad_of[t.0].is_some()) {
-                steps.push(Step::Backward(i));
+            if !has_bwd(&self.nodes[i], &grad_of) {
+                continue;
+            }
+            if let Some(r) = seg_of(i) {
+                let k = segments.iter().position(|x| x == r).expect("found above");
+                if !recomputed[k] {
+                    recomputed[k] = true;
+                    steps.extend(r.clone().map(Step::Recompute));
+                }
+            }
+            steps.push(Step::Backward(i));
+        }
+        // A recomputed segment's internal tensors (outputs read only by its own nodes, not kept,
+        // not the loss) get copies that the recompute and backward steps use.
+        let mut readers: Vec<Vec<usize>> = vec![Vec::new(); self.tensors.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for t in &n.ins {
+                readers[t.0].push(i);
             }
         }
-        // Scratch regions of the backward steps.
+        for (k, r) in segments.iter().enumerate() {
+            if !recomputed[k] {
+                continue;
+            }
+            let mut copy: std::collections::HashMap<TensorId, TensorId> = Default::default();
+            for i in r.clone() {
+                for o in self.nodes[i].outs.clone() {
+                    let internal = o != loss
+                        && !self.keep.contains(&o)
+                        && readers[o.0].iter().all(|j| r.contains(j));
+                    if internal {
+                        let t = self.tensors[o.0].clone();
+                        let c = self.add(&format!("{}'", t.name), t.len, t.dtype, t.role);
+                        copy.insert(o, c);
+                    }
+                }
+            }
+            for i in r.clone() {
+                let n = &mut self.nodes[i];
+                let map = |ts: &[TensorId]| ts.iter().map(|t| *copy.get(t).unwrap_or(t)).collect();
+                n.re_ins = map(&n.ins);
+                n.re_outs = map(&n.outs);
+            }
+        }
+        // Scratch regions of the forward, recompute and backward steps.
         for st in &steps {
-            if let Step::Backward(i) = *st {
-                let n = &self.nodes[i];
-                let lens =
-                    |ts: &[TensorId]| ts.iter().map(|t| self.tensors[t.0].len).collect::<Vec<_>>();
-                let need = n.op.backward_scratch(&lens(&n.ins), &lens(&n.outs), cuda);
-                if need > 0 {
-                    let name = format!("scratch({})", n.op.name());
-                    let t = self.add(&name, need, DType::F32, Role::Scratch);
-                    self.nodes[i].scratch = Some(t);
+            let (i, fwd) = match *st {
+                Step::Forward(i) | Step::Recompute(i) => (i, true),
+                Step::Backward(i) => (i, false),
+            };
+            let n = &self.nodes[i];
+            let lens =
+                |ts: &[TensorId]| ts.iter().map(|t| self.tensors[t.0].len).collect::<Vec<_>>();
+            let (ins, outs) = (lens(&n.ins), lens(&n.outs));
+            let need = if fwd {
+                n.op.forward_scratch(&ins, &outs, cuda)
+            } else {
+                n.op.backward_scratch(&ins, &outs, cuda)
+            };
+            if need > 0 {
+                let what = if fwd { "fwd_scratch" } else { "scratch" };
+                let name = format!("{what}({})", n.op.name());
+                let t = self.add(&name, need, DType::F32, Role::Scratch);
+                match *st {
+                    Step::Forward(_) => self.nodes[i].fwd_scratch = Some(t),
+                    Step::Recompute(_) => self.nodes[i].re_fwd_scratch = Some(t),
+                    Step::Backward(_) => self.nodes[i].scratch = Some(t),
                 }
             }
         }
@@ -287,7 +411,13 @@ impl GraphBuilder {
             match *step {
                 Step::Forward(i) => {
                     let n = &self.nodes[i];
-                    for &t in n.ins.iter().chain(&n.outs) {
+                    for &t in n.ins.iter().chain(&n.outs).chain(&n.fwd_scratch) {
+                        touch(t, s, &mut first, &mut lastu);
+                    }
+                }
+                Step::Recompute(i) => {
+                    let n = &self.nodes[i];
+                    for &t in n.re_ins.iter().chain(&n.re_outs).chain(&n.re_fwd_scratch) {
                         touch(t, s, &mut first, &mut lastu);
                     }
                 }
@@ -297,14 +427,16 @@ impl GraphBuilder {
                         touch(t, s, &mut first, &mut lastu);
                     }
                     let (reads_ins, reads_outs) = n.op.backward_reads();
-                    for (&t, reads) in n
+                    // Values through the recompute copies; gradients by the original tensors.
+                    for ((&t, &rt), reads) in n
                         .ins
                         .iter()
-                        .map(|t| (t, reads_ins))
-                        .chain(n.outs.iter().map(|t| (t, reads_outs)))
+                        .zip(&n.re_ins)
+                        .map(|p| (p, reads_ins))
+                        .chain(n.outs.iter().zip(&n.re_outs).map(|p| (p, reads_outs)))
                     {
                         if reads {
-                            touch(t, s, &mut first, &mut lastu);
+                            touch(rt, s, &mut first, &mut lastu);
                         }
                         if let Some(g) = grad_of[t.0] {
                             touch(g, s, &mut first, &mut lastu);
@@ -411,6 +543,8 @@ fn align_up(x: usize, a: usize) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     Forward(usize),
+    /// A recomputed segment's node run forward again (on its `re_*` tensors).
+    Recompute(usize),
     Backward(usize),
 }
 
@@ -468,6 +602,7 @@ impl Plan {
         for (i, st) in self.steps.iter().enumerate() {
             let (dir, n) = match *st {
                 Step::Forward(n) => ("fwd", n),
+                Step::Recompute(n) => ("re ", n),
                 Step::Backward(n) => ("bwd", n),
             };
             s += &format!("{i:>3} {dir} {}\n", self.nodes[n].op.name());

@@ -379,6 +379,61 @@ pub mod cuda {
         dev.launch("xent_bwd", a, cfg)
     }
 
+    /// The chunked LM head's backward on raw device pointers: OVERWRITES `logits` (`[n][v]`
+    /// bf16 bits) with `d_logits` = bf16 of the gradient [`backward_raw`] would add to a zeroed
+    /// `d_logits` (bit-identical to that), in place; rows with no upstream gradient (both 0 or
+    /// both pointers 0) or only `-inf` logits become 0. `lse` and `entropy` are the forward's for
+    /// the same logits, targets and temperature.
+    ///
+    /// # Safety
+    /// Every non-zero pointer must address the elements above on `dev`'s context; `logits` must
+    /// not overlap any other argument.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_inplace_raw(
+        dev: &CudaDevice,
+        logits: u64,
+        targets: u64,
+        n: usize,
+        v: usize,
+        temperature: f32,
+        lse: u64,
+        entropy: u64,
+        d_logprob: u64,
+        d_entropy: u64,
+    ) -> Result<()> {
+        check_temperature("xent backward_inplace", temperature)?;
+        dims("xent backward_inplace", n, v)?;
+        let cfg = launch_config("xent backward_inplace", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        check_ptr("xent backward_inplace logits", logits, 2)?;
+        check_ptr("xent backward_inplace targets", targets, 4)?;
+        check_ptr("xent backward_inplace lse", lse, 4)?;
+        check_ptr("xent backward_inplace entropy", entropy, 4)?;
+        if d_logprob != 0 {
+            check_ptr("xent backward_inplace d_logprob", d_logprob, 4)?;
+        }
+        if d_entropy != 0 {
+            check_ptr("xent backward_inplace d_entropy", d_entropy, 4)?;
+        }
+        let vl = v as i64;
+        let c = (std::f64::consts::LOG2_E / temperature as f64) as f32;
+        let inv_t = (1.0 / temperature as f64) as f32;
+        let f = dev.function(FAMILY, "xent_bwd_inplace")?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&logits)
+            .arg(&targets)
+            .arg(&vl)
+            .arg(&c)
+            .arg(&inv_t)
+            .arg(&lse)
+            .arg(&entropy)
+            .arg(&d_logprob)
+            .arg(&d_entropy);
+        dev.launch("xent_bwd_inplace", a, cfg)
+    }
+
     /// Backward (see the module doc) on device views; accumulates into `d_logits`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(

@@ -12,8 +12,12 @@
 //!               (o, lse) = attention(q_rot, k_rot, v, seq_lens)   ao = o_proj(o)
 //!               (h1, a2) = add_rmsnorm(ao, r, ln2_l)   gu = [gate|up](a2)   m = down(swiglu(gu))
 //!               (r, a) = add_rmsnorm(m, h1, ln1_{l+1} or model.norm)
-//! logits = a · (lm_head or embed_tokens)ᵀ;  logprob_t = log p(targets_t);  loss = mean NLL
+//! (logprob, lse, entropy) = lm_head_xent(a, lm_head or embed_tokens, targets);  loss = mean NLL
 //! ```
+//! The LM head ([`LmHeadMode`]) is by default the chunked [`LmHeadXent`]: the `[B·S][V]` logits
+//! are never formed (one chunk of them at a time in a bounded scratch). Graphs that must read
+//! the logits ([`Decoder::build_with_logits`]: golden tests, teacher forcing on small models)
+//! take the unfused `Linear` → kept `logits` → `TokenLogprob` instead.
 //! A batch is right-padded: sequence `b` has `seq_lens[b]` tokens at positions `0..len`;
 //! `targets[b][t] = ids[b][t+1]` for `t + 1 < len`, else [`IGNORE_INDEX`] (no target, log-prob 0).
 //! The loss is the mean of `−logprob` over tokens with a target, as the golden files define it.
@@ -30,18 +34,53 @@ use half::bf16;
 
 use super::checkpoint::{expected_tensors, load_checkpoint, TensorMap};
 use super::config::ModelConfig;
+use super::lm_head::{LmHeadXent, DEFAULT_HEAD_SCRATCH_BYTES};
 use super::ops::{
     AddRmsNorm, Attention, Embed, GateUp, Linear, MeanNll, RmsNorm, Rope, SwiGlu, TokenLogprob,
 };
 use crate::device::Device;
 use crate::error::{check_len, Error, Result};
-use crate::graph::{DType, GraphBuilder, Session, TensorId};
+use crate::graph::{DType, GraphBuilder, Plan, Session, TensorId};
 pub use crate::kernels::xent::IGNORE_INDEX;
+
+/// How a decoder graph computes the per-token log-probs from the final hidden states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LmHeadMode {
+    /// [`LmHeadXent`]: tokens in chunks whose logits fit `scratch_bytes` of arena scratch; the
+    /// full logits never exist ([`DecoderGraph::logits`] is an error).
+    Chunked { scratch_bytes: usize },
+    /// `Linear` into a kept `[B·S][V]` logits tensor, then `TokenLogprob`: for graphs that read
+    /// the logits (small models only: at 65536 × 151936 that tensor alone is 20 GB).
+    Logits,
+}
+
+/// How [`Decoder`] builds its graphs (not part of the HF config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildOptions {
+    pub lm_head: LmHeadMode,
+    /// Recompute each layer's activations in the backward instead of keeping them from the
+    /// forward (gradient checkpointing per layer): the arena keeps only each layer's output
+    /// (residual and normed hidden state) plus one layer's activations at a time, for one more
+    /// forward of every layer (about +1/3 of the trunk's FLOPs in a training step).
+    pub recompute_layers: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            lm_head: LmHeadMode::Chunked {
+                scratch_bytes: DEFAULT_HEAD_SCRATCH_BYTES,
+            },
+            recompute_layers: false,
+        }
+    }
+}
 
 /// A decoder-only model: config and parameters by HF name.
 pub struct Decoder {
     pub config: ModelConfig,
     params: TensorMap,
+    opts: BuildOptions,
 }
 
 impl Decoder {
@@ -58,13 +97,27 @@ impl Decoder {
                 )));
             }
         }
-        Ok(Decoder { config, params })
+        Ok(Decoder {
+            config,
+            params,
+            opts: BuildOptions::default(),
+        })
     }
 
     /// Loads an HF folder (config.json + safetensors, single or sharded).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let ck = load_checkpoint(dir)?;
         Self::new(ck.config, ck.tensors)
+    }
+
+    /// How graphs are built ([`BuildOptions::default`] unless set).
+    pub fn build_options(&self) -> BuildOptions {
+        self.opts
+    }
+
+    /// Sets how later graphs are built.
+    pub fn set_build_options(&mut self, opts: BuildOptions) {
+        self.opts = opts;
     }
 
     /// The parameters by HF name.
@@ -89,6 +142,16 @@ impl Decoder {
         self.build_nll(b, s, device, 1.0)
     }
 
+    /// [`Decoder::build`] with the unfused LM head ([`LmHeadMode::Logits`]), so that
+    /// [`DecoderGraph::logits`] can be read: for small models (the logits tensor is B·S·V).
+    pub fn build_with_logits(&self, b: usize, s: usize, device: &Device) -> Result<DecoderGraph> {
+        let opts = BuildOptions {
+            lm_head: LmHeadMode::Logits,
+            ..self.opts
+        };
+        self.build_opts(b, s, device, 1.0, true, opts, nll_head)
+    }
+
     /// [`Decoder::build`] with the log-probs, entropies and loss at softmax `temperature`.
     pub fn build_nll(
         &self,
@@ -97,21 +160,40 @@ impl Decoder {
         device: &Device,
         temperature: f32,
     ) -> Result<DecoderGraph> {
-        self.build_tempered(b, s, device, temperature, true, |g, t| {
-            let lp = t
-                .logprob
-                .ok_or_else(|| Error::Invalid("no lm head".into()))?;
-            let loss = g.node_typed(
-                MeanNll { n: t.n },
-                &[lp, t.targets],
-                &[("loss", 1, DType::F32)],
-            )?[0];
-            Ok(HeadOut {
-                loss,
-                keep: vec![],
-                params: vec![],
-            })
-        })
+        self.build_tempered(b, s, device, temperature, true, nll_head)
+    }
+
+    /// The plan (layout and schedule, nothing allocated) of the training graph
+    /// [`Decoder::build_tempered`] would make with `opts` and `head` for a model with `config`,
+    /// for batches of `b` × `s` tokens on the CPU or a CUDA device (`cuda`): the memory a shape
+    /// needs ([`Plan::arena_bytes`], [`Plan::persistent_bytes`]), measured without the weights or
+    /// a device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_with(
+        config: &ModelConfig,
+        b: usize,
+        s: usize,
+        cuda: bool,
+        temperature: f32,
+        lm_head: bool,
+        opts: BuildOptions,
+        head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
+    ) -> Result<Plan> {
+        config.validate("Decoder::plan_with")?;
+        let built = graph_for(config, b, s, cuda, temperature, lm_head, opts, head)?;
+        built.g.plan_for(built.loss, cuda)
+    }
+
+    /// [`Decoder::plan_with`] of the NLL graph of [`Decoder::build_nll`].
+    pub fn plan_nll(
+        config: &ModelConfig,
+        b: usize,
+        s: usize,
+        cuda: bool,
+        temperature: f32,
+        opts: BuildOptions,
+    ) -> Result<Plan> {
+        Self::plan_with(config, b, s, cuda, temperature, true, opts, nll_head)
     }
 
     /// Builds the trunk (and, with `lm_head`, the logits and per-token log-probs/entropies), then
@@ -140,216 +222,35 @@ impl Decoder {
         lm_head: bool,
         head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
     ) -> Result<DecoderGraph> {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::Invalid(format!(
-                "Decoder::build_tempered: temperature {temperature} must be finite and > 0"
-            )));
-        }
-        if b == 0 || s == 0 {
-            return Err(Error::Invalid(format!(
-                "Decoder::build: batch {b} x {s}: both must be > 0"
-            )));
-        }
-        let c = &self.config;
+        self.build_opts(b, s, device, temperature, lm_head, self.opts, head)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_opts(
+        &self,
+        b: usize,
+        s: usize,
+        device: &Device,
+        temperature: f32,
+        lm_head: bool,
+        opts: BuildOptions,
+        head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
+    ) -> Result<DecoderGraph> {
         let cuda = device.is_cuda();
-        let act = if cuda { DType::BF16 } else { DType::F32 };
-        let pdt = act;
-        let n = b * s;
-        let (h, qd, kvd, ff, v) = (
-            c.hidden_size,
-            c.q_dim(),
-            c.kv_dim(),
-            c.intermediate_size,
-            c.vocab_size,
-        );
-        let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let eps = c.rms_norm_eps as f32;
-        let theta = c.rope_theta as f32;
-
-        let mut g = GraphBuilder::new();
-        let ids = g.input_typed("ids", n, DType::U32);
-        let pos = g.input_typed("pos", n, DType::U32);
-        let seq_lens = g.input_typed("seq_lens", b, DType::U32);
-        let targets = g.input_typed("targets", n, DType::U32);
-        let mut params = BTreeMap::new();
-        for (name, shape) in expected_tensors(c) {
-            let len = shape.iter().product();
-            let t = g.param_typed(&name, len, pdt);
-            params.insert(name, t);
-        }
-        let p = |name: String| -> Result<TensorId> {
-            params
-                .get(&name)
-                .copied()
-                .ok_or_else(|| Error::Invalid(format!("Decoder::build: no parameter {name}")))
-        };
-
-        // CUDA: the embedding backward's deterministic schedule, built on the host per batch.
-        let embed_plan = cuda
-            .then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
-        let mut embed_ins = vec![ids, p("model.embed_tokens.weight".into())?];
-        embed_ins.extend(embed_plan);
-        let x0 = g.node_typed(Embed { n, v, d: h }, &embed_ins, &[("x0", n * h, act)])?[0];
-        let first = g.node_typed(
-            RmsNorm { n, d: h, eps },
-            &[x0, p("model.layers.0.input_layernorm.weight".into())?],
-            &[("a.0", n * h, act), ("rstd.0", n, DType::F32)],
-        )?;
-        let (mut resid, mut a) = (x0, first[0]);
-        for l in 0..c.num_hidden_layers {
-            let pn = |s: &str| format!("model.layers.{l}.{s}");
-            let lin = |g: &mut GraphBuilder,
-                       x: TensorId,
-                       w: &str,
-                       bias: bool,
-                       din: usize,
-                       dout: usize,
-                       name: &str|
-             -> Result<TensorId> {
-                let mut ins = vec![x, p(pn(&format!("{w}.weight")))?];
-                if bias {
-                    ins.push(p(pn(&format!("{w}.bias")))?);
-                }
-                Ok(g.node_typed(
-                    Linear { n, din, dout },
-                    &ins,
-                    &[(&format!("{name}.{l}"), n * dout, act)],
-                )?[0])
-            };
-            let qkv_bias = c.attention_bias;
-            let q = lin(&mut g, a, "self_attn.q_proj", qkv_bias, h, qd, "q")?;
-            let k = lin(&mut g, a, "self_attn.k_proj", qkv_bias, h, kvd, "k")?;
-            let vv = lin(&mut g, a, "self_attn.v_proj", qkv_bias, h, kvd, "v")?;
-            let r = g.node_typed(
-                Rope {
-                    n,
-                    hq,
-                    hkv,
-                    head_dim: hd,
-                    theta,
-                },
-                &[q, k, pos],
-                &[
-                    (&format!("q_rot.{l}"), n * qd, act),
-                    (&format!("k_rot.{l}"), n * kvd, act),
-                ],
-            )?;
-            let at = g.node_typed(
-                Attention {
-                    b,
-                    s,
-                    hq,
-                    hkv,
-                    head_dim: hd,
-                },
-                &[r[0], r[1], vv, seq_lens],
-                &[
-                    (&format!("attn.{l}"), n * qd, act),
-                    (&format!("lse.{l}"), b * hq * s, DType::F32),
-                ],
-            )?;
-            let ao = lin(
-                &mut g,
-                at[0],
-                "self_attn.o_proj",
-                c.o_proj_bias(),
-                qd,
-                h,
-                "ao",
-            )?;
-            let n2 = g.node_typed(
-                AddRmsNorm { n, d: h, eps },
-                &[ao, resid, p(pn("post_attention_layernorm.weight"))?],
-                &[
-                    (&format!("h1.{l}"), n * h, act),
-                    (&format!("a2.{l}"), n * h, act),
-                    (&format!("rstd2.{l}"), n, DType::F32),
-                ],
-            )?;
-            let gu = g.node_typed(
-                GateUp { n, h, inter: ff },
-                &[
-                    n2[1],
-                    p(pn("mlp.gate_proj.weight"))?,
-                    p(pn("mlp.up_proj.weight"))?,
-                ],
-                &[(&format!("gu.{l}"), n * 2 * ff, act)],
-            )?[0];
-            let sw = g.node_typed(
-                SwiGlu { n, inter: ff },
-                &[gu],
-                &[(&format!("swiglu.{l}"), n * ff, act)],
-            )?[0];
-            let m = lin(&mut g, sw, "mlp.down_proj", false, ff, h, "mlp")?;
-            let next_w = if l + 1 < c.num_hidden_layers {
-                format!("model.layers.{}.input_layernorm.weight", l + 1)
-            } else {
-                "model.norm.weight".to_string()
-            };
-            let n1 = g.node_typed(
-                AddRmsNorm { n, d: h, eps },
-                &[m, n2[0], p(next_w)?],
-                &[
-                    (&format!("r.{}", l + 1), n * h, act),
-                    (&format!("a.{}", l + 1), n * h, act),
-                    (&format!("rstd.{}", l + 1), n, DType::F32),
-                ],
-            )?;
-            resid = n1[0];
-            a = n1[1];
-        }
-        let (logits, lp) = if lm_head {
-            let head_w = if c.tie_word_embeddings {
-                "model.embed_tokens.weight"
-            } else {
-                "lm_head.weight"
-            };
-            let logits = g.node_typed(
-                Linear { n, din: h, dout: v },
-                &[a, p(head_w.into())?],
-                &[("logits", n * v, act)],
-            )?[0];
-            let lp = g.node_typed(
-                TokenLogprob { n, v, temperature },
-                &[logits, targets],
-                &[
-                    ("logprob", n, DType::F32),
-                    ("xent_lse", n, DType::F32),
-                    ("entropy", n, DType::F32),
-                ],
-            )?;
-            g.keep(logits);
-            g.keep(lp[0]);
-            g.keep(lp[2]);
-            (Some(logits), Some((lp[0], lp[2])))
-        } else {
-            (None, None)
-        };
-        let trunk = Trunk {
-            n,
-            hidden_size: h,
-            hidden: a,
-            act,
+        let Built {
+            g,
+            ids,
+            pos,
+            seq_lens,
             targets,
-            logprob: lp.map(|x| x.0),
-            entropy: lp.map(|x| x.1),
-        };
-        let out = head(&mut g, &trunk)?;
-        // Only the decoder's own parameters are written here; the head's are the caller's.
-        let decoder_params: Vec<(String, TensorId)> =
-            params.iter().map(|(k, &v)| (k.clone(), v)).collect();
-        for (name, t) in &out.params {
-            if params.insert(name.clone(), *t).is_some() {
-                return Err(Error::Invalid(format!(
-                    "Decoder::build_with: head parameter {name} clashes with a decoder parameter"
-                )));
-            }
-        }
-        let loss = out.loss;
-        g.keep(loss);
-        for &t in &out.keep {
-            g.keep(t);
-        }
+            embed_plan,
+            logits,
+            logprob,
+            entropy,
+            loss,
+            params,
+            decoder_params,
+        } = graph_for(&self.config, b, s, cuda, temperature, lm_head, opts, head)?;
         let plan = g.plan(loss, device)?;
         let mut session = Session::new(plan, device.clone())?;
         for (name, t) in &decoder_params {
@@ -365,21 +266,311 @@ impl Decoder {
             session,
             b,
             s,
-            vocab: v,
-            pad_id: c.pad_token_id.unwrap_or(0),
+            vocab: self.config.vocab_size,
+            pad_id: self.config.pad_token_id.unwrap_or(0),
             ids,
             pos,
             seq_lens,
             targets,
             embed_plan,
             logits,
-            logprob: lp.map(|x| x.0),
-            entropy: lp.map(|x| x.1),
+            logprob,
+            entropy,
             loss,
             params,
             lens: vec![0; b],
         })
     }
+}
+
+/// The NLL head of [`Decoder::build_nll`]: the mean of −logprob over tokens with a target.
+fn nll_head(g: &mut GraphBuilder, t: &Trunk) -> Result<HeadOut> {
+    let lp = t
+        .logprob
+        .ok_or_else(|| Error::Invalid("no lm head".into()))?;
+    let loss = g.node_typed(
+        MeanNll { n: t.n },
+        &[lp, t.targets],
+        &[("loss", 1, DType::F32)],
+    )?[0];
+    Ok(HeadOut {
+        loss,
+        keep: vec![],
+        params: vec![],
+    })
+}
+
+/// A built (not yet planned) decoder graph and its named tensors.
+struct Built {
+    g: GraphBuilder,
+    ids: TensorId,
+    pos: TensorId,
+    seq_lens: TensorId,
+    targets: TensorId,
+    embed_plan: Option<TensorId>,
+    logits: Option<TensorId>,
+    logprob: Option<TensorId>,
+    entropy: Option<TensorId>,
+    loss: TensorId,
+    params: BTreeMap<String, TensorId>,
+    decoder_params: Vec<(String, TensorId)>,
+}
+
+/// Records the decoder graph of `c` for `b` × `s` tokens (bf16 activations and parameters when
+/// `cuda`), its LM head per `opts`, and `head`'s nodes.
+#[allow(clippy::too_many_arguments)]
+fn graph_for(
+    c: &ModelConfig,
+    b: usize,
+    s: usize,
+    cuda: bool,
+    temperature: f32,
+    lm_head: bool,
+    opts: BuildOptions,
+    head: impl FnOnce(&mut GraphBuilder, &Trunk) -> Result<HeadOut>,
+) -> Result<Built> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "Decoder::build_tempered: temperature {temperature} must be finite and > 0"
+        )));
+    }
+    if b == 0 || s == 0 {
+        return Err(Error::Invalid(format!(
+            "Decoder::build: batch {b} x {s}: both must be > 0"
+        )));
+    }
+    let act = if cuda { DType::BF16 } else { DType::F32 };
+    let pdt = act;
+    let n = b * s;
+    let (h, qd, kvd, ff, v) = (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let eps = c.rms_norm_eps as f32;
+    let theta = c.rope_theta as f32;
+
+    let mut g = GraphBuilder::new();
+    let ids = g.input_typed("ids", n, DType::U32);
+    let pos = g.input_typed("pos", n, DType::U32);
+    let seq_lens = g.input_typed("seq_lens", b, DType::U32);
+    let targets = g.input_typed("targets", n, DType::U32);
+    let mut params = BTreeMap::new();
+    for (name, shape) in expected_tensors(c) {
+        let len = shape.iter().product();
+        let t = g.param_typed(&name, len, pdt);
+        params.insert(name, t);
+    }
+    let p = |name: String| -> Result<TensorId> {
+        params
+            .get(&name)
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("Decoder::build: no parameter {name}")))
+    };
+
+    // CUDA: the embedding backward's deterministic schedule, built on the host per batch.
+    let embed_plan =
+        cuda.then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
+    let mut embed_ins = vec![ids, p("model.embed_tokens.weight".into())?];
+    embed_ins.extend(embed_plan);
+    let x0 = g.node_typed(Embed { n, v, d: h }, &embed_ins, &[("x0", n * h, act)])?[0];
+    let first = g.node_typed(
+        RmsNorm { n, d: h, eps },
+        &[x0, p("model.layers.0.input_layernorm.weight".into())?],
+        &[("a.0", n * h, act), ("rstd.0", n, DType::F32)],
+    )?;
+    let (mut resid, mut a) = (x0, first[0]);
+    for l in 0..c.num_hidden_layers {
+        if opts.recompute_layers {
+            g.begin_recompute()?;
+        }
+        let pn = |s: &str| format!("model.layers.{l}.{s}");
+        let lin = |g: &mut GraphBuilder,
+                   x: TensorId,
+                   w: &str,
+                   bias: bool,
+                   din: usize,
+                   dout: usize,
+                   name: &str|
+         -> Result<TensorId> {
+            let mut ins = vec![x, p(pn(&format!("{w}.weight")))?];
+            if bias {
+                ins.push(p(pn(&format!("{w}.bias")))?);
+            }
+            Ok(g.node_typed(
+                Linear { n, din, dout },
+                &ins,
+                &[(&format!("{name}.{l}"), n * dout, act)],
+            )?[0])
+        };
+        let qkv_bias = c.attention_bias;
+        let q = lin(&mut g, a, "self_attn.q_proj", qkv_bias, h, qd, "q")?;
+        let k = lin(&mut g, a, "self_attn.k_proj", qkv_bias, h, kvd, "k")?;
+        let vv = lin(&mut g, a, "self_attn.v_proj", qkv_bias, h, kvd, "v")?;
+        let r = g.node_typed(
+            Rope {
+                n,
+                hq,
+                hkv,
+                head_dim: hd,
+                theta,
+            },
+            &[q, k, pos],
+            &[
+                (&format!("q_rot.{l}"), n * qd, act),
+                (&format!("k_rot.{l}"), n * kvd, act),
+            ],
+        )?;
+        let at = g.node_typed(
+            Attention {
+                b,
+                s,
+                hq,
+                hkv,
+                head_dim: hd,
+            },
+            &[r[0], r[1], vv, seq_lens],
+            &[
+                (&format!("attn.{l}"), n * qd, act),
+                (&format!("lse.{l}"), b * hq * s, DType::F32),
+            ],
+        )?;
+        let ao = lin(
+            &mut g,
+            at[0],
+            "self_attn.o_proj",
+            c.o_proj_bias(),
+            qd,
+            h,
+            "ao",
+        )?;
+        let n2 = g.node_typed(
+            AddRmsNorm { n, d: h, eps },
+            &[ao, resid, p(pn("post_attention_layernorm.weight"))?],
+            &[
+                (&format!("h1.{l}"), n * h, act),
+                (&format!("a2.{l}"), n * h, act),
+                (&format!("rstd2.{l}"), n, DType::F32),
+            ],
+        )?;
+        let gu = g.node_typed(
+            GateUp { n, h, inter: ff },
+            &[
+                n2[1],
+                p(pn("mlp.gate_proj.weight"))?,
+                p(pn("mlp.up_proj.weight"))?,
+            ],
+            &[(&format!("gu.{l}"), n * 2 * ff, act)],
+        )?[0];
+        let sw = g.node_typed(
+            SwiGlu { n, inter: ff },
+            &[gu],
+            &[(&format!("swiglu.{l}"), n * ff, act)],
+        )?[0];
+        let m = lin(&mut g, sw, "mlp.down_proj", false, ff, h, "mlp")?;
+        let next_w = if l + 1 < c.num_hidden_layers {
+            format!("model.layers.{}.input_layernorm.weight", l + 1)
+        } else {
+            "model.norm.weight".to_string()
+        };
+        let n1 = g.node_typed(
+            AddRmsNorm { n, d: h, eps },
+            &[m, n2[0], p(next_w)?],
+            &[
+                (&format!("r.{}", l + 1), n * h, act),
+                (&format!("a.{}", l + 1), n * h, act),
+                (&format!("rstd.{}", l + 1), n, DType::F32),
+            ],
+        )?;
+        resid = n1[0];
+        a = n1[1];
+        if opts.recompute_layers {
+            g.end_recompute()?;
+        }
+    }
+    let (logits, lp) = if lm_head {
+        let head_w = p(if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
+        .into())?;
+        let outs = [
+            ("logprob", n, DType::F32),
+            ("xent_lse", n, DType::F32),
+            ("entropy", n, DType::F32),
+        ];
+        let (logits, lp) = match opts.lm_head {
+            LmHeadMode::Chunked { scratch_bytes } => {
+                let chunk = LmHeadXent::chunk_rows(n, v, cuda, scratch_bytes);
+                let op = LmHeadXent {
+                    n,
+                    h,
+                    v,
+                    temperature,
+                    chunk,
+                };
+                (None, g.node_typed(op, &[a, head_w, targets], &outs)?)
+            }
+            LmHeadMode::Logits => {
+                let logits = g.node_typed(
+                    Linear { n, din: h, dout: v },
+                    &[a, head_w],
+                    &[("logits", n * v, act)],
+                )?[0];
+                g.keep(logits);
+                let op = TokenLogprob { n, v, temperature };
+                (Some(logits), g.node_typed(op, &[logits, targets], &outs)?)
+            }
+        };
+        g.keep(lp[0]);
+        g.keep(lp[2]);
+        (logits, Some((lp[0], lp[2])))
+    } else {
+        (None, None)
+    };
+    let trunk = Trunk {
+        n,
+        hidden_size: h,
+        hidden: a,
+        act,
+        targets,
+        logprob: lp.map(|x| x.0),
+        entropy: lp.map(|x| x.1),
+    };
+    let out = head(&mut g, &trunk)?;
+    // Only the decoder's own parameters are written here; the head's are the caller's.
+    let decoder_params: Vec<(String, TensorId)> =
+        params.iter().map(|(k, &v)| (k.clone(), v)).collect();
+    for (name, t) in &out.params {
+        if params.insert(name.clone(), *t).is_some() {
+            return Err(Error::Invalid(format!(
+                "Decoder::build_with: head parameter {name} clashes with a decoder parameter"
+            )));
+        }
+    }
+    let loss = out.loss;
+    g.keep(loss);
+    for &t in &out.keep {
+        g.keep(t);
+    }
+    Ok(Built {
+        g,
+        ids,
+        pos,
+        seq_lens,
+        targets,
+        embed_plan,
+        logits,
+        logprob: lp.map(|x| x.0),
+        entropy: lp.map(|x| x.1),
+        loss,
+        params,
+        decoder_params,
+    })
 }
 
 /// One planned batch shape of a [`Decoder`]: set a batch, run, read results.
@@ -500,9 +691,17 @@ impl DecoderGraph {
         }
     }
 
-    /// Logits `[B][S][V]` of the last run (padding rows hold unspecified values).
+    /// Logits `[B][S][V]` of the last run (padding rows hold unspecified values); only for a
+    /// graph built with the unfused head ([`Decoder::build_with_logits`]).
     pub fn logits(&self) -> Result<Vec<f32>> {
-        self.read_any(no_lm_head(self.logits)?)
+        let t = self.logits.ok_or_else(|| {
+            Error::Invalid(
+                "this decoder graph has the chunked LM head: the full logits are never formed \
+                 (build it with Decoder::build_with_logits to read them)"
+                    .into(),
+            )
+        })?;
+        self.read_any(t)
     }
 
     /// `[B][S]`: at `[b][t]`, `log p(ids[b][t+1] | ids[b][..=t])`; 0 where there is no target.

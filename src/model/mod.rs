@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod generate;
 pub mod generate_cuda;
 pub mod init;
+pub mod lm_head;
 pub mod ops;
 pub mod score;
 pub mod tokenizer;

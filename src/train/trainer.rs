@@ -185,7 +185,7 @@ impl Trainer {
         cfg.validate()?;
         let device = resolve_device(&cfg.run.device)?;
         let pdir = model_dir(&cfg.model.policy)?;
-        let policy_dec = Decoder::load(&pdir)?;
+        let policy_dec = cfg.model.load_decoder(&pdir)?;
         let tok = Tokenizer::from_dir(&pdir)?;
         let tok_files: Vec<PathBuf> = [
             "tokenizer.json",
@@ -256,7 +256,11 @@ impl Trainer {
             } else {
                 model_dir(&cfg.model.reference)?
             };
-            Some(Decoder::load(&rdir)?.build_nll(b, s, &device, temp)?)
+            Some(
+                cfg.model
+                    .load_decoder(&rdir)?
+                    .build_nll(b, s, &device, temp)?,
+            )
         } else {
             None
         };
@@ -266,7 +270,7 @@ impl Trainer {
             } else {
                 model_dir(&cfg.model.critic)?
             };
-            let cdec = Decoder::load(&cdir)?;
+            let cdec = cfg.model.load_decoder(&cdir)?;
             let c = &cfg.critic;
             let risk = RiskTerms {
                 levels: TailLevels {

@@ -123,8 +123,15 @@ pub(crate) fn check_param_sizes(func: *mut c_void, sizes: &[u32]) -> Result<(), 
     };
     let mut err = [0 as c_char; 512];
     // SAFETY: valid slice and buffer; the emulator writes a NUL-terminated message into `err`.
-    let ok =
-        unsafe { (h.check_param_sizes)(func, sizes.as_ptr(), sizes.len(), err.as_mut_ptr(), err.len()) };
+    let ok = unsafe {
+        (h.check_param_sizes)(
+            func,
+            sizes.as_ptr(),
+            sizes.len(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
     if ok == 1 {
         return Ok(());
     }

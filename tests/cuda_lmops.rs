@@ -726,7 +726,7 @@ fn cuda_sample_empirical_distribution_and_determinism() {
     }
 }
 
-/// Rows that cannot be sampled (a NaN or +inf logit, or every logit -inf) next to ordinary rows:
+/// Rows that cannot be sampled (a NaN or +inf logit, every logit -inf or NaN) next to ordinary rows:
 /// token 0 (never >= V), NaN log-probs, n_kept 0 as on the CPU, which `unsampled_rows` reports;
 /// the ordinary rows are sampled as usual. (The kernel used to write token 0xFFFFFFFF.)
 #[test]
@@ -746,6 +746,8 @@ fn cuda_sample_flags_rows_that_cannot_be_sampled() {
             match r % 6 {
                 1 => row[at] = half::bf16::NAN.to_bits(),
                 3 => row.fill(neg_inf),
+                // every logit NaN (the kernel once wrote token 0xFFFFFFFF) or one +inf logit
+                5 if (r / 6 + v) % 2 == 0 => row.fill(half::bf16::NAN.to_bits()),
                 5 => row[at] = half::bf16::INFINITY.to_bits(),
                 _ => {}
             }

@@ -104,7 +104,10 @@ bool is_device(uintptr_t a) { return g_dev_base && a - (uintptr_t)g_dev_base < g
 static const unsigned char CANARY = 0xA5;
 
 // Allocates `bytes` (> 0): the data ends 16-byte aligned right before a PROT_NONE page; the
-// bytes between the end and that page (fewer than 16) hold a canary checked at free.
+// bytes between the end and that page (fewer than 16) and the slack between the start of the
+// first page and the data (less than a page; the page before it is the previous allocation's
+// guard page) hold a canary checked at free. Pages never touched cost nothing (the range is
+// MAP_NORESERVE), so a real-size buffer of 20 GB of which a test writes a few rows is cheap.
 char* dev_alloc(size_t bytes, unsigned long long serial) {
     std::lock_guard<std::mutex> g(g_mem_mu);
     dev_reserve();
@@ -116,6 +119,7 @@ char* dev_alloc(size_t bytes, unsigned long long serial) {
     g_dev_next += span;
     if (mprotect(region, pages * PAGE, PROT_READ | PROT_WRITE) != 0) return nullptr;
     char* base = region + pages * PAGE - padded;
+    std::memset(region, CANARY, base - region);  // the slack before the data (< 1 page)
     std::memset(base + bytes, CANARY, padded - bytes);
     Alloc a;
     a.base = (uintptr_t)base;
@@ -148,6 +152,16 @@ int dev_free(uintptr_t p, std::string& err) {
         err = "already freed (double free)";
         return 1;
     }
+    for (uintptr_t q = a.region; q < a.base; ++q)
+        if (*(unsigned char*)q != CANARY) {
+            char b[256];
+            std::snprintf(b, sizeof b,
+                          "the allocation of %zu bytes at %p was written before its start (byte -%zu, in the "
+                          "slack before it)",
+                          a.size, (void*)a.base, (size_t)(a.base - q));
+            err = b;
+            return 2;
+        }
     for (size_t i = a.size; i < a.padded; ++i)
         if (((unsigned char*)a.base)[i] != CANARY) {
             char b[256];

@@ -456,7 +456,7 @@ impl Launch<'_> {
 }
 
 /// A type passed to a kernel by value: its size is the size of the kernel parameter it fills.
-/// Implemented for the scalars, bf16/f16, arrays of them, and the crate's `#[repr(C)]` argument
+/// Implemented for the scalars, arrays of them, and the crate's `#[repr(C)]` argument
 /// structs.
 ///
 /// # Safety

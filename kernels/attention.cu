@@ -40,7 +40,7 @@
 #ifndef DFPO_EMU
 #include <cuda_bf16.h>
 
-// ---- PTX wrappers (tools/attention-emu emulates each one for the CPU check of this file) ----
+// ---- PTX wrappers (tools/cuda-emu defines each one from the PTX ISA for the emulated driver) ----
 
 // Shared-state-space address of a shared-memory pointer (what cp.async and ldmatrix take).
 __device__ __forceinline__ u32 att_smem_u32(const void* p) {

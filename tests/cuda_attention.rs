@@ -17,6 +17,7 @@ mod common;
 
 use common::{assert_close, Rng, POISON};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use dfpo::device::emu::BlockOrder;
 use dfpo::device::{cuda_for_test, CudaDevice};
 use dfpo::kernels::attention::{cpu, cuda, softmax_scale};
 use dfpo::Error;
@@ -260,9 +261,12 @@ fn cuda_attention_bwd_matches_cpu() {
         let dq0 = tokens(&mut rng, &sh, sh.hq, 0.5);
         let dk0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
         let dv0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
-        // The backward from the same initial gradients, run twice: the bits must agree (the
-        // gradients are bit-reproducible: no atomics, fixed summation orders).
-        let run = || {
+        // The backward from the same initial gradients, run three times: the bits must agree
+        // (the gradients are bit-reproducible: no atomics, fixed summation orders). On the
+        // emulator the three runs take the blocks of every grid in forward, reverse and random
+        // order, so a result that depends on which block runs first differs.
+        let run = |order: BlockOrder| {
+            let _order = dev.emu_block_order(order);
             let (mut gdq, mut gdk, mut gdv) = (
                 up_bf16(&dev, &dq0),
                 up_bf16(&dev, &dk0),
@@ -299,18 +303,21 @@ fn cuda_attention_bwd_matches_cpu() {
                 down_bits(&dev, &gdv),
             ]
         };
-        let first = run();
-        let again = run();
-        for (name, a, b) in [
-            ("dq", &first[0], &again[0]),
-            ("dk", &first[1], &again[1]),
-            ("dv", &first[2], &again[2]),
-        ] {
-            let diff = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
-            assert_eq!(
-                diff, 0,
-                "{name}: {diff} elements differ between two runs ({sh:?})"
-            );
+        let first = run(BlockOrder::Forward);
+        for order in [BlockOrder::Reverse, BlockOrder::Random] {
+            let again = run(order);
+            for (name, a, b) in [
+                ("dq", &first[0], &again[0]),
+                ("dk", &first[1], &again[1]),
+                ("dv", &first[2], &again[2]),
+            ] {
+                let diff = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
+                assert_eq!(
+                    diff, 0,
+                    "{name}: {diff} elements differ between block orders Forward and {order:?} \
+                     ({sh:?})"
+                );
+            }
         }
         // CPU: gradients alone (from zero), then init + grad.
         let (mut dq, mut dk, mut dv) = (

@@ -17,7 +17,9 @@ use dfpo::kernels::risk::{
 };
 use dfpo::Error;
 
-const KS: &[usize] = &[1, 2, 31, 32, 33, 64, 100, 256, 1000, 1024];
+/// Every padded length P (1, 2, 4, ..., 1024: one kernel each) at least once, at and off a power
+/// of two.
+const KS: &[usize] = &[1, 2, 3, 5, 16, 31, 32, 33, 64, 100, 256, 500, 1000, 1024];
 const QS: &[f32] = &[0.0, 0.1, 0.5, 0.9, 1.0, 0.37, 0.999, 0.02];
 
 fn lv(alpha: f32, beta: f32) -> TailLevels {
@@ -29,15 +31,21 @@ fn rows_for(k: usize) -> usize {
     2 * cuda::layout(k).rows_per_block + 5
 }
 
-/// One row of kind `kind`: 0 continuous, 1 many ties, 2 constant, 3 a repeated value.
+/// One row of kind `kind`: 0 continuous, 1 many ties, 2 constant, 3 a repeated value, 4 signed
+/// zeros (−0 sorts before +0, ties by index: the permutation must match exactly).
 fn make_row(rng: &mut Rng, k: usize, kind: usize, scale: f64, shift: f64) -> Vec<f32> {
     (0..k)
         .map(|j| {
             let v = rng.normal() * scale + shift;
-            (match kind % 4 {
+            (match kind % 5 {
                 0 => v,
                 1 => (v * 2.0).round() / 2.0,
                 2 => 1.25,
+                4 => match j % 3 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    _ => v,
+                },
                 _ => {
                     if j % 3 == 0 {
                         -0.5
@@ -424,7 +432,7 @@ fn close_or_nan(what: &str, got: &[f32], want: &[f32], rtol: f64, atol: f64) {
 }
 
 /// Non-finite samples into some rows of `x` (`[r][k]`), by row % 5: 0 none, 1 one NaN,
-/// 2 one +inf, 3 a -inf and a NaN, 4 every sample NaN.
+/// 2 one +inf, 3 a -inf (and a NaN on every other such row), 4 every sample NaN.
 fn inject_non_finite(rng: &mut Rng, x: &mut [f32], k: usize, shift: usize) {
     for (row, xr) in x.chunks_mut(k).enumerate() {
         let mut at = || (rng.next_u64() % k as u64) as usize;
@@ -433,7 +441,9 @@ fn inject_non_finite(rng: &mut Rng, x: &mut [f32], k: usize, shift: usize) {
             2 => xr[at()] = f32::INFINITY,
             3 => {
                 xr[at()] = f32::NEG_INFINITY;
-                xr[at()] = f32::NAN;
+                if ((row + shift) / 5) % 2 == 1 {
+                    xr[at()] = f32::NAN;
+                }
             }
             4 => xr.fill(f32::NAN),
             _ => {}

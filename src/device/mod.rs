@@ -11,9 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use crate::error::{Error, Result};
+
+pub mod emu;
 
 pub mod embedded {
     //! The kernels compiled by build.rs (see its header for what is embedded).
@@ -370,9 +375,35 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Starts a launch of `func` on this device's stream.
-    pub fn launch_builder<'a>(&'a self, func: &'a CudaFunction) -> LaunchArgs<'a> {
-        self.stream.launch_builder(func)
+    /// Starts a launch of `func` on this device's stream (push the arguments with
+    /// `cudarc::driver::PushKernelArg::arg`, then [`CudaDevice::launch`]).
+    pub fn launch_builder<'a>(&'a self, func: &'a CudaFunction) -> Launch<'a> {
+        Launch {
+            args: self.stream.launch_builder(func),
+            func,
+            sizes: Vec::new(),
+        }
+    }
+
+    /// True when this device is the emulated CUDA driver (tools/cuda-emu), found by its own
+    /// entry points in the loaded libcuda (not by `DFPO_EMU`).
+    pub fn is_emulated(&self) -> bool {
+        emu::hooks().is_some()
+    }
+
+    /// On the emulated driver: runs only blocks `ids` (linear block ids, `x + y·gx + z·gx·gy`)
+    /// of every launch while the guard lives (a launch whose grid lacks one of them fails), so a
+    /// test can launch a real-size grid and run the blocks whose output it checks. `None` on a
+    /// real GPU, which runs every block.
+    pub fn emu_only_blocks(&self, ids: &[u64]) -> Option<emu::OnlyBlocks> {
+        emu::only_blocks(ids)
+    }
+
+    /// On the emulated driver: runs the blocks of every launch in `order` while the guard lives
+    /// (results that depend on the block order then differ between orders). `None` on a real
+    /// GPU, whose block order is the hardware's.
+    pub fn emu_block_order(&self, order: emu::BlockOrder) -> Option<emu::OrderGuard> {
+        emu::block_order(order)
     }
 
     /// Launches and checks: a launch error names the kernel; with `DFPO_SYNC_LAUNCH=1` the
@@ -381,16 +412,16 @@ impl CudaDevice {
     /// # Safety
     /// The arguments pushed on `args` must match the kernel's signature, and every buffer
     /// must be large enough for the indices the kernel computes from the launch config.
-    pub unsafe fn launch(
-        &self,
-        name: &str,
-        mut args: LaunchArgs<'_>,
-        cfg: LaunchConfig,
-    ) -> Result<()> {
+    pub unsafe fn launch(&self, name: &str, mut args: Launch<'_>, cfg: LaunchConfig) -> Result<()> {
+        // Only the emulated driver can compare the pushed sizes with the kernel's signature;
+        // on a real GPU this is a no-op.
+        emu::check_param_sizes(args.func.cu_function() as *mut _, &args.sizes)
+            .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
         if !check_launch(name, &cfg)? {
             return Ok(()); // empty problem: nothing to launch
         }
-        args.launch(cfg)
+        args.args
+            .launch(cfg)
             .map_err(|e| Error::Cuda(format!("launching {name} {cfg:?}: {e}")))?;
         if self.sync_launch {
             self.stream
@@ -398,6 +429,86 @@ impl CudaDevice {
                 .map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;
         }
         Ok(())
+    }
+}
+
+/// A kernel launch being built: cudarc's [`LaunchArgs`] plus the byte size of every argument
+/// pushed (cudarc hands the driver only a `void**`). [`CudaDevice::launch`] gives the sizes to
+/// the emulated driver, which checks them against the kernel's signature; a real GPU ignores
+/// them. Arguments are pushed as with cudarc: device buffers (`CudaSlice`, `CudaView`,
+/// `CudaViewMut`: an 8-byte device pointer) and [`KernelValue`]s by reference.
+pub struct Launch<'a> {
+    args: LaunchArgs<'a>,
+    func: &'a CudaFunction,
+    sizes: Vec<u32>,
+}
+
+impl Launch<'_> {
+    /// The byte size of each argument pushed so far, in order.
+    pub fn param_sizes(&self) -> &[u32] {
+        &self.sizes
+    }
+
+    fn pushed(&mut self, bytes: usize) -> &mut Self {
+        self.sizes.push(bytes as u32);
+        self
+    }
+}
+
+/// A type passed to a kernel by value: its size is the size of the kernel parameter it fills.
+/// Implemented for the scalars, arrays of them, and the crate's `#[repr(C)]` argument
+/// structs.
+///
+/// # Safety
+/// As [`DeviceRepr`]: the type has the layout of the kernel's parameter type.
+pub unsafe trait KernelValue: DeviceRepr {}
+
+macro_rules! kernel_values {
+    ($($t:ty),*) => { $(
+        // SAFETY: plain scalars, as cudarc's DeviceRepr.
+        unsafe impl KernelValue for $t {}
+    )* };
+}
+kernel_values!(bool, i8, i16, i32, i64, isize, u8, u16, u32, u64, usize, f32, f64);
+// SAFETY: an array of kernel values is one by-value parameter of N elements.
+unsafe impl<T: KernelValue, const N: usize> KernelValue for [T; N] {}
+
+// SAFETY (all impls below): each forwards to cudarc's impl for the same argument type, which
+// pushes the same pointer; only the recorded size is added.
+unsafe impl<'a, 'b: 'a, T: KernelValue> PushKernelArg<&'b T> for Launch<'a> {
+    fn arg(&mut self, arg: &'b T) -> &mut Self {
+        self.args.arg(arg);
+        self.pushed(std::mem::size_of::<T>())
+    }
+}
+
+const DEVICE_PTR: usize = std::mem::size_of::<cudarc::driver::sys::CUdeviceptr>();
+
+unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b CudaSlice<T>> for Launch<'a> {
+    fn arg(&mut self, arg: &'b CudaSlice<T>) -> &mut Self {
+        self.args.arg(arg);
+        self.pushed(DEVICE_PTR)
+    }
+}
+
+unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b mut CudaSlice<T>> for Launch<'a> {
+    fn arg(&mut self, arg: &'b mut CudaSlice<T>) -> &mut Self {
+        self.args.arg(arg);
+        self.pushed(DEVICE_PTR)
+    }
+}
+
+unsafe impl<'a, 'b: 'a, 'c: 'b, T> PushKernelArg<&'b CudaView<'c, T>> for Launch<'a> {
+    fn arg(&mut self, arg: &'b CudaView<'c, T>) -> &mut Self {
+        self.args.arg(arg);
+        self.pushed(DEVICE_PTR)
+    }
+}
+
+unsafe impl<'a, 'b: 'a, 'c: 'b, T> PushKernelArg<&'b mut CudaViewMut<'c, T>> for Launch<'a> {
+    fn arg(&mut self, arg: &'b mut CudaViewMut<'c, T>) -> &mut Self {
+        self.args.arg(arg);
+        self.pushed(DEVICE_PTR)
     }
 }
 

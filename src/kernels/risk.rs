@@ -508,6 +508,8 @@ pub mod cuda {
     }
     // SAFETY: plain #[repr(C)] data with the layout of the kernel's by-value struct.
     unsafe impl DeviceRepr for QuantArgs {}
+    // SAFETY: as DeviceRepr (pushed by value; the emulator checks its size).
+    unsafe impl crate::device::KernelValue for QuantArgs {}
 
     /// `RiskWeights` in risk.cu.
     #[repr(C)]
@@ -520,6 +522,8 @@ pub mod cuda {
     }
     // SAFETY: plain #[repr(C)] data with the layout of the kernel's by-value struct.
     unsafe impl DeviceRepr for WeightArgs {}
+    // SAFETY: as DeviceRepr (pushed by value; the emulator checks its size).
+    unsafe impl crate::device::KernelValue for WeightArgs {}
 
     // The kernels' by-value parameters are 132 and 16 bytes (tests/cuda_risk.rs checks the
     // parameter lists in the PTX).

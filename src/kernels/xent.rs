@@ -498,7 +498,7 @@ mod tests {
     #[test]
     fn launch_at_the_qwen2_05b_size() {
         // 64 sequences of 1024 tokens over 151936 logits: 9.96e9 logits, past 2^32 (the row
-        // offsets themselves run on the emulator: tools/attention-emu/run.sh xent).
+        // offsets themselves: tests/cuda_lmops.rs cuda_xent_real_size_rows_past_2_pow_32).
         let c = launch_config("xent", 64 * 1024).unwrap();
         assert_eq!(c.grid_dim, (65536, 1, 1));
         assert!(check_launch("xent_fwd", &c).unwrap());

@@ -735,6 +735,12 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
             say("cuLaunchKernel(%s): kernelParams[%zu] is null", name, i);
             return CUDA_ERROR_INVALID_VALUE;
         }
+    unsigned long long bad = 0;
+    if (!emu::only_blocks_fit((unsigned long long)gx * gy * gz, bad)) {
+        say("cuLaunchKernel(%s): cuemu_set_only_blocks names block %llu, but the grid (%u,%u,%u) has %llu blocks", name,
+            bad, gx, gy, gz, (unsigned long long)gx * gy * gz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     if (emu_cap::status(s)) {  // recorded with its parameters' values (graph.cpp)
         const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
         return emu_cap::record_kernel(s, f, name, grid, block, smem, params, fn->k->sizes);
@@ -793,6 +799,50 @@ EMU_UNSUPPORTED(cuMemsetD16_v2)
 CUresult cuGetExportTable(const void** table, const void*) {
     if (table) *table = nullptr;
     return CUDA_ERROR_NOT_SUPPORTED;
+}
+
+// ---- emulator-only entry points: not part of the driver API. dfpo looks them up in the loaded
+// libcuda (src/device/emu.rs); NVIDIA's driver has none of them, so a real GPU never calls them.
+
+// Runs only the blocks `ids` (linear ids x + y*gx + z*gx*gy) of every following launch, until
+// called with ids == nullptr. A launch whose grid lacks one of the ids fails. Lets a test launch a
+// real-size grid (65536 rows of 151936 logits) and run the few blocks whose output it checks.
+int cuemu_set_only_blocks(const unsigned long long* ids, size_t n) {
+    emu::set_only_blocks(ids, n, ids != nullptr);
+    return 0;
+}
+
+// Block order of the following launches: 0 forward, 1 reverse, 2 random, -1 back to
+// DFPO_EMU_BLOCK_ORDER. Returns the order in force before the call.
+int cuemu_set_block_order(int order) { return emu::set_block_order(order); }
+
+// The byte size of every argument the launcher pushed (cudarc hands cuLaunchKernel only the
+// `void**`) against the kernel's C++ signature: 1 when they match; 0 with `err` naming the kernel
+// and the first parameter that differs; -1 for an unknown function handle.
+int cuemu_check_param_sizes(void* f, const unsigned* sizes, size_t n, char* err, size_t errlen) {
+    {
+        std::lock_guard<std::mutex> g(g_mu);
+        if (!g_funcs.count(f)) {
+            std::snprintf(err, errlen, "cuemu_check_param_sizes: %p is not a function handle", f);
+            return -1;
+        }
+    }
+    const emu::KernelInfo* k = ((Func*)f)->k;
+    const std::vector<unsigned>& want = k->sizes;
+    for (size_t i = 0; i < n && i < want.size(); ++i)
+        if (sizes[i] != want[i]) {
+            std::snprintf(err, errlen,
+                          "kernel %s (kernels/%s): parameter %zu is %u bytes in the kernel's signature, but the "
+                          "launch pushed %u bytes",
+                          k->name.c_str(), k->file.c_str(), i, want[i], sizes[i]);
+            return 0;
+        }
+    if (n != want.size()) {
+        std::snprintf(err, errlen, "kernel %s (kernels/%s) takes %zu parameters, but the launch pushed %zu",
+                      k->name.c_str(), k->file.c_str(), want.size(), n);
+        return 0;
+    }
+    return 1;
 }
 
 // For libcublas (cublas.cpp): the context check and the device-range check.

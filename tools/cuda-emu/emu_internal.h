@@ -39,5 +39,9 @@ std::string describe_address(uintptr_t p);
 size_t dev_bytes_in_use();
 size_t static_smem_total();
 void launch(const KernelInfo* k, dim3_t grid, dim3_t block, size_t smem, void** params);
+// The emulator-only hooks (driver.cpp exports them as cuemu_*; see README.md).
+void set_only_blocks(const unsigned long long* ids, size_t n, bool on);
+bool only_blocks_fit(unsigned long long nblocks, unsigned long long& bad);
+int set_block_order(int order);
 
 }  // namespace emu

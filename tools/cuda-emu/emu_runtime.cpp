@@ -104,7 +104,10 @@ bool is_device(uintptr_t a) { return g_dev_base && a - (uintptr_t)g_dev_base < g
 static const unsigned char CANARY = 0xA5;
 
 // Allocates `bytes` (> 0): the data ends 16-byte aligned right before a PROT_NONE page; the
-// bytes between the end and that page (fewer than 16) hold a canary checked at free.
+// bytes between the end and that page (fewer than 16) and the slack between the start of the
+// first page and the data (less than a page; the page before it is the previous allocation's
+// guard page) hold a canary checked at free. Pages never touched cost nothing (the range is
+// MAP_NORESERVE), so a real-size buffer of 20 GB of which a test writes a few rows is cheap.
 char* dev_alloc(size_t bytes, unsigned long long serial) {
     std::lock_guard<std::mutex> g(g_mem_mu);
     dev_reserve();
@@ -116,6 +119,7 @@ char* dev_alloc(size_t bytes, unsigned long long serial) {
     g_dev_next += span;
     if (mprotect(region, pages * PAGE, PROT_READ | PROT_WRITE) != 0) return nullptr;
     char* base = region + pages * PAGE - padded;
+    std::memset(region, CANARY, base - region);  // the slack before the data (< 1 page)
     std::memset(base + bytes, CANARY, padded - bytes);
     Alloc a;
     a.base = (uintptr_t)base;
@@ -148,6 +152,16 @@ int dev_free(uintptr_t p, std::string& err) {
         err = "already freed (double free)";
         return 1;
     }
+    for (uintptr_t q = a.region; q < a.base; ++q)
+        if (*(unsigned char*)q != CANARY) {
+            char b[256];
+            std::snprintf(b, sizeof b,
+                          "the allocation of %zu bytes at %p was written before its start (byte -%zu, in the "
+                          "slack before it)",
+                          a.size, (void*)a.base, (size_t)(a.base - q));
+            err = b;
+            return 2;
+        }
     for (size_t i = a.size; i < a.padded; ++i)
         if (((unsigned char*)a.base)[i] != CANARY) {
             char b[256];
@@ -296,6 +310,9 @@ struct State {
     void** params = nullptr;
     std::mt19937_64 rng{1};
     int block_order = 2, thread_order = 2;
+    int order_override = -1;                     // cuemu_set_block_order (-1: the environment's)
+    bool only_set = false;                       // cuemu_set_only_blocks: run only these blocks
+    std::vector<unsigned long long> only_blocks;  // linear block ids, sorted, distinct
     long long launches = 0, blocks_run = 0;
 };
 static State E;
@@ -668,10 +685,21 @@ void launch(const KernelInfo* k, dim3_t grid, dim3_t block, size_t smem, void** 
     gridDim = grid;
     E.launches++;
     const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
-    std::vector<unsigned long long> ids(nb);
-    for (unsigned long long i = 0; i < nb; ++i) ids[i] = i;
-    if (E.block_order == 1) std::reverse(ids.begin(), ids.end());
-    if (E.block_order == 2) std::shuffle(ids.begin(), ids.end(), E.rng);
+    std::vector<unsigned long long> ids;
+    if (E.only_set) {
+        // cuemu_set_only_blocks: the listed blocks that exist in this grid (the caller checked
+        // them against the grid at cuLaunchKernel; a replayed graph node may have a smaller one).
+        for (unsigned long long id : E.only_blocks)
+            if (id < nb) ids.push_back(id);
+        std::fprintf(stderr, "cuda-emu: %s: running %zu of its %llu blocks (cuemu_set_only_blocks)\n",
+                     k->name.c_str(), ids.size(), nb);
+    } else {
+        ids.resize(nb);
+        for (unsigned long long i = 0; i < nb; ++i) ids[i] = i;
+    }
+    const int order = E.order_override >= 0 ? E.order_override : E.block_order;
+    if (order == 1) std::reverse(ids.begin(), ids.end());
+    if (order == 2) std::shuffle(ids.begin(), ids.end(), E.rng);
     E.active = true;
     for (unsigned long long id : ids) {
         blockIdx.x = (unsigned)(id % grid.x);
@@ -681,6 +709,33 @@ void launch(const KernelInfo* k, dim3_t grid, dim3_t block, size_t smem, void** 
     }
     E.active = false;
     E.k = nullptr;
+}
+
+void set_only_blocks(const unsigned long long* ids, size_t n, bool on) {
+    std::lock_guard<std::mutex> g(g_launch_mu);
+    E.only_set = on;
+    E.only_blocks.assign(ids, ids + (on ? n : 0));
+    std::sort(E.only_blocks.begin(), E.only_blocks.end());
+    E.only_blocks.erase(std::unique(E.only_blocks.begin(), E.only_blocks.end()), E.only_blocks.end());
+}
+
+bool only_blocks_fit(unsigned long long nb, unsigned long long& bad) {
+    std::lock_guard<std::mutex> g(g_launch_mu);
+    if (!E.only_set) return true;
+    for (unsigned long long id : E.only_blocks)
+        if (id >= nb) {
+            bad = id;
+            return false;
+        }
+    return true;
+}
+
+int set_block_order(int order) {
+    std::lock_guard<std::mutex> g(g_launch_mu);
+    init_once();
+    const int prev = E.order_override >= 0 ? E.order_override : E.block_order;
+    E.order_override = order >= 0 && order <= 2 ? order : -1;
+    return prev;
 }
 
 // ---------------------------------------------------------------- barriers

@@ -58,7 +58,9 @@ fn cuda_step_traffic_is_counted_and_within_todays_bound() {
         let mut t = Trainer::new(cfg).unwrap();
         // The second step: the first binds the optimizer's tables (a one-time upload).
         t.train_step().unwrap();
+        let sites0 = cuda_sites();
         let m = t.train_step().unwrap();
+        print_sites(algo, &sites0, &cuda_sites());
         let (h2d, d2h) = (m["perf/h2d_bytes"], m["perf/d2h_bytes"]);
         let pp = t.policy.opt.total_len() as f64;
         let pc = t.critic.as_ref().map_or(0, |c| c.opt.total_len()) as f64;
@@ -136,6 +138,29 @@ fn optimizer_step_reads_one_norm(dir: &std::path::Path) {
         eprintln!("optimizer step {i}: h2d {} B, d2h {} B", moved.0, moved.1);
         if i > 0 {
             assert_eq!(moved, (0, 8), "step {i}: (h2d, d2h) of one optimizer step");
+        }
+    }
+}
+
+/// The traffic per call site so far (empty unless `DFPO_TRACE_TRAFFIC=1`).
+fn cuda_sites() -> Vec<(String, dfpo::device::SiteTraffic)> {
+    dfpo::device::cuda_device().map_or(Vec::new(), |d| d.traffic_sites())
+}
+
+/// Prints the call sites of one step's traffic (`DFPO_TRACE_TRAFFIC=1`), largest first.
+fn print_sites(
+    algo: &str,
+    before: &[(String, dfpo::device::SiteTraffic)],
+    after: &[(String, dfpo::device::SiteTraffic)],
+) {
+    let old: std::collections::HashMap<&str, dfpo::device::SiteTraffic> =
+        before.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    for (site, t) in after {
+        let o = old.get(site.as_str()).copied().unwrap_or_default();
+        let (h, hc) = (t.h2d_bytes - o.h2d_bytes, t.h2d_copies - o.h2d_copies);
+        let (d, dc) = (t.d2h_bytes - o.d2h_bytes, t.d2h_copies - o.d2h_copies);
+        if h + d > 0 {
+            eprintln!("{algo} site: h2d {h} B ({hc} copies), d2h {d} B ({dc} copies): {site}");
         }
     }
 }

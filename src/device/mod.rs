@@ -205,7 +205,9 @@ fn call_site() -> String {
         }
         // Drop the hash suffix and closures' noise.
         let name = name.rsplit_once("::h").map_or(name, |(a, _)| a);
-        let name = name.trim_start_matches("dfpo::").replace("::{{closure}}", "");
+        let name = name
+            .trim_start_matches("dfpo::")
+            .replace("::{{closure}}", "");
         if frames.last() != Some(&name) {
             frames.push(name);
         }

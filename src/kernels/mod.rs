@@ -12,6 +12,7 @@ pub mod risk;
 pub mod rl;
 pub mod rope;
 pub mod sample;
+pub mod step;
 pub mod xent;
 
 use std::fmt::Debug;

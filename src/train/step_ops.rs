@@ -3,14 +3,18 @@
 //! and the risk losses. Every call the step makes to them goes through [`StepOps`], the one
 //! place that decides where they run.
 //!
-//! On the CPU each runs its CPU reference. On a CUDA device the readout and target solves, the
-//! noise, the head evaluations, distributional GAE, whitening, the KL penalty and the risk
-//! statistics run their CUDA kernels (`kernels::{flow, rl, risk}::cuda`), each call uploading
-//! its host inputs and downloading its outputs. That is an intermediate form of the
-//! GPU-resident step (issue 11): the kernels run, but the inputs still come from host vectors;
-//! keeping them on the device means device tensors in and out of these calls. The risk losses
-//! are called by the graph's host kernels, which hold host vectors by design: they stay on the
-//! host ([`StepOps::host`]).
+//! On the CPU each runs its CPU reference. On a CUDA device they run their CUDA kernels
+//! (`kernels::{flow, rl, risk, step}::cuda`). Two forms:
+//! - the slice methods ([`StepOps::integrate`], [`StepOps::dist_gae`], ...) take and return host
+//!   vectors (on CUDA each call uploads its inputs and downloads its outputs): tests, tools;
+//! - the [`StepBuf`] methods keep the step's data where the backend computes: host vectors on
+//!   the CPU, device buffers on CUDA, so the trainer's readout feeds GAE, whitening and the loss
+//!   graphs' inputs with no host round trip (issue 11 item 2). Only the rollout's bookkeeping
+//!   (row lengths, rewards, token lists) goes up, and the step's scalar metrics come down in one
+//!   read ([`Scalars`]).
+//!
+//! The risk losses are called by the graph's loss ops (`train::heads`), which run their own CUDA
+//! kernels on the graph's device tensors.
 
 use std::sync::Arc;
 
@@ -336,6 +340,433 @@ impl StepOps {
         match &self.backend {
             Backend::Host | Backend::Cuda(_) => {
                 risk::cpu::loss(pred, target, k, levels, w, row_scale, terms, grad)
+            }
+        }
+    }
+}
+
+// ---- Step buffers: the step's data where the backend computes (issue 11 item 2) -------------
+
+/// One f32 tensor of the step's data: a host vector on the CPU backend, a device buffer on CUDA.
+pub enum StepBuf {
+    Host(Vec<f32>),
+    Dev(CudaSlice<f32>),
+}
+
+impl std::fmt::Debug for StepBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepBuf::Host(v) => write!(f, "StepBuf::Host({} values)", v.len()),
+            StepBuf::Dev(d) => write!(f, "StepBuf::Dev({} values)", d.len()),
+        }
+    }
+}
+
+impl StepBuf {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            StepBuf::Host(v) => v.len(),
+            StepBuf::Dev(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values of a host buffer; an error for a device buffer (read it with
+    /// [`StepOps::read`], a counted download).
+    pub fn host(&self) -> Result<&[f32]> {
+        match self {
+            StepBuf::Host(v) => Ok(v),
+            StepBuf::Dev(_) => Err(Error::Invalid(
+                "a device step buffer has no host values (StepOps::read downloads it)".into(),
+            )),
+        }
+    }
+
+    fn host_mut(&mut self) -> Result<&mut Vec<f32>> {
+        match self {
+            StepBuf::Host(v) => Ok(v),
+            StepBuf::Dev(_) => Err(Error::Invalid(
+                "a device step buffer has no host values".into(),
+            )),
+        }
+    }
+}
+
+/// Token (row) indices of the step's `[R·S]` positions: on the host, and on CUDA also as f32 on
+/// the device (uploaded once, 4 bytes per token).
+pub struct TokenList {
+    pub idx: Vec<usize>,
+    dev: Option<CudaSlice<f32>>,
+}
+
+impl TokenList {
+    pub fn len(&self) -> usize {
+        self.idx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.idx.is_empty()
+    }
+}
+
+/// The step's scalar metrics: each a sum on the backend (a device slot on CUDA), read together
+/// by [`StepOps::read_scalars`] (one small download).
+pub struct Scalars {
+    names: Vec<String>,
+    host: Vec<f64>,
+    dev: Option<CudaSlice<f64>>,
+}
+
+/// Most scalars a [`Scalars`] holds.
+const MAX_SCALARS: usize = 16;
+
+/// The device address of a buffer (the guard's stream sync is not needed: one stream).
+fn dptr<T>(dev: &CudaDevice, s: &CudaSlice<T>) -> u64 {
+    let (p, _g) = cudarc::driver::DevicePtr::device_ptr(s, dev.stream());
+    p
+}
+
+fn dev_buf<'a>(b: &'a StepBuf, what: &str) -> Result<&'a CudaSlice<f32>> {
+    match b {
+        StepBuf::Dev(d) => Ok(d),
+        StepBuf::Host(_) => Err(Error::Invalid(format!(
+            "step ops: {what} is a host buffer on the CUDA backend"
+        ))),
+    }
+}
+
+/// How [`StepOps::write_rows`] and friends pick rows: graph row j reads source row `rows[j]`
+/// (`None`: a zero row).
+pub type RowPick<'a> = &'a [Option<usize>];
+
+fn rows_f32(rows: RowPick<'_>) -> Vec<f32> {
+    rows.iter().map(|r| r.map_or(-1.0, |r| r as f32)).collect()
+}
+
+/// The flow critic head's token inputs of one micro-batch (see [`StepOps::write_flow_inputs`]).
+pub struct FlowMicro<'a> {
+    /// The micro-batch's rollout tokens (indices into `[R·S]`), in row order.
+    pub global: &'a [usize],
+    /// Graph row of each rollout row in this micro-batch (−1: not in it), R entries.
+    pub rowpos: &'a [i32],
+    /// The minibatch's token count: token weights 1/total.
+    pub total: f32,
+    /// `critic.risk_targets = "prompt"`: the minibatch's first-token count (risk weights 1/nf at
+    /// first response tokens), else None (risk weights = token weights).
+    pub first_count: Option<f32>,
+    /// Prompt lengths of the rollout rows (a row's first response token is at plen − 1).
+    pub plen: &'a [usize],
+    pub s: usize,
+}
+
+impl StepOps {
+    fn cuda(&self) -> Option<&Arc<CudaDevice>> {
+        match &self.backend {
+            Backend::Cuda(d) => Some(d),
+            Backend::Host => None,
+        }
+    }
+
+    /// `n` zeros.
+    pub fn zeros(&self, n: usize) -> Result<StepBuf> {
+        Ok(match self.cuda() {
+            None => StepBuf::Host(vec![0.0; n]),
+            Some(dev) => StepBuf::Dev(zeros(dev, n)?),
+        })
+    }
+
+    /// `x` as a step buffer (a counted upload on CUDA).
+    pub fn upload(&self, x: &[f32]) -> Result<StepBuf> {
+        Ok(match self.cuda() {
+            None => StepBuf::Host(x.to_vec()),
+            Some(dev) => StepBuf::Dev(up(dev, x)?),
+        })
+    }
+
+    /// The values of `x` on the host (a counted download of a device buffer).
+    pub fn read(&self, x: &StepBuf) -> Result<Vec<f32>> {
+        match x {
+            StepBuf::Host(v) => Ok(v.clone()),
+            StepBuf::Dev(d) => {
+                let dev = self
+                    .cuda()
+                    .ok_or_else(|| Error::Invalid("a device buffer on the host backend".into()))?;
+                dev.dtoh(d)
+            }
+        }
+    }
+
+    /// A token list (uploaded as f32 on CUDA).
+    pub fn token_list(&self, idx: Vec<usize>) -> Result<TokenList> {
+        let dev = match self.cuda() {
+            None => None,
+            Some(d) => {
+                let n = idx.iter().max().map_or(0, |&m| m + 1);
+                crate::kernels::step::check_f32_index("token list", n)?;
+                let f: Vec<f32> = idx.iter().map(|&i| i as f32).collect();
+                Some(up(d, &f)?)
+            }
+        };
+        Ok(TokenList { idx, dev })
+    }
+
+    fn list_ptr(dev: &CudaDevice, l: &TokenList) -> Result<u64> {
+        match &l.dev {
+            Some(d) => Ok(dptr(dev, d)),
+            None if l.idx.is_empty() => Ok(0),
+            None => Err(Error::Invalid(
+                "step ops: a host token list on the CUDA backend".into(),
+            )),
+        }
+    }
+
+    /// The rollout mask `[R][S]` ([`crate::train::rollout::Batch::mask`]); on CUDA built on the
+    /// device from the rows' lengths.
+    pub fn batch_mask(&self, batch: &crate::train::rollout::Batch) -> Result<StepBuf> {
+        let Some(dev) = self.cuda() else {
+            return Ok(StepBuf::Host(batch.mask()));
+        };
+        let (rows, s) = (batch.rows(), batch.s);
+        let plen: Vec<i32> = batch.prompt_len.iter().map(|&v| v as i32).collect();
+        let rlen: Vec<i32> = batch.response_len.iter().map(|&v| v as i32).collect();
+        let out = zeros(dev, rows * s)?;
+        if rows * s == 0 {
+            return Ok(StepBuf::Dev(out));
+        }
+        let (p, r) = (up(dev, &plen)?, up(dev, &rlen)?);
+        // SAFETY: rows i32 each, rows·S f32 out.
+        unsafe {
+            crate::kernels::step::batch_mask(
+                dev,
+                dptr(dev, &p),
+                dptr(dev, &r),
+                rows,
+                s,
+                dptr(dev, &out),
+            )?
+        };
+        Ok(StepBuf::Dev(out))
+    }
+
+    /// Token rewards ([`crate::train::rollout::token_rewards`]): −β·kl on the mask plus the
+    /// rows' `rewards` at their last tokens.
+    pub fn token_rewards(
+        &self,
+        batch: &crate::train::rollout::Batch,
+        mask: &StepBuf,
+        kl: Option<&StepBuf>,
+        beta: f64,
+        rewards: &[f64],
+    ) -> Result<StepBuf> {
+        let Some(dev) = self.cuda() else {
+            let kl = kl.map(|k| k.host()).transpose()?;
+            return Ok(StepBuf::Host(crate::train::rollout::token_rewards(
+                batch, kl, beta, rewards,
+            )));
+        };
+        let (rows, s) = (batch.rows(), batch.s);
+        crate::error::check_len("token_rewards rewards", rewards.len(), rows)?;
+        let out = zeros(dev, rows * s)?;
+        if rows * s == 0 {
+            return Ok(StepBuf::Dev(out));
+        }
+        let plen: Vec<i32> = batch.prompt_len.iter().map(|&v| v as i32).collect();
+        let rlen: Vec<i32> = batch.response_len.iter().map(|&v| v as i32).collect();
+        let (p, r, w) = (up(dev, &plen)?, up(dev, &rlen)?, up(dev, rewards)?);
+        let klp = match kl {
+            Some(k) => dptr(dev, dev_buf(k, "kl")?),
+            None => 0,
+        };
+        // SAFETY: rows·S f32 mask/kl/out, rows i32/i32/f64.
+        unsafe {
+            crate::kernels::step::token_rewards(
+                dev,
+                dptr(dev, dev_buf(mask, "mask")?),
+                klp,
+                beta,
+                dptr(dev, &p),
+                dptr(dev, &r),
+                dptr(dev, &w),
+                rows,
+                s,
+                dptr(dev, &out),
+            )?
+        };
+        Ok(StepBuf::Dev(out))
+    }
+
+    /// The per-token KL ([`rl::cpu::kl_penalty`]) of step buffers.
+    pub fn kl_buf(
+        &self,
+        logp: &StepBuf,
+        logp_ref: &StepBuf,
+        mask: &StepBuf,
+        kind: KlKind,
+    ) -> Result<StepBuf> {
+        let Some(dev) = self.cuda() else {
+            let mut out = vec![0.0f32; logp.len()];
+            rl::cpu::kl_penalty(
+                logp.host()?,
+                logp_ref.host()?,
+                mask.host()?,
+                kind,
+                &mut out,
+                None,
+            )?;
+            return Ok(StepBuf::Host(out));
+        };
+        let mut out = zeros(dev, logp.len())?;
+        rl::cuda::kl_penalty(
+            dev,
+            &dev_buf(logp, "logp")?.as_view(),
+            &dev_buf(logp_ref, "logp_ref")?.as_view(),
+            &dev_buf(mask, "mask")?.as_view(),
+            kind,
+            &mut out.as_view_mut(),
+            None,
+        )?;
+        Ok(StepBuf::Dev(out))
+    }
+
+    /// Distributional GAE ([`rl::cpu::dist_gae`]) of step buffers: (A `[B][T][K]`, G, mean_k A).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gae_buf(
+        &self,
+        values: &StepBuf,
+        rewards: &StepBuf,
+        mask: &StepBuf,
+        b: usize,
+        t: usize,
+        k: usize,
+        p: GaeParams,
+    ) -> Result<(StepBuf, StepBuf, StepBuf)> {
+        let (mut a, mut g, mut am) = (
+            self.zeros(b * t * k)?,
+            self.zeros(b * t * k)?,
+            self.zeros(b * t)?,
+        );
+        match (&mut a, &mut g, &mut am) {
+            (StepBuf::Host(a), StepBuf::Host(g), StepBuf::Host(am)) => rl::cpu::dist_gae(
+                values.host()?,
+                rewards.host()?,
+                mask.host()?,
+                b,
+                t,
+                k,
+                p,
+                a,
+                g,
+                am,
+            )?,
+            (StepBuf::Dev(a), StepBuf::Dev(g), StepBuf::Dev(am)) => {
+                let dev = self.cuda().expect("device buffers on the CUDA backend");
+                rl::cuda::dist_gae(
+                    dev,
+                    &dev_buf(values, "values")?.as_view(),
+                    &dev_buf(rewards, "rewards")?.as_view(),
+                    &dev_buf(mask, "mask")?.as_view(),
+                    b,
+                    t,
+                    k,
+                    p,
+                    &mut a.as_view_mut(),
+                    &mut g.as_view_mut(),
+                    &mut am.as_view_mut(),
+                )?
+            }
+            _ => unreachable!("zeros() gives buffers of one backend"),
+        }
+        Ok((a, g, am))
+    }
+
+    /// Masked whitening ([`rl::cpu::whiten`]) of a step buffer; on CUDA its (μ, σ) stay on the
+    /// device (the caller checks for at least two tokens).
+    pub fn whiten_buf(&self, x: &StepBuf, mask: &StepBuf) -> Result<StepBuf> {
+        let Some(dev) = self.cuda() else {
+            let mut out = vec![0.0f32; x.len()];
+            rl::cpu::whiten(x.host()?, mask.host()?, &mut out)?;
+            return Ok(StepBuf::Host(out));
+        };
+        let mut out = zeros(dev, x.len().max(1))?;
+        let mut stats = zeros(dev, 2)?;
+        rl::cuda::whiten_into(
+            dev,
+            &dev_buf(x, "x")?.as_view(),
+            &dev_buf(mask, "mask")?.as_view(),
+            &mut out.slice_mut(..x.len()),
+            &mut stats.as_view_mut(),
+        )?;
+        if x.is_empty() {
+            out = zeros(dev, 0)?;
+        }
+        Ok(StepBuf::Dev(out))
+    }
+
+    /// `[R][S]`: row r's `a[r]` at its masked positions, 0 elsewhere (GRPO's advantages,
+    /// [`crate::train::rollout::grpo_advantages`]).
+    pub fn rows_on_mask(&self, mask: &StepBuf, s: usize, a: &[f32]) -> Result<StepBuf> {
+        let rows = a.len();
+        crate::error::check_len("rows_on_mask mask", mask.len(), rows * s)?;
+        let Some(dev) = self.cuda() else {
+            let m = mask.host()?;
+            let out = (0..rows * s)
+                .map(|i| if m[i] != 0.0 { a[i / s] } else { 0.0 })
+                .collect();
+            return Ok(StepBuf::Host(out));
+        };
+        let out = zeros(dev, rows * s)?;
+        if rows * s == 0 {
+            return Ok(StepBuf::Dev(out));
+        }
+        let ad = up(dev, a)?;
+        // SAFETY: mask [rows][S], a rows, out rows·S (identity rows).
+        unsafe {
+            crate::kernels::step::row_value(
+                dev,
+                dptr(dev, dev_buf(mask, "mask")?),
+                0,
+                dptr(dev, &ad),
+                rows,
+                s,
+                0,
+                dptr(dev, &out),
+            )?
+        };
+        Ok(StepBuf::Dev(out))
+    }
+
+    /// `x[i] = 0` where `mask[i / k]` is 0 (the value and quantile readouts).
+    pub fn mask_select(&self, x: &mut StepBuf, mask: &StepBuf, k: usize) -> Result<()> {
+        crate::error::check_len("mask_select x", x.len(), mask.len() * k)?;
+        match self.cuda() {
+            None => {
+                let m = mask.host()?.to_vec();
+                for (i, v) in x.host_mut()?.iter_mut().enumerate() {
+                    if m[i / k] == 0.0 {
+                        *v = 0.0;
+                    }
+                }
+                Ok(())
+            }
+            Some(dev) => {
+                if x.is_empty() {
+                    return Ok(());
+                }
+                let xp = dptr(dev, dev_buf(x, "x")?);
+                // SAFETY: x n f32, mask n / k f32.
+                unsafe {
+                    crate::kernels::step::mask_select(
+                        dev,
+                        xp,
+                        dptr(dev, dev_buf(mask, "mask")?),
+                        x.len(),
+                        k,
+                    )
+                }
             }
         }
     }

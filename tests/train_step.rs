@@ -763,7 +763,14 @@ fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
     let batch = t.rollout(0).unwrap();
     let mean_kl = |t: &mut Trainer| {
         let p = t.prepare_batch(batch.clone()).unwrap();
-        let kl: f64 = p.kl.as_ref().unwrap().host().unwrap().iter().map(|&v| v as f64).sum();
+        let kl: f64 =
+            p.kl.as_ref()
+                .unwrap()
+                .host()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64)
+                .sum();
         (kl / p.ntok, p)
     };
     let (kl0, p) = mean_kl(&mut t);

@@ -186,12 +186,7 @@ pub unsafe fn next_rows(
     let (mi, nn, si) = (check_i32("m", m)?, n as i64, check_i32("S", s)?);
     let f = dev.function(FAMILY, "step_next_rows")?;
     let mut a = dev.launch_builder(&f);
-    a.arg(&idx)
-        .arg(&mask)
-        .arg(&mi)
-        .arg(&nn)
-        .arg(&si)
-        .arg(&next);
+    a.arg(&idx).arg(&mask).arg(&mi).arg(&nn).arg(&si).arg(&next);
     dev.launch("step_next_rows", a, grid(m))
 }
 
@@ -325,7 +320,11 @@ pub unsafe fn pool_first(
     let ki = check_i32("k", k)?;
     let f = dev.function(FAMILY, "step_pool_first")?;
     let mut a = dev.launch_builder(&f);
-    a.arg(&target).arg(&first).arg(&start).arg(&ki).arg(&scratch);
+    a.arg(&target)
+        .arg(&first)
+        .arg(&start)
+        .arg(&ki)
+        .arg(&scratch);
     let cfg = LaunchConfig {
         grid_dim: (check_i32("groups", groups)? as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -394,7 +393,11 @@ pub unsafe fn sum(
     col: usize,
     out: u64,
 ) -> Result<()> {
-    let (nn, st, c) = (n as i64, check_i32("stride", stride)?, check_i32("col", col)?);
+    let (nn, st, c) = (
+        n as i64,
+        check_i32("stride", stride)?,
+        check_i32("col", col)?,
+    );
     let f = dev.function(FAMILY, "step_sum")?;
     let mut a = dev.launch_builder(&f);
     a.arg(&x).arg(&w).arg(&nn).arg(&st).arg(&c).arg(&out);

@@ -1124,7 +1124,11 @@ impl StepOps {
                     Some(w) => dptr(dev, dev_buf(w, "w")?),
                     None => 0,
                 };
-                let xp = if n > 0 { dptr(dev, dev_buf(x, "x")?) } else { 0 };
+                let xp = if n > 0 {
+                    dptr(dev, dev_buf(x, "x")?)
+                } else {
+                    0
+                };
                 // SAFETY: x holds (n−1)·stride + col + 1 values, w n (checked), out one f64.
                 unsafe { crate::kernels::step::sum(dev, xp, wp, n, stride, col, out) }
             }
@@ -1280,7 +1284,11 @@ impl StepOps {
         rows: RowPick<'_>,
         w: usize,
     ) -> Result<()> {
-        crate::error::check_len("write_rows input", sess.plan().tensor(t).len, rows.len() * w)?;
+        crate::error::check_len(
+            "write_rows input",
+            sess.plan().tensor(t).len,
+            rows.len() * w,
+        )?;
         let n = src.len() / w.max(1);
         if let Some(r) = rows.iter().flatten().find(|&&r| r >= n) {
             return Err(Error::Shape(format!(
@@ -1330,7 +1338,11 @@ impl StepOps {
         s: usize,
         denom: &[f32],
     ) -> Result<()> {
-        crate::error::check_len("token weights input", sess.plan().tensor(t).len, rows.len() * s)?;
+        crate::error::check_len(
+            "token weights input",
+            sess.plan().tensor(t).len,
+            rows.len() * s,
+        )?;
         crate::error::check_len("token weights denominators", denom.len(), rows.len())?;
         let n = mask.len() / s.max(1);
         if let Some(r) = rows.iter().flatten().find(|&&r| r >= n) {
@@ -1453,7 +1465,11 @@ impl StepOps {
             for (i, f) in fields.iter().enumerate() {
                 let w = if i < 10 { k } else { 1 };
                 let dst = ptr(inputs[1 + i])?;
-                crate::error::check_len("flow input", sess.plan().tensor(inputs[1 + i]).len, cap * w)?;
+                crate::error::check_len(
+                    "flow input",
+                    sess.plan().tensor(inputs[1 + i]).len,
+                    cap * w,
+                )?;
                 if m > 0 {
                     crate::model::ops::gpu::rows(
                         dev,
@@ -1480,7 +1496,11 @@ impl StepOps {
     }
 
     /// A parameter of a graph as a step buffer (the live weights: on CUDA a device copy).
-    pub fn graph_param(&self, sess: &crate::graph::Session, t: crate::graph::TensorId) -> Result<StepBuf> {
+    pub fn graph_param(
+        &self,
+        sess: &crate::graph::Session,
+        t: crate::graph::TensorId,
+    ) -> Result<StepBuf> {
         let n = sess.plan().tensor(t).len;
         let mut b = self.zeros(n)?;
         self.read_graph(sess, t, n, &mut b, 0)?;

@@ -414,6 +414,11 @@ impl Trainer {
         &self.device
     }
 
+    /// Where the step's numerics run (reads the step buffers of a [`Prepared`]).
+    pub fn step_ops(&self) -> &StepOps {
+        &self.ops
+    }
+
     /// The prompts of RL step `step`: consecutive slices of a per-epoch permutation.
     fn step_prompts(&self, step: u64) -> Vec<usize> {
         let n = self.train_ids.len();
@@ -664,7 +669,8 @@ impl Trainer {
             (None, None)
         };
         let reward_kl = if in_loss { None } else { kl.as_ref() };
-        let rewards = ops.token_rewards(&batch, &mask_buf, reward_kl, self.kl_coef, &batch.noisy)?;
+        let rewards =
+            ops.token_rewards(&batch, &mask_buf, reward_kl, self.kl_coef, &batch.noisy)?;
 
         // Critic readout and advantages.
         let k = self.critic.as_ref().map_or(1, |c| c.head.k());
@@ -697,7 +703,10 @@ impl Trainer {
                 _ => GrpoStd::Unbiased,
             };
             let a = grpo_row_advantages(&batch, &batch.noisy, std);
-            (ops.zeros(rows * s * k)?, ops.rows_on_mask(&mask_buf, s, &a)?)
+            (
+                ops.zeros(rows * s * k)?,
+                ops.rows_on_mask(&mask_buf, s, &a)?,
+            )
         } else {
             let (_, ret, adv) = ops.gae_buf(&values, &rewards, &mask_buf, rows, s, k, gae)?;
             if self.cfg.ppo.whiten && ntok >= 2.0 {
@@ -734,8 +743,7 @@ impl Trainer {
                 };
                 let mut rng = Stream::new(self.cfg.run.seed, step, "tau");
                 let mut t = ops.flow_targets_buf(
-                    fs, params, u, &values, sd, &ret, &rewards, &mask_buf, &tokens, s, &o,
-                    &mut rng,
+                    fs, params, u, &values, sd, &ret, &rewards, &mask_buf, &tokens, s, &o, &mut rng,
                 )?;
                 if cc.risk_targets == "prompt" {
                     ops.pool_first_buf(&batch, &mut t[FLOW_TARGET_FIELD], fs.k)?;
@@ -825,7 +833,14 @@ impl Trainer {
             let sess = self.policy.graph.session_mut();
             ops.write_rows(sess, pin.old_lp, &p.old_lp, &rows, s)?;
             ops.write_rows(sess, pin.adv, &p.adv, &rows, s)?;
-            ops.write_token_weights(sess, pin.tok_w, &p.mask_buf, &rows, s, &padded(&denom, r, pb))?;
+            ops.write_token_weights(
+                sess,
+                pin.tok_w,
+                &p.mask_buf,
+                &rows,
+                s,
+                &padded(&denom, r, pb),
+            )?;
             match (pin.kl, &p.ref_lp) {
                 (Some((rt, ct)), Some(ref_lp)) => {
                     ops.write_rows(sess, rt, ref_lp, &rows, s)?;
@@ -834,10 +849,10 @@ impl Trainer {
                 (None, None) => {}
                 (have, _) => {
                     return Err(Error::Invalid(format!(
-                        "policy update: the actor loss {} a KL term, the step {} reference log-probs",
-                        if have.is_some() { "has" } else { "has no" },
-                        if have.is_some() { "has no" } else { "has" }
-                    )))
+                    "policy update: the actor loss {} a KL term, the step {} reference log-probs",
+                    if have.is_some() { "has" } else { "has no" },
+                    if have.is_some() { "has no" } else { "has" }
+                )))
                 }
             }
             let mst = self
@@ -924,11 +939,25 @@ impl Trainer {
                 CriticHead::Value { .. } => {
                     ops.write_rows(sess, cin[0], &p.ret, &rows, s)?;
                     ops.write_rows(sess, cin[1], &p.values, &rows, s)?;
-                    ops.write_token_weights(sess, cin[2], &p.mask_buf, &rows, s, &padded(&cdenom, r, cb))?;
+                    ops.write_token_weights(
+                        sess,
+                        cin[2],
+                        &p.mask_buf,
+                        &rows,
+                        s,
+                        &padded(&cdenom, r, cb),
+                    )?;
                 }
                 CriticHead::Quantile { .. } => {
                     ops.write_rows(sess, cin[0], &p.ret, &rows, s * kk)?;
-                    ops.write_token_weights(sess, cin[1], &p.mask_buf, &rows, s, &padded(&cdenom, r, cb))?;
+                    ops.write_token_weights(
+                        sess,
+                        cin[1],
+                        &p.mask_buf,
+                        &rows,
+                        s,
+                        &padded(&cdenom, r, cb),
+                    )?;
                 }
                 CriticHead::Flow { .. } => {
                     let t = p.targets.as_ref().expect("flow targets");

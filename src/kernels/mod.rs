@@ -7,6 +7,7 @@ pub mod adamw;
 pub mod attention;
 pub mod embed;
 pub mod flow;
+pub mod heads;
 pub mod norm;
 pub mod risk;
 pub mod rl;

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use super::heads::{
-    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, GatherRows, HostOp, QuantileLoss, RiskTerms,
+    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, GatherRows, QuantileLoss, RiskTerms,
     ValueLoss,
 };
 use super::optim::{Optimizer, Schedule, StepOutcome};
@@ -217,13 +217,13 @@ impl Policy {
                 ins.extend([r, c]);
             }
             let outs = g.node_typed(
-                HostOp(ActorLoss {
+                ActorLoss {
                     n,
                     clip_low,
                     clip_high,
                     ent_coef,
                     kl,
-                }),
+                },
                 &ins,
                 &[
                     ("actor_loss", 1, DType::F32),
@@ -516,12 +516,12 @@ pub fn flow_head_graph(
     loss_ins.extend([ins[6], ins[7], gc_target, ins[8], ins[9]]);
     loss_ins.extend_from_slice(&tok);
     let outs = g.node_typed(
-        HostOp(FlowCriticLoss {
+        FlowCriticLoss {
             n: m,
             k,
             w: spec.weights,
             risk: spec.risk,
-        }),
+        },
         &loss_ins,
         &[("flow_loss", 1, DType::F32), ("flow_stats", 6, DType::F32)],
     )?;
@@ -579,7 +579,7 @@ impl Critic {
                         .map(|nm| g.input(nm, n))
                         .collect();
                     let outs = g.node_typed(
-                        HostOp(ValueLoss { n, clip: *clip }),
+                        ValueLoss { n, clip: *clip },
                         &[v, ins[0], ins[1], ins[2]],
                         &[
                             ("value_loss", 1, DType::F32),
@@ -615,13 +615,13 @@ impl Critic {
                     let tg = g.input("target", n * k);
                     let tw = g.input("token_weight", n);
                     let outs = g.node_typed(
-                        HostOp(QuantileLoss {
+                        QuantileLoss {
                             n,
                             k,
                             kappa: *kappa,
                             sum_quantiles: *sum_quantiles,
                             risk: *risk,
-                        }),
+                        },
                         &[q, tg, tw],
                         &[
                             ("quantile_loss", 1, DType::F32),

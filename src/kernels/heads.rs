@@ -61,7 +61,9 @@ impl Finish {
             )));
         }
         if let Some(&s) = stats.iter().find(|&&s| s >= coef.len()) {
-            return Err(Error::Invalid(format!("heads finish: statistic column {s}")));
+            return Err(Error::Invalid(format!(
+                "heads finish: statistic column {s}"
+            )));
         }
         let mut f = Finish {
             coef: [0.0; MAX_COLS],

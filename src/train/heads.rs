@@ -962,7 +962,17 @@ mod device {
         check_len("loss output", x.len(outs[0]), 1)?;
         check_len("loss statistics", x.len(outs[1]), f.n_stats as usize)?;
         // SAFETY: c n·cols f64; the outputs 1 and n_stats f32 (checked).
-        unsafe { hk::finish(dev, ptr(dev, c), n, f, scale, x.ptr(outs[0]), x.ptr(outs[1])) }
+        unsafe {
+            hk::finish(
+                dev,
+                ptr(dev, c),
+                n,
+                f,
+                scale,
+                x.ptr(outs[0]),
+                x.ptr(outs[1]),
+            )
+        }
     }
 }
 
@@ -1284,10 +1294,24 @@ impl FlowCriticLoss {
         let z1 = device::temp::<f32>(dev, nk)?;
         // SAFETY: v_read and eps n·k f32 (checked), z1 n·k f32.
         unsafe {
-            crate::kernels::heads::add(dev, x.ptr(ins[0]), x.ptr(ins[3]), nk, device::ptr(dev, &z1))?
+            crate::kernels::heads::add(
+                dev,
+                x.ptr(ins[0]),
+                x.ptr(ins[3]),
+                nk,
+                device::ptr(dev, &z1),
+            )?
         };
         let zp = device::ptr(dev, &z1);
-        device::risk(dev, &self.risk, zp, x.ptr(ins[4]), x.ptr(ins[11]), self.n, self.k)
+        device::risk(
+            dev,
+            &self.risk,
+            zp,
+            x.ptr(ins[4]),
+            x.ptr(ins[11]),
+            self.n,
+            self.k,
+        )
     }
 }
 
@@ -1321,7 +1345,15 @@ impl Op for FlowCriticLoss {
         };
         let w = &self.w;
         let f = crate::kernels::heads::Finish::new(
-            &[w.dcfm as f64, w.bcfm as f64, w.gc as f64, 1.0, 0.0, 0.0, 0.0],
+            &[
+                w.dcfm as f64,
+                w.bcfm as f64,
+                w.gc as f64,
+                1.0,
+                0.0,
+                0.0,
+                0.0,
+            ],
             &[0, 1, 2, 4, 5, 6],
             None,
         )?;

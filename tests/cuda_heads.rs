@@ -257,7 +257,11 @@ fn loss_ops_match_their_host_kernels() {
             risk: risk(on),
         };
         // Without consistency and risk terms v_read gets no gradient: then it needs none.
-        let diff: &[usize] = if gc == 0.0 && !on { &[1, 2] } else { &[0, 1, 2] };
+        let diff: &[usize] = if gc == 0.0 && !on {
+            &[1, 2]
+        } else {
+            &[0, 1, 2]
+        };
         compare(
             &format!("flow critic (K {k}, gc {gc}, risk {on})"),
             &dev,

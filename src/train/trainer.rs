@@ -414,6 +414,11 @@ impl Trainer {
         &self.device
     }
 
+    /// The graphs' sequence length S (longest prompt + rollout.max_new_tokens).
+    pub fn seq_len(&self) -> usize {
+        self.s
+    }
+
     /// Where the step's numerics run (reads the step buffers of a [`Prepared`]).
     pub fn step_ops(&self) -> &StepOps {
         &self.ops
@@ -1033,6 +1038,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
         let t0 = Instant::now();
         let traffic0 = self.device.traffic();
+        let gen0 = self.generation_traffic().unwrap_or_default();
         let p = self.prepare()?;
         let step = self.step;
         let rows = p.batch.rows();
@@ -1052,6 +1058,7 @@ impl Trainer {
             self.policy.sync_host()?;
         }
         let traffic1 = self.device.traffic();
+        let gen1 = self.generation_traffic().unwrap_or_default();
         let (batch, ntok) = (&p.batch, p.ntok);
         let mut m = p.metrics.clone();
         for (k, (s, c)) in acc {
@@ -1095,8 +1102,22 @@ impl Trainer {
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
         // Host <-> device bytes of this step (0 on the CPU device), see docs/PERF.md.
-        m.insert("perf/h2d_bytes".into(), (traffic1.0 - traffic0.0) as f64);
-        m.insert("perf/d2h_bytes".into(), (traffic1.1 - traffic0.1) as f64);
+        // Device generation counts its own copies (prompts up, token ids down): the rollout's
+        // share, included in the totals.
+        let (gh, gd) = (
+            (gen1.h2d_bytes - gen0.h2d_bytes) as f64,
+            (gen1.d2h_bytes - gen0.d2h_bytes) as f64,
+        );
+        m.insert("perf/rollout_h2d_bytes".into(), gh);
+        m.insert("perf/rollout_d2h_bytes".into(), gd);
+        m.insert(
+            "perf/h2d_bytes".into(),
+            (traffic1.0 - traffic0.0) as f64 + gh,
+        );
+        m.insert(
+            "perf/d2h_bytes".into(),
+            (traffic1.1 - traffic0.1) as f64 + gd,
+        );
         self.last_samples = self.samples_of(step, &p.batch);
         self.step += 1;
         Ok(m)

@@ -1,15 +1,18 @@
 //! Host <-> device traffic of a training step (issue 11 item 4): the `perf/h2d_bytes` and
-//! `perf/d2h_bytes` metrics count every copy through the device layer, are 0 on the CPU device,
-//! and on CUDA stay within today's bound (docs/PERF.md, "Host traffic per step"):
-//! - the optimizer moves no gradients and no weights: each update reads one 8-byte norm, so a
-//!   step moves less than ONE download of the parameters' gradients (4 B per parameter) per
-//!   update and less than one bf16 upload of the weights per update (what the host AdamW moved);
-//! - uploads are within the issue's target (rollout tokens x 8 B + 64 KiB each way) for every
-//!   algorithm; downloads are too for PPO and GRPO but for the host generation's weight
-//!   refresh (4 B per policy parameter, once a step; item 1, device rollout, removes it); for
-//!   DFPO the flow critic's host loss op and readout remain (item 2). The test prints the
-//!   target and the measured bytes; it asserts the target only for what is done.
+//! `perf/d2h_bytes` metrics count every copy through the device layer and device generation's
+//! own (`perf/rollout_*_bytes`), are 0 on the CPU device, and on CUDA stay within the issue's
+//! target, rollout tokens x 8 B + 64 KiB each way, for every algorithm (docs/PERF.md, "Host
+//! traffic per step"). Tighter regression bounds on top:
+//! - the optimizer moves no gradients and no weights: one 8-byte norm per update;
+//! - outside the rollout the step downloads only scalars (the prepare phase's metrics in one
+//!   read, each update's loss and statistics, the norms): under 1 KiB;
+//! - outside the rollout the step uploads the batch's token ids per graph (the decoder's
+//!   `set_batch`: ids, positions, targets, embedding plan, about 150 B per rollout position over
+//!   the step's five graph batches) and the rollout's bookkeeping (row lengths, rewards, token
+//!   and row lists): under 256 B per position. At real sizes that set_batch share is over the
+//!   issue's target; docs/PERF.md says what removes it.
 //!
+//! With `DFPO_TRACE_TRAFFIC=1` the test prints the second step's traffic per call site.
 //! One test per binary: the counters are per process, so no other test may run beside it.
 //! Ignored without a GPU (`DFPO_REQUIRE_CUDA=1` makes a missing GPU a failure).
 
@@ -51,14 +54,18 @@ fn cuda_step_traffic_is_counted_and_within_todays_bound() {
         return;
     }
     optimizer_step_reads_one_norm(&dir);
-    for algo in ["dfpo", "ppo", "grpo"] {
+    // Every algorithm runs and prints its numbers before any bound is asserted.
+    let mut failures = Vec::new();
+    for algo in ["dfpo", "ppo", "grpo", "quantile"] {
         let cfg = config(&dir, algo, "cuda");
         let updates = (cfg.ppo.epochs * cfg.ppo.minibatches) as f64;
         let rows = (cfg.rollout.prompts_per_step * cfg.rollout.n_samples) as f64;
         let mut t = Trainer::new(cfg).unwrap();
         // The second step: the first binds the optimizer's tables (a one-time upload).
         t.train_step().unwrap();
+        let sites0 = cuda_sites();
         let m = t.train_step().unwrap();
+        print_sites(algo, &sites0, &cuda_sites());
         let (h2d, d2h) = (m["perf/h2d_bytes"], m["perf/d2h_bytes"]);
         let pp = t.policy.opt.total_len() as f64;
         let pc = t.critic.as_ref().map_or(0, |c| c.opt.total_len()) as f64;
@@ -67,49 +74,40 @@ fn cuda_step_traffic_is_counted_and_within_todays_bound() {
         let target = rollout_tokens * 8.0 + 65536.0;
         eprintln!(
             "{algo}: step moved h2d {h2d} B, d2h {d2h} B; policy {pp} params, critic {pc}; \
-             target {target} B each way (rollout tokens {rollout_tokens}); d2h over target \
-             {:.1}x, of which the host generation's weight refresh {} B",
+             target {target} B each way (rollout tokens {rollout_tokens}); d2h / target {:.2}, \
+             h2d / target {:.2}",
             d2h / target,
-            4.0 * pp
+            h2d / target,
         );
-        assert!(
-            h2d > 0.0 && d2h > 0.0,
-            "{algo}: a CUDA step moves its batch"
-        );
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                failures.push(format!("{algo}: {msg}"));
+            }
+        };
+        check(h2d > 0.0 && d2h > 0.0, "a CUDA step moves its batch".into());
         // The optimizer's share: no gradient download, no weight upload per update.
         let grads_once = 4.0 * (pp + pc);
-        assert!(
+        check(
             d2h < updates * grads_once,
-            "{algo}: d2h {d2h} B >= one gradient download per update ({} B)",
-            updates * grads_once
+            format!(
+                "d2h {d2h} B >= one gradient download per update ({} B)",
+                updates * grads_once
+            ),
         );
-        assert!(
+        check(
             h2d < updates * 2.0 * (pp + pc),
-            "{algo}: h2d {h2d} B >= one bf16 weight upload per update"
+            format!("h2d {h2d} B >= one bf16 weight upload per update"),
         );
-        let rest = d2h - 4.0 * pp;
-        // Uploads: within the issue's target for every algorithm.
-        assert!(
+        check(
             h2d <= target,
-            "{algo}: h2d {h2d} B over the target {target} B"
+            format!("h2d {h2d} B over the target {target} B"),
         );
-        if algo == "dfpo" {
-            // Downloads still above the target beyond the weight refresh: the flow critic's
-            // readout and its loss's inputs (host ops, item 2). Bounded by activations, not
-            // weights: less than one more copy of the weights.
-            assert!(
-                rest < 4.0 * (pp + pc),
-                "{algo}: d2h {rest} B beyond the weight refresh is weight-sized"
-            );
-        } else {
-            // PPO and GRPO: within the issue's target, but for the host generation's weight
-            // refresh (item 1 removes it).
-            assert!(
-                rest <= target,
-                "{algo}: d2h {rest} B beyond the weight refresh, over the target {target} B"
-            );
-        }
+        check(
+            d2h <= target,
+            format!("d2h {d2h} B over the target {target} B"),
+        );
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -136,6 +134,29 @@ fn optimizer_step_reads_one_norm(dir: &std::path::Path) {
         eprintln!("optimizer step {i}: h2d {} B, d2h {} B", moved.0, moved.1);
         if i > 0 {
             assert_eq!(moved, (0, 8), "step {i}: (h2d, d2h) of one optimizer step");
+        }
+    }
+}
+
+/// The traffic per call site so far (empty unless `DFPO_TRACE_TRAFFIC=1`).
+fn cuda_sites() -> Vec<(String, dfpo::device::SiteTraffic)> {
+    dfpo::device::cuda_device().map_or(Vec::new(), |d| d.traffic_sites())
+}
+
+/// Prints the call sites of one step's traffic (`DFPO_TRACE_TRAFFIC=1`), largest first.
+fn print_sites(
+    algo: &str,
+    before: &[(String, dfpo::device::SiteTraffic)],
+    after: &[(String, dfpo::device::SiteTraffic)],
+) {
+    let old: std::collections::HashMap<&str, dfpo::device::SiteTraffic> =
+        before.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    for (site, t) in after {
+        let o = old.get(site.as_str()).copied().unwrap_or_default();
+        let (h, hc) = (t.h2d_bytes - o.h2d_bytes, t.h2d_copies - o.h2d_copies);
+        let (d, dc) = (t.d2h_bytes - o.d2h_bytes, t.d2h_copies - o.d2h_copies);
+        if h + d > 0 {
+            eprintln!("{algo} site: h2d {h} B ({hc} copies), d2h {d} B ({dc} copies): {site}");
         }
     }
 }

@@ -364,3 +364,143 @@ fn cuda_eval_generates_on_the_device() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `got` within `tol`·max(1, max|want|) of `want` everywhere, and exactly 0 wherever `want` is
+/// exactly 0 (off the response: both backends leave those untouched).
+fn close_vec(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1.0f64, |m, &w| m.max(w.abs() as f64));
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}[{i}] = {g} (CPU {w})");
+        if w == 0.0 && g != 0.0 && want.iter().filter(|&&v| v != 0.0).count() * 2 < want.len() {
+            // Mostly-zero tensors (per-token fields): a value where the CPU has none.
+            let d = (g as f64).abs();
+            if d > worst.1 {
+                worst = (i, d);
+            }
+        }
+        let d = (g as f64 - w as f64).abs();
+        if d > worst.1 {
+            worst = (i, d);
+        }
+    }
+    assert!(
+        worst.1 <= tol * scale,
+        "{what}: element {} CUDA {} vs CPU {} (|diff| {:.3e} > {tol}·{scale:.3})",
+        worst.0,
+        got[worst.0],
+        want[worst.0],
+        worst.1
+    );
+}
+
+/// The prepare phase (log-probs, reference KL, token rewards, critic readout and flow solves,
+/// GAE, whitening, GRPO advantages, the flow critic's targets and the prompt pooling) and one
+/// minibatch update of a CUDA trainer, whose step data stays on the device, against a CPU
+/// trainer on the same weights and rollout batch: every tensor within bf16 tolerance, the
+/// random draws of the targets identical, the update's losses close.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_step_on_device_buffers_matches_the_cpu_step() {
+    let Some(_) = dfpo::device::cuda_for_test("cuda_step_on_device_buffers_matches_the_cpu_step")
+    else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("dfpo-cuda-parity-{}", std::process::id()));
+    arith::write_random_model(&dir, 7).unwrap();
+    for algo in ["dfpo", "ppo", "grpo", "quantile"] {
+        let cfg = |device: &str| {
+            let sets: Vec<String> = vec![
+                format!("algo.name={algo}"),
+                format!("model.policy={}", dir.display()),
+                format!(
+                    "run.out_dir={}",
+                    dir.join(format!("run-{algo}-{device}")).display()
+                ),
+                format!("run.device={device}"),
+                "run.progress=false".into(),
+                "rollout.prompts_per_step=4".into(),
+                "rollout.n_samples=2".into(),
+                "data.eval_size=8".into(),
+                "critic.k=8".into(),
+                "critic.alpha=0.25".into(),
+                "critic.beta=0.25".into(),
+                "kl.coef=0.05".into(),
+            ];
+            TrainConfig::load(None, &sets).unwrap()
+        };
+        let mut tc = Trainer::new(cfg("cpu")).unwrap();
+        let mut tg = Trainer::new(cfg("cuda")).unwrap();
+        let batch = tc.rollout(0).unwrap();
+        let pc = tc.prepare_batch(batch.clone()).unwrap();
+        let pg = tg.prepare_batch(batch.clone()).unwrap();
+        let ops = tg.step_ops().clone();
+        let dl = |b: &dfpo::train::step_ops::StepBuf| {
+            assert!(
+                b.host().is_err(),
+                "{algo}: the CUDA trainer's step data is on the host"
+            );
+            ops.read(b).unwrap()
+        };
+        let h = |b: &dfpo::train::step_ops::StepBuf| b.host().unwrap().to_vec();
+        close_vec(&format!("{algo} mask"), &dl(&pg.mask_buf), &pc.mask, 0.0);
+        close_vec(
+            &format!("{algo} old_lp"),
+            &dl(&pg.old_lp),
+            &h(&pc.old_lp),
+            5e-2,
+        );
+        if let (Some(a), Some(b)) = (&pg.kl, &pc.kl) {
+            close_vec(&format!("{algo} kl"), &dl(a), &h(b), 5e-2);
+        }
+        close_vec(
+            &format!("{algo} values"),
+            &dl(&pg.values),
+            &h(&pc.values),
+            5e-2,
+        );
+        close_vec(&format!("{algo} ret"), &dl(&pg.ret), &h(&pc.ret), 5e-2);
+        close_vec(&format!("{algo} adv"), &dl(&pg.adv), &h(&pc.adv), 1e-1);
+        let names = [
+            "z_read", "tau_read", "z_b", "tau_b", "z_d", "tau_d", "eps", "target", "vel_b",
+            "vel_d", "w_unc", "dmask",
+        ];
+        match (&pg.targets, &pc.targets) {
+            (Some(tg_), Some(tc_)) => {
+                for ((name, a), b) in names.iter().zip(tg_).zip(tc_) {
+                    // The draws (τ) and the readout levels are the same numbers.
+                    let tol = match *name {
+                        "tau_read" | "tau_b" | "tau_d" | "eps" | "z_read" | "dmask" => 1e-6,
+                        _ => 5e-2,
+                    };
+                    close_vec(&format!("{algo} target field {name}"), &dl(a), &h(b), tol);
+                }
+            }
+            (None, None) => {}
+            _ => panic!("{algo}: targets on one backend only"),
+        }
+        for (k, v) in &pc.metrics {
+            close(&format!("{algo} {k}"), pg.metrics[k], *v, 5e-2);
+        }
+        close(
+            &format!("{algo} entropy"),
+            pg.entropy_sum,
+            pc.entropy_sum,
+            5e-2,
+        );
+        // One minibatch update on each: the losses of the same inputs.
+        let sel: Vec<usize> = (0..batch.rows() / 2).collect();
+        let (mut ac, mut ag) = (Default::default(), Default::default());
+        tc.update_minibatch(&pc, &sel, &mut ac).unwrap();
+        tg.update_minibatch(&pg, &sel, &mut ag).unwrap();
+        let ac: std::collections::BTreeMap<String, (f64, f64)> = ac;
+        for (k, (v, _)) in &ac {
+            if k.ends_with("grad_norm") || k.ends_with("lr") {
+                continue;
+            }
+            close(&format!("{algo} update {k}"), ag[k].0, *v, 1e-1);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -693,7 +693,8 @@ fn reference_log_probs_use_the_rollout_temperature() {
     cfg.rollout.temperature = 0.7;
     let mut t = Trainer::new(cfg).unwrap();
     let p = t.prepare().unwrap();
-    let kl = p.kl.expect("kl.coef > 0 runs the reference");
+    let kl = p.kl.as_ref().expect("kl.coef > 0 runs the reference");
+    let kl = kl.host().unwrap();
     assert!(p.ntok > 0.0);
     assert!(
         kl.iter().all(|&v| v.abs() < 1e-5),
@@ -762,7 +763,14 @@ fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
     let batch = t.rollout(0).unwrap();
     let mean_kl = |t: &mut Trainer| {
         let p = t.prepare_batch(batch.clone()).unwrap();
-        let kl: f64 = p.kl.as_ref().unwrap().iter().map(|&v| v as f64).sum();
+        let kl: f64 =
+            p.kl.as_ref()
+                .unwrap()
+                .host()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64)
+                .sum();
         (kl / p.ntok, p)
     };
     let (kl0, p) = mean_kl(&mut t);
@@ -771,7 +779,7 @@ fn grpo_pulls_the_policy_toward_the_reference_through_a_kl_loss() {
         "the reference should differ from the policy: KL {kl0}"
     );
     assert!(
-        p.adv.iter().all(|&a| a == 0.0),
+        p.adv.host().unwrap().iter().all(|&a| a == 0.0),
         "equal rewards: zero advantages"
     );
     let before = t.policy.opt.params_host().unwrap();
@@ -821,7 +829,8 @@ fn grpo_advantages_use_the_configured_group_std() {
         batch.noisy = vec![1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0];
         let p = t.prepare_batch(batch.clone()).unwrap();
         let s = batch.s;
-        let at = |r: usize| p.adv[r * s + batch.prompt_len[r] - 1] as f64;
+        let adv = p.adv.host().unwrap();
+        let at = |r: usize| adv[r * s + batch.prompt_len[r] - 1] as f64;
         let tol = 1e-5 * first;
         assert!((at(0) - first).abs() < tol, "{std}: {} vs {first}", at(0));
         assert!((at(1) + first / 3.0).abs() < tol, "{std}: {}", at(1));

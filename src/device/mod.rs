@@ -5,6 +5,7 @@
 //! count of zero both mean "CPU". `DFPO_DEVICE=cpu|cuda|auto` overrides the choice;
 //! `DFPO_REQUIRE_CUDA=1` turns every "no GPU, skipped" of the test helpers into a failure.
 //! `DFPO_SYNC_LAUNCH=1` synchronises after every launch so a faulting kernel is named at once.
+//! `DFPO_TRACE_TRAFFIC=1` records the host traffic per call site ([`CudaDevice::traffic_sites`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,6 +176,55 @@ pub struct CudaDevice {
     /// Bytes copied host -> device and device -> host (see [`CudaDevice::count_h2d`]).
     h2d_bytes: AtomicU64,
     d2h_bytes: AtomicU64,
+    /// `DFPO_TRACE_TRAFFIC=1`: the bytes per call site (see [`CudaDevice::traffic_sites`]).
+    sites: Option<Mutex<HashMap<String, SiteTraffic>>>,
+}
+
+/// Host traffic of one call site (`DFPO_TRACE_TRAFFIC=1`, [`CudaDevice::traffic_sites`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteTraffic {
+    pub h2d_bytes: u64,
+    pub h2d_copies: u64,
+    pub d2h_bytes: u64,
+    pub d2h_copies: u64,
+}
+
+/// The call site of a counted copy: the innermost dfpo frames outside the copy helpers
+/// (device layer, executor, session), innermost first, joined by " < ".
+fn call_site() -> String {
+    let bt = std::backtrace::Backtrace::force_capture().to_string();
+    let skip = [
+        "dfpo::device::",
+        "dfpo::graph::exec::",
+        "dfpo::train::step_ops::up",
+        "dfpo::train::step_ops::down",
+    ];
+    let mut frames = Vec::new();
+    for line in bt.lines() {
+        let f = line.trim();
+        let Some((_, name)) = f.split_once(": ") else {
+            continue;
+        };
+        if !name.starts_with("dfpo::") || skip.iter().any(|s| name.starts_with(s)) {
+            continue;
+        }
+        // Drop the hash suffix and closures' noise.
+        let name = name.rsplit_once("::h").map_or(name, |(a, _)| a);
+        let name = name
+            .trim_start_matches("dfpo::")
+            .replace("::{{closure}}", "");
+        if frames.last() != Some(&name) {
+            frames.push(name);
+        }
+        if frames.len() == 3 {
+            break;
+        }
+    }
+    if frames.is_empty() {
+        "(outside dfpo)".into()
+    } else {
+        frames.join(" < ")
+    }
 }
 
 impl CudaDevice {
@@ -201,6 +251,9 @@ impl CudaDevice {
             sync_launch: std::env::var("DFPO_SYNC_LAUNCH").is_ok_and(|v| v == "1"),
             h2d_bytes: AtomicU64::new(0),
             d2h_bytes: AtomicU64::new(0),
+            sites: std::env::var("DFPO_TRACE_TRAFFIC")
+                .is_ok_and(|v| v == "1")
+                .then(|| Mutex::new(HashMap::new())),
         }))
     }
 
@@ -268,11 +321,41 @@ impl CudaDevice {
     /// path: [`CudaDevice::htod`], the graph session's writes and the executor's uploads.
     pub fn count_h2d(&self, bytes: usize) {
         self.h2d_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.trace(bytes, true);
     }
 
     /// Records `bytes` copied device -> host.
     pub fn count_d2h(&self, bytes: usize) {
         self.d2h_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.trace(bytes, false);
+    }
+
+    fn trace(&self, bytes: usize, h2d: bool) {
+        let Some(m) = &self.sites else { return };
+        let site = call_site();
+        let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(site).or_default();
+        if h2d {
+            e.h2d_bytes += bytes as u64;
+            e.h2d_copies += 1;
+        } else {
+            e.d2h_bytes += bytes as u64;
+            e.d2h_copies += 1;
+        }
+    }
+
+    /// With `DFPO_TRACE_TRAFFIC=1` set when the device was opened: the bytes and copies per
+    /// call site so far (the innermost dfpo frames outside the copy helpers), largest first;
+    /// empty otherwise. A diagnostic (it captures a backtrace per copy): subtract two readings
+    /// for one step's sites.
+    pub fn traffic_sites(&self) -> Vec<(String, SiteTraffic)> {
+        let Some(m) = &self.sites else {
+            return Vec::new();
+        };
+        let m = m.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(String, SiteTraffic)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort_by_key(|(_, t)| std::cmp::Reverse(t.h2d_bytes + t.d2h_bytes));
+        v
     }
 
     /// `(h2d, d2h)` bytes copied so far (process-wide for this device).

@@ -360,6 +360,93 @@ impl Session {
     }
 }
 
+// ---- Device-to-device I/O (the GPU-resident step, issue 11 item 2) --------------------------
+// A CUDA session's inputs can be filled from, and its tensors copied into, device buffers
+// without a host round trip: queued on the device's stream, not counted as host traffic.
+impl Session {
+    /// The CUDA device of a CUDA session, or an error naming `what`.
+    fn cuda_of(&self, what: &str) -> Result<&Arc<CudaDevice>> {
+        match &self.storage {
+            Storage::Cuda { dev, .. } => Ok(dev),
+            Storage::Cpu { .. } => Err(Error::Invalid(format!(
+                "{what}: a device-to-device copy needs a CUDA session"
+            ))),
+        }
+    }
+
+    /// Copies `src` (device memory of this session's device) into input or parameter `t`; `src`
+    /// must hold exactly `t`'s elements.
+    pub fn write_device<T: Element + cudarc::driver::DeviceRepr>(
+        &mut self,
+        t: TensorId,
+        src: &cudarc::driver::CudaView<'_, T>,
+    ) -> Result<()> {
+        let name = &self.plan.tensors[t.0].name;
+        crate::error::check_len(name, src.len(), self.plan.tensors[t.0].len)?;
+        let dst = self.input_device_ptr(t, T::DTYPE)?;
+        let dev = self.cuda_of("write_device")?;
+        let (sp, _g) = src.device_ptr(dev.stream());
+        // SAFETY: both regions hold len elements of T on this device (checked above).
+        unsafe { dtod(dev, dst, sp, src.len() * std::mem::size_of::<T>()) }
+    }
+
+    /// The device address of input or parameter `t` (element type `dtype`) on a CUDA session,
+    /// for kernels that write an input in place (e.g. a gather of a step buffer's rows).
+    pub fn input_device_ptr(&self, t: TensorId, dtype: DType) -> Result<u64> {
+        let info = self
+            .plan
+            .tensors
+            .get(t.0)
+            .ok_or_else(|| Error::Invalid(format!("unknown tensor {t:?}")))?;
+        if !matches!(info.role, Role::Input | Role::Param) {
+            return Err(Error::Invalid(format!(
+                "{}: only inputs and parameters are written",
+                info.name
+            )));
+        }
+        self.region(t, dtype)?;
+        self.cuda_ptr(t)
+    }
+
+    /// Copies the first `dst.len()` elements of tensor `t` into `dst` (device memory of this
+    /// session's device). Arena tensors hold meaningful values only while live (kept tensors
+    /// after a run, as [`Session::read`]).
+    pub fn read_device<T: Element + cudarc::driver::DeviceRepr>(
+        &self,
+        t: TensorId,
+        dst: &mut cudarc::driver::CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        let (_, _, bytes) = self.region(t, T::DTYPE)?;
+        let n = dst.len() * std::mem::size_of::<T>();
+        if n > bytes {
+            return Err(Error::Shape(format!(
+                "read_device: {} elements of {}, which holds {}",
+                dst.len(),
+                self.plan.tensors[t.0].name,
+                self.plan.tensors[t.0].len
+            )));
+        }
+        let src = self.cuda_ptr(t)?;
+        let dev = self.cuda_of("read_device")?;
+        let (dp, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(dst, dev.stream());
+        // SAFETY: n bytes at both addresses on this device (checked above).
+        unsafe { dtod(dev, dp, src, n) }
+    }
+}
+
+/// Queues an `n`-byte device-to-device copy on `dev`'s stream.
+///
+/// # Safety
+/// `dst` and `src` address `n` bytes of `dev`'s memory that stay valid until the copy ran.
+unsafe fn dtod(dev: &CudaDevice, dst: u64, src: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    dev.make_current()?;
+    cudarc::driver::result::memcpy_dtod_async(dst, src, n, dev.stream().cu_stream())?;
+    Ok(())
+}
+
 /// What an op sees while it runs: the device and the storage of every tensor.
 ///
 /// Invariant the planner guarantees: tensors that are live at the same step never overlap, so

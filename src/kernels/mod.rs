@@ -7,11 +7,13 @@ pub mod adamw;
 pub mod attention;
 pub mod embed;
 pub mod flow;
+pub mod heads;
 pub mod norm;
 pub mod risk;
 pub mod rl;
 pub mod rope;
 pub mod sample;
+pub mod step;
 pub mod xent;
 
 use std::fmt::Debug;

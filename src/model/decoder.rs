@@ -714,6 +714,12 @@ impl DecoderGraph {
         self.session.read_f32(no_lm_head(self.entropy)?)
     }
 
+    /// The `[B][S]` token log-prob and entropy tensors (None without the LM head), for copies
+    /// that stay on the device.
+    pub fn logprob_tensors(&self) -> Option<(TensorId, TensorId)> {
+        self.logprob.zip(self.entropy)
+    }
+
     /// Any tensor of the graph as f32 (bf16 widened).
     pub fn read(&self, t: TensorId) -> Result<Vec<f32>> {
         self.read_any(t)

@@ -3,10 +3,11 @@
 //!
 //! Their inputs are per-token (or per token × sample) vectors, tiny next to the backbone, so
 //! each is written once, on the host, as a [`HostKernel`] (plain slices in, values and
-//! gradients out), and [`HostOp`] runs it in the graph on either device: on the CPU it works on
-//! copies of the arena slices; on CUDA it downloads its inputs and uploads its outputs and
-//! gradients (the backbone and the flow head evaluations around it stay on the device). The
-//! heavy per-sample work (flow-head evaluations) is in `FlowEval`/`FlowCond` graph ops.
+//! gradients out): the CPU reference and the CPU backend. As graph ops the four losses run that
+//! host kernel on the CPU and their device kernels (`kernels/heads.cu`, the risk terms through
+//! `risk.cu`) on CUDA, so no loss input or gradient leaves the device; [`HostOp`] runs any host
+//! kernel in a graph on either device (on CUDA by downloading its inputs and uploading its
+//! outputs). The heavy per-sample work (flow-head evaluations) is in `FlowEval`/`FlowCond`.
 //!
 //! Token weights `tok_w` carry masking and aggregation: 0 off the response, and Σ tok_w = 1
 //! over a minibatch for the token mean (or 1/(len·#seqs) per token for the sequence mean), so
@@ -46,13 +47,7 @@ impl<K: HostKernel> Op for HostOp<K> {
         self.0.name()
     }
     fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
-        let iv = read_all(x, ins)?;
-        let ov = self.0.forward(&iv)?;
-        check_len(&format!("{} outputs", self.name()), ov.len(), outs.len())?;
-        for (&t, v) in outs.iter().zip(&ov) {
-            x.from_host(t, v)?;
-        }
-        Ok(())
+        host_forward(&self.0, x, ins, outs)
     }
     fn backward(
         &self,
@@ -62,25 +57,54 @@ impl<K: HostKernel> Op for HostOp<K> {
         d_outs: &[TensorId],
         d_ins: &[Option<TensorId>],
     ) -> Result<()> {
-        let need: Vec<bool> = d_ins.iter().map(Option::is_some).collect();
-        if !need.iter().any(|&b| b) {
-            return Ok(());
-        }
-        let iv = read_all(x, ins)?;
-        let ov = read_all(x, outs)?;
-        let dv = read_all(x, d_outs)?;
-        let grads = self.0.backward(&iv, &ov, &dv, &need)?;
-        for (i, (d, g)) in d_ins.iter().zip(grads).enumerate() {
-            let (Some(d), Some(g)) = (d, g) else { continue };
-            let mut acc = x.to_host(*d)?;
-            check_len(&format!("{} gradient {i}", self.name()), g.len(), acc.len())?;
-            for (a, v) in acc.iter_mut().zip(&g) {
-                *a += v;
-            }
-            x.from_host(*d, &acc)?;
-        }
-        Ok(())
+        host_backward(&self.0, x, ins, outs, d_outs, d_ins)
     }
+}
+
+/// [`HostOp`]'s forward: the host kernel on host copies of the inputs (a download and upload
+/// on CUDA).
+fn host_forward<K: HostKernel + ?Sized>(
+    k: &K,
+    x: &mut Exec<'_>,
+    ins: &[TensorId],
+    outs: &[TensorId],
+) -> Result<()> {
+    let iv = read_all(x, ins)?;
+    let ov = k.forward(&iv)?;
+    check_len(&format!("{} outputs", k.name()), ov.len(), outs.len())?;
+    for (&t, v) in outs.iter().zip(&ov) {
+        x.from_host(t, v)?;
+    }
+    Ok(())
+}
+
+/// [`HostOp`]'s backward (accumulates into the needed input gradients).
+fn host_backward<K: HostKernel + ?Sized>(
+    k: &K,
+    x: &mut Exec<'_>,
+    ins: &[TensorId],
+    outs: &[TensorId],
+    d_outs: &[TensorId],
+    d_ins: &[Option<TensorId>],
+) -> Result<()> {
+    let need: Vec<bool> = d_ins.iter().map(Option::is_some).collect();
+    if !need.iter().any(|&b| b) {
+        return Ok(());
+    }
+    let iv = read_all(x, ins)?;
+    let ov = read_all(x, outs)?;
+    let dv = read_all(x, d_outs)?;
+    let grads = k.backward(&iv, &ov, &dv, &need)?;
+    for (i, (d, g)) in d_ins.iter().zip(grads).enumerate() {
+        let (Some(d), Some(g)) = (d, g) else { continue };
+        let mut acc = x.to_host(*d)?;
+        check_len(&format!("{} gradient {i}", k.name()), g.len(), acc.len())?;
+        for (a, v) in acc.iter_mut().zip(&g) {
+            *a += v;
+        }
+        x.from_host(*d, &acc)?;
+    }
+    Ok(())
 }
 
 fn check_lens(what: &str, ins: &[Vec<f32>], lens: &[usize]) -> Result<()> {
@@ -831,5 +855,555 @@ impl HostKernel for FlowCriticLoss {
             }
         }
         Ok(out)
+    }
+}
+
+// ---- The losses as graph ops: the host kernels on the CPU, the device kernels on CUDA -------
+// (kernels/heads.cu and risk.cu's risk_loss; issue 11 item 2: on CUDA no loss input or gradient
+// leaves the device, and no host copy of the loss's inputs is made).
+
+mod device {
+    use super::*;
+    use crate::device::CudaDevice;
+    use crate::kernels::heads as hk;
+    use cudarc::driver::{CudaSlice, DevicePtr};
+
+    /// A zeroed device temporary of `n` values (freed in stream order when dropped).
+    pub fn temp<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        dev: &CudaDevice,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        Ok(dev.stream().alloc_zeros::<T>(n.max(1))?)
+    }
+
+    pub fn ptr<T>(dev: &CudaDevice, s: &CudaSlice<T>) -> u64 {
+        let (p, _g) = s.device_ptr(dev.stream());
+        p
+    }
+
+    /// Errors unless every tensor of `ts` holds f32 (`what` names the op).
+    pub fn f32s(x: &Exec<'_>, what: &str, ts: &[TensorId]) -> Result<()> {
+        match ts.iter().find(|&&t| x.dtype(t) != DType::F32) {
+            Some(&t) => Err(Error::Invalid(format!(
+                "{what}: the CUDA op takes f32 here, got {:?}",
+                x.dtype(t)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `t` is bf16 (else it must be f32).
+    pub fn is_bf16(x: &Exec<'_>, what: &str, t: TensorId) -> Result<bool> {
+        match x.dtype(t) {
+            DType::BF16 => Ok(true),
+            DType::F32 => Ok(false),
+            d => Err(Error::Invalid(format!("{what}: a {d:?} tensor"))),
+        }
+    }
+
+    pub fn kl_code(kind: Option<rl::KlKind>) -> i32 {
+        match kind {
+            None => -1,
+            Some(rl::KlKind::K1) => 0,
+            Some(rl::KlKind::K3) => 1,
+        }
+    }
+
+    /// The risk loss of `pred` (f32 `[n][k]`) against `target` with row weights `row_scale` on
+    /// the device: returns (terms `[n][4]`, row losses `[n]`, dL/dpred `[n][k]`), or None when
+    /// every risk weight is 0.
+    #[allow(clippy::type_complexity)]
+    pub fn risk(
+        dev: &CudaDevice,
+        r: &RiskTerms,
+        pred: u64,
+        target: u64,
+        row_scale: u64,
+        n: usize,
+        k: usize,
+    ) -> Result<Option<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)>> {
+        if !r.active() {
+            return Ok(None);
+        }
+        let terms = temp::<f32>(dev, n * risk::NTERMS)?;
+        let rows = temp::<f32>(dev, n)?;
+        let grad = temp::<f32>(dev, n * k)?;
+        // SAFETY: pred/target n·k f32, row_scale n f32 (the op's checked inputs); the outputs
+        // are allocated above with the sizes risk_loss writes.
+        unsafe {
+            risk::cuda::loss_raw(
+                dev,
+                pred,
+                target,
+                row_scale,
+                n,
+                k,
+                r.levels,
+                &r.weights,
+                ptr(dev, &terms),
+                ptr(dev, &grad),
+                ptr(dev, &rows),
+            )?
+        };
+        Ok(Some((terms, rows, grad)))
+    }
+
+    /// Sums the per-token rows `c` into the op's outputs `[loss (1), stats]`.
+    pub fn finish(
+        dev: &CudaDevice,
+        x: &Exec<'_>,
+        c: &CudaSlice<f64>,
+        n: usize,
+        f: &hk::Finish,
+        scale: u64,
+        outs: &[TensorId],
+    ) -> Result<()> {
+        f32s(x, "loss outputs", outs)?;
+        check_len("loss output", x.len(outs[0]), 1)?;
+        check_len("loss statistics", x.len(outs[1]), f.n_stats as usize)?;
+        // SAFETY: c n·cols f64; the outputs 1 and n_stats f32 (checked).
+        unsafe {
+            hk::finish(
+                dev,
+                ptr(dev, c),
+                n,
+                f,
+                scale,
+                x.ptr(outs[0]),
+                x.ptr(outs[1]),
+            )
+        }
+    }
+}
+
+use device::{f32s, is_bf16};
+
+fn opt_ptr(x: &Exec<'_>, t: Option<TensorId>) -> u64 {
+    t.map_or(0, |t| x.ptr(t))
+}
+
+impl Op for ActorLoss {
+    fn name(&self) -> String {
+        HostKernel::name(self)
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_forward(self, x, ins, outs);
+        };
+        let n = self.n;
+        let want = if self.kl.is_some() { 7 } else { 5 };
+        check_len("actor_loss inputs", ins.len(), want)?;
+        f32s(x, "actor_loss", ins)?;
+        for &t in &ins[..want.min(6)] {
+            check_len("actor_loss input", x.len(t), n)?;
+        }
+        let c = device::temp::<f64>(&dev, n * crate::kernels::heads::ACTOR_COLS)?;
+        let reference = if self.kl.is_some() { x.ptr(ins[5]) } else { 0 };
+        // SAFETY: n f32 inputs (checked), c n·5 f64.
+        unsafe {
+            crate::kernels::heads::actor_rows(
+                &dev,
+                x.ptr(ins[0]),
+                x.ptr(ins[1]),
+                x.ptr(ins[2]),
+                x.ptr(ins[3]),
+                x.ptr(ins[4]),
+                reference,
+                n,
+                (self.clip_low, self.clip_high),
+                device::kl_code(self.kl),
+                device::ptr(&dev, &c),
+            )?
+        };
+        let kl_coef = if self.kl.is_some() { 1.0 } else { 0.0 };
+        let f = crate::kernels::heads::Finish::new(
+            &[1.0, 0.0, 0.0, -(self.ent_coef as f64), kl_coef],
+            &[0, 1, 2, 3, 4],
+            self.kl.map(|_| 4),
+        )?;
+        let beta = if self.kl.is_some() { x.ptr(ins[6]) } else { 0 };
+        device::finish(&dev, x, &c, n, &f, beta, outs)
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_backward(self, x, ins, outs, d_outs, d_ins);
+        };
+        if d_ins[2..].iter().any(Option::is_some) {
+            return Err(Error::Invalid(
+                "actor_loss: old and reference log-probs, advantages, weights and the KL coefficient get no gradient".into(),
+            ));
+        }
+        if d_ins[0].is_none() && d_ins[1].is_none() {
+            return Ok(());
+        }
+        let grads: Vec<TensorId> = d_ins[..2].iter().flatten().copied().collect();
+        f32s(x, "actor_loss gradients", &grads)?;
+        f32s(x, "actor_loss d(loss)", &d_outs[..1])?;
+        let reference = if self.kl.is_some() { x.ptr(ins[5]) } else { 0 };
+        let beta = if self.kl.is_some() { x.ptr(ins[6]) } else { 0 };
+        // SAFETY: the forward's checked inputs; the gradients n f32 (f32 checked, lengths are
+        // the inputs').
+        unsafe {
+            crate::kernels::heads::actor_bwd(
+                &dev,
+                x.ptr(ins[0]),
+                x.ptr(ins[2]),
+                x.ptr(ins[3]),
+                x.ptr(ins[4]),
+                reference,
+                beta,
+                self.n,
+                (self.clip_low, self.clip_high),
+                self.ent_coef,
+                device::kl_code(self.kl),
+                x.ptr(d_outs[0]),
+                opt_ptr(x, d_ins[0]),
+                opt_ptr(x, d_ins[1]),
+            )
+        }
+    }
+}
+
+impl Op for ValueLoss {
+    fn name(&self) -> String {
+        HostKernel::name(self)
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_forward(self, x, ins, outs);
+        };
+        let n = self.n;
+        check_len("value_loss inputs", ins.len(), 4)?;
+        for &t in ins {
+            check_len("value_loss input", x.len(t), n)?;
+        }
+        let vb = is_bf16(x, "value_loss v", ins[0])?;
+        f32s(x, "value_loss", &ins[1..])?;
+        let c = device::temp::<f64>(&dev, n * crate::kernels::heads::VALUE_COLS)?;
+        // SAFETY: n values of v's type and n f32 (checked), c n·2 f64.
+        unsafe {
+            crate::kernels::heads::value_rows(
+                &dev,
+                x.ptr(ins[0]),
+                vb,
+                x.ptr(ins[1]),
+                x.ptr(ins[2]),
+                x.ptr(ins[3]),
+                n,
+                self.clip,
+                device::ptr(&dev, &c),
+            )?
+        };
+        let f = crate::kernels::heads::Finish::new(&[1.0, 0.0], &[0, 1], None)?;
+        device::finish(&dev, x, &c, n, &f, 0, outs)
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_backward(self, x, ins, outs, d_outs, d_ins);
+        };
+        if d_ins[1..].iter().any(Option::is_some) {
+            return Err(Error::Invalid("value_loss: only v gets a gradient".into()));
+        }
+        let Some(dv) = d_ins[0] else { return Ok(()) };
+        let vb = is_bf16(x, "value_loss v", ins[0])?;
+        let db = is_bf16(x, "value_loss dv", dv)?;
+        f32s(x, "value_loss d(loss)", &d_outs[..1])?;
+        // SAFETY: the forward's checked inputs; dv n values of its type.
+        unsafe {
+            crate::kernels::heads::value_bwd(
+                &dev,
+                x.ptr(ins[0]),
+                vb,
+                x.ptr(ins[1]),
+                x.ptr(ins[2]),
+                x.ptr(ins[3]),
+                self.n,
+                self.clip,
+                x.ptr(d_outs[0]),
+                x.ptr(dv),
+                db,
+            )
+        }
+    }
+}
+
+impl QuantileLoss {
+    /// The predicted quantiles as f32 on the device: `q` itself, or a widened copy of bf16.
+    fn q_f32(
+        &self,
+        dev: &crate::device::CudaDevice,
+        x: &Exec<'_>,
+        q: TensorId,
+    ) -> Result<(u64, Option<cudarc::driver::CudaSlice<f32>>)> {
+        if !is_bf16(x, "quantile_loss q", q)? {
+            return Ok((x.ptr(q), None));
+        }
+        let nk = self.n * self.k;
+        let t = device::temp::<f32>(dev, nk)?;
+        let p = device::ptr(dev, &t);
+        // SAFETY: q holds n·k bf16 (checked by the caller), t n·k f32.
+        unsafe { gpu::cast_bf16_f32(dev, x.ptr(q), p, nk)? };
+        Ok((p, Some(t)))
+    }
+
+    fn check_cuda(&self, x: &Exec<'_>, ins: &[TensorId]) -> Result<()> {
+        let (n, k) = (self.n, self.k);
+        check_len("quantile_loss inputs", ins.len(), 3)?;
+        check_len("quantile_loss q", x.len(ins[0]), n * k)?;
+        check_len("quantile_loss target", x.len(ins[1]), n * k)?;
+        check_len("quantile_loss weights", x.len(ins[2]), n)?;
+        f32s(x, "quantile_loss", &ins[1..])
+    }
+}
+
+impl Op for QuantileLoss {
+    fn name(&self) -> String {
+        HostKernel::name(self)
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_forward(self, x, ins, outs);
+        };
+        self.check_cuda(x, ins)?;
+        let (n, k) = (self.n, self.k);
+        let qb = is_bf16(x, "quantile_loss q", ins[0])?;
+        let (qp, _keep) = self.q_f32(&dev, x, ins[0])?;
+        let r = device::risk(&dev, &self.risk, qp, x.ptr(ins[1]), x.ptr(ins[2]), n, k)?;
+        let (tp, rp) = r.as_ref().map_or((0, 0), |(t, rl, _)| {
+            (device::ptr(&dev, t), device::ptr(&dev, rl))
+        });
+        let c = device::temp::<f64>(&dev, n * crate::kernels::heads::QUANTILE_COLS)?;
+        // SAFETY: checked inputs; terms n·4 and row losses n f32 (or 0); c n·5 f64.
+        unsafe {
+            crate::kernels::heads::quantile_rows(
+                &dev,
+                x.ptr(ins[0]),
+                qb,
+                x.ptr(ins[1]),
+                x.ptr(ins[2]),
+                n,
+                k,
+                self.kappa,
+                self.sum_quantiles,
+                tp,
+                rp,
+                device::ptr(&dev, &c),
+            )?
+        };
+        let f =
+            crate::kernels::heads::Finish::new(&[1.0, 1.0, 0.0, 0.0, 0.0], &[0, 2, 3, 4], None)?;
+        device::finish(&dev, x, &c, n, &f, 0, outs)
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_backward(self, x, ins, outs, d_outs, d_ins);
+        };
+        if d_ins[1].is_some() || d_ins[2].is_some() {
+            return Err(Error::Invalid(
+                "quantile_loss: targets and weights get no gradient".into(),
+            ));
+        }
+        let Some(dq) = d_ins[0] else { return Ok(()) };
+        self.check_cuda(x, ins)?;
+        let (n, k) = (self.n, self.k);
+        let qb = is_bf16(x, "quantile_loss q", ins[0])?;
+        let db = is_bf16(x, "quantile_loss dq", dq)?;
+        f32s(x, "quantile_loss d(loss)", &d_outs[..1])?;
+        let (qp, _keep) = self.q_f32(&dev, x, ins[0])?;
+        let r = device::risk(&dev, &self.risk, qp, x.ptr(ins[1]), x.ptr(ins[2]), n, k)?;
+        let gp = r.as_ref().map_or(0, |(_, _, g)| device::ptr(&dev, g));
+        // SAFETY: checked inputs; risk gradient n·k f32 (or 0); dq n·k values of its type.
+        unsafe {
+            crate::kernels::heads::quantile_bwd(
+                &dev,
+                x.ptr(ins[0]),
+                qb,
+                x.ptr(ins[1]),
+                x.ptr(ins[2]),
+                n,
+                k,
+                self.kappa,
+                self.sum_quantiles,
+                gp,
+                x.ptr(d_outs[0]),
+                x.ptr(dq),
+                db,
+            )
+        }
+    }
+}
+
+impl FlowCriticLoss {
+    fn check_cuda(&self, x: &Exec<'_>, ins: &[TensorId]) -> Result<crate::kernels::heads::FlowIns> {
+        let (n, k) = (self.n, self.k);
+        check_len("flow_critic_loss inputs", ins.len(), 12)?;
+        for (i, &t) in ins.iter().enumerate() {
+            check_len(
+                &format!("flow_critic_loss input {i}"),
+                x.len(t),
+                if i < 8 { n * k } else { n },
+            )?;
+        }
+        f32s(x, "flow_critic_loss", ins)?;
+        let mut p = [0u64; 12];
+        for (o, &t) in p.iter_mut().zip(ins) {
+            *o = x.ptr(t);
+        }
+        Ok(crate::kernels::heads::FlowIns(p))
+    }
+
+    /// The readout ẑ = ε + v_read on the device, and its risk loss (None without risk terms).
+    #[allow(clippy::type_complexity)]
+    fn risk_cuda(
+        &self,
+        dev: &crate::device::CudaDevice,
+        x: &Exec<'_>,
+        ins: &[TensorId],
+    ) -> Result<
+        Option<(
+            cudarc::driver::CudaSlice<f32>,
+            cudarc::driver::CudaSlice<f32>,
+            cudarc::driver::CudaSlice<f32>,
+        )>,
+    > {
+        if !self.risk.active() {
+            return Ok(None);
+        }
+        let nk = self.n * self.k;
+        let z1 = device::temp::<f32>(dev, nk)?;
+        // SAFETY: v_read and eps n·k f32 (checked), z1 n·k f32.
+        unsafe {
+            crate::kernels::heads::add(
+                dev,
+                x.ptr(ins[0]),
+                x.ptr(ins[3]),
+                nk,
+                device::ptr(dev, &z1),
+            )?
+        };
+        let zp = device::ptr(dev, &z1);
+        device::risk(
+            dev,
+            &self.risk,
+            zp,
+            x.ptr(ins[4]),
+            x.ptr(ins[11]),
+            self.n,
+            self.k,
+        )
+    }
+}
+
+impl Op for FlowCriticLoss {
+    fn name(&self) -> String {
+        HostKernel::name(self)
+    }
+    fn forward(&self, x: &mut Exec<'_>, ins: &[TensorId], outs: &[TensorId]) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_forward(self, x, ins, outs);
+        };
+        let fi = self.check_cuda(x, ins)?;
+        let (n, k) = (self.n, self.k);
+        let r = self.risk_cuda(&dev, x, ins)?;
+        let (tp, rp) = r.as_ref().map_or((0, 0), |(t, rl, _)| {
+            (device::ptr(&dev, t), device::ptr(&dev, rl))
+        });
+        let c = device::temp::<f64>(&dev, n * crate::kernels::heads::FLOW_COLS)?;
+        // SAFETY: checked inputs; terms n·4 and row losses n f32 (or 0); c n·7 f64.
+        unsafe {
+            crate::kernels::heads::flow_rows(
+                &dev,
+                &fi,
+                n,
+                k,
+                self.w.gc != 0.0,
+                tp,
+                rp,
+                device::ptr(&dev, &c),
+            )?
+        };
+        let w = &self.w;
+        let f = crate::kernels::heads::Finish::new(
+            &[
+                w.dcfm as f64,
+                w.bcfm as f64,
+                w.gc as f64,
+                1.0,
+                0.0,
+                0.0,
+                0.0,
+            ],
+            &[0, 1, 2, 4, 5, 6],
+            None,
+        )?;
+        device::finish(&dev, x, &c, n, &f, 0, outs)
+    }
+    fn backward(
+        &self,
+        x: &mut Exec<'_>,
+        ins: &[TensorId],
+        outs: &[TensorId],
+        d_outs: &[TensorId],
+        d_ins: &[Option<TensorId>],
+    ) -> Result<()> {
+        let Some(dev) = x.cuda_device().cloned() else {
+            return host_backward(self, x, ins, outs, d_outs, d_ins);
+        };
+        // gc_target (5) may be computed from the parameters: it is a stop-gradient target.
+        if d_ins[3..]
+            .iter()
+            .enumerate()
+            .any(|(j, d)| d.is_some() && j + 3 != 5)
+        {
+            return Err(Error::Invalid(
+                "flow_critic_loss: only the three head evaluations get gradients".into(),
+            ));
+        }
+        if d_ins[..3].iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let fi = self.check_cuda(x, ins)?;
+        let grads: Vec<TensorId> = d_ins[..3].iter().flatten().copied().collect();
+        f32s(x, "flow_critic_loss gradients", &grads)?;
+        f32s(x, "flow_critic_loss d(loss)", &d_outs[..1])?;
+        let r = self.risk_cuda(&dev, x, ins)?;
+        let gp = r.as_ref().map_or(0, |(_, _, g)| device::ptr(&dev, g));
+        let w = &self.w;
+        // SAFETY: checked inputs; risk gradient n·k f32 (or 0); the gradients n·k f32.
+        unsafe {
+            crate::kernels::heads::flow_bwd(
+                &dev,
+                &fi,
+                self.n,
+                self.k,
+                (w.dcfm, w.bcfm, w.gc),
+                gp,
+                x.ptr(d_outs[0]),
+                opt_ptr(x, d_ins[0]),
+                opt_ptr(x, d_ins[1]),
+                opt_ptr(x, d_ins[2]),
+            )
+        }
     }
 }

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use super::heads::{
-    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, GatherRows, HostOp, QuantileLoss, RiskTerms,
+    ActorLoss, Cast, FlowCriticLoss, FlowTermWeights, GatherRows, QuantileLoss, RiskTerms,
     ValueLoss,
 };
 use super::optim::{Optimizer, Schedule, StepOutcome};
@@ -29,6 +29,7 @@ use crate::kernels::flow::{self, FlowHeadShape, IntegrateOpts};
 use crate::kernels::rl::KlKind;
 use crate::model::checkpoint::TensorMap;
 use crate::model::decoder::{Decoder, DecoderGraph, HeadOut};
+use crate::train::step_ops::{StepBuf, StepOps};
 
 /// Optimizer settings of one model.
 #[derive(Clone, Debug)]
@@ -118,6 +119,39 @@ pub fn response_logprobs(
     Ok((lp, ent))
 }
 
+/// [`response_logprobs`] into step buffers (on CUDA the log-probs stay on the device).
+pub fn response_logprobs_buf(
+    ops: &StepOps,
+    graph: &mut DecoderGraph,
+    seqs: &[Vec<u32>],
+    skip: &[usize],
+) -> Result<(StepBuf, StepBuf)> {
+    let (b, s) = graph.shape();
+    let (lt, et) = graph
+        .logprob_tensors()
+        .ok_or_else(|| Error::Invalid("response log-probs: the graph has no LM head".into()))?;
+    let (mut lp, mut ent) = (ops.zeros(seqs.len() * s)?, ops.zeros(seqs.len() * s)?);
+    for r in chunks(seqs.len(), b) {
+        let m = r.len();
+        graph.set_batch_masked(&seqs[r.clone()], &skip[r.clone()])?;
+        graph.forward()?;
+        ops.read_graph(graph.session(), lt, m * s, &mut lp, r.start * s)?;
+        ops.read_graph(graph.session(), et, m * s, &mut ent, r.start * s)?;
+    }
+    Ok((lp, ent))
+}
+
+/// The actor loss's inputs in the policy graph (see [`Policy::update_written`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyInputs {
+    /// `[B][S]` each.
+    pub old_lp: TensorId,
+    pub adv: TensorId,
+    pub tok_w: TensorId,
+    /// The KL-in-the-loss inputs: reference log-probs `[B][S]` and β (1).
+    pub kl: Option<(TensorId, TensorId)>,
+}
+
 /// Statistics of one actor update.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ActorStats {
@@ -183,13 +217,13 @@ impl Policy {
                 ins.extend([r, c]);
             }
             let outs = g.node_typed(
-                HostOp(ActorLoss {
+                ActorLoss {
                     n,
                     clip_low,
                     clip_high,
                     ent_coef,
                     kl,
-                }),
+                },
                 &ins,
                 &[
                     ("actor_loss", 1, DType::F32),
@@ -244,7 +278,6 @@ impl Policy {
             o.resize(b * s, 0.0);
             o
         };
-        self.graph.set_batch_masked(seqs, skip)?;
         let sess = self.graph.session_mut();
         sess.write(self.old_lp, &pad(old_lp))?;
         sess.write(self.adv, &pad(adv))?;
@@ -263,6 +296,22 @@ impl Policy {
                 )))
             }
         }
+        self.update_written(seqs, skip)
+    }
+
+    /// The actor loss's graph inputs, to write them in place (see [`Policy::update_written`]).
+    pub fn inputs(&self) -> PolicyInputs {
+        PolicyInputs {
+            old_lp: self.old_lp,
+            adv: self.adv,
+            tok_w: self.tok_w,
+            kl: self.kl_in,
+        }
+    }
+
+    /// [`Policy::update`] with the loss's inputs ([`Policy::inputs`]) already written.
+    pub fn update_written(&mut self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<ActorStats> {
+        self.graph.set_batch_masked(seqs, skip)?;
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
         Ok(ActorStats {
@@ -467,12 +516,12 @@ pub fn flow_head_graph(
     loss_ins.extend([ins[6], ins[7], gc_target, ins[8], ins[9]]);
     loss_ins.extend_from_slice(&tok);
     let outs = g.node_typed(
-        HostOp(FlowCriticLoss {
+        FlowCriticLoss {
             n: m,
             k,
             w: spec.weights,
             risk: spec.risk,
-        }),
+        },
         &loss_ins,
         &[("flow_loss", 1, DType::F32), ("flow_stats", 6, DType::F32)],
     )?;
@@ -530,7 +579,7 @@ impl Critic {
                         .map(|nm| g.input(nm, n))
                         .collect();
                     let outs = g.node_typed(
-                        HostOp(ValueLoss { n, clip: *clip }),
+                        ValueLoss { n, clip: *clip },
                         &[v, ins[0], ins[1], ins[2]],
                         &[
                             ("value_loss", 1, DType::F32),
@@ -566,13 +615,13 @@ impl Critic {
                     let tg = g.input("target", n * k);
                     let tw = g.input("token_weight", n);
                     let outs = g.node_typed(
-                        HostOp(QuantileLoss {
+                        QuantileLoss {
                             n,
                             k,
                             kappa: *kappa,
                             sum_quantiles: *sum_quantiles,
                             risk: *risk,
-                        }),
+                        },
                         &[q, tg, tw],
                         &[
                             ("quantile_loss", 1, DType::F32),
@@ -668,6 +717,31 @@ impl Critic {
         Ok(out)
     }
 
+    /// [`Critic::forward_readout`] into a step buffer (on CUDA it stays on the device).
+    pub fn forward_readout_buf(&mut self, ops: &StepOps, seqs: &[Vec<u32>]) -> Result<StepBuf> {
+        let (b, _) = self.graph.shape();
+        let per_row = self.graph.session().plan().tensor(self.readout).len / b;
+        let mut out = ops.zeros(seqs.len() * per_row)?;
+        for r in chunks(seqs.len(), b) {
+            let m = r.len();
+            self.graph.set_batch(&seqs[r.clone()])?;
+            self.graph.forward_to(self.readout)?;
+            let sess = self.graph.session();
+            ops.read_graph(sess, self.readout, m * per_row, &mut out, r.start * per_row)?;
+        }
+        Ok(out)
+    }
+
+    /// The flow head's current parameters as a step buffer (on CUDA a device copy of the
+    /// graph's live weights, on the CPU the master weights).
+    pub fn flow_params_buf(&self, ops: &StepOps) -> Result<StepBuf> {
+        if !ops.is_cuda() {
+            return Ok(StepBuf::Host(self.flow_params()?));
+        }
+        let t = self.graph.param_id(FLOW_PARAMS)?;
+        ops.graph_param(self.graph.session(), t)
+    }
+
     /// The flow head's token capacity per minibatch (flow critic only).
     pub fn flow_capacity(&self) -> Option<usize> {
         match self.head {
@@ -709,7 +783,6 @@ impl Critic {
             .check_rows(&inputs[0])?;
         }
         let flow = matches!(self.head, CriticHead::Flow { .. });
-        self.graph.set_batch(seqs)?;
         for (i, (&t, v)) in self.inputs.iter().zip(inputs).enumerate() {
             let len = self.graph.session().plan().tensor(t).len;
             let mut o = v.clone();
@@ -723,6 +796,19 @@ impl Critic {
             o.resize(len, if flow && i == 0 { -1.0 } else { 0.0 });
             self.graph.session_mut().write(t, &o)?;
         }
+        self.update_written(seqs)
+    }
+
+    /// The loss's graph inputs in the head's order (to write them in place, see
+    /// [`Critic::update_written`]).
+    pub fn inputs(&self) -> &[TensorId] {
+        &self.inputs
+    }
+
+    /// [`Critic::update`] with the head's inputs ([`Critic::inputs`]) already written (the
+    /// flow head's row list must hold distinct rows, as [`GatherRows::check_rows`] checks).
+    pub fn update_written(&mut self, seqs: &[Vec<u32>]) -> Result<CriticStats> {
+        self.graph.set_batch(seqs)?;
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
         Ok(CriticStats {

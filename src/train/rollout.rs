@@ -43,6 +43,15 @@ impl Stream {
         self.counter += 1;
         splitmix64(self.seed ^ splitmix64(self.counter))
     }
+    /// (seed, draws so far): draw c (from 1) is `uniform_open(seed, c)`, what a device kernel
+    /// needs to draw the same values ([`crate::kernels::step::uniform_normal`]).
+    pub fn state(&self) -> (u64, u64) {
+        (self.seed, self.counter)
+    }
+    /// Skips `n` draws (made elsewhere, e.g. on the device).
+    pub fn skip(&mut self, n: u64) {
+        self.counter += n;
+    }
     /// A uniformly random permutation of 0..n (Fisher–Yates).
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut p: Vec<usize> = (0..n).collect();
@@ -134,6 +143,22 @@ pub enum GrpoStd {
 /// GRPO: (R − mean_group)/(std_group + 1e-6) at every response token of the row, with the std
 /// of `std` (verl's epsilon; no division with [`GrpoStd::None`]).
 pub fn grpo_advantages(batch: &Batch, rewards: &[f64], std: GrpoStd) -> Vec<f32> {
+    let a = grpo_row_advantages(batch, rewards, std);
+    let mask = batch.mask();
+    let s = batch.s;
+    let mut out = vec![0.0f32; mask.len()];
+    for (r, &ar) in a.iter().enumerate() {
+        for t in 0..s {
+            if mask[r * s + t] != 0.0 {
+                out[r * s + t] = ar;
+            }
+        }
+    }
+    out
+}
+
+/// [`grpo_advantages`] per row (the value every response token of the row gets).
+pub fn grpo_row_advantages(batch: &Batch, rewards: &[f64], std: GrpoStd) -> Vec<f32> {
     let groups = batch.group.iter().copied().max().map_or(0, |g| g + 1);
     let (mut sum, mut sq, mut cnt) = (
         vec![0.0f64; groups],
@@ -145,25 +170,21 @@ pub fn grpo_advantages(batch: &Batch, rewards: &[f64], std: GrpoStd) -> Vec<f32>
         sq[g] += rewards[r] * rewards[r];
         cnt[g] += 1.0;
     }
-    let mask = batch.mask();
-    let s = batch.s;
-    let mut out = vec![0.0f32; mask.len()];
-    for (r, &g) in batch.group.iter().enumerate() {
-        let mean = sum[g] / cnt[g];
-        let ss = (sq[g] - cnt[g] * mean * mean).max(0.0);
-        let scale = match std {
-            GrpoStd::Unbiased => (ss / (cnt[g] - 1.0).max(1.0)).sqrt() + 1e-6,
-            GrpoStd::Population => (ss / cnt[g]).sqrt() + 1e-6,
-            GrpoStd::None => 1.0,
-        };
-        let a = ((rewards[r] - mean) / scale) as f32;
-        for t in 0..s {
-            if mask[r * s + t] != 0.0 {
-                out[r * s + t] = a;
-            }
-        }
-    }
-    out
+    batch
+        .group
+        .iter()
+        .enumerate()
+        .map(|(r, &g)| {
+            let mean = sum[g] / cnt[g];
+            let ss = (sq[g] - cnt[g] * mean * mean).max(0.0);
+            let scale = match std {
+                GrpoStd::Unbiased => (ss / (cnt[g] - 1.0).max(1.0)).sqrt() + 1e-6,
+                GrpoStd::Population => (ss / cnt[g]).sqrt() + 1e-6,
+                GrpoStd::None => 1.0,
+            };
+            ((rewards[r] - mean) / scale) as f32
+        })
+        .collect()
 }
 
 /// Token weights `[rows][S]` of a minibatch: token mean (1/#tokens) or sequence mean
@@ -334,6 +355,24 @@ pub struct FlowTargets {
 }
 
 impl FlowTargets {
+    /// The 12 fields in [`FlowTargets::fields`] order, moved out.
+    pub fn into_fields(self) -> [Vec<f32>; 12] {
+        [
+            self.z_read,
+            self.tau_read,
+            self.z_b,
+            self.tau_b,
+            self.z_d,
+            self.tau_d,
+            self.eps,
+            self.target,
+            self.vel_b,
+            self.vel_d,
+            self.w_unc,
+            self.dmask,
+        ]
+    }
+
     /// The per-token fields in the flow critic head's input order
     /// ([`crate::train::models::FLOW_SAMPLE_INPUTS`]): 10 of K values per token, then 2 of one
     /// value per token.

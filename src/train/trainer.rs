@@ -21,20 +21,20 @@ use super::eval::{
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
 use super::models::{
-    response_logprobs, tensor_map, ActorStats, Critic, CriticHead, CriticStats, OptSettings, Policy,
+    response_logprobs_buf, tensor_map, ActorStats, Critic, CriticHead, CriticStats, OptSettings,
+    Policy,
 };
 use super::optim::Schedule;
 use super::rollout::{
-    flow_readout, flow_targets, gather, grpo_advantages, pool_first_token_targets, token_rewards,
-    token_weights, Batch, FlowSolve, FlowTargetOpts, FlowTargets, GrpoStd, Stream,
+    gather, grpo_row_advantages, Batch, FlowSolve, FlowTargetOpts, GrpoStd, Stream,
 };
 use super::run_dir::{self, Fingerprint, Start};
-use super::step_ops::StepOps;
+use super::step_ops::{FlowMicro, StepBuf, StepOps, FLOW_TARGET_FIELD};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{FlowHeadShape, IntegrateOpts, Solver};
-use crate::kernels::risk::{self, RiskLossWeights, Stat, TailLevels};
+use crate::kernels::risk::{RiskLossWeights, Stat, TailLevels};
 use crate::kernels::rl::GaeParams;
 use crate::kernels::sample::SampleParams;
 use crate::model::checkpoint::{
@@ -109,26 +109,35 @@ pub fn resolve_device(name: &str) -> Result<Device> {
 
 pub use crate::model::builtin::model_dir;
 
-/// What the update phase of one RL step reads (see [`Trainer::prepare`]). Per-token vectors
-/// are `[rows][S]` (× K for the value samples), rows prompt-major.
+/// What the update phase of one RL step reads (see [`Trainer::prepare`]). Per-token tensors
+/// are `[rows][S]` (× K for the value samples), rows prompt-major, as step buffers: host vectors
+/// on the CPU, device buffers on CUDA ([`StepBuf::host`] reads the former; [`StepOps::read`]
+/// downloads either).
 pub struct Prepared {
     pub batch: Batch,
+    /// The rollout mask on the host (the rollout's bookkeeping: token lists, weights).
     pub mask: Vec<f32>,
+    /// The same mask where the step computes.
+    pub mask_buf: StepBuf,
     pub skip: Vec<usize>,
     pub ntok: f64,
-    pub old_lp: Vec<f32>,
-    pub old_ent: Vec<f32>,
+    pub old_lp: StepBuf,
+    pub old_ent: StepBuf,
     /// The per-token KL against the reference (its estimator), when there is a reference.
-    pub kl: Option<Vec<f32>>,
+    pub kl: Option<StepBuf>,
     /// The reference log-probs, when the KL is a term of the actor loss.
-    pub ref_lp: Option<Vec<f32>>,
-    pub values: Vec<f32>,
-    pub ret: Vec<f32>,
-    pub adv: Vec<f32>,
+    pub ref_lp: Option<StepBuf>,
+    pub values: StepBuf,
+    pub ret: StepBuf,
+    pub adv: StepBuf,
     pub k: usize,
-    pub targets: Option<FlowTargets>,
+    /// The flow critic's targets: the 12 fields of [`super::rollout::FlowTargets::fields`].
+    pub targets: Option<Vec<StepBuf>>,
     /// The critic readout's statistics.
     pub metrics: BTreeMap<String, f64>,
+    /// Σ entropy over the response tokens and (with a reference) Σ KL (the step's metrics).
+    pub entropy_sum: f64,
+    pub kl_sum: Option<f64>,
     pub t_roll: f64,
     pub t_prep: f64,
 }
@@ -409,6 +418,16 @@ impl Trainer {
         &self.device
     }
 
+    /// The graphs' sequence length S (longest prompt + rollout.max_new_tokens).
+    pub fn seq_len(&self) -> usize {
+        self.s
+    }
+
+    /// Where the step's numerics run (reads the step buffers of a [`Prepared`]).
+    pub fn step_ops(&self) -> &StepOps {
+        &self.ops
+    }
+
     /// The prompts of RL step `step`: consecutive slices of a per-epoch permutation.
     fn step_prompts(&self, step: u64) -> Vec<usize> {
         let n = self.train_ids.len();
@@ -627,24 +646,40 @@ impl Trainer {
             )));
         }
         let (rows, s) = (batch.rows(), self.s);
+        let ops = self.ops.clone();
         let mask = batch.mask();
+        let mask_buf = ops.batch_mask(&batch)?;
         let skip = batch.prompt_len.clone();
         let ntok: f64 = mask.iter().map(|&v| v as f64).sum();
+        // The response tokens: the flow readout's and the statistics' rows.
+        let tokens = ops.token_list((0..rows * s).filter(|&i| mask[i] != 0.0).collect())?;
+        // The scalar metrics, read once at the end.
+        let mut sc = ops.scalars()?;
 
-        let (old_lp, old_ent) = self.policy.logprobs(&batch.seqs, &skip)?;
+        let (old_lp, old_ent) =
+            response_logprobs_buf(&ops, &mut self.policy.graph, &batch.seqs, &skip)?;
+        ops.sum_into(
+            &mut sc,
+            "entropy_sum",
+            &old_ent,
+            Some(&mask_buf),
+            rows * s,
+            1,
+            0,
+        )?;
         // KL against the reference policy: in the reward, or (kl.placement) in the actor loss.
         let in_loss = self.cfg.kl_in_loss();
         let (kl, ref_lp) = if let Some(r) = self.reference.as_mut() {
-            let (ref_lp, _) = response_logprobs(r, &batch.seqs, &skip)?;
-            let mut kl = vec![0.0f32; rows * s];
-            self.ops
-                .kl_penalty(&old_lp, &ref_lp, &mask, self.cfg.kl_kind(), &mut kl)?;
+            let (ref_lp, _) = response_logprobs_buf(&ops, r, &batch.seqs, &skip)?;
+            let kl = ops.kl_buf(&old_lp, &ref_lp, &mask_buf, self.cfg.kl_kind())?;
+            ops.sum_into(&mut sc, "kl_sum", &kl, None, rows * s, 1, 0)?;
             (Some(kl), in_loss.then_some(ref_lp))
         } else {
             (None, None)
         };
-        let reward_kl = if in_loss { None } else { kl.as_deref() };
-        let rewards = token_rewards(&batch, reward_kl, self.kl_coef, &batch.noisy);
+        let reward_kl = if in_loss { None } else { kl.as_ref() };
+        let rewards =
+            ops.token_rewards(&batch, &mask_buf, reward_kl, self.kl_coef, &batch.noisy)?;
 
         // Critic readout and advantages.
         let k = self.critic.as_ref().map_or(1, |c| c.head.k());
@@ -652,71 +687,58 @@ impl Trainer {
             gamma: self.cfg.ppo.gamma as f32,
             lambda: self.cfg.ppo.lam as f32,
         };
-        let mut values = vec![0.0f32; rows * s * k];
-        let mut flow_u = Vec::new();
-        let mut sample_std = vec![0.0f32; rows * s];
+        let mut values = ops.zeros(rows * s * k)?;
+        let mut flow = None;
         let fs = self.flow_solve();
         if let Some(c) = self.critic.as_mut() {
-            let out = c.forward_readout(&batch.seqs)?;
+            let mut out = c.forward_readout_buf(&ops, &batch.seqs)?;
             match (&c.head, &fs) {
                 (CriticHead::Flow { .. }, Some(fs)) => {
-                    let params = c.flow_params()?;
-                    let (z, sd) = flow_readout(&self.ops, fs, &params, &out, &mask)?;
+                    let params = c.flow_params_buf(&ops)?;
+                    let (z, sd) = ops.flow_readout_buf(fs, &params, &out, &mask_buf, &tokens)?;
                     values = z;
-                    sample_std = sd;
-                    flow_u = out;
+                    flow = Some((params, out, sd));
                 }
                 _ => {
-                    for (i, v) in out.iter().enumerate() {
-                        if mask[i / k] != 0.0 {
-                            values[i] = *v;
-                        }
-                    }
+                    ops.mask_select(&mut out, &mask_buf, k)?;
+                    values = out;
                 }
             }
         }
-        let mut adv_k = vec![0.0f32; rows * s * k];
-        let mut ret = vec![0.0f32; rows * s * k];
-        let mut adv = vec![0.0f32; rows * s];
-        if self.cfg.algo.name == Algo::Grpo {
+        let (ret, adv) = if self.cfg.algo.name == Algo::Grpo {
             let std = match self.cfg.ppo.grpo_std.as_str() {
                 "population" => GrpoStd::Population,
                 "none" => GrpoStd::None,
                 _ => GrpoStd::Unbiased,
             };
-            adv = grpo_advantages(&batch, &batch.noisy, std);
+            let a = grpo_row_advantages(&batch, &batch.noisy, std);
+            (
+                ops.zeros(rows * s * k)?,
+                ops.rows_on_mask(&mask_buf, s, &a)?,
+            )
         } else {
-            self.ops.dist_gae(
-                &values, &rewards, &mask, rows, s, k, gae, &mut adv_k, &mut ret, &mut adv,
-            )?;
+            let (_, ret, adv) = ops.gae_buf(&values, &rewards, &mask_buf, rows, s, k, gae)?;
             if self.cfg.ppo.whiten && ntok >= 2.0 {
-                let raw = adv.clone();
-                self.ops.whiten(&raw, &mask, &mut adv)?;
+                (ret, ops.whiten_buf(&adv, &mask_buf)?)
+            } else {
+                (ret, adv)
             }
-        }
+        };
         // Value statistics of the rollout-time critic (the risk kernel's per-row statistics).
+        let stats = [
+            ("critic/value_mean", Stat::Mean),
+            ("critic/value_std", Stat::Std),
+            ("critic/cvar", Stat::CvarLow),
+        ];
         if self.critic.is_some() {
-            let idx: Vec<usize> = (0..rows * s).filter(|&t| mask[t] != 0.0).collect();
-            let x: Vec<f64> = gather(&values, &idx, k).iter().map(|&v| v as f64).collect();
-            let mut st = vec![0.0f64; idx.len() * risk::NSTATS];
             let levels = TailLevels {
                 alpha: self.cfg.critic.alpha as f32,
                 beta: self.cfg.critic.beta as f32,
             };
-            self.ops.risk_stats(&x, k, levels, &mut st)?;
-            let d = ntok.max(1.0);
-            for (name, stat) in [
-                ("critic/value_mean", Stat::Mean),
-                ("critic/value_std", Stat::Std),
-                ("critic/cvar", Stat::CvarLow),
-            ] {
-                let sum: f64 = st.chunks(risk::NSTATS).map(|r| r[stat as usize]).sum();
-                m.insert(name.into(), sum / d);
-            }
+            ops.risk_stat_sums(&mut sc, &values, &tokens, k, levels, &stats)?;
         }
-        let targets = match (&fs, self.critic.as_ref()) {
-            (Some(fs), Some(c)) => {
-                let params = c.flow_params()?;
+        let targets = match (&fs, &flow) {
+            (Some(fs), Some((params, u, sd))) => {
                 let cc = &self.cfg.critic;
                 let o = FlowTargetOpts {
                     gamma: gae.gamma,
@@ -729,36 +751,35 @@ impl Trainer {
                     anchor_lambda: cc.anchor == "lambda",
                 };
                 let mut rng = Stream::new(self.cfg.run.seed, step, "tau");
-                let mut t = flow_targets(
-                    &self.ops,
-                    fs,
-                    &params,
-                    &flow_u,
-                    &values,
-                    &sample_std,
-                    &ret,
-                    &rewards,
-                    &mask,
-                    s,
-                    &o,
-                    &mut rng,
+                let mut t = ops.flow_targets_buf(
+                    fs, params, u, &values, sd, &ret, &rewards, &mask_buf, &tokens, s, &o, &mut rng,
                 )?;
                 if cc.risk_targets == "prompt" {
-                    pool_first_token_targets(&batch, &mut t.target, fs.k);
+                    ops.pool_first_buf(&batch, &mut t[FLOW_TARGET_FIELD], fs.k)?;
                 }
                 Some(t)
             }
             _ => None,
         };
+        // The prepare phase's one read of its scalars.
+        let scalars: BTreeMap<String, f64> = ops.read_scalars(&sc)?.into_iter().collect();
+        if self.critic.is_some() {
+            let d = ntok.max(1.0);
+            for (name, _) in stats {
+                m.insert(name.into(), scalars[name] / d);
+            }
+        }
         let t_prep = t0.elapsed().as_secs_f64();
 
         Ok(Prepared {
             batch,
             mask,
+            mask_buf,
             skip,
             ntok,
             old_lp,
             old_ent,
+            kl_sum: kl.as_ref().map(|_| scalars["kl_sum"]),
             kl,
             ref_lp,
             values,
@@ -767,105 +788,16 @@ impl Trainer {
             k,
             targets,
             metrics: m,
+            entropy_sum: scalars["entropy_sum"],
             t_roll: 0.0,
             t_prep,
         })
     }
 
-    /// The critic head's inputs for the micro-batch `rows` (a range of positions in `sel`) of
-    /// the minibatch whose inputs are `full` (from [`Self::critic_inputs`], weights normalised
-    /// over the whole minibatch, so the micro-batches' losses and gradients add up to the
-    /// minibatch's). Every input lists entries in row order: `[rows][S]` positions for the value
-    /// and quantile heads, the response tokens for the flow head (its first input holds their
-    /// graph rows r·S + t, made local to the micro-batch; unused capacity −1).
-    fn micro_inputs(
-        &self,
-        full: &[Vec<f32>],
-        rows: std::ops::Range<usize>,
-        total_rows: usize,
-    ) -> Vec<Vec<f32>> {
-        let s = self.s;
-        let flow_cap = self.critic.as_ref().and_then(|c| c.flow_capacity());
-        // Entry range of the micro-batch and the total entry count.
-        let (lo, hi, n) = match flow_cap {
-            None => (rows.start * s, rows.end * s, total_rows * s),
-            Some(_) => {
-                let local = &full[0];
-                let first = |r: usize| local.partition_point(|&i| (i as usize) < r * s);
-                (first(rows.start), first(rows.end), local.len())
-            }
-        };
-        let mut out: Vec<Vec<f32>> = full
-            .iter()
-            .map(|v| {
-                let w = v.len().checked_div(n).unwrap_or(0);
-                v[lo * w..hi * w].to_vec()
-            })
-            .collect();
-        if let Some(cap) = flow_cap {
-            let shift = (rows.start * s) as f32;
-            for i in out[0].iter_mut() {
-                *i -= shift;
-            }
-            // Unused capacity: no row (−1), zero weight.
-            out[0].resize(cap, -1.0);
-        }
-        out
-    }
-
-    /// The critic head's inputs for the minibatch of rollout rows `sel`.
-    fn critic_inputs(&self, p: &Prepared, sel: &[usize]) -> Option<Vec<Vec<f32>>> {
-        let c = self.critic.as_ref()?;
-        let (s, k) = (self.s, p.k);
-        let mmask = gather(&p.mask, sel, s);
-        let ctw = token_weights(&mmask, s, false);
-        Some(match &c.head {
-            CriticHead::Value { .. } => {
-                vec![gather(&p.ret, sel, s), gather(&p.values, sel, s), ctw]
-            }
-            CriticHead::Quantile { .. } => vec![gather(&p.ret, sel, s * k), ctw],
-            CriticHead::Flow { .. } => {
-                // Only the minibatch's response tokens: graph row r·S + t, rollout token
-                // sel[r]·S + t.
-                let t = p.targets.as_ref().expect("flow targets");
-                let (mut local, mut global) = (Vec::new(), Vec::new());
-                for (r, &row) in sel.iter().enumerate() {
-                    for tt in 0..s {
-                        if p.mask[row * s + tt] != 0.0 {
-                            local.push(r * s + tt);
-                            global.push(row * s + tt);
-                        }
-                    }
-                }
-                let mut v: Vec<Vec<f32>> = vec![local.iter().map(|&i| i as f32).collect()];
-                for (i, full) in t.fields().into_iter().enumerate() {
-                    v.push(gather(full, &global, if i < 10 { k } else { 1 }));
-                }
-                v.push(local.iter().map(|&i| ctw[i]).collect());
-                // The risk terms' row weights: every response token, or (risk_targets =
-                // "prompt") the first response tokens only, equally.
-                let risk_w: Vec<f32> = if self.cfg.critic.risk_targets == "prompt" {
-                    let first: Vec<bool> = local
-                        .iter()
-                        .zip(&global)
-                        .map(|(_, &gi)| gi % s + 1 == p.skip[gi / s])
-                        .collect();
-                    let nf = first.iter().filter(|&&f| f).count().max(1) as f32;
-                    first
-                        .iter()
-                        .map(|&f| if f { 1.0 / nf } else { 0.0 })
-                        .collect()
-                } else {
-                    v.last().expect("token weights").clone()
-                };
-                v.push(risk_w);
-                v
-            }
-        })
-    }
-
     /// One actor update and one critic update on the minibatch of rollout rows `sel`
     /// (metrics accumulated into `acc`); returns how many updates were skipped as non-finite.
+    /// The loss inputs are written into the graphs from the step buffers where they are (on
+    /// CUDA a device gather per input: only the row lists go up).
     pub fn update_minibatch(
         &mut self,
         p: &Prepared,
@@ -874,6 +806,7 @@ impl Trainer {
     ) -> Result<f64> {
         // Messages number steps from 1, as metrics.jsonl does.
         let (step, s) = (self.step + 1, self.s);
+        let ops = self.ops.clone();
         let add = |acc: &mut BTreeMap<String, (f64, f64)>, k: &str, v: f64| {
             let e = acc.entry(k.to_string()).or_insert((0.0, 0.0));
             e.0 += v;
@@ -884,28 +817,56 @@ impl Trainer {
         let mut skipped = 0.0;
         let seqs: Vec<Vec<u32>> = sel.iter().map(|&r| p.batch.seqs[r].clone()).collect();
         let sk: Vec<usize> = sel.iter().map(|&r| p.skip[r]).collect();
-        let tw = token_weights(&gather(&p.mask, sel, s), s, seq_mean);
-        let (old_lp, adv) = (gather(&p.old_lp, sel, s), gather(&p.adv, sel, s));
-        let ref_lp = p.ref_lp.as_ref().map(|r| gather(r, sel, s));
+        let denom = weight_denoms(&p.mask, sel, s, seq_mean);
         let micro = self.micro_batches(sel.len());
+        // Graph row j of micro-batch r reads rollout row sel[r.start + j] (None: padding).
+        let pick = |r: &std::ops::Range<usize>, b: usize| -> Vec<Option<usize>> {
+            let mut v: Vec<Option<usize>> = sel[r.clone()].iter().map(|&x| Some(x)).collect();
+            v.resize(b, None);
+            v
+        };
+        let padded = |v: &[f32], r: &std::ops::Range<usize>, b: usize| -> Vec<f32> {
+            let mut o = v[r.clone()].to_vec();
+            o.resize(b, 0.0);
+            o
+        };
+        let (pb, _) = self.policy.graph.shape();
+        let pin = self.policy.inputs();
         let mut st = ActorStats::default();
         // More than one micro-batch: their gradients are summed on the host and written back
         // into the graph, where the optimizer reads them (a download and an upload per
         // micro-batch on CUDA: no device-side accumulation yet).
         let mut g = Vec::new();
         for r in &micro {
-            let t = r.start * s..r.end * s;
-            let kl = ref_lp
-                .as_deref()
-                .map(|l| (&l[t.clone()], self.kl_coef as f32));
-            let mst = self.policy.update(
-                &seqs[r.clone()],
-                &sk[r.clone()],
-                &old_lp[t.clone()],
-                &adv[t.clone()],
-                &tw[t],
-                kl,
+            let rows = pick(r, pb);
+            let sess = self.policy.graph.session_mut();
+            ops.write_rows(sess, pin.old_lp, &p.old_lp, &rows, s)?;
+            ops.write_rows(sess, pin.adv, &p.adv, &rows, s)?;
+            ops.write_token_weights(
+                sess,
+                pin.tok_w,
+                &p.mask_buf,
+                &rows,
+                s,
+                &padded(&denom, r, pb),
             )?;
+            match (pin.kl, &p.ref_lp) {
+                (Some((rt, ct)), Some(ref_lp)) => {
+                    ops.write_rows(sess, rt, ref_lp, &rows, s)?;
+                    sess.write(ct, &[self.kl_coef as f32])?;
+                }
+                (None, None) => {}
+                (have, _) => {
+                    return Err(Error::Invalid(format!(
+                    "policy update: the actor loss {} a KL term, the step {} reference log-probs",
+                    if have.is_some() { "has" } else { "has no" },
+                    if have.is_some() { "has no" } else { "has" }
+                )))
+                }
+            }
+            let mst = self
+                .policy
+                .update_written(&seqs[r.clone()], &sk[r.clone()])?;
             // The weights are the minibatch's: losses, statistics and gradients add.
             st.loss += mst.loss;
             st.pg_loss += mst.pg_loss;
@@ -954,17 +915,78 @@ impl Trainer {
         if p.ref_lp.is_some() {
             add(acc, "actor/kl_loss", st.kl_loss);
         }
-        let Some(inputs) = self.critic_inputs(p, sel) else {
+        // The critic's token weights are token means over the minibatch.
+        let cdenom = weight_denoms(&p.mask, sel, s, false);
+        // The flow head: the minibatch's response tokens (graph row r·S + t, rollout token
+        // sel[r]·S + t) and, with critic.risk_targets = "prompt", its first-token count.
+        let flow_tokens = |r: &std::ops::Range<usize>| -> Vec<usize> {
+            sel[r.clone()]
+                .iter()
+                .flat_map(|&row| (row * s..(row + 1) * s).filter(|&i| p.mask[i] != 0.0))
+                .collect()
+        };
+        let all = flow_tokens(&(0..sel.len()));
+        let first_count = (self.cfg.critic.risk_targets == "prompt").then(|| {
+            all.iter()
+                .filter(|&&g| g % s + 1 == p.skip[g / s])
+                .count()
+                .max(1) as f32
+        });
+        let total: f32 = gather(&p.mask, sel, s).iter().sum();
+        let Some(c) = self.critic.as_mut() else {
             return Ok(skipped);
         };
-        let parts: Vec<Vec<Vec<f32>>> = micro
-            .iter()
-            .map(|r| self.micro_inputs(&inputs, r.clone(), sel.len()))
-            .collect();
-        let c = self.critic.as_mut().expect("critic inputs imply a critic");
+        let (cb, _) = c.graph.shape();
+        let cin: Vec<crate::graph::TensorId> = c.inputs().to_vec();
+        let head = c.head.clone();
+        let kk = p.k;
         let (mut cst, mut g) = (None::<CriticStats>, Vec::new());
-        for (r, part) in micro.iter().zip(&parts) {
-            let mst = c.update(&seqs[r.clone()], part)?;
+        for r in &micro {
+            let rows = pick(r, cb);
+            let sess = c.graph.session_mut();
+            match &head {
+                CriticHead::Value { .. } => {
+                    ops.write_rows(sess, cin[0], &p.ret, &rows, s)?;
+                    ops.write_rows(sess, cin[1], &p.values, &rows, s)?;
+                    ops.write_token_weights(
+                        sess,
+                        cin[2],
+                        &p.mask_buf,
+                        &rows,
+                        s,
+                        &padded(&cdenom, r, cb),
+                    )?;
+                }
+                CriticHead::Quantile { .. } => {
+                    ops.write_rows(sess, cin[0], &p.ret, &rows, s * kk)?;
+                    ops.write_token_weights(
+                        sess,
+                        cin[1],
+                        &p.mask_buf,
+                        &rows,
+                        s,
+                        &padded(&cdenom, r, cb),
+                    )?;
+                }
+                CriticHead::Flow { .. } => {
+                    let t = p.targets.as_ref().expect("flow targets");
+                    let mut rowpos = vec![-1i32; p.batch.rows()];
+                    for (j, &row) in sel[r.clone()].iter().enumerate() {
+                        rowpos[row] = j as i32;
+                    }
+                    let global = flow_tokens(r);
+                    let mb = FlowMicro {
+                        global: &global,
+                        rowpos: &rowpos,
+                        total,
+                        first_count,
+                        plen: &p.skip,
+                        s,
+                    };
+                    ops.write_flow_inputs(sess, &cin, t, &mb, kk)?;
+                }
+            }
+            let mst = c.update_written(&seqs[r.clone()])?;
             match &mut cst {
                 None => cst = Some(mst),
                 Some(a) => {
@@ -1020,6 +1042,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
         let t0 = Instant::now();
         let traffic0 = self.device.traffic();
+        let gen0 = self.generation_traffic().unwrap_or_default();
         let p = self.prepare()?;
         let step = self.step;
         let rows = p.batch.rows();
@@ -1033,10 +1056,14 @@ impl Trainer {
                 skipped += self.update_minibatch(&p, &order[j * bsz..(j + 1) * bsz], &mut acc)?;
             }
         }
-        // Generation runs on the host: its weights follow the (device) optimizer once a step.
-        self.policy.sync_host()?;
+        // Generation on the host: its weights follow the (device) optimizer once a step. Device
+        // generation reads the graph's weights: the host copy is refreshed where it is read.
+        if self.device_gen.is_none() {
+            self.policy.sync_host()?;
+        }
         let traffic1 = self.device.traffic();
-        let (batch, mask, ntok, kl) = (&p.batch, &p.mask, p.ntok, &p.kl);
+        let gen1 = self.generation_traffic().unwrap_or_default();
+        let (batch, ntok) = (&p.batch, p.ntok);
         let mut m = p.metrics.clone();
         for (k, (s, c)) in acc {
             m.insert(k, s / c);
@@ -1057,17 +1084,8 @@ impl Trainer {
                     .collect::<Vec<_>>(),
             ),
         );
-        m.insert("rollout/entropy".into(), {
-            let e: f64 = p
-                .old_ent
-                .iter()
-                .zip(mask)
-                .map(|(&e, &k)| (e * k) as f64)
-                .sum();
-            e / ntok.max(1.0)
-        });
-        if let Some(kl) = &kl {
-            let sum: f64 = kl.iter().map(|&x| x as f64).sum();
+        m.insert("rollout/entropy".into(), p.entropy_sum / ntok.max(1.0));
+        if let Some(sum) = p.kl_sum {
             // Per token (the usual log), and per sequence: summed over the response, averaged
             // over the batch, the unit of the adaptive controller's target (TRL's).
             let seq_kl = sum / rows as f64;
@@ -1088,8 +1106,22 @@ impl Trainer {
         let toks: f64 = batch.seqs.iter().map(|q| q.len() as f64).sum();
         m.insert("perf/tokens_per_s".into(), toks / t_total.max(1e-9));
         // Host <-> device bytes of this step (0 on the CPU device), see docs/PERF.md.
-        m.insert("perf/h2d_bytes".into(), (traffic1.0 - traffic0.0) as f64);
-        m.insert("perf/d2h_bytes".into(), (traffic1.1 - traffic0.1) as f64);
+        // Device generation counts its own copies (prompts up, token ids down): the rollout's
+        // share, included in the totals.
+        let (gh, gd) = (
+            (gen1.h2d_bytes - gen0.h2d_bytes) as f64,
+            (gen1.d2h_bytes - gen0.d2h_bytes) as f64,
+        );
+        m.insert("perf/rollout_h2d_bytes".into(), gh);
+        m.insert("perf/rollout_d2h_bytes".into(), gd);
+        m.insert(
+            "perf/h2d_bytes".into(),
+            (traffic1.0 - traffic0.0) as f64 + gh,
+        );
+        m.insert(
+            "perf/d2h_bytes".into(),
+            (traffic1.1 - traffic0.1) as f64 + gd,
+        );
         self.last_samples = self.samples_of(step, &p.batch);
         self.step += 1;
         Ok(m)
@@ -1405,6 +1437,8 @@ impl Trainer {
         }
         self.stop_if_interrupted()?;
         let after_ev = self.evaluate()?;
+        // The calibration generates on the host: its copy of the weights follows the device's.
+        self.policy.sync_host()?;
         if let Some(c) = critic_calibration(self)? {
             let js = serde_json::to_string_pretty(&c).map_err(|e| Error::Invalid(e.to_string()))?;
             write_atomic(self.out.join("critic_calibration.json"), |w| {
@@ -1533,4 +1567,25 @@ fn accumulate(acc: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
             *x += y;
         }
     }
+}
+
+/// Token-weight denominators of the minibatch rows `sel` ([`token_weights`]' arithmetic on the
+/// minibatch's mask: the token count for the token mean, each row's length × the number of
+/// rows with tokens for the sequence mean; 0 where a row gets no weight).
+fn weight_denoms(mask: &[f32], sel: &[usize], s: usize, seq_mean: bool) -> Vec<f32> {
+    let mm = gather(mask, sel, s);
+    let total: f32 = mm.iter().sum();
+    if total == 0.0 {
+        return vec![0.0; sel.len()];
+    }
+    if !seq_mean {
+        return vec![total; sel.len()];
+    }
+    let lens: Vec<f32> = (0..sel.len())
+        .map(|r| mm[r * s..(r + 1) * s].iter().sum())
+        .collect();
+    let nonempty = lens.iter().filter(|&&l| l > 0.0).count() as f32;
+    lens.iter()
+        .map(|&l| if l > 0.0 { l * nonempty } else { 0.0 })
+        .collect()
 }

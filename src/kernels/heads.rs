@@ -47,6 +47,8 @@ pub struct Finish {
 }
 // SAFETY: plain #[repr(C)] data with the layout of the kernel's by-value struct.
 unsafe impl DeviceRepr for Finish {}
+// SAFETY: as DeviceRepr (pushed by value; the emulator checks its size).
+unsafe impl crate::device::KernelValue for Finish {}
 const _: () = assert!(std::mem::size_of::<Finish>() == 112);
 
 impl Finish {
@@ -86,6 +88,8 @@ impl Finish {
 pub struct FlowIns(pub [u64; 12]);
 // SAFETY: plain #[repr(C)] data with the layout of the kernel's by-value struct of 12 pointers.
 unsafe impl DeviceRepr for FlowIns {}
+// SAFETY: as DeviceRepr (pushed by value; the emulator checks its size).
+unsafe impl crate::device::KernelValue for FlowIns {}
 
 /// Sums the `[n][f.cols]` f64 rows `c` into `loss` (1 f32) and `stats` (`f.n_stats` f32).
 ///

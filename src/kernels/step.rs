@@ -217,6 +217,8 @@ pub unsafe fn uniform_normal(
 pub struct FlowFieldPtrs(pub [u64; 10]);
 // SAFETY: plain #[repr(C)] data with the layout of the kernel's by-value struct of 10 pointers.
 unsafe impl DeviceRepr for FlowFieldPtrs {}
+// SAFETY: as DeviceRepr (pushed by value; the emulator checks its size).
+unsafe impl crate::device::KernelValue for FlowFieldPtrs {}
 
 /// What [`flow_fields`] reads besides the buffers.
 #[derive(Clone, Copy, Debug)]

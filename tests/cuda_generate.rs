@@ -359,9 +359,10 @@ fn check_draws(
             all += 1;
             // Only a near-tie may differ from the CPU's draw. The device's kept set lies between
             // a narrow and a wide version of the CPU's (a filter boundary moves by the logit
-            // error: top-k's edge logit ± 2·tol, top-p's mass ± 0.05), and its token wins the
-            // race over it: so the token is in the wide set and scores no less, up to the logit
-            // error, than every token of the narrow set.
+            // error: top-k's edge logit ± 2·tol, top-p's mass ± 0.05 and its edge logit ± 2·tol,
+            // since tokens within the logit error of the top-p edge can trade places across it),
+            // and its token wins the race over it: so the token is in the wide set and scores no
+            // less, up to the logit error, than every token of the narrow set.
             let score = |x: u32| {
                 let u = dfpo::kernels::uniform_open(
                     p.seed,
@@ -377,14 +378,19 @@ fn check_draws(
             }
             let k_edge = p.sample.top_k_for(s.v).map(|k| z(order[k - 1]));
             let nlen = scpu::kept_len(row, &order, zmax, &narrow);
+            let past_k_edge = |x: &u32| k_edge.is_none_or(|e| z(*x) > e + 2.0 * tol);
+            let narrow_by_mass = order[..nlen].iter().filter(|&x| past_k_edge(x)).count();
+            let p_edge = p.sample.top_p_active().then(|| z(order[nlen - 1]));
             let narrow_set: Vec<u32> = order[..nlen]
                 .iter()
                 .copied()
-                .filter(|&x| k_edge.is_none_or(|e| z(x) > e + 2.0 * tol))
+                .filter(past_k_edge)
+                .filter(|&x| p_edge.is_none_or(|e| z(x) > e + 2.0 * tol))
                 .collect();
             let wlen = scpu::kept_len(row, &order, zmax, &wide);
-            // The kept set is settled when no boundary token is within the logit error.
-            let settled = narrow_set.len() == len
+            // The kept set is settled when no boundary token is within the logit error (the last
+            // condition is the top-p edge's).
+            let settled = narrow_by_mass == len
                 && wlen <= len
                 && order[len..]
                     .iter()

@@ -285,11 +285,16 @@ struct Warp {
 
 // Shadow of one byte of shared memory.
 struct Sh {
-    long long w_ep, r_ep, init;  // epochs; init = block serial when written, -serial while a
-                                 // cp.async to it is in flight
-    int w_tid, r_tid;            // r_tid -1: several readers
-    unsigned w_wep, r_wep;
-    short r_warp;                // -1: readers from several warps
+    long long w_ep = 0, r_ep = 0, init = 0;  // epochs; init = block serial when written, -serial
+                                             // while a cp.async to it is in flight
+    int w_tid = 0, r_tid = 0;                // r_tid -1: several readers
+    unsigned w_wep = 0, r_wep = 0;
+    short r_warp = 0;                        // -1: readers from several warps
+    // Atomics since the last barrier (ordered among themselves, not with plain accesses).
+    long long a_ep = 0;
+    int a_tid = 0;  // -1: atomics from several threads
+    unsigned a_wep = 0;
+    short a_warp = 0;  // -1: atomics from several warps
 };
 
 struct State {
@@ -397,13 +402,39 @@ static void track(long long idx, unsigned n, int kind, int tid) {
         if (kind != 1 && s.init != E.block_serial)
             fail_at(tid, "read of uninitialised shared memory: %s was not written by any thread of this block",
                     smem_name(i).c_str());
-        if (kind == 2) {  // atomics: ordered among themselves
-            s.init = E.block_serial;
-            continue;
-        }
         auto ordered = [&](int other, unsigned other_wep) {
             return other == tid || (other >= 0 && other / 32 == w && wep > other_wep);
         };
+        if (kind == 2) {  // atomics: ordered among themselves, but not with plain reads and writes
+            if (s.w_ep == E.epoch && !ordered(s.w_tid, s.w_wep))
+                fail_at(tid, "shared-memory race (atomic after write) on %s: %s wrote it since the last barrier",
+                        smem_name(i).c_str(), tname(s.w_tid).c_str());
+            if (s.r_ep == E.epoch) {
+                const bool ok = s.r_tid >= 0 ? ordered(s.r_tid, s.r_wep) : (s.r_warp == w && wep > s.r_wep);
+                if (!ok)
+                    fail_at(tid, "shared-memory race (atomic after read) on %s: %s read it since the last barrier",
+                            smem_name(i).c_str(), s.r_tid >= 0 ? tname(s.r_tid).c_str() : "several threads");
+            }
+            if (s.a_ep == E.epoch) {
+                if (s.a_tid != tid) s.a_tid = -1;
+                if (s.a_warp != w) s.a_warp = -1;
+                if (wep > s.a_wep) s.a_wep = wep;
+            } else {
+                s.a_ep = E.epoch;
+                s.a_tid = tid;
+                s.a_warp = (short)w;
+                s.a_wep = wep;
+            }
+            s.init = E.block_serial;
+            continue;
+        }
+        if (s.a_ep == E.epoch) {
+            const bool ok = s.a_tid >= 0 ? ordered(s.a_tid, s.a_wep) : (s.a_warp == w && wep > s.a_wep);
+            if (!ok)
+                fail_at(tid, "shared-memory race (%s after atomic) on %s: %s updated it atomically since the last barrier",
+                        kind == 1 ? "write" : "read", smem_name(i).c_str(),
+                        s.a_tid >= 0 ? tname(s.a_tid).c_str() : "several threads");
+        }
         if (kind == 1) {
             if (s.w_ep == E.epoch && !ordered(s.w_tid, s.w_wep))
                 fail_at(tid, "shared-memory race (write after write) on %s: %s wrote it since the last barrier",
@@ -656,7 +687,7 @@ static void init_once() {
     E.dyn = (unsigned char*)mmap(nullptr, DYN_CAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     E.st_base = (uintptr_t)__emu_shared_start;
     E.st_size = (size_t)(__emu_shared_end - __emu_shared_start);
-    E.shadow.assign(DYN_CAP + E.st_size, Sh{0, 0, 0, 0, 0, 0, 0, 0});
+    E.shadow.assign(DYN_CAP + E.st_size, Sh{});
     E.block_order = env_order("DFPO_EMU_BLOCK_ORDER", 2);
     E.thread_order = env_order("DFPO_EMU_THREAD_ORDER", 2);
     const char* seed = getenv("DFPO_EMU_SEED");

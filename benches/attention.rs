@@ -5,7 +5,9 @@
 //! - CPU (always): the f32 reference, fwd and fwd+bwd at B=2, S=128, Hq=4, Hkv=2, D=64.
 //! - CUDA (when a device is present): causal fwd, bwd and fwd+bwd at B=4, S=2048 for
 //!   (Hq, Hkv, D) = (16, 16, 128), (16, 4, 128) [GQA], (16, 16, 64), (14, 2, 64) [GQA, Qwen2-0.5B
-//!   heads]; decode at B=64, Hq=14, Hkv=2, D=64 over a 2048-long cache. Launches are queued back
+//!   heads]; the backward at the small batch B=8, S=512 with the Qwen2-0.5B heads (Hq 14, Hkv 2,
+//!   D 64) with the dK/dV kernel's GQA group in 1 (unsplit: 128 CTAs), 2, 4 (the automatic
+//!   choice) and 7 slices; decode at B=64, Hq=14, Hkv=2, D=64 over a 2048-long cache. Launches are queued back
 //!   to back, one synchronisation per batch of iterations. The same shapes run through PyTorch
 //!   in tools/reference/torch_attention_bench.py.
 //!
@@ -134,7 +136,7 @@ fn bench_cuda(c: &mut Criterion) {
         let mut dk = st.alloc_zeros::<u16>(nk).unwrap();
         let mut dv = st.alloc_zeros::<u16>(nk).unwrap();
         let mut ws = st
-            .alloc_zeros::<f32>(cuda::bwd_workspace_len(b, s, hq))
+            .alloc_zeros::<f32>(cuda::bwd_workspace_len(b, s, hq, hkv, d))
             .unwrap();
         let (qp, _g1) = q.device_ptr(&st);
         let (kp, _g2) = k.device_ptr(&st);
@@ -185,6 +187,71 @@ fn bench_cuda(c: &mut Criterion) {
                 })
             })
         });
+    }
+
+    // Backward at a small batch: the dK/dV kernel's grid is under one wave unsplit.
+    let (b, s, hq, hkv, d) = (8usize, 512usize, 14usize, 2usize, 64usize);
+    let mut g = Gen(9);
+    let (nq, nk) = (b * s * hq * d, b * s * hkv * d);
+    let q = up_bf16(&dev, &g.vec(nq, -1.0, 1.0));
+    let k = up_bf16(&dev, &g.vec(nk, -1.0, 1.0));
+    let v = up_bf16(&dev, &g.vec(nk, -1.0, 1.0));
+    let dout = up_bf16(&dev, &g.vec(nq, -1.0, 1.0));
+    let lens = st.clone_htod(&vec![s as u32; b]).unwrap();
+    let mut out = st.alloc_zeros::<u16>(nq).unwrap();
+    let mut lse = st.alloc_zeros::<f32>(b * hq * s).unwrap();
+    let mut dq = st.alloc_zeros::<u16>(nq).unwrap();
+    let mut dk = st.alloc_zeros::<u16>(nk).unwrap();
+    let mut dv = st.alloc_zeros::<u16>(nk).unwrap();
+    let g_max = hq / hkv;
+    let mut ws = st
+        .alloc_zeros::<f32>(cuda::bwd_workspace_len_split(b, s, hq, hkv, d, g_max))
+        .unwrap();
+    let (qp, _g1) = q.device_ptr(&st);
+    let (kp, _g2) = k.device_ptr(&st);
+    let (vp, _g3) = v.device_ptr(&st);
+    let (dop, _g4) = dout.device_ptr(&st);
+    let (lp, _g5) = lens.device_ptr(&st);
+    let (op, _g6) = out.device_ptr_mut(&st);
+    let (sp, _g7) = lse.device_ptr_mut(&st);
+    let (dqp, _g8) = dq.device_ptr_mut(&st);
+    let (dkp, _g9) = dk.device_ptr_mut(&st);
+    let (dvp, _g10) = dv.device_ptr_mut(&st);
+    let (wp, _g11) = ws.device_ptr_mut(&st);
+    let scale = softmax_scale(d);
+    unsafe { cuda::attention_fwd_raw(&dev, qp, kp, vp, lp, b, s, hq, hkv, d, scale, op, sp) }
+        .unwrap();
+    dev.synchronize().unwrap();
+    let fl = fwd_flops(b, s, hq, d);
+    let auto = cuda::bwd_splits(b, s, hq, hkv);
+    println!(
+        "attention CUDA small-batch bwd B={b} S={s} Hq={hq} Hkv={hkv} D={d}: automatic split {auto} \
+         of G={g_max}; {} SMs ({})",
+        dev.sm_count(),
+        dev.name()
+    );
+    grp.throughput(Throughput::Elements(fl * 5 / 2));
+    for splits in [1usize, 2, 4, 7] {
+        let l = cuda::launches_split(b, s, hq, hkv, d, splits).unwrap();
+        println!(
+            "  split {splits}: dK/dV grid {:?}, workspace {} f32",
+            l.bwd.grid_dim,
+            cuda::bwd_workspace_len_split(b, s, hq, hkv, d, splits)
+        );
+        grp.bench_function(
+            format!("bwd_split{splits}_b{b}_s{s}_h{hq}_kv{hkv}_d{d}"),
+            |bch| {
+                bch.iter_custom(|iters| {
+                    timed(&dev, iters, || unsafe {
+                        cuda::attention_bwd_split_raw(
+                            &dev, qp, kp, vp, op, sp, dop, lp, b, s, hq, hkv, d, scale, dqp, dkp,
+                            dvp, wp, splits,
+                        )
+                        .unwrap()
+                    })
+                })
+            },
+        );
     }
 
     // Decode: one new token per sequence over a full 2048-long cache.

@@ -8,14 +8,19 @@
 //                            (mma.sync m16n8k16 bf16 -> fp32, fragments by ldmatrix); online
 //                            softmax in fp32 registers; writes O and lse (natural log).
 //   attention_bwd_pre        backward preprocessing: delta_i = rowsum(dO_i * O_i).
-//   attention_bwd            FA2 backward for dK, dV: one CTA per (kv head, batch, 64-key tile)
-//                            loops over the query heads of its GQA group and their query tiles
+//   attention_bwd            FA2 backward for dK, dV: one CTA per (split, kv head, batch, 64-key
+//                            tile) loops over a contiguous slice of the query heads of its GQA
+//                            group (the whole group when unsplit) and their query tiles
 //                            (double-buffered by cp.async), recomputes P from lse and keeps dK and
-//                            dV in registers.
+//                            dV in registers; unsplit it adds them into dk, dv, split it writes
+//                            fp32 partials per slice into a workspace.
+//   attention_bwd_finalize   dk, dv += the split partials, summed over the slices in a fixed
+//                            order (split backward only).
 //   attention_bwd_dq         dQ: one CTA per (query head, batch, 64-row query tile) loops over
 //                            the K/V tiles (double-buffered), recomputes P and dP and keeps dQ in
 //                            registers. Every gradient element is summed by one thread in a fixed
-//                            order (no atomics), so the whole backward is bit-reproducible.
+//                            order (no atomics; the split partials by the finalize, in slice
+//                            order), so the whole backward is bit-reproducible.
 //   attention_decode         flash-decoding partials: one CTA per (cache split, kv head, batch)
 //                            for all query heads of the group; (max, sum, unnormalised acc) per split.
 //   attention_decode_combine merges the split partials into out.
@@ -392,19 +397,26 @@ __device__ __forceinline__ void attention_bwd_pre_impl(const bf16* __restrict__ 
 //   dV_w += P^T dO;  dP^T = V_w dO^T;  dS^T = P^T (dP^T - delta);  dK_w += dS^T Q;
 // all with the key rows as the M dimension, so P^T and dS^T go from C to A fragments in registers.
 // The Q/dO/lse/delta tiles are double-buffered: tile it+1 loads while tile it computes.
+// Split over the GQA group (n_splits > 1, grid x = Hkv * n_splits, B = gridDim.y): the CTA of
+// split sp handles query heads [sp*G/n_splits, (sp+1)*G/n_splits) of the group and writes its
+// unscaled dK, dV sums of the valid keys as fp32 into part (layout [2][n_splits][B][S][Hkv][D],
+// dK first); attention_bwd_finalize adds them into dk, dv. n_splits = 1 reads no part and adds
+// into dk, dv directly.
 template <int D, int BM>
 __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                    const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                    const float* __restrict__ lse, const float* __restrict__ delta,
                                                    const u32* __restrict__ seq_lens, bf16* __restrict__ dk,
-                                                   bf16* __restrict__ dv, int S, int Hq, int Hkv, float scale,
-                                                   float scale_log2) {
+                                                   bf16* __restrict__ dv, float* __restrict__ part, int S, int Hq,
+                                                   int Hkv, int n_splits, float scale, float scale_log2) {
     constexpr int BN = 64, LD = D + ATT_PAD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    // Grid (Hkv, B, key tiles): key tile 0 has the most query tiles, and launches first.
-    const int hk = blockIdx.x, b = blockIdx.y;
+    // Grid (Hkv * n_splits, B, key tiles): key tile 0 has the most query tiles, and launches first.
+    const int hk = blockIdx.x % Hkv, split = blockIdx.x / Hkv, b = blockIdx.y;
     const int G = Hq / Hkv;
+    const int h0 = hk * G + split * G / n_splits;                      // first query head of the slice
+    const int gs = (split + 1) * G / n_splits - split * G / n_splits;  // query heads in the slice
     const int len = min((int)seq_lens[b], S);
     const int k0 = blockIdx.z * BN;
     if (k0 >= len) return;  // only padding keys: their dk, dv stay as they are
@@ -425,11 +437,11 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
 
     const int qt_begin = k0 / BM;  // first query tile with a query >= k0
     const int n_qt = (len + BM - 1) / BM - qt_begin;
-    const int n_it = G * n_qt;
+    const int n_it = gs * n_qt;
 
-    // Queues the loads of iteration `it` (query head hk*G + it / n_qt, tile qt_begin + it % n_qt).
+    // Queues the loads of iteration `it` (query head h0 + it / n_qt, tile qt_begin + it % n_qt).
     auto load_q = [&](int it, int buf) {
-        const int h = hk * G + it / n_qt;
+        const int h = h0 + it / n_qt;
         const int qb0 = (qt_begin + it % n_qt) * BM;
         const long long off = (long long)b * S * q_stride + (long long)h * D;
         att_load_tile<D, BM>(sQ + buf * BM * LD * 2, q + off, q_stride, qb0, len, tid);
@@ -546,6 +558,25 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
         }
     }
 
+    if (n_splits > 1) {
+        // This slice's partials of the valid keys (fp32, unscaled).
+        const long long nk = (long long)gridDim.y * S * kv_stride;
+        float* pk = part + split * nk;
+        float* pv = part + (n_splits + split) * nk;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int key = kw0 + g + r * 8;
+            if (key < len) {
+                const long long off = ((long long)b * S + key) * kv_stride + (long long)hk * D + 2 * t;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    *reinterpret_cast<float2*>(pk + off + dt * 8) = make_float2(dk_acc[dt][2 * r], dk_acc[dt][2 * r + 1]);
+                    *reinterpret_cast<float2*>(pv + off + dt * 8) = make_float2(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
+                }
+            }
+        }
+        return;
+    }
     // dk += scale * dK, dv += dV on the valid keys (read-add-write: fp32 add of the bf16 value).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -560,6 +591,38 @@ __device__ __forceinline__ void attention_bwd_impl(const bf16* __restrict__ q, c
                 att_st_bf16x2(dv + off + dt * 8, ov.x + dv_acc[dt][2 * r], ov.y + dv_acc[dt][2 * r + 1]);
             }
         }
+    }
+}
+
+// Finalize of a split dK/dV backward: for every valid key (s < seq_lens[b]) and pair of adjacent
+// elements i, i+1 of [B][S][Hkv][D] (n elements, row_w = Hkv*D per token):
+//   dk += scale * (part_dk[0] + part_dk[1] + ... + part_dk[n_splits-1]),  dv += the same of part_dv,
+// summed in fp32 in slice order by one thread, then one bf16 rounding; padded keys are left as
+// they were (their partials were never written). Grid-stride over the pairs.
+__device__ __forceinline__ void attention_bwd_finalize_impl(const float* __restrict__ part,
+                                                            const u32* __restrict__ seq_lens, bf16* __restrict__ dk,
+                                                            bf16* __restrict__ dv, int S, int row_w, long long n,
+                                                            int n_splits, float scale) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; 2 * p < n; p += stride) {
+        const long long i = 2 * p;
+        const long long row = i / row_w;  // b*S + s
+        const int b = (int)(row / S), s = (int)(row % S);
+        if (s >= min((int)seq_lens[b], S)) continue;
+        float2 sk = *reinterpret_cast<const float2*>(part + i);
+        float2 sv = *reinterpret_cast<const float2*>(part + n_splits * n + i);
+        for (int sp = 1; sp < n_splits; ++sp) {
+            const float2 xk = *reinterpret_cast<const float2*>(part + sp * n + i);
+            const float2 xv = *reinterpret_cast<const float2*>(part + (n_splits + sp) * n + i);
+            sk.x += xk.x;
+            sk.y += xk.y;
+            sv.x += xv.x;
+            sv.y += xv.y;
+        }
+        const float2 ok = att_ld_bf16x2(dk + i);
+        att_st_bf16x2(dk + i, ok.x + scale * sk.x, ok.y + scale * sk.y);
+        const float2 ov = att_ld_bf16x2(dv + i);
+        att_st_bf16x2(dv + i, ov.x + sv.x, ov.y + sv.y);
     }
 }
 
@@ -898,10 +961,10 @@ __device__ __forceinline__ void attention_decode_combine_impl(const float* __res
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                                            \
         attention_bwd_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, \
-                           const float* delta, const u32* seq_lens, bf16* dk, bf16* dv, int S, int Hq,      \
-                           int Hkv, float scale, float scale_log2) {                                         \
-        attention_bwd_impl<D, ATT_BWD_BM(D)>(q, k, v, dout, lse, delta, seq_lens, dk, dv, S, Hq, Hkv, scale, \
-                                             scale_log2);                                                    \
+                           const float* delta, const u32* seq_lens, bf16* dk, bf16* dv, float* part, int S, \
+                           int Hq, int Hkv, int n_splits, float scale, float scale_log2) {                   \
+        attention_bwd_impl<D, ATT_BWD_BM(D)>(q, k, v, dout, lse, delta, seq_lens, dk, dv, part, S, Hq, Hkv,  \
+                                             n_splits, scale, scale_log2);                                   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                                            \
         attention_bwd_dq_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,                \
@@ -927,3 +990,9 @@ ATT_ENTRIES(16)
 ATT_ENTRIES(32)
 ATT_ENTRIES(64)
 ATT_ENTRIES(128)
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_bwd_finalize(const float* part, const u32* seq_lens, bf16* dk, bf16* dv, int S, int row_w, long long n,
+                           int n_splits, float scale) {
+    attention_bwd_finalize_impl(part, seq_lens, dk, dv, S, row_w, n, n_splits, scale);
+}

@@ -234,6 +234,126 @@ fn cuda_attention_fwd_matches_cpu() {
     }
 }
 
+/// One backward parity check of `sh` with the dK/dV kernel cut into `splits` slices of the GQA
+/// group: three runs (forward, reverse and random block order on the emulator) must agree bit
+/// for bit, and the gradients match the CPU reference. The workspace starts poisoned (NaN).
+fn check_bwd(dev: &CudaDevice, rng: &mut Rng, sh: &Shape, splits: usize) {
+    let q = tokens(rng, sh, sh.hq, 1.5);
+    let k = tokens(rng, sh, sh.hkv, 1.5);
+    let v = tokens(rng, sh, sh.hkv, 1.0);
+    let dout = tokens(rng, sh, sh.hq, 1.0);
+    let scale = softmax_scale(sh.d);
+    let (gq, gk, gv, gdo) = (
+        up_bf16(dev, &q),
+        up_bf16(dev, &k),
+        up_bf16(dev, &v),
+        up_bf16(dev, &dout),
+    );
+    let glens = dev.stream().clone_htod(&sh.lens).unwrap();
+    // The backward consumes the GPU forward's o and lse, on both sides.
+    let f = gpu_fwd(dev, sh, &gq, &gk, &gv, &glens, scale);
+    let go = up_bf16(dev, &f.o);
+    let glse = up_f32(dev, &f.lse);
+    let dq0 = tokens(rng, sh, sh.hq, 0.5);
+    let dk0 = tokens(rng, sh, sh.hkv, 0.5);
+    let dv0 = tokens(rng, sh, sh.hkv, 0.5);
+    // The backward from the same initial gradients, run three times: the bits must agree
+    // (the gradients are bit-reproducible: no atomics, fixed summation orders). On the
+    // emulator the three runs take the blocks of every grid in forward, reverse and random
+    // order, so a result that depends on which block runs first differs.
+    let run = |order: BlockOrder| {
+        let _order = dev.emu_block_order(order);
+        let (mut gdq, mut gdk, mut gdv) =
+            (up_bf16(dev, &dq0), up_bf16(dev, &dk0), up_bf16(dev, &dv0));
+        let ws_len = cuda::bwd_workspace_len_split(sh.b, sh.s, sh.hq, sh.hkv, sh.d, splits);
+        let mut ws = up_f32(dev, &vec![POISON; ws_len]);
+        cuda::attention_bwd_split(
+            dev,
+            &view(&gq),
+            &view(&gk),
+            &view(&gv),
+            &view(&go),
+            &glse.as_view(),
+            &view(&gdo),
+            &glens.as_view(),
+            sh.b,
+            sh.s,
+            sh.hq,
+            sh.hkv,
+            sh.d,
+            scale,
+            &mut view_mut(&mut gdq),
+            &mut view_mut(&mut gdk),
+            &mut view_mut(&mut gdv),
+            &mut ws.as_view_mut(),
+            splits,
+        )
+        .unwrap();
+        [
+            down_bits(dev, &gdq),
+            down_bits(dev, &gdk),
+            down_bits(dev, &gdv),
+        ]
+    };
+    let first = run(BlockOrder::Forward);
+    for order in [BlockOrder::Reverse, BlockOrder::Random] {
+        let again = run(order);
+        for (name, a, b) in [
+            ("dq", &first[0], &again[0]),
+            ("dk", &first[1], &again[1]),
+            ("dv", &first[2], &again[2]),
+        ] {
+            let diff = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
+            assert_eq!(
+                diff, 0,
+                "{name}: {diff} elements differ between block orders Forward and {order:?} \
+                 (splits {splits}, {sh:?})"
+            );
+        }
+    }
+    // CPU: gradients alone (from zero), then init + grad.
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; sh.nq()],
+        vec![0.0f32; sh.nk()],
+        vec![0.0f32; sh.nk()],
+    );
+    cpu::attention_backward(
+        &q, &k, &v, &f.o, &f.lse, &dout, &sh.lens, sh.b, sh.s, sh.hq, sh.hkv, sh.d, scale, &mut dq,
+        &mut dk, &mut dv,
+    )
+    .unwrap();
+    let what = format!("splits {splits} {sh:?}");
+    for (name, bits, init, grad, h) in [
+        ("dq", &first[0], &dq0, &dq, sh.hq),
+        ("dk", &first[1], &dk0, &dk, sh.hkv),
+        ("dv", &first[2], &dv0, &dv, sh.hkv),
+    ] {
+        let got: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+        let nan_bits = bf16::from_f32(f32::NAN).to_bits();
+        let (mut g_valid, mut w_valid) = (Vec::new(), Vec::new());
+        for b in 0..sh.b {
+            for s in 0..sh.s {
+                let o = (b * sh.s + s) * h * sh.d;
+                for x in o..o + h * sh.d {
+                    if s >= sh.lens[b] as usize {
+                        assert_eq!(
+                            bits[x], nan_bits,
+                            "{name}[{x}] on a padded row was touched ({what})"
+                        );
+                    } else {
+                        g_valid.push(got[x]);
+                        w_valid.push(init[x] + grad[x]);
+                    }
+                }
+            }
+        }
+        // Floor: with S = 1 the exact dq, dk are 0 and only rounding noise (~1e-7) remains.
+        let atol = 2e-2 * max_abs(grad).max(0.05);
+        assert_close(&format!("{name} {what}"), &g_valid, &w_valid, 1e-2, atol);
+    }
+    eprintln!("bwd ok: {what}");
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
 fn cuda_attention_bwd_matches_cpu() {
@@ -241,132 +361,60 @@ fn cuda_attention_bwd_matches_cpu() {
         return;
     };
     let mut rng = Rng::fresh("cuda_attention_bwd_matches_cpu");
+    // The unsplit dK/dV kernel (one CTA per KV head, sequence and key tile) on every shape.
     for sh in parity_shapes(&mut rng) {
-        let q = tokens(&mut rng, &sh, sh.hq, 1.5);
-        let k = tokens(&mut rng, &sh, sh.hkv, 1.5);
-        let v = tokens(&mut rng, &sh, sh.hkv, 1.0);
-        let dout = tokens(&mut rng, &sh, sh.hq, 1.0);
-        let scale = softmax_scale(sh.d);
-        let (gq, gk, gv, gdo) = (
-            up_bf16(&dev, &q),
-            up_bf16(&dev, &k),
-            up_bf16(&dev, &v),
-            up_bf16(&dev, &dout),
-        );
-        let glens = dev.stream().clone_htod(&sh.lens).unwrap();
-        // The backward consumes the GPU forward's o and lse, on both sides.
-        let f = gpu_fwd(&dev, &sh, &gq, &gk, &gv, &glens, scale);
-        let go = up_bf16(&dev, &f.o);
-        let glse = up_f32(&dev, &f.lse);
-        let dq0 = tokens(&mut rng, &sh, sh.hq, 0.5);
-        let dk0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
-        let dv0 = tokens(&mut rng, &sh, sh.hkv, 0.5);
-        // The backward from the same initial gradients, run three times: the bits must agree
-        // (the gradients are bit-reproducible: no atomics, fixed summation orders). On the
-        // emulator the three runs take the blocks of every grid in forward, reverse and random
-        // order, so a result that depends on which block runs first differs.
-        let run = |order: BlockOrder| {
-            let _order = dev.emu_block_order(order);
-            let (mut gdq, mut gdk, mut gdv) = (
-                up_bf16(&dev, &dq0),
-                up_bf16(&dev, &dk0),
-                up_bf16(&dev, &dv0),
-            );
-            let mut ws = up_f32(
-                &dev,
-                &vec![POISON; cuda::bwd_workspace_len(sh.b, sh.s, sh.hq)],
-            );
-            cuda::attention_bwd(
-                &dev,
-                &view(&gq),
-                &view(&gk),
-                &view(&gv),
-                &view(&go),
-                &glse.as_view(),
-                &view(&gdo),
-                &glens.as_view(),
-                sh.b,
-                sh.s,
-                sh.hq,
-                sh.hkv,
-                sh.d,
-                scale,
-                &mut view_mut(&mut gdq),
-                &mut view_mut(&mut gdk),
-                &mut view_mut(&mut gdv),
-                &mut ws.as_view_mut(),
-            )
-            .unwrap();
-            [
-                down_bits(&dev, &gdq),
-                down_bits(&dev, &gdk),
-                down_bits(&dev, &gdv),
-            ]
-        };
-        let first = run(BlockOrder::Forward);
-        for order in [BlockOrder::Reverse, BlockOrder::Random] {
-            let again = run(order);
-            for (name, a, b) in [
-                ("dq", &first[0], &again[0]),
-                ("dk", &first[1], &again[1]),
-                ("dv", &first[2], &again[2]),
-            ] {
-                let diff = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
-                assert_eq!(
-                    diff, 0,
-                    "{name}: {diff} elements differ between block orders Forward and {order:?} \
-                     ({sh:?})"
-                );
-            }
-        }
-        // CPU: gradients alone (from zero), then init + grad.
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; sh.nq()],
-            vec![0.0f32; sh.nk()],
-            vec![0.0f32; sh.nk()],
-        );
-        cpu::attention_backward(
-            &q, &k, &v, &f.o, &f.lse, &dout, &sh.lens, sh.b, sh.s, sh.hq, sh.hkv, sh.d, scale,
-            &mut dq, &mut dk, &mut dv,
-        )
-        .unwrap();
-        let what = format!("{sh:?}");
-        for (name, bits, init, grad, h) in [
-            ("dq", &first[0], &dq0, &dq, sh.hq),
-            ("dk", &first[1], &dk0, &dk, sh.hkv),
-            ("dv", &first[2], &dv0, &dv, sh.hkv),
-        ] {
-            let got: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
-            let nan_bits = bf16::from_f32(f32::NAN).to_bits();
-            let (mut g_valid, mut w_valid) = (Vec::new(), Vec::new());
-            for b in 0..sh.b {
-                for s in 0..sh.s {
-                    let o = (b * sh.s + s) * h * sh.d;
-                    for x in o..o + h * sh.d {
-                        if s >= sh.lens[b] as usize {
-                            assert_eq!(
-                                bits[x], nan_bits,
-                                "{name}[{x}] on a padded row was touched ({what})"
-                            );
-                        } else {
-                            g_valid.push(got[x]);
-                            w_valid.push(init[x] + grad[x]);
-                        }
-                    }
-                }
-            }
-            // Floor: with S = 1 the exact dq, dk are 0 and only rounding noise (~1e-7) remains.
-            let atol = 2e-2 * max_abs(grad).max(0.05);
-            assert_close(&format!("{name} {what}"), &g_valid, &w_valid, 1e-2, atol);
-        }
-        eprintln!("bwd ok: {what}");
+        check_bwd(&dev, &mut rng, &sh, 1);
     }
 }
 
+/// The dK/dV kernel with the GQA group split across CTAs (fp32 partials per slice, ordered
+/// finalize): split counts 2, G and non-dividing ones (G = 7 in 3 slices of 2, 2, 3 heads), every
+/// head dim, several KV heads, padded and empty sequences; bit-reproducible across block orders
+/// and within the CPU reference's tolerance, as the unsplit kernel. Small shapes: the emulator
+/// runs every CUDA thread as a fiber.
+#[test]
+#[ignore = "needs a CUDA GPU (run with --include-ignored; DFPO_REQUIRE_CUDA=1 fails when there is none)"]
+fn cuda_attention_bwd_split_matches_cpu() {
+    let Some(dev) = cuda_for_test("cuda_attention_bwd_split_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::fresh("cuda_attention_bwd_split_matches_cpu");
+    let shape = |rng: &mut Rng, b: usize, s: usize, hq: usize, hkv: usize, d: usize| Shape {
+        b,
+        s,
+        hq,
+        hkv,
+        d,
+        lens: lens_for(rng, b, s),
+    };
+    // G = 7 (one KV head), 129 positions: 3 key tiles, the last one partly padding.
+    for splits in [2, 3, 7] {
+        let sh = shape(&mut rng, 3, 129, 7, 1, 64);
+        check_bwd(&dev, &mut rng, &sh, splits);
+    }
+    // The non-dividing split at the other head dims (D = 128 runs 32-row query tiles).
+    for d in [16, 32, 128] {
+        let sh = shape(&mut rng, 3, 129, 7, 1, d);
+        check_bwd(&dev, &mut rng, &sh, 3);
+    }
+    // Several KV heads (block x = split·Hkv + kv head): the Qwen2-0.5B heads (G = 7) and G = 2.
+    let sh = shape(&mut rng, 2, 64, 14, 2, 64);
+    check_bwd(&dev, &mut rng, &sh, 3);
+    let sh = shape(&mut rng, 3, 80, 4, 2, 32);
+    check_bwd(&dev, &mut rng, &sh, 2);
+    // The automatic choice at a small grid splits the group (and G = 1 cannot be split).
+    let sh = shape(&mut rng, 2, 64, 4, 1, 16);
+    let auto = cuda::bwd_splits(sh.b, sh.s, sh.hq, sh.hkv);
+    assert_eq!(auto, 4, "bwd_splits of {sh:?}");
+    check_bwd(&dev, &mut rng, &sh, auto);
+    assert_eq!(cuda::bwd_splits(2, 64, 2, 2), 1, "G = 1");
+}
+
 /// The backward kernels' parameter lists in the embedded PTX (byte sizes, in order) match what
-/// `attention_bwd_raw` pushes: delta (o, dout, seq_lens, delta, B, S, Hq); dK/dV (q, k, v, dout,
-/// lse, delta, seq_lens, dk, dv, S, Hq, Hkv, scale, scale·log2e); dQ (the same with dq alone).
-/// Runs without a GPU.
+/// `attention_bwd_split_raw` pushes: delta (o, dout, seq_lens, delta, B, S, Hq); dK/dV (q, k, v,
+/// dout, lse, delta, seq_lens, dk, dv, part, S, Hq, Hkv, splits, scale, scale·log2e); dQ (q, k,
+/// v, dout, lse, delta, seq_lens, dq, S, Hq, Hkv, scale, scale·log2e); the split finalize (part,
+/// seq_lens, dk, dv, S, Hkv·D, n as i64, splits, scale). Runs without a GPU.
 #[test]
 fn backward_kernel_parameters_match_the_launcher() {
     let Some(ptx) = dfpo::device::embedded::get("attention").and_then(|k| k.ptx) else {
@@ -374,7 +422,7 @@ fn backward_kernel_parameters_match_the_launcher() {
         return;
     };
     let pre = [8, 8, 8, 8, 4, 4, 4];
-    let bwd = [8, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4];
+    let bwd = [8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4];
     let dq = [8, 8, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4];
     for d in cuda::HEAD_DIMS {
         for (name, want) in [
@@ -386,6 +434,12 @@ fn backward_kernel_parameters_match_the_launcher() {
             assert_eq!(sizes, want, "{name} parameter sizes");
         }
     }
+    let sizes = common::ptx_param_sizes(ptx, "attention_bwd_finalize");
+    assert_eq!(
+        sizes,
+        [8, 8, 8, 8, 4, 4, 8, 4, 4],
+        "attention_bwd_finalize parameter sizes"
+    );
 }
 
 #[test]
@@ -537,7 +591,10 @@ fn cuda_attention_rejects_bad_input() {
         "multiple of Hkv",
     );
     let (mut dq, mut dk, mut dv) = (q.clone(), k.clone(), k.clone());
-    let mut ws = up_f32(&dev, &vec![0.0; cuda::bwd_workspace_len(b, s, hq) - 1]);
+    let mut ws = up_f32(
+        &dev,
+        &vec![0.0; cuda::bwd_workspace_len(b, s, hq, hkv, d) - 1],
+    );
     expect(
         cuda::attention_bwd(
             &dev,
@@ -561,6 +618,55 @@ fn cuda_attention_rejects_bad_input() {
         ),
         "workspace",
     );
+    // Split counts outside 1..=G (G = 2 here), and a short workspace for a split run.
+    for (splits, ws_len, needle) in [
+        (
+            0,
+            cuda::bwd_workspace_len_split(b, s, hq, hkv, d, 1),
+            "splits = 0",
+        ),
+        (
+            3,
+            cuda::bwd_workspace_len_split(b, s, hq, hkv, d, 2),
+            "splits = 3",
+        ),
+        (
+            2,
+            cuda::bwd_workspace_len_split(b, s, hq, hkv, d, 2) - 1,
+            "workspace",
+        ),
+        (
+            2,
+            cuda::bwd_workspace_len_split(b, s, hq, hkv, d, 1),
+            "workspace",
+        ),
+    ] {
+        let mut ws = up_f32(&dev, &vec![0.0; ws_len]);
+        expect(
+            cuda::attention_bwd_split(
+                &dev,
+                &view(&q),
+                &view(&k),
+                &view(&k),
+                &view(&q),
+                &lse.as_view(),
+                &view(&q),
+                &lens.as_view(),
+                b,
+                s,
+                hq,
+                hkv,
+                d,
+                0.1,
+                &mut view_mut(&mut dq),
+                &mut view_mut(&mut dk),
+                &mut view_mut(&mut dv),
+                &mut ws.as_view_mut(),
+                splits,
+            ),
+            needle,
+        );
+    }
     let mut out = up_bf16(&dev, &vec![0.0; b * hq * d]);
     let qd = up_bf16(&dev, &vec![0.0; b * hq * d]);
     let mut dws = up_f32(&dev, &[0.0; 16]);

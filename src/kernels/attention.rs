@@ -343,8 +343,16 @@ pub mod cuda {
     //!
     //! bf16 accumulation of gradients: each kernel reads the existing bf16 value, adds its
     //! contribution in fp32 and writes back one bf16 rounding (`dk`, `dv` in the main backward
-    //! kernel, `dq` in the dQ kernel), so `+=` rounds once per call. Each gradient element is
-    //! summed by one thread in a fixed order (no atomics): the backward is bit-reproducible.
+    //! kernel or, split, in its finalize; `dq` in the dQ kernel), so `+=` rounds once per call.
+    //! Each gradient element is summed by one thread in a fixed order (no atomics): the backward
+    //! is bit-reproducible.
+    //!
+    //! GQA split of the dK/dV kernel ([`bwd_splits`]): at small B·S the grid of one CTA per
+    //! (KV head, sequence, 64-key tile) leaves SMs idle (B 8, S 512, 2 KV heads: 128 CTAs on
+    //! 132 SMs), so the query heads of each group are cut into contiguous slices, one CTA each;
+    //! every slice writes fp32 partials into the workspace and a finalize adds their sum, in
+    //! slice order, into `dk`, `dv`. The split changes only the fp32 summation order of the
+    //! slices; one split is the unsplit kernel, bit for bit.
     //!
     //! Views of `half::bf16` work without cudarc's `f16` feature (they only need a device
     //! pointer): allocate `u16` and use `CudaSlice::transmute` / `transmute_mut`.
@@ -367,6 +375,11 @@ pub mod cuda {
     const SPLIT_GRANULE: usize = 64;
     /// Aim of the decode grid: about this many CTAs in flight (8 per SM on a 132-SM H100).
     const DECODE_TARGET_CTAS: usize = 1024;
+    /// Aim of the dK/dV grid: two waves of resident CTAs on a 132-SM H100 (2 CTAs per SM by the
+    /// kernel's launch bounds). Below it the GQA group is split ([`bwd_splits`]).
+    const BWD_TARGET_CTAS: usize = 2 * 2 * 132;
+    /// Threads of the split finalize.
+    const FINALIZE_THREADS: u32 = 256;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const STATIC_SMEM_LIMIT: usize = 48 * 1024;
 
@@ -435,9 +448,66 @@ pub mod cuda {
         Ok(())
     }
 
-    /// f32 elements of the workspace [`attention_bwd_raw`] needs: delta (`B·Hq·S`).
-    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize) -> usize {
-        b * hq * s
+    /// Number of slices the dK/dV kernel cuts each GQA group of `G = Hq / Hkv` query heads into:
+    /// 1 (unsplit) when the grid `Hkv·B·ceil(S/64)` already has [`BWD_TARGET_CTAS`] CTAs (two
+    /// waves of an H100) or `G = 1`; else enough slices to reach it, at most `G`, and the fewest
+    /// that give the same largest slice (`ceil(G / splits)` heads), which keeps the workspace
+    /// small. Depends on the shape only (not on the GPU), so the planned workspace and the
+    /// gradient bits are the same on every card. B 8, S 512, Hq 14, Hkv 2: 128 CTAs -> 4
+    /// slices of 1, 2, 2, 2 heads (slice `sp` is heads `[sp·G/4, (sp+1)·G/4)`), 512 CTAs.
+    pub fn bwd_splits(b: usize, s: usize, hq: usize, hkv: usize) -> usize {
+        if hkv == 0 || hq < hkv {
+            return 1;
+        }
+        let g = hq / hkv;
+        let blocks = hkv * b * s.div_ceil(TILE);
+        if g <= 1 || blocks == 0 || blocks >= BWD_TARGET_CTAS {
+            return 1;
+        }
+        let want = BWD_TARGET_CTAS.div_ceil(blocks).min(g);
+        g.div_ceil(g.div_ceil(want))
+    }
+
+    /// Checks an explicit split count: 1..=G.
+    fn check_splits(what: &str, splits: usize, hq: usize, hkv: usize) -> Result<()> {
+        let g = hq / hkv.max(1);
+        if splits == 0 || splits > g.max(1) {
+            return Err(Error::Invalid(format!(
+                "{what}: splits = {splits} must be 1..={} (the GQA group Hq / Hkv = {hq} / {hkv})",
+                g.max(1)
+            )));
+        }
+        Ok(())
+    }
+
+    /// f32 elements of delta (`B·Hq·S`), rounded up to 16 bytes so the split partials after it
+    /// are aligned for the kernel's 8-byte stores.
+    fn delta_len(b: usize, s: usize, hq: usize) -> usize {
+        (b * hq * s).div_ceil(4) * 4
+    }
+
+    /// f32 elements of the workspace [`attention_bwd_split_raw`] needs for `splits` slices:
+    /// delta (`B·Hq·S`, rounded up to a multiple of 4), then, when `splits > 1`, the dK and dV
+    /// partials of every slice (`2·splits·B·S·Hkv·D`).
+    pub fn bwd_workspace_len_split(
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        splits: usize,
+    ) -> usize {
+        let part = if splits > 1 {
+            2 * splits * b * s * hkv * d
+        } else {
+            0
+        };
+        delta_len(b, s, hq) + part
+    }
+
+    /// f32 elements of the workspace [`attention_bwd_raw`] needs (its [`bwd_splits`]).
+    pub fn bwd_workspace_len(b: usize, s: usize, hq: usize, hkv: usize, d: usize) -> usize {
+        bwd_workspace_len_split(b, s, hq, hkv, d, bwd_splits(b, s, hq, hkv))
     }
 
     /// Decode split: `(number of splits, keys per split)`. Depends on the shape only (the same
@@ -478,20 +548,41 @@ pub mod cuda {
         Ok(())
     }
 
-    /// The launch configurations of the forward and the three backward kernels for a shape
-    /// (pure, so the limits are tested at real sizes without a GPU). Grids: forward and dQ
-    /// (Hq, B, S/64), delta (B·S·Hq/4), dK/dV (Hkv, B, S/64).
+    /// The launch configurations of the forward and the backward kernels for a shape (pure, so
+    /// the limits are tested at real sizes without a GPU). Grids: forward and dQ (Hq, B, S/64),
+    /// delta (B·S·Hq/4), dK/dV (Hkv·splits, B, S/64), finalize (B·S·Hkv·D/512, at most 4096;
+    /// launched only when `splits > 1`).
     #[derive(Clone, Copy, Debug)]
     pub struct Launches {
         pub fwd: LaunchConfig,
         pub bwd_pre: LaunchConfig,
         pub bwd: LaunchConfig,
+        pub bwd_finalize: LaunchConfig,
         pub bwd_dq: LaunchConfig,
+        /// Slices of the GQA group in `bwd`.
+        pub splits: usize,
     }
 
-    /// [`Launches`] of a (checked) shape; `Error::Shape` past a grid limit.
+    /// [`Launches`] of a (checked) shape with its [`bwd_splits`]; `Error::Shape` past a grid
+    /// limit.
     pub fn launches(b: usize, s: usize, hq: usize, hkv: usize, d: usize) -> Result<Launches> {
+        launches_split(b, s, hq, hkv, d, bwd_splits(b, s, hq, hkv))
+    }
+
+    /// [`Launches`] with an explicit split count (1..=Hq/Hkv).
+    pub fn launches_split(
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        splits: usize,
+    ) -> Result<Launches> {
         grid_checks("attention", b, s, hq, hkv)?;
+        check_splits("attention_bwd", splits, hq, hkv)?;
+        let bwd_x = grid_dim("attention_bwd Hkv*splits", hkv * splits, i32::MAX as usize)?;
+        let pairs = (b * s * hkv * d / 2).max(1);
+        let fin_blocks = pairs.div_ceil(FINALIZE_THREADS as usize).min(4096) as u32;
         let rows = b * s * hq;
         let pre_blocks = to_i32(
             "attention_bwd B*S*Hq/4",
@@ -506,8 +597,14 @@ pub mod cuda {
         Ok(Launches {
             fwd: cfg((hq as u32, b as u32, tiles), fwd_smem(d)),
             bwd_pre: cfg((pre_blocks as u32, 1, 1), 0),
-            bwd: cfg((hkv as u32, b as u32, tiles), bwd_smem(d)),
+            bwd: cfg((bwd_x, b as u32, tiles), bwd_smem(d)),
+            bwd_finalize: LaunchConfig {
+                grid_dim: (fin_blocks, 1, 1),
+                block_dim: (FINALIZE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
             bwd_dq: cfg((hq as u32, b as u32, tiles), dq_smem(d)),
+            splits,
         })
     }
 
@@ -606,15 +703,11 @@ pub mod cuda {
         unsafe { attention_fwd_raw(dev, qp, kp, vp, lp, b, s, hq, hkv, d, scale, op, sp) }
     }
 
-    /// Causal attention backward on raw device pointers: three launches (delta; the main
-    /// kernel, which adds into `dk`, `dv`; the dQ kernel, which adds into `dq`). Every element
-    /// is summed in a fixed order (no atomics): the gradients are bit-reproducible.
-    /// `workspace` holds [`bwd_workspace_len`] f32 and is overwritten.
+    /// Causal attention backward on raw device pointers with the shape's [`bwd_splits`]:
+    /// [`attention_bwd_split_raw`]. `workspace` holds [`bwd_workspace_len`] f32.
     ///
     /// # Safety
-    /// `q`, `out`, `dout`, `dq` must hold `B·S·Hq·D` bf16; `k`, `v`, `dk`, `dv` `B·S·Hkv·D` bf16;
-    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 4-byte aligned; all on
-    /// `dev`'s context. `dq`, `dk`, `dv` and `workspace` must not overlap anything else.
+    /// As [`attention_bwd_split_raw`].
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention_bwd_raw(
         dev: &CudaDevice,
@@ -636,13 +729,53 @@ pub mod cuda {
         dv: u64,
         workspace: u64,
     ) -> Result<()> {
-        let (nq, _, _) = attn_dims("attention_bwd", b, s, hq, hkv, d)?;
+        let splits = bwd_splits(b, s, hq, hkv);
+        attention_bwd_split_raw(
+            dev, q, k, v, out, lse, dout, seq_lens, b, s, hq, hkv, d, scale, dq, dk, dv, workspace,
+            splits,
+        )
+    }
+
+    /// Causal attention backward on raw device pointers: delta; the dK/dV kernel, which adds
+    /// into `dk`, `dv` (`splits = 1`) or writes `splits` slices' partials into the workspace,
+    /// then the finalize adds their ordered sum into `dk`, `dv`; the dQ kernel, which adds into
+    /// `dq`. Every element is summed in a fixed order (no atomics): the gradients are
+    /// bit-reproducible. `workspace` holds [`bwd_workspace_len_split`] f32 and is overwritten.
+    ///
+    /// # Safety
+    /// `q`, `out`, `dout`, `dq` must hold `B·S·Hq·D` bf16; `k`, `v`, `dk`, `dv` `B·S·Hkv·D` bf16;
+    /// `lse` `B·Hq·S` f32; `seq_lens` `B` u32; `workspace` as above, 8-byte aligned; all on
+    /// `dev`'s context. `dq`, `dk`, `dv` and `workspace` must not overlap anything else.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention_bwd_split_raw(
+        dev: &CudaDevice,
+        q: u64,
+        k: u64,
+        v: u64,
+        out: u64,
+        lse: u64,
+        dout: u64,
+        seq_lens: u64,
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: f32,
+        dq: u64,
+        dk: u64,
+        dv: u64,
+        workspace: u64,
+        splits: usize,
+    ) -> Result<()> {
+        let (nq, nk, _) = attn_dims("attention_bwd", b, s, hq, hkv, d)?;
         check_d("attention_bwd", d)?;
         check_scale("attention_bwd", scale as f64)?;
+        check_splits("attention_bwd", splits, hq, hkv)?;
         if nq == 0 {
             return Ok(());
         }
-        let cfgs = launches(b, s, hq, hkv, d)?;
+        let cfgs = launches_split(b, s, hq, hkv, d, splits)?;
         for (what, p, a) in [
             ("attention_bwd q", q, 16),
             ("attention_bwd k", k, 16),
@@ -652,7 +785,7 @@ pub mod cuda {
             ("attention_bwd dq", dq, 16),
             ("attention_bwd dk", dk, 16),
             ("attention_bwd dv", dv, 16),
-            ("attention_bwd workspace", workspace, 4),
+            ("attention_bwd workspace", workspace, 8),
             ("attention_bwd lse", lse, 4),
             ("attention_bwd seq_lens", seq_lens, 4),
         ] {
@@ -660,6 +793,9 @@ pub mod cuda {
         }
         let (bi, si, hqi, hkvi) = (b as i32, s as i32, hq as i32, hkv as i32);
         let delta = workspace;
+        // The partials (read only when splits > 1; a valid address either way).
+        let part = workspace + 4 * delta_len(b, s, hq) as u64;
+        let spi = splits as i32;
         let sl2 = scale * LOG2E;
 
         let name = format!("attention_bwd_pre_d{d}");
@@ -690,17 +826,45 @@ pub mod cuda {
                 .arg(&delta)
                 .arg(&seq_lens);
             match &grad {
-                Some(dq) => a.arg(dq),
-                None => a.arg(&dk).arg(&dv),
+                Some(dq) => {
+                    a.arg(dq).arg(&si).arg(&hqi).arg(&hkvi);
+                }
+                None => {
+                    a.arg(&dk)
+                        .arg(&dv)
+                        .arg(&part)
+                        .arg(&si)
+                        .arg(&hqi)
+                        .arg(&hkvi)
+                        .arg(&spi);
+                }
             };
-            a.arg(&si).arg(&hqi).arg(&hkvi).arg(&scale).arg(&sl2);
+            a.arg(&scale).arg(&sl2);
             dev.launch(&name, a, cfg)?;
+            if grad.is_none() && splits > 1 {
+                let name = "attention_bwd_finalize";
+                let f = dev.function(FAMILY, name)?;
+                let row_w = to_i32("attention_bwd Hkv*D", hkv * d)?;
+                let n = nk as i64;
+                let mut a = dev.launch_builder(&f);
+                a.arg(&part)
+                    .arg(&seq_lens)
+                    .arg(&dk)
+                    .arg(&dv)
+                    .arg(&si)
+                    .arg(&row_w)
+                    .arg(&n)
+                    .arg(&spi)
+                    .arg(&scale);
+                dev.launch(name, a, cfgs.bwd_finalize)?;
+            }
         }
         Ok(())
     }
 
-    /// Causal attention backward (see the module doc) on device views; `dq`, `dk`, `dv`
-    /// accumulate. `workspace` holds at least [`bwd_workspace_len`] f32.
+    /// Causal attention backward (see the module doc) on device views with the shape's
+    /// [`bwd_splits`]; `dq`, `dk`, `dv` accumulate. `workspace` holds at least
+    /// [`bwd_workspace_len`] f32.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd(
         dev: &CudaDevice,
@@ -722,7 +886,39 @@ pub mod cuda {
         dv: &mut CudaViewMut<'_, bf16>,
         workspace: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
+        let splits = bwd_splits(b, s, hq, hkv);
+        attention_bwd_split(
+            dev, q, k, v, out, lse, dout, seq_lens, b, s, hq, hkv, d, scale, dq, dk, dv, workspace,
+            splits,
+        )
+    }
+
+    /// [`attention_bwd`] with an explicit split count (1..=Hq/Hkv); `workspace` holds at least
+    /// [`bwd_workspace_len_split`] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd_split(
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        out: &CudaView<'_, bf16>,
+        lse: &CudaView<'_, f32>,
+        dout: &CudaView<'_, bf16>,
+        seq_lens: &CudaView<'_, u32>,
+        b: usize,
+        s: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        scale: f32,
+        dq: &mut CudaViewMut<'_, bf16>,
+        dk: &mut CudaViewMut<'_, bf16>,
+        dv: &mut CudaViewMut<'_, bf16>,
+        workspace: &mut CudaViewMut<'_, f32>,
+        splits: usize,
+    ) -> Result<()> {
         let (nq, nk, nl) = attn_dims("attention_bwd", b, s, hq, hkv, d)?;
+        check_splits("attention_bwd", splits, hq, hkv)?;
         for (what, len, want) in [
             ("attention_bwd q", q.len(), nq),
             ("attention_bwd k", k.len(), nk),
@@ -737,7 +933,7 @@ pub mod cuda {
         ] {
             check_len(what, len, want)?;
         }
-        let ws = bwd_workspace_len(b, s, hq);
+        let ws = bwd_workspace_len_split(b, s, hq, hkv, d, splits);
         if workspace.len() < ws {
             return Err(Error::Shape(format!(
                 "attention_bwd workspace: length {}, needs at least {ws}",
@@ -761,8 +957,9 @@ pub mod cuda {
         let (wp, _g11) = workspace.device_ptr_mut(st);
         // SAFETY: lengths checked above; &mut views cannot alias each other or the inputs.
         unsafe {
-            attention_bwd_raw(
+            attention_bwd_split_raw(
                 dev, qp, kp, vp, op, lp, dop, sp, b, s, hq, hkv, d, scale, dqp, dkp, dvp, wp,
+                splits,
             )
         }
     }
@@ -929,6 +1126,43 @@ mod tests {
                 assert!(c.shared_mem_bytes <= SMEM_LIMIT, "D={d} {name}: {c:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_gqa_split_fills_the_card_at_small_batch() {
+        use super::cuda::{bwd_splits, bwd_workspace_len, bwd_workspace_len_split, launches_split};
+        // Qwen2-0.5B heads (Hq 14, Hkv 2, D 64) at B 8, S 512: 2·8·8 = 128 CTAs unsplit, under
+        // one wave of a 132-SM H100; 4 slices (1, 2, 2, 2 heads) give 512.
+        assert_eq!(bwd_splits(8, 512, 14, 2), 4);
+        let l = launches(8, 512, 14, 2, 64).unwrap();
+        assert_eq!((l.splits, l.bwd.grid_dim), (4, (8, 8, 8)));
+        assert!(check_launch("finalize", &l.bwd_finalize).unwrap());
+        // Workspace: delta (8·14·512 f32) + dK, dV partials of 4 slices (2·4·8·512·2·64 f32).
+        let delta = 8 * 14 * 512;
+        assert_eq!(
+            bwd_workspace_len(8, 512, 14, 2, 64),
+            delta + 2 * 4 * 8 * 512 * 2 * 64
+        );
+        // Larger grids: fewer slices, none from 528 CTAs on (B 64, S 512: 1024 CTAs).
+        assert_eq!(bwd_splits(16, 512, 14, 2), 3);
+        assert_eq!(bwd_splits(32, 512, 14, 2), 2);
+        assert_eq!(bwd_splits(64, 512, 14, 2), 1);
+        assert_eq!(bwd_workspace_len(64, 512, 14, 2, 64), 64 * 14 * 512);
+        // G = 1 cannot be split; a tiny grid splits up to G.
+        assert_eq!(bwd_splits(1, 64, 4, 4), 1);
+        assert_eq!(bwd_splits(1, 64, 7, 1), 7);
+        // One split is the unsplit launch; the delta region is padded to 16 bytes.
+        assert_eq!(
+            launches_split(8, 512, 14, 2, 64, 1).unwrap().bwd.grid_dim,
+            (2, 8, 8)
+        );
+        assert_eq!(bwd_workspace_len_split(1, 3, 7, 1, 16, 1), 24);
+        assert_eq!(
+            bwd_workspace_len_split(1, 3, 7, 1, 16, 2),
+            24 + 2 * 2 * 3 * 16
+        );
+        assert!(launches_split(8, 512, 14, 2, 64, 8).is_err());
+        assert!(launches_split(8, 512, 14, 2, 64, 0).is_err());
     }
 
     #[test]

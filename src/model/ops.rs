@@ -742,7 +742,7 @@ impl Op for Attention {
     }
     fn backward_scratch(&self, _ins: &[usize], _outs: &[usize], cuda: bool) -> usize {
         if cuda {
-            attention::cuda::bwd_workspace_len(self.b, self.s, self.hq)
+            attention::cuda::bwd_workspace_len(self.b, self.s, self.hq, self.hkv, self.head_dim)
         } else {
             0
         }

@@ -28,7 +28,7 @@ struct Cli {
 
 /// The chain warm start's recipe: SFT steps (few enough that the warm start is right on only
 /// part of the prompts, so RL has something to learn) and the answer length.
-const CHAIN_STEPS: usize = 600;
+const CHAIN_STEPS: usize = 700;
 
 /// The recipe of the shipped warm start: SFT of a random init at a high learning rate into
 /// assets/arith-sft (which holds the previous output, and its README, which is kept).

@@ -45,6 +45,12 @@ MUTANTS = [
     ("step: pooled-sort barrier removed (global scratch)", "step.cu",
      "        sorted[rank] = v;\n    }\n    __syncthreads();", "        sorted[rank] = v;\n    }",
      "cuda_step_ops", ""),
+    ("attention: bwd split slice drops a head (non-dividing G)", "attention.cu",
+     "    const int gs = (split + 1) * G / n_splits - split * G / n_splits;",
+     "    const int gs = G / n_splits;", "cuda_attention", "cuda_attention_bwd_split"),
+    ("attention: bwd finalize skips the last slice", "attention.cu",
+     "        for (int sp = 1; sp < n_splits; ++sp) {", "        for (int sp = 1; sp < n_splits - 1; ++sp) {",
+     "cuda_attention", "cuda_attention_bwd_split"),
     ("risk: staging __syncwarp removed", "risk.cu", "        __syncwarp();  // the next row group reuses the staging area",
      "", "cuda_risk", "stats_match_cpu"),
     # other fault kinds

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """The noisy-reward experiment of issue 12 on the built-in chain task (`tools/compare --experiment noise`).
 
-Phases (every run is one `dfpo-train train` in <runs-dir>/<phase>/<name>; a run whose summary.json
-exists is skipped, so the matrix resumes and can be run in pieces, on different days):
+Phases (every run is one `dfpo-train train` in <runs-dir>/<phase>/<name>-s<seed>). Each finished run
+leaves a small record, <records>/<phase>/<name>-s<seed>.json (its settings, the eval curves, the
+final accuracies, its time and the commit that ran it; committed to the repository by default, as
+checkouts and run folders do not outlive a session). A run with a record of the same settings, or
+a summary.json in its run folder, is skipped, so the matrix resumes and can be run in pieces, on
+different days and machines:
 
 1. sweep:  per algorithm, a 3-point actor learning-rate sweep (3e-6, 1e-5, 3e-5 = optim.actor_lr)
            at the sweep noise setting, --sweep-seeds seeds. The learning rate of each algorithm is
@@ -121,6 +125,8 @@ def parse_args(argv):
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra option for every run (repeatable)")
     ap.add_argument("--runs-dir", default=os.path.join(REPO, "runs", "noise"), help="(default: runs/noise)")
+    ap.add_argument("--records", default=os.path.join(REPO, "docs", "results-noise", "runs"),
+                    help="one small JSON per finished run, read instead of the run folder (default: docs/results-noise/runs)")
     ap.add_argument("--results", default=os.path.join(REPO, "docs", "results-noise.md"), help="report (default: docs/results-noise.md)")
     ap.add_argument("--png", default=os.path.join(REPO, "docs", "results-noise.png"), help="curves (default: docs/results-noise.png)")
     ap.add_argument("--title", default="The noisy-reward matrix on the chain task", help="heading of the report")
@@ -171,6 +177,7 @@ def parse_args(argv):
         fail(f"--ladder-seeds must be >= 0, got {a.ladder_seeds}")
     a.ladder_seeds = a.ladder_seeds or a.seeds
     a.runs_dir = os.path.abspath(a.runs_dir)
+    a.records = os.path.abspath(a.records)
     return a
 
 
@@ -198,11 +205,38 @@ class Run:
             return self.same_as.out_dir
         return os.path.join(RUNS_DIR, self.phase, f"{self.name}-s{self.seed}")
 
+    @property
+    def key(self):
+        base = self.same_as if self.same_as is not None else self
+        return f"{base.phase}/{base.name}-s{base.seed}"
+
+    def args(self):
+        """The trainer's settings that make the run what it is (not where it writes)."""
+        base = self.same_as if self.same_as is not None else self
+        return [f"algo.name={base.algo}", f"run.seed={base.seed}"] + common_sets(ARGS) + base.sets
+
+    def record_path(self):
+        return os.path.join(ARGS.records, self.key + ".json")
+
+    def record(self):
+        """The run's record when it exists and was made with the same settings, else None."""
+        try:
+            with open(self.record_path()) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return rec if rec.get("args") == self.args() else None
+
     def done(self):
+        if self.record() is not None:
+            return True
+        if os.path.exists(self.record_path()):
+            return False  # a record of other settings (e.g. another --steps): run again
         return os.path.isfile(os.path.join(self.out_dir, "summary.json"))
 
 
 RUNS_DIR = None
+ARGS = None
 
 
 def common_sets(a):
@@ -258,7 +292,8 @@ def main_runs(a, choice):
                 for seed in range(1, a.seeds + 1):
                     same = None
                     if not a.no_sweep and (model, level) == a.sweep_setting and seed <= a.sweep_seeds:
-                        same = Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level), [], "")
+                        same = Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level),
+                                   noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], "")
                     out.append(Run("main", f"{algo}-{setting_name(model, level)}", algo, seed, (model, level),
                                    noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], algo, same))
     return out
@@ -301,9 +336,8 @@ def trainer_path():
 
 def run_one(exe, run, a):
     os.makedirs(os.path.dirname(run.out_dir), exist_ok=True)
-    cmd = [exe, "train", "--set", f"run.out_dir={run.out_dir}", "--set", f"algo.name={run.algo}",
-           "--set", f"run.seed={run.seed}"]
-    for s in common_sets(a) + run.sets:
+    cmd = [exe, "train", "--set", f"run.out_dir={run.out_dir}"]
+    for s in run.args():
         cmd += ["--set", s]
     log_path = run.out_dir.rstrip("/") + ".log"
     t0 = time.time()
@@ -321,8 +355,12 @@ def run_one(exe, run, a):
         with open(log_path) as f:
             tail = "".join(f.readlines()[-5:])
         return f"exit status {p.returncode} (log: {log_path}):\n{tail}", wall
-    if not run.done():
+    if not os.path.isfile(os.path.join(run.out_dir, "summary.json")):
         return f"finished without writing summary.json (log: {log_path})", wall
+    try:
+        write_record(run, record_from_folder(run))
+    except (OSError, ValueError, KeyError) as e:
+        return f"cannot record the run: {e}", wall
     return None, wall
 
 
@@ -353,8 +391,18 @@ def execute(a, runs, budget):
     return failures
 
 
-def load_run(run):
-    """Final accuracies, the in-domain/validation curves and their areas, from the run folder."""
+def git_commit():
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return r.stdout.strip() + ("-dirty" if dirty else "") if r.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def record_from_folder(run):
+    """The run's record (settings, eval curves, final accuracies, time) from its run folder."""
     d = run.out_dir
     with open(os.path.join(d, "summary.json")) as f:
         s = json.load(f)
@@ -374,11 +422,7 @@ def load_run(run):
                     pts.append((m["step"], m[k]))
         pts.append((steps, s["after"][split]["accuracy"]))
         pts.sort()
-        curves[split] = pts
-    auc = {}
-    for split, pts in curves.items():
-        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
-        auc[split] = area / max(1, pts[-1][0] - pts[0][0])
+        curves[split] = [list(p) for p in pts]
     cpu = None
     try:
         with open(d.rstrip("/") + ".time.json") as f:
@@ -386,10 +430,40 @@ def load_run(run):
     except (OSError, ValueError, KeyError):
         pass
     return {
-        "seed": run.seed, "steps": steps, "seconds": s["seconds"], "cpu": cpu,
+        "run": run.key, "algo": run.algo, "seed": run.seed, "args": run.args(), "steps": steps,
+        "seconds": s["seconds"], "cpu_s": cpu, "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "before": {k: v["accuracy"] for k, v in s["before"].items()},
         "after": {k: v["accuracy"] for k, v in s["after"].items()},
-        "auc": auc, "curves": curves,
+        "curves": curves,
+    }
+
+
+def write_record(run, rec):
+    path = run.record_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_run(run):
+    """Final accuracies, the in-domain/validation curves and their areas: from the run's record, or
+    from its run folder (then the record is written)."""
+    rec = run.record()
+    if rec is None:
+        rec = record_from_folder(run)
+        write_record(run, rec)
+    curves = {split: [tuple(p) for p in pts] for split, pts in rec["curves"].items()}
+    auc = {}
+    for split, pts in curves.items():
+        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
+        auc[split] = area / max(1, pts[-1][0] - pts[0][0])
+    return {
+        "seed": rec["seed"], "steps": rec["steps"], "seconds": rec["seconds"], "cpu": rec.get("cpu_s"),
+        "commit": rec.get("commit"), "before": rec["before"], "after": rec["after"], "auc": auc, "curves": curves,
     }
 
 
@@ -534,20 +608,19 @@ def report(a, runs, results, choice, problems, command):
     if any(r for _, r in refs[1:]):
         L += [f"### References at {NOISE_MODELS[mdl][0]}, {NOISE_MODELS[mdl][1]} = {fmt(lvl)}", ""]
         L += table(refs, base) + [""]
-    uniq = {r.out_dir for r in runs if r.done()}
-    walls, cpus = [], []
-    for d in uniq:
-        try:
-            with open(os.path.join(d, "summary.json")) as f:
-                walls.append(json.load(f)["seconds"])
-            with open(d.rstrip("/") + ".time.json") as f:
-                cpus.append(json.load(f)["cpu_s"])
-        except (OSError, ValueError, KeyError):
-            pass
+    uniq = {}
+    for r in runs:
+        rec = r.record()
+        if rec is not None:
+            uniq[r.key] = rec
+    walls = [rec["seconds"] for rec in uniq.values()]
+    cpus = [rec["cpu_s"] for rec in uniq.values() if rec.get("cpu_s") is not None]
+    commits = sorted({rec.get("commit") or "?" for rec in uniq.values()})
     L.append(f"{len(uniq)} distinct runs (a main run at the sweep setting, seed and chosen learning rate is "
              f"the sweep's run), {sum(walls) / 3600:.2f} h of wall time summed over runs"
              + (f", {sum(cpus) / 3600:.2f} CPU-hours over the {len(cpus)} runs that recorded it" if cpus else "")
-             + f". Runs: `{RUNS_DIR}`.")
+             + f". Records: `{os.path.relpath(ARGS.records, REPO)}` (made at commit"
+             + ("s " if len(commits) > 1 else " ") + ", ".join(commits) + ").")
     if problems:
         L += ["", "Missing or failed runs:", ""] + [f"- {p}" for p in problems[:40]]
         if len(problems) > 40:
@@ -568,9 +641,10 @@ def kl_statement(a):
 
 
 def main(argv):
-    global RUNS_DIR
+    global RUNS_DIR, ARGS
     a = parse_args(argv)
     RUNS_DIR = a.runs_dir
+    ARGS = a
     command = " ".join(shlex.quote(x) for x in ["tools/compare", "--experiment", "noise"] + argv)
     budget = [a.max_runs if a.max_runs > 0 else None]
     failures = {}

@@ -5,6 +5,7 @@ trainer tools/noise-fake-train, whose accuracies are known in closed form. Run:
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ def read(path):
 def run(tmp, *extra):
     env = dict(os.environ, DFPO_TRAIN=os.path.join(TOOLS, "noise-fake-train"))
     cmd = [os.path.join(TOOLS, "compare"), "--experiment", "noise", "--runs-dir", os.path.join(tmp, "runs"),
-           "--results", os.path.join(tmp, "r.md"), "--png", os.path.join(tmp, "r.png"),
+           "--results", os.path.join(tmp, "r.md"), "--records", os.path.join(tmp, "records"), "--png", os.path.join(tmp, "r.png"),
            "--algos", "dfpo,ppo", "--noise-models", "flip,fneg", "--seeds", "4", "--sweep-seeds", "2",
            "--lr-grid", "1e-5,3e-5,1e-4", "--steps", "20", "--eval-every", "5", "--jobs", "2", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -59,6 +60,20 @@ class NoiseMatrix(unittest.TestCase):
             self.assertEqual(r2.returncode, 0, r2.stderr)
             self.assertNotIn(": ok", r2.stdout)
             self.assertIn("starting 0", r2.stdout)
+            # The records alone resume the matrix (a new checkout has no run folders) and give
+            # the same report.
+            rec = json.loads(read(os.path.join(tmp, "records", "main", "ppo-fneg0.3-s2.json")))
+            self.assertIn("reward.fn_prob=0.3", rec["args"])
+            self.assertEqual(rec["curves"]["in_domain"][0][0], 0)
+            shutil.rmtree(runs)
+            r3 = run(tmp)
+            self.assertEqual(r3.returncode, 0, r3.stderr)
+            self.assertIn("starting 0", r3.stdout)
+            self.assertEqual(read(os.path.join(tmp, "r.md")).split("\n")[6:], md.split("\n")[6:])
+            # A record made with other settings (here: another run length) is not reused.
+            r4 = run(tmp, "--steps", "10", "--phases", "sweep")
+            self.assertEqual(r4.returncode, 0, r4.stderr)
+            self.assertIn("0 of 12 runs done; starting 12", r4.stdout)
 
     def test_bad_arguments(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -237,6 +237,7 @@ class Run:
 
 RUNS_DIR = None
 ARGS = None
+COMMIT = False  # not read yet
 
 
 def common_sets(a):
@@ -392,13 +393,20 @@ def execute(a, runs, budget):
 
 
 def git_commit():
+    """The checkout's commit when the driver started (the trainer it runs is built from it)."""
+    global COMMIT
+    if COMMIT is not False:
+        return COMMIT
+    COMMIT = None
     try:
         r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
-        return r.stdout.strip() + ("-dirty" if dirty else "") if r.returncode == 0 else None
+        if r.returncode == 0:
+            COMMIT = r.stdout.strip() + ("-dirty" if dirty else "")
     except OSError:
-        return None
+        pass
+    return COMMIT
 
 
 def record_from_folder(run):
@@ -645,6 +653,7 @@ def main(argv):
     a = parse_args(argv)
     RUNS_DIR = a.runs_dir
     ARGS = a
+    git_commit()
     command = " ".join(shlex.quote(x) for x in ["tools/compare", "--experiment", "noise"] + argv)
     budget = [a.max_runs if a.max_runs > 0 else None]
     failures = {}

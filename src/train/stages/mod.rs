@@ -2,7 +2,8 @@
 //!
 //! 1. [`rollout`]: the step's prompts → generations → the batch's token rows;
 //! 2. [`rewards`]: each row scored (checker or `reward.command`), reward noise applied;
-//! 3. [`reference`]: old-policy log-probs and entropies, reference log-probs, the KL;
+//! 3. [`reference`](mod@reference): old-policy log-probs and entropies, reference log-probs,
+//!    the KL;
 //! 4. [`advantages`]: token rewards, the critic readout, GAE or GRPO advantages, whitening,
 //!    value statistics, the flow critic's targets;
 //! 5. [`update`]: PPO epochs × minibatches of actor and critic updates.

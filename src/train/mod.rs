@@ -14,5 +14,6 @@ pub mod reward_cmd;
 pub mod rollout;
 pub mod run_dir;
 pub mod sft;
+pub mod stages;
 pub mod step_ops;
 pub mod trainer;

@@ -1,7 +1,8 @@
-//! The RL loop: rollout → rewards (noisy for training, clean for metrics) → reference log-probs
-//! → token rewards with KL → critic readout → (distributional) GAE → whitened advantages →
-//! PPO epochs × minibatches of actor and critic updates; evaluation before and after,
-//! metrics, atomic checkpoints with resume, and the final HF export.
+//! The RL loop: each step runs the stages of [`super::stages`] in order (rollout → rewards, noisy
+//! for training and clean for metrics → reference log-probs and KL → token rewards, critic
+//! readout, (distributional) GAE, whitened advantages and critic targets → PPO epochs ×
+//! minibatches of actor and critic updates); evaluation before and after, metrics, atomic
+//! checkpoints with resume, and the final HF export.
 //!
 //! Every random draw is a pure function of (run seed, step, purpose) ([`Stream`]), and the
 //! optimizer state is saved exactly (f32 master weights, moments, step counts), so a resumed
@@ -15,33 +16,27 @@ use serde::{Deserialize, Serialize};
 
 use super::calibration::{calibration_table, critic_calibration};
 use super::config::{Algo, TrainConfig};
-use super::eval::{
-    check_unparsed, cut_at_stop, evaluate_with, response_text, stop_ids, EvalOpts, EvalResult,
-};
+use super::eval::{check_unparsed, evaluate_with, stop_ids, EvalOpts, EvalResult};
 use super::heads::{FlowTermWeights, RiskTerms};
 use super::metrics::{MetricsWriter, Progress};
-use super::models::{
-    response_logprobs_buf, tensor_map, ActorStats, Critic, CriticHead, CriticStats, OptSettings,
-    Policy,
-};
+use super::models::{tensor_map, Critic, CriticHead, OptSettings, Policy};
 use super::optim::Schedule;
-use super::rollout::{
-    gather, grpo_row_advantages, Batch, FlowSolve, FlowTargetOpts, GrpoStd, Stream,
-};
+use super::rollout::{Batch, FlowSolve, Stream};
 use super::run_dir::{self, Fingerprint, Start};
-use super::step_ops::{FlowMicro, StepBuf, StepOps, FLOW_TARGET_FIELD};
+use super::stages::advantages::AdvantageOpts;
+use super::stages::rollout::{step_prompts, Generator};
+use super::stages::update::UpdateOpts;
+use super::stages::{self, StepRows};
+use super::step_ops::StepOps;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{FlowHeadShape, IntegrateOpts, Solver};
-use crate::kernels::risk::{RiskLossWeights, Stat, TailLevels};
-use crate::kernels::rl::GaeParams;
-use crate::kernels::sample::SampleParams;
+use crate::kernels::risk::{RiskLossWeights, TailLevels};
 use crate::model::checkpoint::{
     read_safetensors, save_hf_folder, save_safetensors, write_atomic, Dtype, Tensor, TensorMap,
 };
 use crate::model::decoder::{Decoder, DecoderGraph};
-use crate::model::generate::{generate, GenerateParams, Generation};
 use crate::model::tokenizer::Tokenizer;
 use crate::task::{encode_prompt, load_task, TaskData};
 
@@ -109,38 +104,7 @@ pub fn resolve_device(name: &str) -> Result<Device> {
 
 pub use crate::model::builtin::model_dir;
 
-/// What the update phase of one RL step reads (see [`Trainer::prepare`]). Per-token tensors
-/// are `[rows][S]` (× K for the value samples), rows prompt-major, as step buffers: host vectors
-/// on the CPU, device buffers on CUDA ([`StepBuf::host`] reads the former; [`StepOps::read`]
-/// downloads either).
-pub struct Prepared {
-    pub batch: Batch,
-    /// The rollout mask on the host (the rollout's bookkeeping: token lists, weights).
-    pub mask: Vec<f32>,
-    /// The same mask where the step computes.
-    pub mask_buf: StepBuf,
-    pub skip: Vec<usize>,
-    pub ntok: f64,
-    pub old_lp: StepBuf,
-    pub old_ent: StepBuf,
-    /// The per-token KL against the reference (its estimator), when there is a reference.
-    pub kl: Option<StepBuf>,
-    /// The reference log-probs, when the KL is a term of the actor loss.
-    pub ref_lp: Option<StepBuf>,
-    pub values: StepBuf,
-    pub ret: StepBuf,
-    pub adv: StepBuf,
-    pub k: usize,
-    /// The flow critic's targets: the 12 fields of [`super::rollout::FlowTargets::fields`].
-    pub targets: Option<Vec<StepBuf>>,
-    /// The critic readout's statistics.
-    pub metrics: BTreeMap<String, f64>,
-    /// Σ entropy over the response tokens and (with a reference) Σ KL (the step's metrics).
-    pub entropy_sum: f64,
-    pub kl_sum: Option<f64>,
-    pub t_roll: f64,
-    pub t_prep: f64,
-}
+pub use super::stages::Prepared;
 
 /// The trainer's state.
 pub struct Trainer {
@@ -397,20 +361,13 @@ impl Trainer {
             .and_then(|m| m.lock().ok().map(|g| g.traffic()))
     }
 
-    /// Generation for rollouts and evals: on CUDA on the device from the policy graph's live
+    /// Where rollouts and evals generate: on CUDA on the device from the policy graph's live
     /// weights ([`crate::model::generate_cuda`]), else on the CPU from the host copy.
-    fn generate(&self, prompts: &[Vec<u32>], gp: &GenerateParams) -> Result<Vec<Generation>> {
-        match &self.device_gen {
-            Some(m) => m
-                .lock()
-                .map_err(|_| Error::Invalid("device generation: a previous call panicked".into()))?
-                .generate(
-                    &self.policy.graph,
-                    prompts,
-                    gp,
-                    self.s - self.cfg.rollout.max_new_tokens,
-                ),
-            None => generate(&self.policy.dec, prompts, gp),
+    fn generator(&self) -> Generator<'_> {
+        Generator {
+            policy: &self.policy,
+            device: self.device_gen.as_ref(),
+            prompt_room: self.s - self.cfg.rollout.max_new_tokens,
         }
     }
 
@@ -426,26 +383,6 @@ impl Trainer {
     /// Where the step's numerics run (reads the step buffers of a [`Prepared`]).
     pub fn step_ops(&self) -> &StepOps {
         &self.ops
-    }
-
-    /// The prompts of RL step `step`: consecutive slices of a per-epoch permutation.
-    fn step_prompts(&self, step: u64) -> Vec<usize> {
-        let n = self.train_ids.len();
-        let p = self.cfg.rollout.prompts_per_step;
-        let mut out = Vec::with_capacity(p);
-        let mut pos = step as usize * p;
-        let mut perm_epoch = usize::MAX;
-        let mut perm = Vec::new();
-        while out.len() < p {
-            let (epoch, i) = (pos / n, pos % n);
-            if epoch != perm_epoch {
-                perm = Stream::new(self.cfg.run.seed, epoch as u64, "data").permutation(n);
-                perm_epoch = epoch;
-            }
-            out.push(perm[i]);
-            pos += 1;
-        }
-        out
     }
 
     /// Evaluates the current policy on every eval split.
@@ -473,108 +410,38 @@ impl Trainer {
                     ex,
                     self.task.checker,
                     &opts,
-                    &mut |ps, gp| self.generate(ps, gp),
+                    &mut |ps, gp| self.generator().generate(ps, gp),
                 )
             })
             .collect()
     }
 
-    /// Generates and scores the rollout batch of step `step`.
+    /// The rollout batch of step `step`: stages 1 and 2 ([`stages::rollout`], [`stages::rewards`]).
     pub fn rollout(&self, step: u64) -> Result<Batch> {
-        let rc = &self.cfg.rollout;
-        let idx = self.step_prompts(step);
-        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_ids[i].clone()).collect();
-        let gp = GenerateParams {
-            max_new_tokens: rc.max_new_tokens,
-            sample: SampleParams {
-                temperature: rc.temperature,
-                top_k: rc.top_k as u32,
-                top_p: rc.top_p,
-            },
-            stop_ids: self.stop.clone(),
-            n_samples: rc.n_samples,
-            seed: Stream::new(self.cfg.run.seed, step, "rollout").next_u64(),
-        };
-        let gens = self.generate(&prompts, &gp)?;
-        let mut noise = Stream::new(self.cfg.run.seed, step, "reward");
-        let mut b = Batch {
-            s: self.s,
-            ..Default::default()
-        };
-        let r = &self.cfg.reward;
-        let mut kept = Vec::with_capacity(gens.len());
-        for g in &gens {
-            let keep = cut_at_stop(&self.tok, &g.tokens, &rc.stop)?;
-            kept.push((
-                keep,
-                response_text(&self.tok, &g.tokens[..keep], &self.stop)?,
-            ));
-        }
-        let example =
-            |g: &crate::model::generate::Generation| &self.task.train[idx[g.prompt_index]];
-        // reward.command: the external program's rewards replace the checker's.
-        let replies = match &self.reward_cmd {
-            Some(cmd) => {
-                let reqs: Vec<super::reward_cmd::Request> = gens
-                    .iter()
-                    .zip(&kept)
-                    .map(|(g, (_, text))| super::reward_cmd::Request {
-                        prompt: &example(g).prompt,
-                        response: text,
-                        answer: &example(g).answer,
-                    })
-                    .collect();
-                let mut cmd = cmd.lock().map_err(|_| {
-                    Error::Invalid("reward.command: a previous call panicked".into())
-                })?;
-                Some(cmd.score(&reqs)?)
-            }
-            None => None,
-        };
-        for (j, (g, (keep, text))) in gens.iter().zip(&kept).enumerate() {
-            let prompt = &prompts[g.prompt_index];
-            let tokens = &g.tokens[..*keep];
-            let (ok, unparsed, clean, noisy) = match &replies {
-                Some(rep) => {
-                    let mid = 0.5 * (r.correct + r.incorrect);
-                    let ok = rep[j].correct.unwrap_or(rep[j].reward > mid);
-                    let noisy = rep[j].reward + super::noise::additive_noise(r, &mut noise);
-                    (ok, false, rep[j].reward, noisy)
-                }
-                None => {
-                    let verdict = self.task.checker.check(text, &example(g).answer);
-                    let ok = verdict == crate::task::Verdict::Correct;
-                    let clean = if ok { r.correct } else { r.incorrect };
-                    let unparsed = verdict == crate::task::Verdict::Unparsed;
-                    let ex = example(g);
-                    let scored = super::noise::Scored {
-                        correct: ok,
-                        right_shape: r.partial_credit > 0.0
-                            && self.task.checker.right_shape(text, &ex.prompt),
-                        in_subset: super::noise::in_subset(r, &ex.prompt),
-                    };
-                    let noisy = super::noise::noisy_reward(scored, r, &mut noise);
-                    (ok, unparsed, clean, noisy)
-                }
-            };
-            b.unparsed.push(unparsed);
-            let mut seq = prompt.clone();
-            seq.extend_from_slice(tokens);
-            b.prompt_len.push(prompt.len());
-            b.response_len.push(tokens.len());
-            b.seqs.push(seq);
-            b.group.push(g.prompt_index);
-            b.correct.push(ok);
-            b.clean.push(clean);
-            b.noisy.push(noisy);
-            b.texts.push(text.clone());
-        }
-        Ok(b)
+        let seed = self.cfg.run.seed;
+        let gen = stages::rollout::rollout(
+            &self.generator(),
+            &self.cfg.rollout,
+            &self.tok,
+            &self.stop,
+            &self.train_ids,
+            self.s,
+            seed,
+            step,
+        )?;
+        let cmd = self.reward_cmd.as_ref();
+        stages::rewards::score(gen, &self.task, &self.cfg.reward, cmd, seed, step)
     }
 
     /// The first `run.log_samples` rows of step `step`'s batch as samples.jsonl records.
     fn samples_of(&self, step: u64, b: &Batch) -> Vec<serde_json::Value> {
-        let idx = self.step_prompts(step);
+        let n = self.train_ids.len();
+        let idx = step_prompts(
+            n,
+            self.cfg.rollout.prompts_per_step,
+            self.cfg.run.seed,
+            step,
+        );
         (0..b.rows().min(self.cfg.run.log_samples))
             .map(|r| {
                 let e = &self.task.train[idx[b.group[r]]];
@@ -621,8 +488,8 @@ impl Trainer {
         })
     }
 
-    /// The first half of RL step `self.step`: rollout, rewards, reference log-probs, token
-    /// rewards, the critic readout, advantages and (DFPO) the flow critic's targets.
+    /// The first half of RL step `self.step`: stages 1 to 4 (rollout, rewards, reference,
+    /// advantages and critic targets).
     pub fn prepare(&mut self) -> Result<Prepared> {
         let t0 = Instant::now();
         let batch = self.rollout(self.step)?;
@@ -632,413 +499,75 @@ impl Trainer {
         Ok(p)
     }
 
-    /// [`Trainer::prepare`] on a given rollout batch (benches feed synthetic ones).
+    /// Stages 3 and 4 ([`stages::reference`], [`stages::advantages`]) on a given rollout batch
+    /// (benches feed synthetic ones).
     pub fn prepare_batch(&mut self, batch: Batch) -> Result<Prepared> {
-        let step = self.step;
         let t0 = Instant::now();
-        let mut m = BTreeMap::new();
-        if batch.s != self.s || batch.rows() == 0 {
-            return Err(Error::Shape(format!(
-                "prepare_batch: {} rows of S = {}, the trainer's S is {}",
-                batch.rows(),
-                batch.s,
-                self.s
-            )));
-        }
-        let (rows, s) = (batch.rows(), self.s);
-        let ops = self.ops.clone();
-        let mask = batch.mask();
-        let mask_buf = ops.batch_mask(&batch)?;
-        let skip = batch.prompt_len.clone();
-        let ntok: f64 = mask.iter().map(|&v| v as f64).sum();
-        // The response tokens: the flow readout's and the statistics' rows.
-        let tokens = ops.token_list((0..rows * s).filter(|&i| mask[i] != 0.0).collect())?;
+        let ops = &self.ops;
+        let rows = StepRows::new(ops, batch, self.s)?;
         // The scalar metrics, read once at the end.
         let mut sc = ops.scalars()?;
-
-        let (old_lp, old_ent) =
-            response_logprobs_buf(&ops, &mut self.policy.graph, &batch.seqs, &skip)?;
-        ops.sum_into(
+        let lp = stages::reference::log_probs(
+            ops,
+            &rows,
+            &mut self.policy.graph,
+            self.reference.as_mut(),
+            self.cfg.kl_kind(),
+            self.cfg.kl_in_loss(),
             &mut sc,
-            "entropy_sum",
-            &old_ent,
-            Some(&mask_buf),
-            rows * s,
-            1,
-            0,
         )?;
-        // KL against the reference policy: in the reward, or (kl.placement) in the actor loss.
-        let in_loss = self.cfg.kl_in_loss();
-        let (kl, ref_lp) = if let Some(r) = self.reference.as_mut() {
-            let (ref_lp, _) = response_logprobs_buf(&ops, r, &batch.seqs, &skip)?;
-            let kl = ops.kl_buf(&old_lp, &ref_lp, &mask_buf, self.cfg.kl_kind())?;
-            ops.sum_into(&mut sc, "kl_sum", &kl, None, rows * s, 1, 0)?;
-            (Some(kl), in_loss.then_some(ref_lp))
-        } else {
-            (None, None)
-        };
-        let reward_kl = if in_loss { None } else { kl.as_ref() };
-        let rewards =
-            ops.token_rewards(&batch, &mask_buf, reward_kl, self.kl_coef, &batch.noisy)?;
-
-        // Critic readout and advantages.
-        let k = self.critic.as_ref().map_or(1, |c| c.head.k());
-        let gae = GaeParams {
-            gamma: self.cfg.ppo.gamma as f32,
-            lambda: self.cfg.ppo.lam as f32,
-        };
-        let mut values = ops.zeros(rows * s * k)?;
-        let mut flow = None;
         let fs = self.flow_solve();
-        if let Some(c) = self.critic.as_mut() {
-            let mut out = c.forward_readout_buf(&ops, &batch.seqs)?;
-            match (&c.head, &fs) {
-                (CriticHead::Flow { .. }, Some(fs)) => {
-                    let params = c.flow_params_buf(&ops)?;
-                    let (z, sd) = ops.flow_readout_buf(fs, &params, &out, &mask_buf, &tokens)?;
-                    values = z;
-                    flow = Some((params, out, sd));
-                }
-                _ => {
-                    ops.mask_select(&mut out, &mask_buf, k)?;
-                    values = out;
-                }
-            }
-        }
-        let (ret, adv) = if self.cfg.algo.name == Algo::Grpo {
-            let std = match self.cfg.ppo.grpo_std.as_str() {
-                "population" => GrpoStd::Population,
-                "none" => GrpoStd::None,
-                _ => GrpoStd::Unbiased,
-            };
-            let a = grpo_row_advantages(&batch, &batch.noisy, std);
-            (
-                ops.zeros(rows * s * k)?,
-                ops.rows_on_mask(&mask_buf, s, &a)?,
-            )
-        } else {
-            let (_, ret, adv) = ops.gae_buf(&values, &rewards, &mask_buf, rows, s, k, gae)?;
-            if self.cfg.ppo.whiten && ntok >= 2.0 {
-                (ret, ops.whiten_buf(&adv, &mask_buf)?)
-            } else {
-                (ret, adv)
-            }
-        };
-        // Value statistics of the rollout-time critic (the risk kernel's per-row statistics).
-        let stats = [
-            ("critic/value_mean", Stat::Mean),
-            ("critic/value_std", Stat::Std),
-            ("critic/cvar", Stat::CvarLow),
-        ];
-        if self.critic.is_some() {
-            let levels = TailLevels {
-                alpha: self.cfg.critic.alpha as f32,
-                beta: self.cfg.critic.beta as f32,
-            };
-            ops.risk_stat_sums(&mut sc, &values, &tokens, k, levels, &stats)?;
-        }
-        let targets = match (&fs, &flow) {
-            (Some(fs), Some((params, u, sd))) => {
-                let cc = &self.cfg.critic;
-                let o = FlowTargetOpts {
-                    gamma: gae.gamma,
-                    kappa: cc.kappa as f32,
-                    direction: match cc.weight_direction.as_str() {
-                        "up" => 1,
-                        "down" => -1,
-                        _ => 0,
-                    },
-                    anchor_lambda: cc.anchor == "lambda",
-                };
-                let mut rng = Stream::new(self.cfg.run.seed, step, "tau");
-                let mut t = ops.flow_targets_buf(
-                    fs, params, u, &values, sd, &ret, &rewards, &mask_buf, &tokens, s, &o, &mut rng,
-                )?;
-                if cc.risk_targets == "prompt" {
-                    ops.pool_first_buf(&batch, &mut t[FLOW_TARGET_FIELD], fs.k)?;
-                }
-                Some(t)
-            }
-            _ => None,
-        };
-        // The prepare phase's one read of its scalars.
+        let opts = AdvantageOpts::new(&self.cfg, self.kl_coef, self.step);
+        let critic = self.critic.as_mut();
+        let adv =
+            stages::advantages::estimate(ops, &rows, &lp, critic, fs.as_ref(), &opts, &mut sc)?;
         let scalars: BTreeMap<String, f64> = ops.read_scalars(&sc)?.into_iter().collect();
-        if self.critic.is_some() {
-            let d = ntok.max(1.0);
-            for (name, _) in stats {
-                m.insert(name.into(), scalars[name] / d);
-            }
-        }
+        let metrics = adv.value_metrics(&scalars, rows.ntok);
         let t_prep = t0.elapsed().as_secs_f64();
-
         Ok(Prepared {
-            batch,
-            mask,
-            mask_buf,
-            skip,
-            ntok,
-            old_lp,
-            old_ent,
-            kl_sum: kl.as_ref().map(|_| scalars["kl_sum"]),
-            kl,
-            ref_lp,
-            values,
-            ret,
-            adv,
-            k,
-            targets,
-            metrics: m,
+            batch: rows.batch,
+            mask: rows.mask,
+            mask_buf: rows.mask_buf,
+            skip: rows.skip,
+            ntok: rows.ntok,
+            old_lp: lp.old_lp,
+            old_ent: lp.old_ent,
+            kl_sum: lp.kl.as_ref().map(|_| scalars["kl_sum"]),
+            kl: lp.kl,
+            ref_lp: lp.ref_lp,
+            values: adv.values,
+            ret: adv.ret,
+            adv: adv.adv,
+            k: adv.k,
+            targets: adv.targets,
+            metrics,
             entropy_sum: scalars["entropy_sum"],
             t_roll: 0.0,
             t_prep,
         })
     }
 
+    /// What the update stage reads of the configuration at this step.
+    fn update_opts(&self) -> UpdateOpts {
+        UpdateOpts::new(&self.cfg, self.s, self.kl_coef, self.step)
+    }
+
     /// One actor update and one critic update on the minibatch of rollout rows `sel`
-    /// (metrics accumulated into `acc`); returns how many updates were skipped as non-finite.
-    /// The loss inputs are written into the graphs from the step buffers where they are (on
-    /// CUDA a device gather per input: only the row lists go up).
+    /// ([`stages::update::minibatch`]; metrics accumulated into `acc`); returns how many
+    /// updates were skipped as non-finite.
     pub fn update_minibatch(
         &mut self,
         p: &Prepared,
         sel: &[usize],
         acc: &mut BTreeMap<String, (f64, f64)>,
     ) -> Result<f64> {
-        // Messages number steps from 1, as metrics.jsonl does.
-        let (step, s) = (self.step + 1, self.s);
-        let ops = self.ops.clone();
-        let add = |acc: &mut BTreeMap<String, (f64, f64)>, k: &str, v: f64| {
-            let e = acc.entry(k.to_string()).or_insert((0.0, 0.0));
-            e.0 += v;
-            e.1 += 1.0;
-        };
-        let skip_nonfinite = self.cfg.run.on_nonfinite == "skip";
-        let seq_mean = self.cfg.ppo.agg == "seq-mean";
-        let mut skipped = 0.0;
-        let seqs: Vec<Vec<u32>> = sel.iter().map(|&r| p.batch.seqs[r].clone()).collect();
-        let sk: Vec<usize> = sel.iter().map(|&r| p.skip[r]).collect();
-        let denom = weight_denoms(&p.mask, sel, s, seq_mean);
-        let micro = self.micro_batches(sel.len());
-        // Graph row j of micro-batch r reads rollout row sel[r.start + j] (None: padding).
-        let pick = |r: &std::ops::Range<usize>, b: usize| -> Vec<Option<usize>> {
-            let mut v: Vec<Option<usize>> = sel[r.clone()].iter().map(|&x| Some(x)).collect();
-            v.resize(b, None);
-            v
-        };
-        let padded = |v: &[f32], r: &std::ops::Range<usize>, b: usize| -> Vec<f32> {
-            let mut o = v[r.clone()].to_vec();
-            o.resize(b, 0.0);
-            o
-        };
-        let (pb, _) = self.policy.graph.shape();
-        let pin = self.policy.inputs();
-        let mut st = ActorStats::default();
-        // More than one micro-batch: their gradients are summed on the host and written back
-        // into the graph, where the optimizer reads them (a download and an upload per
-        // micro-batch on CUDA: no device-side accumulation yet).
-        let mut g = Vec::new();
-        for r in &micro {
-            let rows = pick(r, pb);
-            let sess = self.policy.graph.session_mut();
-            ops.write_rows(sess, pin.old_lp, &p.old_lp, &rows, s)?;
-            ops.write_rows(sess, pin.adv, &p.adv, &rows, s)?;
-            ops.write_token_weights(
-                sess,
-                pin.tok_w,
-                &p.mask_buf,
-                &rows,
-                s,
-                &padded(&denom, r, pb),
-            )?;
-            match (pin.kl, &p.ref_lp) {
-                (Some((rt, ct)), Some(ref_lp)) => {
-                    ops.write_rows(sess, rt, ref_lp, &rows, s)?;
-                    sess.write(ct, &[self.kl_coef as f32])?;
-                }
-                (None, None) => {}
-                (have, _) => {
-                    return Err(Error::Invalid(format!(
-                    "policy update: the actor loss {} a KL term, the step {} reference log-probs",
-                    if have.is_some() { "has" } else { "has no" },
-                    if have.is_some() { "has no" } else { "has" }
-                )))
-                }
-            }
-            let mst = self
-                .policy
-                .update_written(&seqs[r.clone()], &sk[r.clone()])?;
-            // The weights are the minibatch's: losses, statistics and gradients add.
-            st.loss += mst.loss;
-            st.pg_loss += mst.pg_loss;
-            st.clipfrac += mst.clipfrac;
-            st.ppo_kl += mst.ppo_kl;
-            st.entropy += mst.entropy;
-            st.kl_loss += mst.kl_loss;
-            if micro.len() > 1 {
-                accumulate(&mut g, self.policy.grads()?);
-            }
-        }
-        if micro.len() > 1 {
-            self.policy.set_grads(&g)?;
-        }
-        let stop = |msg: String| -> Result<()> {
-            if !skip_nonfinite {
-                return Err(Error::Invalid(format!(
-                    "{msg}; stopping (run.on_nonfinite = \"stop\")"
-                )));
-            }
-            eprintln!("dfpo-train: warning: {msg}; update skipped");
-            Ok(())
-        };
-        if !st.loss.is_finite() {
-            stop(format!(
-                "step {step}: the actor loss (actor/pg_loss) is {}",
-                st.loss
-            ))?;
-            skipped += 1.0;
-        } else {
-            let o = self.policy.step()?;
-            if !o.applied {
-                stop(format!(
-                    "step {step}: the actor gradient norm is {}",
-                    o.grad_norm
-                ))?;
-                skipped += 1.0;
-            }
-            add(acc, "actor/grad_norm", o.grad_norm);
-            add(acc, "actor/lr", o.lr);
-        }
-        add(acc, "actor/pg_loss", st.pg_loss);
-        add(acc, "actor/clipfrac", st.clipfrac);
-        add(acc, "actor/ppo_kl", st.ppo_kl);
-        add(acc, "actor/entropy", st.entropy);
-        if p.ref_lp.is_some() {
-            add(acc, "actor/kl_loss", st.kl_loss);
-        }
-        // The critic's token weights are token means over the minibatch.
-        let cdenom = weight_denoms(&p.mask, sel, s, false);
-        // The flow head: the minibatch's response tokens (graph row r·S + t, rollout token
-        // sel[r]·S + t) and, with critic.risk_targets = "prompt", its first-token count.
-        let flow_tokens = |r: &std::ops::Range<usize>| -> Vec<usize> {
-            sel[r.clone()]
-                .iter()
-                .flat_map(|&row| (row * s..(row + 1) * s).filter(|&i| p.mask[i] != 0.0))
-                .collect()
-        };
-        let all = flow_tokens(&(0..sel.len()));
-        let first_count = (self.cfg.critic.risk_targets == "prompt").then(|| {
-            all.iter()
-                .filter(|&&g| g % s + 1 == p.skip[g / s])
-                .count()
-                .max(1) as f32
-        });
-        let total: f32 = gather(&p.mask, sel, s).iter().sum();
-        let Some(c) = self.critic.as_mut() else {
-            return Ok(skipped);
-        };
-        let (cb, _) = c.graph.shape();
-        let cin: Vec<crate::graph::TensorId> = c.inputs().to_vec();
-        let head = c.head.clone();
-        let kk = p.k;
-        let (mut cst, mut g) = (None::<CriticStats>, Vec::new());
-        for r in &micro {
-            let rows = pick(r, cb);
-            let sess = c.graph.session_mut();
-            match &head {
-                CriticHead::Value { .. } => {
-                    ops.write_rows(sess, cin[0], &p.ret, &rows, s)?;
-                    ops.write_rows(sess, cin[1], &p.values, &rows, s)?;
-                    ops.write_token_weights(
-                        sess,
-                        cin[2],
-                        &p.mask_buf,
-                        &rows,
-                        s,
-                        &padded(&cdenom, r, cb),
-                    )?;
-                }
-                CriticHead::Quantile { .. } => {
-                    ops.write_rows(sess, cin[0], &p.ret, &rows, s * kk)?;
-                    ops.write_token_weights(
-                        sess,
-                        cin[1],
-                        &p.mask_buf,
-                        &rows,
-                        s,
-                        &padded(&cdenom, r, cb),
-                    )?;
-                }
-                CriticHead::Flow { .. } => {
-                    let t = p.targets.as_ref().expect("flow targets");
-                    let mut rowpos = vec![-1i32; p.batch.rows()];
-                    for (j, &row) in sel[r.clone()].iter().enumerate() {
-                        rowpos[row] = j as i32;
-                    }
-                    let global = flow_tokens(r);
-                    let mb = FlowMicro {
-                        global: &global,
-                        rowpos: &rowpos,
-                        total,
-                        first_count,
-                        plen: &p.skip,
-                        s,
-                    };
-                    ops.write_flow_inputs(sess, &cin, t, &mb, kk)?;
-                }
-            }
-            let mst = c.update_written(&seqs[r.clone()])?;
-            match &mut cst {
-                None => cst = Some(mst),
-                Some(a) => {
-                    a.loss += mst.loss;
-                    for ((_, v), (_, mv)) in a.terms.iter_mut().zip(&mst.terms) {
-                        *v += mv;
-                    }
-                }
-            }
-            if micro.len() > 1 {
-                accumulate(&mut g, c.grads()?);
-            }
-        }
-        if micro.len() > 1 {
-            c.set_grads(&g)?;
-        }
-        let cst = cst.expect("a minibatch has at least one micro-batch");
-        let finite = cst.loss.is_finite();
-        let o = if finite { Some(c.step()?) } else { None };
-        if !finite || !o.is_some_and(|o| o.applied) {
-            let bad = cst
-                .terms
-                .iter()
-                .find(|(_, v)| !v.is_finite())
-                .map_or("critic/grad_norm".to_string(), |(n, _)| {
-                    format!("critic/{n}")
-                });
-            stop(format!(
-                "step {step}: the critic loss or gradient is not finite (first bad term: {bad})"
-            ))?;
-            skipped += 1.0;
-        }
-        if let Some(o) = o {
-            add(acc, "critic/grad_norm", o.grad_norm);
-        }
-        add(acc, "critic/loss", cst.loss);
-        for (n, v) in &cst.terms {
-            add(acc, &format!("critic/{n}"), *v);
-        }
-        Ok(skipped)
+        let o = self.update_opts();
+        let (policy, critic) = (&mut self.policy, self.critic.as_mut());
+        stages::update::minibatch(&self.ops, policy, critic, p, sel, acc, &o)
     }
 
-    /// The micro-batches (ranges of positions) of a minibatch of `rows` rows.
-    fn micro_batches(&self, rows: usize) -> Vec<std::ops::Range<usize>> {
-        let m = match self.cfg.ppo.micro_batch_size {
-            0 => rows.max(1),
-            m => m,
-        };
-        (0..rows).step_by(m).map(|a| a..(a + m).min(rows)).collect()
-    }
-
-    /// One RL step (prepare, then PPO epochs × minibatches); returns its metrics.
+    /// One RL step: the stages in order ([`stages`]: prepare, then the updates); returns its
+    /// metrics.
     pub fn train_step(&mut self) -> Result<BTreeMap<String, f64>> {
         let t0 = Instant::now();
         let traffic0 = self.device.traffic();
@@ -1046,16 +575,9 @@ impl Trainer {
         let p = self.prepare()?;
         let step = self.step;
         let rows = p.batch.rows();
-        let bsz = rows / self.cfg.ppo.minibatches;
-        let mut acc: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-        let mut skipped = 0.0;
-        for epoch in 0..self.cfg.ppo.epochs {
-            let order = Stream::new(self.cfg.run.seed, step, &format!("minibatch{epoch}"))
-                .permutation(rows);
-            for j in 0..self.cfg.ppo.minibatches {
-                skipped += self.update_minibatch(&p, &order[j * bsz..(j + 1) * bsz], &mut acc)?;
-            }
-        }
+        let o = self.update_opts();
+        let critic = self.critic.as_mut();
+        let (acc, skipped) = stages::update::epochs(&self.ops, &mut self.policy, critic, &p, &o)?;
         // Generation on the host: its weights follow the (device) optimizer once a step. Device
         // generation reads the graph's weights: the host copy is refreshed where it is read.
         if self.device_gen.is_none() {
@@ -1554,38 +1076,4 @@ pub fn summary_table(s: &Summary) -> String {
 pub fn run(cfg: TrainConfig) -> Result<Summary> {
     let mut t = Trainer::new(cfg)?;
     t.run()
-}
-
-/// Adds the gradients `g` of one micro-batch into `acc` (empty: takes them).
-fn accumulate(acc: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
-    if acc.is_empty() {
-        *acc = g;
-        return;
-    }
-    for (a, g) in acc.iter_mut().zip(g) {
-        for (x, y) in a.iter_mut().zip(g) {
-            *x += y;
-        }
-    }
-}
-
-/// Token-weight denominators of the minibatch rows `sel` ([`token_weights`]' arithmetic on the
-/// minibatch's mask: the token count for the token mean, each row's length × the number of
-/// rows with tokens for the sequence mean; 0 where a row gets no weight).
-fn weight_denoms(mask: &[f32], sel: &[usize], s: usize, seq_mean: bool) -> Vec<f32> {
-    let mm = gather(mask, sel, s);
-    let total: f32 = mm.iter().sum();
-    if total == 0.0 {
-        return vec![0.0; sel.len()];
-    }
-    if !seq_mean {
-        return vec![total; sel.len()];
-    }
-    let lens: Vec<f32> = (0..sel.len())
-        .map(|r| mm[r * s..(r + 1) * s].iter().sum())
-        .collect();
-    let nonempty = lens.iter().filter(|&&l| l > 0.0).count() as f32;
-    lens.iter()
-        .map(|&l| if l > 0.0 { l * nonempty } else { 0.0 })
-        .collect()
 }

@@ -201,19 +201,20 @@ class Run:
 
     @property
     def out_dir(self):
-        if self.same_as is not None:
-            return self.same_as.out_dir
-        return os.path.join(RUNS_DIR, self.phase, f"{self.name}-s{self.seed}")
+        return os.path.join(RUNS_DIR, self.key)
+
+    @property
+    def base(self):
+        """The run that is actually trained: this one, or the identical earlier one."""
+        return self.same_as if self.same_as is not None else self
 
     @property
     def key(self):
-        base = self.same_as if self.same_as is not None else self
-        return f"{base.phase}/{base.name}-s{base.seed}"
+        return f"{self.base.phase}/{self.base.name}-s{self.base.seed}"
 
     def args(self):
         """The trainer's settings that make the run what it is (not where it writes)."""
-        base = self.same_as if self.same_as is not None else self
-        return [f"algo.name={base.algo}", f"run.seed={base.seed}"] + common_sets(ARGS) + base.sets
+        return [f"algo.name={self.base.algo}", f"run.seed={self.base.seed}"] + common_sets(ARGS) + self.base.sets
 
     def record_path(self):
         return os.path.join(ARGS.records, self.key + ".json")
@@ -290,13 +291,13 @@ def main_runs(a, choice):
         for level in levels_of(a, model):
             for algo in a.algos:
                 lr = choice[algo][0]
+                sets = noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"]
                 for seed in range(1, a.seeds + 1):
                     same = None
                     if not a.no_sweep and (model, level) == a.sweep_setting and seed <= a.sweep_seeds:
-                        same = Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level),
-                                   noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], "")
+                        same = Run("sweep", f"{algo}-lr{fmt(lr)}", algo, seed, (model, level), sets, "")
                     out.append(Run("main", f"{algo}-{setting_name(model, level)}", algo, seed, (model, level),
-                                   noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"], algo, same))
+                                   sets, algo, same))
     return out
 
 

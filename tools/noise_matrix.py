@@ -22,6 +22,14 @@ different days and machines:
 5. probe:  the one change to DFPO most likely to help (PROBES below), at the ladder setting, judged
            on the VALIDATION split against the main DFPO cell (paired per seed), with the same
            change to PPO as its control.
+6. calib:  the critic calibration of issue 10 (`eval.critic_prefixes`, src/train/calibration.rs) for
+           the finished runs with a critic whose run folder is still there: the run is resumed at
+           its last step in a copy of its folder with --calib-prefixes prefixes x
+           --calib-continuations continuations (the training is not repeated; ~8 CPU-s per run at
+           the defaults)
+           and the scores are added to its record. Run folders do not outlive a checkout, so the
+           cells that have it are those whose runs were made in the checkout that ran this phase;
+           the report says how many seeds each row has.
 
 Every run is scored on the same fixed eval sets (the whole held-out pools of the chain task:
 in_domain 400 prompts, out_of_domain 200, validation 200; independent of the seed), clean and
@@ -130,7 +138,10 @@ def parse_args(argv):
     ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds of the learning-rate sweep (default: %(default)s)")
     ap.add_argument("--sweep-setting", default="flip:0.2", help="noise setting of the sweep (default: %(default)s)")
     ap.add_argument("--ladder-setting", default="flip:0.4", help="noise setting of the ladder and references (default: %(default)s)")
-    ap.add_argument("--phases", default="sweep,main,ladder,refs,probe", help="which phases (default: %(default)s)")
+    ap.add_argument("--phases", default="sweep,main,ladder,refs,probe,calib", help="which phases (default: %(default)s)")
+    ap.add_argument("--calib-prefixes", type=int, default=100, help="calib: states per run (default: %(default)s)")
+    ap.add_argument("--calib-continuations", type=int, default=32,
+                    help="calib: continuations per state (default: %(default)s)")
     ap.add_argument("--no-sweep", action="store_true", help=f"skip the sweep: every algorithm at actor lr {DEFAULT_ACTOR_LR:g}")
     ap.add_argument("--lr-grid", default=",".join(fmt(x) for x in LR_GRID),
                     help="the sweep's actor learning rates (default: %(default)s)")
@@ -144,6 +155,10 @@ def parse_args(argv):
     ap.add_argument("--records", default=os.path.join(REPO, "docs", "results-noise", "runs"),
                     help="one small JSON per finished run, read instead of the run folder (default: docs/results-noise/runs)")
     ap.add_argument("--results", default=os.path.join(REPO, "docs", "results-noise.md"), help="report (default: docs/results-noise.md)")
+    ap.add_argument("--splice", default=None,
+                    help="also write the report into this markdown file between the lines "
+                         "'<!-- noise-matrix:begin -->' and '<!-- noise-matrix:end -->' (default: docs/RESULTS.md "
+                         "when --results is the default; 'none': nowhere)")
     ap.add_argument("--png", default=os.path.join(REPO, "docs", "results-noise.png"), help="curves (default: docs/results-noise.png)")
     ap.add_argument("--title", default="The noisy-reward matrix on the chain task", help="heading of the report")
     ap.add_argument("--report-only", action="store_true", help="run nothing; report what exists")
@@ -175,11 +190,12 @@ def parse_args(argv):
     a.ladder_setting = parse_setting(a.ladder_setting)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
     for x in a.phases:
-        if x not in ("sweep", "main", "ladder", "refs", "probe"):
-            fail(f"--phases: unknown phase {x!r} (sweep, main, ladder, refs, probe)")
+        if x not in ("sweep", "main", "ladder", "refs", "probe", "calib"):
+            fail(f"--phases: unknown phase {x!r} (sweep, main, ladder, refs, probe, calib)")
     if a.no_sweep and "sweep" in a.phases:
         a.phases.remove("sweep")
     for n, what in ((a.seeds, "--seeds"), (a.sweep_seeds, "--sweep-seeds"), (a.steps, "--steps"),
+                    (a.calib_prefixes, "--calib-prefixes"), (a.calib_continuations, "--calib-continuations"),
                     (a.eval_every, "--eval-every"), (a.jobs, "--jobs")):
         if n < 1:
             fail(f"{what} must be >= 1, got {n}")
@@ -192,6 +208,11 @@ def parse_args(argv):
     if a.ladder_seeds < 0:
         fail(f"--ladder-seeds must be >= 0, got {a.ladder_seeds}")
     a.ladder_seeds = a.ladder_seeds or a.seeds
+    default_results = os.path.join(REPO, "docs", "results-noise.md")
+    if a.splice is None:
+        a.splice = os.path.join(REPO, "docs", "RESULTS.md") if os.path.abspath(a.results) == default_results else ""
+    elif a.splice == "none":
+        a.splice = ""
     a.runs_dir = os.path.abspath(a.runs_dir)
     a.records = os.path.abspath(a.records)
     return a
@@ -393,6 +414,87 @@ def run_one(exe, run, a):
     return None, wall
 
 
+def has_critic(run):
+    return run.base.algo in ("dfpo", "ppo", "quantile")
+
+
+def calib_todo(runs):
+    """Finished runs with a critic, a run folder and no calibration in their record."""
+    out, seen = [], set()
+    for r in runs:
+        if r.key in seen or not has_critic(r):
+            continue
+        seen.add(r.key)
+        rec = r.record()
+        if rec is not None and "calibration" not in rec and os.path.isfile(os.path.join(r.out_dir, "summary.json")):
+            out.append(r)
+    return out
+
+
+def calib_one(exe, run, a):
+    """Resumes the finished run in a copy of its folder with the calibration on; adds the scores
+    to its record."""
+    import shutil
+    tmp = os.path.join(RUNS_DIR, "calib-tmp", run.key)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    shutil.copytree(run.out_dir, tmp)
+    cmd = [exe, "train", "--set", f"run.out_dir={tmp}"]
+    for s in run.args() + [f"eval.critic_prefixes={a.calib_prefixes}",
+                           f"eval.critic_continuations={a.calib_continuations}"]:
+        cmd += ["--set", s]
+    log_path = tmp.rstrip("/") + ".log"
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    if rc != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-5:])
+        return f"exit status {rc} (log: {log_path}):\n{tail}", wall
+    try:
+        with open(os.path.join(tmp, "critic_calibration.json")) as f:
+            cal = json.load(f)
+        rec = run.record()
+        if rec is None:
+            return "its record changed meanwhile", wall
+        if cal.get("step") != rec["steps"]:
+            return f"calibrated at step {cal.get('step')}, the run has {rec['steps']}", wall
+        rec["calibration"] = cal
+        write_record(run, rec)
+    except (OSError, ValueError, KeyError) as e:
+        return f"cannot read the calibration: {e}", wall
+    shutil.rmtree(tmp, ignore_errors=True)
+    return None, wall
+
+
+def execute_calib(a, runs, budget):
+    todo = calib_todo(runs)
+    if budget[0] is not None:
+        todo = todo[:max(0, budget[0])]
+        budget[0] -= len(todo)
+    print(f"calib: {len(todo)} finished runs with a critic and a run folder to calibrate", flush=True)
+    if a.dry_run:
+        for r in todo:
+            print(f"  would calibrate {r.key}")
+        return {}
+    failures = {}
+    if not todo:
+        return failures
+    exe = trainer_path()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        futs = {pool.submit(calib_one, exe, r, a): r for r in todo}
+        for fut in concurrent.futures.as_completed(futs):
+            r = futs[fut]
+            err, secs = fut.result()
+            print(f"calib {r.key}: {'ok' if err is None else 'FAILED ' + err} ({secs:.0f} s)", flush=True)
+            if err is not None:
+                failures[("calib", r.key, r.seed)] = err
+    return failures
+
+
 def execute(a, runs, budget):
     """Runs the runs not done yet (at most budget[0] more); returns the failures."""
     todo = [r for r in runs if not r.done()]
@@ -500,6 +602,7 @@ def load_run(run):
     return {
         "seed": rec["seed"], "steps": rec["steps"], "seconds": rec["seconds"], "cpu": rec.get("cpu_s"),
         "commit": rec.get("commit"), "before": rec["before"], "after": rec["after"], "auc": auc, "curves": curves,
+        "calibration": rec.get("calibration"),
     }
 
 
@@ -579,6 +682,26 @@ def validation_table(rows):
         out.append(f"| {label} | {base_label} | {len(rs)} | {fmt_ms([fin(r) for r in rs])} | {paired(rs, base, fin)} "
                    f"| {fmt_ms([auc(r) for r in rs])} | {paired(rs, base, auc)} | {cpu_mean(rs)} |")
     return out
+
+
+def calibration_table(cells):
+    """Markdown rows: per cell (label, runs), per critic readout and truth, the mean ± std over the
+    seeds whose record has the calibration."""
+    out = ["| run | critic | truth | seeds | value MSE | CRPS | CRPS floor | CVaR_α abs. error | PIT L1 |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for label, rows in cells:
+        cals = [r["calibration"] for r in rows if r.get("calibration")]
+        if not cals:
+            continue
+        # Readouts by position, named without K (the same in every seed of a cell).
+        names = [c["name"] for c in cals[0]["critics"]]
+        for i, name in enumerate(names):
+            for truth in ("noisy", "clean"):
+                xs = [c["critics"][i][truth] for c in cals if len(c["critics"]) > i and c["critics"][i]["name"] == name]
+                col = lambda k: fmt_ms([x[k] for x in xs])
+                out.append(f"| {label} | {name} | {truth} | {len(xs)} | {col('value_mse')} | {col('crps')} "
+                           f"| {col('crps_floor')} | {col('cvar_abs_err')} | {col('pit_l1')} |")
+    return out if len(out) > 2 else []
 
 
 def plot(a, results, settings):
@@ -668,6 +791,24 @@ def report(a, runs, results, choice, problems, command):
               "The change to DFPO most likely to help (tools/noise_matrix.py, PROBES), judged on the validation "
               "split (200 prompts from the training side), paired per seed against the run named in `against`.", ""]
         L += validation_table(probes) + [""]
+    cal_cells = []
+    for model, level in settings:
+        for algo in a.algos:
+            cal_cells.append((f"{algo}, {setting_name(model, level)}",
+                              results.get(("main", f"{algo}-{setting_name(model, level)}"), [])))
+    cal_cells += [(f"{label}, {sname}", results.get(("ladder", f"{n}-{sname}"), [])) for n, label, _ in LADDER]
+    cal_cells += [(f"{label}, {sname}", results.get(("probe", f"{n}-{sname}"), [])) for n, _, label, _ in PROBES]
+    cal = calibration_table(cal_cells)
+    if cal:
+        probe = next((r for _, rows in cal_cells for r in rows if r.get("calibration")), None)["calibration"]
+        L += ["### Critic calibration of the same runs", "",
+              f"The critics at the end of the runs scored against a Monte-Carlo truth (the `calib` phase; "
+              f"src/train/calibration.rs): {probe['prefixes']} states per run (a training prompt and a random "
+              f"cut of one response of the final policy), {probe['continuations']} continuations of the final "
+              "policy from each, scored clean and with the run's training noise. CRPS floor: the truth scored "
+              f"against itself; CVaR at α = {probe['alpha']:g}; PIT L1 = Σ over 10 bins of |frequency − 0.1|. "
+              "Mean ± sample std over the seeds whose run folder existed when the phase ran (column `seeds`).", ""]
+        L += cal + [""]
     uniq = {}
     for r in runs:
         rec = r.record()
@@ -692,6 +833,39 @@ def report(a, runs, results, choice, problems, command):
     with open(a.results, "w") as f:
         f.write("\n".join(L) + "\n")
     print(f"wrote {a.results}")
+    if a.splice:
+        splice(a.splice, L, a.png)
+
+
+BEGIN, END = "<!-- noise-matrix:begin -->", "<!-- noise-matrix:end -->"
+
+
+def splice(path, lines, png):
+    """Replaces the text between the markers of `path` with the report, its headings one level
+    deeper and the image path relative to `path`."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        fail(f"--splice {path}: {e}")
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        fail(f"--splice {path}: expected one line {BEGIN} followed by one line {END}")
+    rel = os.path.relpath(os.path.abspath(png), os.path.dirname(os.path.abspath(path)))
+    body = []
+    for line in lines:
+        if line.startswith("#"):
+            line = "#" + line
+        if line.startswith("![") and line.endswith(")"):
+            line = line[:line.index("](") + 2] + rel + ")"
+        body.append(line)
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    out = head + BEGIN + "\n" + "\n".join(body) + "\n" + END + tail
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(out)
+    os.replace(tmp, path)
+    print(f"wrote the report into {path}")
 
 
 def kl_statement(a):
@@ -747,6 +921,10 @@ def main(argv):
             if not a.report_only:
                 failures.update(execute(a, runs, budget))
             later += runs
+        if "calib" in a.phases and not a.report_only:
+            # Every phase's runs, not only those of this invocation's phases.
+            every = main_runs(a, choice) + ladder_runs(a, choice) + ref_runs(a, choice) + probe_runs(a, choice)
+            failures.update(execute_calib(a, every, budget))
         problems += collect(later)
     if a.dry_run:
         return 0

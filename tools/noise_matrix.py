@@ -914,17 +914,14 @@ def main(argv):
     if choice is None:
         problems.append("the learning-rate sweep is incomplete: main, ladder and refs wait for it")
     else:
+        # Every phase's runs are reported (what the records hold), only --phases' are run.
         for phase, make in (("main", main_runs), ("ladder", ladder_runs), ("refs", ref_runs), ("probe", probe_runs)):
-            if phase not in a.phases:
-                continue
             runs = make(a, choice)
-            if not a.report_only:
+            if phase in a.phases and not a.report_only:
                 failures.update(execute(a, runs, budget))
             later += runs
         if "calib" in a.phases and not a.report_only:
-            # Every phase's runs, not only those of this invocation's phases.
-            every = main_runs(a, choice) + ladder_runs(a, choice) + ref_runs(a, choice) + probe_runs(a, choice)
-            failures.update(execute_calib(a, every, budget))
+            failures.update(execute_calib(a, later, budget))
         problems += collect(later)
     if a.dry_run:
         return 0

@@ -24,6 +24,16 @@
 //! array ([`plan_len`]), so the launches can be captured once in a CUDA graph and replayed with a
 //! freshly uploaded plan each step.
 //!
+//! # The plan on the device
+//! [`cuda::embed_plan_raw`] builds the same packed array on the device from the ids already
+//! there (a stable LSD radix sort over the bits of `v`, then scans that cut items and groups),
+//! bit for bit what [`EmbedBwdPlan::new`] writes, tails included (zeros), so a step uploads no
+//! plan. It cannot fail on an id `≥ v`: such a token sorts as the id `v` (after every valid
+//! one), and the backward kernels skip items and groups of an id `≥ v`, so it adds nothing to
+//! `dtable`, the gradient of the zero row the forward gave it. Its plan equals
+//! `EmbedBwdPlan::new` of the ids with every id `≥ v` replaced by `v`, for a vocabulary of
+//! `v + 1`.
+//!
 //! On CUDA `table`, `out` and `dout` are bf16 (`u16` bit patterns), `dtable` fp32.
 
 use super::Real;
@@ -385,6 +395,145 @@ pub mod cuda {
             shared_mem_bytes: 0,
         };
         dev.launch("embed_bwd_groups", a, cfg)
+    }
+
+    /// Tokens per radix tile of the plan builder (`EMBED_PLAN_TILE` in embed.cu; also its digit
+    /// bins: 8-bit digits).
+    const PLAN_TILE: usize = 256;
+    const PLAN_BITS: u32 = 8;
+    const PLAN_THREADS: usize = 256;
+    const PLAN_SCAN_THREADS: u32 = 1024;
+
+    /// u32 elements of the scratch [`embed_plan_raw`] needs for `n` tokens: two key and two
+    /// index buffers of the radix sort (4n), the digit counts (256 per tile of 256 tokens), the
+    /// three flag arrays of the cut (3n) and four totals.
+    pub fn embed_plan_scratch_len(n: usize) -> usize {
+        7 * n + PLAN_TILE * n.div_ceil(PLAN_TILE) + 4
+    }
+
+    /// Radix passes for keys up to `v` (ids `≥ v` sort as `v`): the bits of `v`, 8 a pass.
+    pub fn embed_plan_passes(v: usize) -> u32 {
+        (usize::BITS - v.leading_zeros()).div_ceil(PLAN_BITS)
+    }
+
+    /// Builds on the device the packed backward plan of `ids` (u32 `[n]`, device) into `plan`
+    /// ([`plan_len`]`(n)` u32): the array [`EmbedBwdPlan::new`] makes, bit for bit; ids `≥ v`
+    /// as in the module doc. `scratch`: [`embed_plan_scratch_len`]`(n)` u32, any contents.
+    /// `3·passes + 3` launches ([`embed_plan_passes`]: 12 for Qwen2's 151936), grids from `n`
+    /// and `v` only (so they can be captured in a CUDA graph); nothing is synchronised or copied
+    /// to the host. Errors: `v = 0`, `n` or `v` past `i32::MAX`, a null or misaligned pointer.
+    ///
+    /// # Safety
+    /// The pointers must be live device allocations of `dev`'s context of those sizes; `plan`
+    /// and `scratch` must not overlap each other or `ids`.
+    pub unsafe fn embed_plan_raw(
+        dev: &CudaDevice,
+        ids: u64,
+        n: usize,
+        v: usize,
+        plan: u64,
+        scratch: u64,
+    ) -> Result<()> {
+        if v == 0 {
+            return Err(Error::Invalid("embed_plan: vocab size v = 0".into()));
+        }
+        let (ni, vi, _) = ints("embed_plan", n, v, 1)?;
+        check_ptr("embed_plan plan", plan, 4)?;
+        let gmax = max_groups(n) as i32; // < n
+        let rows = EMBED_ROWS_PER_ITEM as i32;
+        let block = |x: usize| LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (x as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let write = dev.function(FAMILY, "embed_plan_write")?;
+        if n == 0 {
+            let mut a = dev.launch_builder(&write);
+            a.arg(&null).arg(&null).arg(&null).arg(&null).arg(&plan);
+            a.arg(&ni).arg(&gmax).arg(&rows);
+            return dev.launch("embed_plan_write", a, block(PLAN_THREADS));
+        }
+        check_ptr("embed_plan ids", ids, 4)?;
+        check_ptr("embed_plan scratch", scratch, 4)?;
+        let tiles = n.div_ceil(PLAN_TILE);
+        let tiles_i = tiles as i32; // ≤ n
+        let at = |words: usize| scratch + 4 * words as u64;
+        let keys = [at(0), at(n)];
+        let idx = [at(2 * n), at(3 * n)];
+        let counts = at(4 * n);
+        let flags = counts + 4 * (PLAN_TILE * tiles) as u64;
+        let totals = flags + 4 * (3 * n) as u64;
+        let grid = |blocks: usize, threads: usize| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scan = dev.function(FAMILY, "embed_plan_scan")?;
+        let scan_cfg = |arrays: u32| LaunchConfig {
+            grid_dim: (1, arrays, 1),
+            block_dim: (PLAN_SCAN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let count = dev.function(FAMILY, "embed_plan_count")?;
+        let scatter = dev.function(FAMILY, "embed_plan_scatter")?;
+        // Pass k reads (keys_in, idx_in) and writes buffer k % 2; the first reads the ids.
+        let (mut kin, mut iin) = (ids, null);
+        let n_counts = (PLAN_TILE * tiles) as i64;
+        let no_stride = 0i64;
+        let sink = totals + 12; // the digit scans' totals are not needed: totals[3]
+        for k in 0..embed_plan_passes(v) {
+            let shift = (k * PLAN_BITS) as i32;
+            let (kout, iout) = (keys[k as usize % 2], idx[k as usize % 2]);
+            let mut a = dev.launch_builder(&count);
+            a.arg(&kin)
+                .arg(&counts)
+                .arg(&ni)
+                .arg(&vi)
+                .arg(&shift)
+                .arg(&tiles_i);
+            dev.launch("embed_plan_count", a, grid(tiles, PLAN_TILE))?;
+            let mut a = dev.launch_builder(&scan);
+            a.arg(&counts).arg(&sink).arg(&n_counts).arg(&no_stride);
+            dev.launch("embed_plan_scan", a, scan_cfg(1))?;
+            let mut a = dev.launch_builder(&scatter);
+            a.arg(&kin).arg(&iin).arg(&counts).arg(&kout).arg(&iout);
+            a.arg(&ni).arg(&vi).arg(&shift).arg(&tiles_i);
+            dev.launch("embed_plan_scatter", a, grid(tiles, PLAN_TILE))?;
+            (kin, iin) = (kout, iout);
+        }
+        let blocks = n.div_ceil(PLAN_THREADS);
+        let f = dev.function(FAMILY, "embed_plan_flags")?;
+        let mut a = dev.launch_builder(&f);
+        a.arg(&kin).arg(&flags).arg(&ni).arg(&rows);
+        dev.launch("embed_plan_flags", a, grid(blocks, PLAN_THREADS))?;
+        let (m, stride) = (n as i64, n as i64);
+        let mut a = dev.launch_builder(&scan);
+        a.arg(&flags).arg(&totals).arg(&m).arg(&stride);
+        dev.launch("embed_plan_scan", a, scan_cfg(3))?;
+        let mut a = dev.launch_builder(&write);
+        a.arg(&kin).arg(&iin).arg(&flags).arg(&totals).arg(&plan);
+        a.arg(&ni).arg(&gmax).arg(&rows);
+        dev.launch("embed_plan_write", a, grid(blocks, PLAN_THREADS))
+    }
+
+    /// [`embed_plan_raw`] on device views: `plan` must hold [`plan_len`]`(ids.len())` u32;
+    /// allocates the scratch.
+    pub fn embed_plan(
+        dev: &CudaDevice,
+        ids: &CudaView<'_, u32>,
+        v: usize,
+        plan: &mut CudaViewMut<'_, u32>,
+    ) -> Result<()> {
+        let n = ids.len();
+        check_len("embed_plan plan", plan.len(), plan_len(n))?;
+        let s = dev.stream();
+        let scratch = s.alloc_zeros::<u32>(embed_plan_scratch_len(n))?;
+        let (ip, _g1) = ids.device_ptr(s);
+        let (pp, _g2) = plan.device_ptr_mut(s);
+        let (sp, _g3) = scratch.device_ptr(s);
+        // SAFETY: lengths checked above; the &mut plan cannot alias ids; scratch is our own.
+        unsafe { embed_plan_raw(dev, ip, n, v, pp, sp) }
     }
 
     /// Embedding gather on device views. `bad`, when given (one u32), counts out-of-range ids

@@ -24,8 +24,9 @@
 //!
 //! Device: on the CPU every tensor is f32. On CUDA the parameters are registered as bf16
 //! copies (gradients f32), activations are bf16, softmax/norm statistics, log-probs and the loss
-//! f32; an extra U32 input carries the embedding backward's host-built plan. The CUDA path is
-//! compiled but has NOT been run on a GPU yet (tests/cuda_decoder.rs is its parity test).
+//! f32; the embedding backward builds its plan from the `ids` input on the device (no upload). The
+//! CUDA path is compiled but has NOT been run on a GPU yet (tests/cuda_decoder.rs is its parity
+//! test).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -243,7 +244,6 @@ impl Decoder {
             pos,
             seq_lens,
             targets,
-            embed_plan,
             logits,
             logprob,
             entropy,
@@ -262,6 +262,9 @@ impl Decoder {
                 session.write(*t, data)?;
             }
         }
+        // Positions are 0..S in every row whatever the batch: written once, here.
+        let positions: Vec<u32> = (0..b * s).map(|i| (i % s) as u32).collect();
+        session.write(pos, &positions)?;
         Ok(DecoderGraph {
             session,
             b,
@@ -269,10 +272,8 @@ impl Decoder {
             vocab: self.config.vocab_size,
             pad_id: self.config.pad_token_id.unwrap_or(0),
             ids,
-            pos,
             seq_lens,
             targets,
-            embed_plan,
             logits,
             logprob,
             entropy,
@@ -307,7 +308,6 @@ struct Built {
     pos: TensorId,
     seq_lens: TensorId,
     targets: TensorId,
-    embed_plan: Option<TensorId>,
     logits: Option<TensorId>,
     logprob: Option<TensorId>,
     entropy: Option<TensorId>,
@@ -371,12 +371,12 @@ fn graph_for(
             .ok_or_else(|| Error::Invalid(format!("Decoder::build: no parameter {name}")))
     };
 
-    // CUDA: the embedding backward's deterministic schedule, built on the host per batch.
-    let embed_plan =
-        cuda.then(|| g.input_typed("embed_plan", crate::kernels::embed::plan_len(n), DType::U32));
-    let mut embed_ins = vec![ids, p("model.embed_tokens.weight".into())?];
-    embed_ins.extend(embed_plan);
-    let x0 = g.node_typed(Embed { n, v, d: h }, &embed_ins, &[("x0", n * h, act)])?[0];
+    // (On CUDA the embedding backward builds its schedule from `ids` on the device.)
+    let x0 = g.node_typed(
+        Embed { n, v, d: h },
+        &[ids, p("model.embed_tokens.weight".into())?],
+        &[("x0", n * h, act)],
+    )?[0];
     let first = g.node_typed(
         RmsNorm { n, d: h, eps },
         &[x0, p("model.layers.0.input_layernorm.weight".into())?],
@@ -563,7 +563,6 @@ fn graph_for(
         pos,
         seq_lens,
         targets,
-        embed_plan,
         logits,
         logprob: lp.map(|x| x.0),
         entropy: lp.map(|x| x.1),
@@ -581,10 +580,8 @@ pub struct DecoderGraph {
     vocab: usize,
     pad_id: u32,
     ids: TensorId,
-    pos: TensorId,
     seq_lens: TensorId,
     targets: TensorId,
-    embed_plan: Option<TensorId>,
     logits: Option<TensorId>,
     logprob: Option<TensorId>,
     entropy: Option<TensorId>,
@@ -646,15 +643,11 @@ impl DecoderGraph {
             }
             lens[i] = q.len() as u32;
         }
-        let pos: Vec<u32> = (0..b * s).map(|i| (i % s) as u32).collect();
+        // Positions were written at build (nothing else writes them); on CUDA the embedding
+        // backward's plan is built from these ids on the device.
         self.session.write(self.ids, &ids)?;
-        self.session.write(self.pos, &pos)?;
         self.session.write(self.seq_lens, &lens)?;
         self.session.write(self.targets, &targets)?;
-        if let Some(t) = self.embed_plan {
-            let plan = crate::kernels::embed::EmbedBwdPlan::new(&ids, self.vocab)?;
-            self.session.write(t, plan.packed())?;
-        }
         self.lens = lens.iter().map(|&l| l as usize).collect();
         Ok(())
     }

@@ -34,7 +34,9 @@ fn check_t(x: &Exec<'_>, what: &str, t: TensorId, len: usize, dtype: DType) -> R
     Ok(())
 }
 
-/// Token embedding: ins `[ids (U32, n), table (v·d)]`, out `[x (n·d)]`.
+/// Token embedding: ins `[ids (U32, n), table (v·d)]`, out `[x (n·d)]`. The CUDA backward
+/// first builds its deterministic schedule from `ids` on the device, in its scratch
+/// (`embed::cuda::embed_plan_raw`: nothing is uploaded per batch).
 pub struct Embed {
     pub n: usize,
     pub v: usize,
@@ -67,7 +69,10 @@ impl Op for Embed {
     }
     fn backward_scratch(&self, _ins: &[usize], _outs: &[usize], cuda: bool) -> usize {
         if cuda {
+            // The workspace (first: 16-byte vector access), the plan, the plan builder's scratch.
             embed::cuda::embed_bwd_workspace_len(self.n, self.d)
+                + embed::plan_len(self.n)
+                + embed::cuda::embed_plan_scratch_len(self.n)
         } else {
             0
         }
@@ -82,17 +87,20 @@ impl Op for Embed {
     ) -> Result<()> {
         let Some(dt) = d_ins[1] else { return Ok(()) };
         if let Some(dev) = x.cuda_device() {
-            // ins[2]: the host-built EmbedBwdPlan of the ids (uploaded with the batch).
-            let plan = *ins.get(2).ok_or_else(|| {
-                Error::Invalid("embed: the CUDA backward needs the plan input (ins[2])".into())
-            })?;
-            check_t(x, "embed plan", plan, embed::plan_len(self.n), DType::U32)?;
+            check_t(x, "embed ids", ins[0], self.n, DType::U32)?;
             let ws = x.require_scratch("embed")?;
-            let (pl, dout, dtab, w) = (x.ptr(plan), x.ptr(d_outs[0]), x.ptr(dt), x.ptr(ws));
-            // SAFETY: plan of plan_len(n) u32, dout n·d bf16, dtable v·d f32, workspace sized
-            // by backward_scratch.
+            let wlen = embed::cuda::embed_bwd_workspace_len(self.n, self.d);
+            let plen = embed::plan_len(self.n);
+            let slen = embed::cuda::embed_plan_scratch_len(self.n);
+            check_len("embed scratch", x.len(ws), wlen + plen + slen)?;
+            let (ids, dout, dtab, w) = (x.ptr(ins[0]), x.ptr(d_outs[0]), x.ptr(dt), x.ptr(ws));
+            let plan = w + 4 * wlen as u64;
+            let plan_scratch = plan + 4 * plen as u64;
+            // SAFETY: ids n u32, dout n·d bf16, dtable v·d f32; the scratch (4-byte words,
+            // checked above) holds the workspace, the plan and the builder's scratch, disjoint.
             return unsafe {
-                embed::cuda::embed_bwd_raw(dev, pl, dout, self.n, self.v, self.d, dtab, w)
+                embed::cuda::embed_plan_raw(dev, ids, self.n, self.v, plan, plan_scratch)?;
+                embed::cuda::embed_bwd_raw(dev, plan, dout, self.n, self.v, self.d, dtab, w)
             };
         }
         embed::cpu::embed_bwd(

@@ -7,10 +7,15 @@
 //! - outside the rollout the step downloads only scalars (the prepare phase's metrics in one
 //!   read, each update's loss and statistics, the norms): under 1 KiB;
 //! - outside the rollout the step uploads the batch's token ids per graph (the decoder's
-//!   `set_batch`: ids, positions, targets, embedding plan, about 150 B per rollout position over
-//!   the step's five graph batches) and the rollout's bookkeeping (row lengths, rewards, token
-//!   and row lists): under 256 B per position. At real sizes that set_batch share is over the
-//!   issue's target; docs/PERF.md says what removes it.
+//!   `set_batch`: ids and targets, 4 B per position each, and the row lengths, 4 B per row;
+//!   positions are written once at build and the embedding plan is built on the device) and the
+//!   rollout's bookkeeping (row lengths, rewards, token and row lists): under 256 B per position.
+//!   Measured on the emulated driver (2026-12-06, the DFPO step, B 4 x S 15 graph batches):
+//!   `set_batch` 496 B per graph batch, 4 960 B over the step's ten = five batches of all eight
+//!   rows, i.e. about 41 B per rollout position (was 1 716 B per batch, about 143 B per
+//!   position, with the per-batch positions and the host-built plan); the whole step h2d 6 660 B
+//!   (was 18 860 B). At real sizes that set_batch share (~40 B per rollout position) is still
+//!   over the target of 8 B; docs/PERF.md says what removes it.
 //!
 //! With `DFPO_TRACE_TRAFFIC=1` the test prints the second step's traffic per call site.
 //! One test per binary: the counters are per process, so no other test may run beside it.

@@ -22,7 +22,7 @@
 //! `dtable[id]` in slot order. The result is bit-for-bit reproducible and load-balanced however
 //! skewed the ids are. The launch grids depend on `n` only, and the plan is one fixed-size u32
 //! array ([`plan_len`]), so the launches can be captured once in a CUDA graph and replayed with a
-//! freshly uploaded plan each step.
+//! new plan each step (uploaded, or built on the device: below).
 //!
 //! # The plan on the device
 //! [`cuda::embed_plan_raw`] builds the same packed array on the device from the ids already

@@ -243,7 +243,6 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
-    println!("cargo:rerun-if-changed=.cuda-tools/nvidia/cu13/lib");
 
     let mut files: Vec<PathBuf> = std::fs::read_dir(&kdir)
         .expect("kernels/ folder missing")
@@ -257,6 +256,18 @@ fn main() {
     }
 
     let nvrtc = find_nvrtc(&manifest);
+    // Watch the NVRTC that was used. Without one, watch nothing that is absent (cargo reruns a
+    // build script whose watched path is missing on EVERY build, and then recompiles the crate):
+    // tools/setup-cuda-tools touches kernels/ after installing, which reruns this script.
+    match &nvrtc {
+        Ok(nv) => println!("cargo:rerun-if-changed={}", nv.path.display()),
+        Err(_) => {
+            let lib = manifest.join(".cuda-tools/nvidia/cu13/lib");
+            if lib.exists() {
+                println!("cargo:rerun-if-changed={}", lib.display());
+            }
+        }
+    }
     let require = std::env::var("DFPO_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
     let nvrtc = match nvrtc {
         Ok(nv) => Some(nv),

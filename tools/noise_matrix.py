@@ -787,6 +787,8 @@ def report(a, runs, results, choice, problems, command):
     if any(p[1] for p in probes):
         dfpo_main = results.get(("main", f"dfpo-{sname}"), [])
         probes.append(("dfpo (main cell)", dfpo_main, "ppo (main cell)", base))
+        # The change's own paired comparison: DFPO with it against PPO with it.
+        probes.append((probes[0][0], probes[0][1], probes[1][0], probes[1][1]))
         L += [f"### Probe on the validation split at {NOISE_MODELS[mdl][0]}, {NOISE_MODELS[mdl][1]} = {fmt(lvl)}", "",
               "The change to DFPO most likely to help (tools/noise_matrix.py, PROBES), judged on the validation "
               "split (200 prompts from the training side), paired per seed against the run named in `against`.", ""]

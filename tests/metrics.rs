@@ -330,6 +330,42 @@ fn compare_report_matches_hand_computed_means() {
         !out.status.success(),
         "missing runs must make the exit status non-zero:\n{log}"
     );
+    // A results file with the smoke markers (docs/RESULTS.md) keeps everything around them.
+    let marked = dir.join("MARKED.md");
+    std::fs::write(
+        &marked,
+        "# Title\nhand-written head\n<!-- smoke:begin -->\nstale table\n<!-- smoke:end -->\nhand-written tail\n",
+    )
+    .unwrap();
+    Command::new(repo().join("tools/compare"))
+        .args([
+            "--report-only",
+            "--algos",
+            "dfpo,ppo",
+            "--noise",
+            "0,0.2",
+            "--seeds",
+            "3",
+        ])
+        .arg("--runs-dir")
+        .arg(&runs)
+        .arg("--results")
+        .arg(&marked)
+        .arg("--png")
+        .arg(dir.join("results.png"))
+        .output()
+        .expect("python3 and tools/compare");
+    let m = std::fs::read_to_string(&marked).unwrap();
+    assert!(
+        m.starts_with("# Title\nhand-written head\n<!-- smoke:begin -->\n"),
+        "{m}"
+    );
+    assert!(
+        m.ends_with("<!-- smoke:end -->\nhand-written tail\n"),
+        "{m}"
+    );
+    assert!(!m.contains("stale table"), "{m}");
+    assert!(m.contains("0.600 ± 0.100"), "{m}");
 }
 
 #[test]

@@ -55,6 +55,16 @@ class NoiseMatrix(unittest.TestCase):
             # The ladder and the references (dfpo/ppo/grpo with the chosen or default lr).
             self.assertIn("BCFM only", md)
             self.assertIn("group of 8", md)
+            # The probe is judged on validation against the main cells, paired per seed:
+            # dfpo - dfpo at lambda 0.8 is 0 in the fake (it ignores ppo.lam).
+            self.assertIn("| DFPO, GAE lambda 0.8 | dfpo (main cell) | 4 |", md)
+            self.assertIn("+0.000 [+0.000, +0.000]", md)
+            # calib: every finished run with a critic got its scores (noisy value MSE 0.01 * seed:
+            # seeds 1-4 -> mean 0.025, sample std 0.013), grpo none.
+            rec = json.loads(read(os.path.join(tmp, "records", "main", "dfpo-fneg0.3-s3.json")))
+            self.assertEqual(rec["calibration"]["critics"][0]["noisy"]["value_mse"], 0.03)
+            self.assertIn("| dfpo, fneg0.3 | fake critic | noisy | 4 | 0.025 ± 0.013 |", md)
+            self.assertNotIn("grpo", md.split("Critic calibration")[1].split("distinct runs")[0])
             # Resume: nothing runs again.
             r2 = run(tmp)
             self.assertEqual(r2.returncode, 0, r2.stderr)

@@ -470,56 +470,52 @@ def calib_one(exe, run, a):
     return None, wall
 
 
-def execute_calib(a, runs, budget):
-    todo = calib_todo(runs)
-    if budget[0] is not None:
-        todo = todo[:max(0, budget[0])]
-        budget[0] -= len(todo)
-    print(f"calib: {len(todo)} finished runs with a critic and a run folder to calibrate", flush=True)
-    if a.dry_run:
-        for r in todo:
-            print(f"  would calibrate {r.key}")
-        return {}
+def run_pool(a, todo, work, name, key):
+    """Runs work(exe, run, a) -> (error or None, seconds) for every run of `todo`, --jobs at a
+    time; prints one line per run and returns {key(run): error} of the failures."""
     failures = {}
     if not todo:
         return failures
     exe = trainer_path()
     with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        futs = {pool.submit(calib_one, exe, r, a): r for r in todo}
+        futs = {pool.submit(work, exe, r, a): r for r in todo}
         for fut in concurrent.futures.as_completed(futs):
             r = futs[fut]
             err, secs = fut.result()
-            print(f"calib {r.key}: {'ok' if err is None else 'FAILED ' + err} ({secs:.0f} s)", flush=True)
+            print(f"{name(r)}: {'ok' if err is None else 'FAILED ' + err} ({secs:.0f} s)", flush=True)
             if err is not None:
-                failures[("calib", r.key, r.seed)] = err
+                failures[key(r)] = err
     return failures
+
+
+def take(todo, budget):
+    """The first runs of `todo` that --max-runs still allows."""
+    if budget[0] is not None:
+        todo = todo[:max(0, budget[0])]
+        budget[0] -= len(todo)
+    return todo
+
+
+def execute_calib(a, runs, budget):
+    todo = take(calib_todo(runs), budget)
+    print(f"calib: {len(todo)} finished runs with a critic and a run folder to calibrate", flush=True)
+    if a.dry_run:
+        for r in todo:
+            print(f"  would calibrate {r.key}")
+        return {}
+    return run_pool(a, todo, calib_one, lambda r: f"calib {r.key}", lambda r: ("calib", r.key, r.seed))
 
 
 def execute(a, runs, budget):
     """Runs the runs not done yet (at most budget[0] more); returns the failures."""
-    todo = [r for r in runs if not r.done()]
-    if budget[0] is not None:
-        todo = todo[:max(0, budget[0])]
-        budget[0] -= len(todo)
+    todo = take([r for r in runs if not r.done()], budget)
     print(f"{len(runs) - len([r for r in runs if not r.done()])} of {len(runs)} runs done; "
           f"starting {len(todo)}", flush=True)
     if a.dry_run:
         for r in todo:
             print(f"  would run {r.phase}/{r.name}-s{r.seed}: {' '.join(r.sets)}")
         return {}
-    failures = {}
-    if not todo:
-        return failures
-    exe = trainer_path()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        futs = {pool.submit(run_one, exe, r, a): r for r in todo}
-        for fut in concurrent.futures.as_completed(futs):
-            r = futs[fut]
-            err, secs = fut.result()
-            print(f"{r.phase}/{r.name}-s{r.seed}: {'ok' if err is None else 'FAILED ' + err} ({secs:.0f} s)", flush=True)
-            if err is not None:
-                failures[(r.phase, r.name, r.seed)] = err
-    return failures
+    return run_pool(a, todo, run_one, lambda r: f"{r.phase}/{r.name}-s{r.seed}", lambda r: (r.phase, r.name, r.seed))
 
 
 def git_commit():

@@ -277,24 +277,28 @@ fn compare_report_matches_hand_computed_means() {
         "ppo-p0-s1",
         summary("ppo", 1, 0.0, (0.4, 0.2), (0.45, 0.25), 12.0),
     );
-    let out = Command::new(repo().join("tools/compare"))
-        .args([
-            "--report-only",
-            "--algos",
-            "dfpo,ppo",
-            "--noise",
-            "0,0.2",
-            "--seeds",
-            "3",
-        ])
-        .arg("--runs-dir")
-        .arg(&runs)
-        .arg("--results")
-        .arg(dir.join("RESULTS.md"))
-        .arg("--png")
-        .arg(dir.join("results.png"))
-        .output()
-        .expect("python3 and tools/compare");
+    // The report of these runs, written to `results`.
+    let report_to = |results: &std::path::Path| {
+        Command::new(repo().join("tools/compare"))
+            .args([
+                "--report-only",
+                "--algos",
+                "dfpo,ppo",
+                "--noise",
+                "0,0.2",
+                "--seeds",
+                "3",
+            ])
+            .arg("--runs-dir")
+            .arg(&runs)
+            .arg("--results")
+            .arg(results)
+            .arg("--png")
+            .arg(dir.join("results.png"))
+            .output()
+            .expect("python3 and tools/compare")
+    };
+    let out = report_to(&dir.join("RESULTS.md"));
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -337,24 +341,7 @@ fn compare_report_matches_hand_computed_means() {
         "# Title\nhand-written head\n<!-- smoke:begin -->\nstale table\n<!-- smoke:end -->\nhand-written tail\n",
     )
     .unwrap();
-    Command::new(repo().join("tools/compare"))
-        .args([
-            "--report-only",
-            "--algos",
-            "dfpo,ppo",
-            "--noise",
-            "0,0.2",
-            "--seeds",
-            "3",
-        ])
-        .arg("--runs-dir")
-        .arg(&runs)
-        .arg("--results")
-        .arg(&marked)
-        .arg("--png")
-        .arg(dir.join("results.png"))
-        .output()
-        .expect("python3 and tools/compare");
+    report_to(&marked);
     let m = std::fs::read_to_string(&marked).unwrap();
     assert!(
         m.starts_with("# Title\nhand-written head\n<!-- smoke:begin -->\n"),

@@ -346,26 +346,25 @@ def ladder_runs(a, choice):
             for name, label, extra in LADDER for seed in range(1, a.ladder_seeds + 1)]
 
 
-def ref_runs(a, choice):
+def setting_runs(a, choice, phase, cells):
+    """The runs of `cells` ((name, algo, label, extra sets)) at the ladder setting, each at its
+    algorithm's chosen learning rate, seeds 1..--ladder-seeds."""
     model, level = a.ladder_setting
     out = []
-    for name, algo, label, extra in REFS:
+    for name, algo, label, extra in cells:
         lr = choice.get(algo, (DEFAULT_ACTOR_LR,))[0]
         for seed in range(1, a.ladder_seeds + 1):
-            out.append(Run("refs", f"{name}-{setting_name(model, level)}", algo, seed, (model, level),
+            out.append(Run(phase, f"{name}-{setting_name(model, level)}", algo, seed, (model, level),
                            noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"] + extra, label))
     return out
+
+
+def ref_runs(a, choice):
+    return setting_runs(a, choice, "refs", REFS)
 
 
 def probe_runs(a, choice):
-    model, level = a.ladder_setting
-    out = []
-    for name, algo, label, extra in PROBES:
-        lr = choice.get(algo, (DEFAULT_ACTOR_LR,))[0]
-        for seed in range(1, a.ladder_seeds + 1):
-            out.append(Run("probe", f"{name}-{setting_name(model, level)}", algo, seed, (model, level),
-                           noise_sets(model, level) + [f"optim.actor_lr={fmt(lr)}"] + extra, label))
-    return out
+    return setting_runs(a, choice, "probe", PROBES)
 
 
 def trainer_path():

@@ -15,6 +15,8 @@
 //   step_pool_first      the prompt-pooled risk targets at each row's first response token
 //   step_flow_rows       a micro-batch's token rows, token weights and risk-row weights
 //   step_sum             one block: out = Σ_i x[i·stride + col]·(w ? w[i] : 1) in double
+//   step_seq_rows        a decoder graph's batch (ids, next-token targets, lengths) gathered
+//                        from the step's token rows, bound once on the device
 // No atomics: every output element has one writer, and sums run in one block in a fixed order.
 #include "common.cuh"
 
@@ -259,5 +261,29 @@ step_sum(const float* __restrict__ x, const float* __restrict__ w, long long n, 
         double v = lane < STEP_BLOCK / DFPO_WARP ? part[lane] : 0.0;
         v = warp_sum_d(v);
         if (lane == 0) out[0] = v;
+    }
+}
+
+// A decoder graph's batch from the step's token rows (DecoderGraph::set_batch_masked's
+// arithmetic, src/model/decoder.rs). The step's rows are packed: row r's tokens at
+// src[off[r] .. off[r] + len[r]], meta = [off | len | skip], src_rows each. Graph row j takes
+// step row r = rows ? rows[j] : (j < m ? row0 + j : -1), -1 = an empty row: ids = the row's
+// tokens then pad; targets[t] = ids[t+1] for max(skip-1, 0) <= t < len-1 (skip = 0 without
+// use_skip), else ignore; lens[j] = len. The host checks len <= S; each output element has one writer.
+extern "C" __global__ void step_seq_rows(const unsigned* __restrict__ src, const int* __restrict__ meta,
+                                         int src_rows, const int* __restrict__ rows, int row0, int m, int B,
+                                         int S, int use_skip, unsigned pad, unsigned ignore, unsigned* __restrict__ ids,
+                                         unsigned* __restrict__ targets, unsigned* __restrict__ lens) {
+    const long long n = (long long)B * S;
+    for (long long i = step_tid(); i < n; i += step_stride()) {
+        const int j = (int)(i / S), t = (int)(i % S);
+        int r = rows != nullptr ? rows[j] : (j < m ? row0 + j : -1);
+        if (r >= src_rows) r = -1;  // the host checks; never read out of bounds
+        const int len = r >= 0 ? min(meta[src_rows + r], S) : 0;
+        const int t0 = r >= 0 && use_skip ? max(meta[2 * src_rows + r] - 1, 0) : 0;
+        const unsigned* q = src + (r >= 0 ? meta[r] : 0);
+        ids[i] = t < len ? q[t] : pad;
+        targets[i] = (t >= t0 && t + 1 < len) ? q[t + 1] : ignore;
+        if (t == 0) lens[j] = (unsigned)len;
     }
 }

@@ -410,3 +410,56 @@ pub unsafe fn sum(
     };
     dev.launch("step_sum", a, cfg)
 }
+
+/// A decoder graph's batch (`ids`, `targets`, `lens` of `b` rows of `s` tokens) gathered from
+/// the step's packed token rows: row r's tokens at `src[off[r]..off[r] + len[r]]`, `meta` =
+/// `[off | len | skip]` (`src_rows` i32 each; skip = the prompt length). Graph row j takes step
+/// row `rows[j]` (i32, −1 = empty) or, with `rows` 0, `row0 + j` for j < m, else empty; the
+/// targets start at each row's prompt length with `use_skip`, at token 0 without.
+/// CPU reference: [`crate::model::decoder::DecoderGraph::set_batch_masked`].
+///
+/// # Safety
+/// `src`: the packed tokens (u32), every `len[r] <= s`; `meta`: `3·src_rows` i32; `rows`: `b`
+/// i32 below `src_rows` or 0; `out` = `[ids, targets, lens]`: `b·s`, `b·s`, `b` u32.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn seq_rows(
+    dev: &CudaDevice,
+    src: u64,
+    meta: u64,
+    src_rows: usize,
+    rows: u64,
+    row0: usize,
+    m: usize,
+    b: usize,
+    s: usize,
+    use_skip: bool,
+    pad: u32,
+    ignore: u32,
+    out: [u64; 3],
+) -> Result<()> {
+    let (sr, r0, mm, bb, si) = (
+        check_i32("step rows", src_rows)?,
+        check_i32("row0", row0)?,
+        check_i32("rows", m)?,
+        check_i32("B", b)?,
+        check_i32("S", s)?,
+    );
+    let us = use_skip as i32;
+    let f = dev.function(FAMILY, "step_seq_rows")?;
+    let mut a = dev.launch_builder(&f);
+    a.arg(&src)
+        .arg(&meta)
+        .arg(&sr)
+        .arg(&rows)
+        .arg(&r0)
+        .arg(&mm)
+        .arg(&bb)
+        .arg(&si)
+        .arg(&us)
+        .arg(&pad)
+        .arg(&ignore)
+        .arg(&out[0])
+        .arg(&out[1])
+        .arg(&out[2]);
+    dev.launch("step_seq_rows", a, grid(b * s))
+}

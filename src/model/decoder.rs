@@ -572,6 +572,81 @@ fn graph_for(
     })
 }
 
+/// A step's token rows, bound once where the decoder graphs compute, for
+/// [`DecoderGraph::set_batch_rows`]: the host rows on the CPU; on CUDA the tokens packed
+/// (4 bytes a token) with each row's offset, length and prompt length (12 bytes a row), uploaded
+/// once, so that the step's graph batches (old and reference log-probs, critic readout, updates)
+/// are gathered on the device instead of each uploading its ids and targets.
+pub struct SeqRows {
+    lens: Vec<usize>,
+    skip: Vec<usize>,
+    /// Each row's largest token id (checked against a graph's vocabulary).
+    max_id: Vec<Option<u32>>,
+    store: SeqStore,
+}
+
+enum SeqStore {
+    Host(Vec<Vec<u32>>),
+    Cuda {
+        dev: std::sync::Arc<crate::device::CudaDevice>,
+        ids: cudarc::driver::CudaSlice<u32>,
+        /// `[off | len | skip]`, i32, rows each.
+        meta: cudarc::driver::CudaSlice<i32>,
+    },
+}
+
+impl SeqRows {
+    /// Row i = `seqs[i]` with prompt length `skip[i]` (its targets start there; see
+    /// [`DecoderGraph::set_batch_masked`]).
+    pub fn new(device: &Device, seqs: &[Vec<u32>], skip: &[usize]) -> Result<Self> {
+        check_len("SeqRows skip", skip.len(), seqs.len())?;
+        let lens: Vec<usize> = seqs.iter().map(|q| q.len()).collect();
+        let max_id = seqs.iter().map(|q| q.iter().copied().max()).collect();
+        let store = match device {
+            Device::Cpu => SeqStore::Host(seqs.to_vec()),
+            Device::Cuda(dev) => {
+                let total: usize = lens.iter().sum();
+                crate::kernels::check_i32("SeqRows tokens", total)?;
+                let mut meta = Vec::with_capacity(3 * seqs.len());
+                let mut off = 0usize;
+                for l in &lens {
+                    meta.push(off as i32);
+                    off += l;
+                }
+                meta.extend(lens.iter().map(|&l| l as i32));
+                for &k in skip {
+                    meta.push(crate::kernels::check_i32("SeqRows skip", k)?);
+                }
+                let flat: Vec<u32> = seqs.concat();
+                // A zero-length upload has no device buffer: keep one element.
+                let ids = dev.htod(if flat.is_empty() { &[0u32][..] } else { &flat })?;
+                let meta = dev.htod(if meta.is_empty() { &[0i32][..] } else { &meta })?;
+                SeqStore::Cuda {
+                    dev: dev.clone(),
+                    ids,
+                    meta,
+                }
+            }
+        };
+        Ok(SeqRows {
+            lens,
+            skip: skip.to_vec(),
+            max_id,
+            store,
+        })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Row lengths.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+}
+
 /// One planned batch shape of a [`Decoder`]: set a batch, run, read results.
 pub struct DecoderGraph {
     session: Session,
@@ -613,32 +688,137 @@ impl DecoderGraph {
     /// response only).
     pub fn set_batch_masked(&mut self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<()> {
         check_len("set_batch_masked skip", skip.len(), seqs.len())?;
-        if seqs.len() > self.b {
+        let rows: Vec<Option<usize>> = (0..seqs.len()).map(Some).collect();
+        self.check_rows(&rows, |i| seqs[i].len(), |i| seqs[i].iter().copied().max())?;
+        self.write_host_batch(seqs.iter().zip(skip).map(|(q, &k)| (q.as_slice(), k)))
+    }
+
+    /// Binds the batch whose row j is row `rows[j]` of `src` (`None`: an empty row; at most B
+    /// rows), as [`DecoderGraph::set_batch_masked`] of those rows with their prompt lengths as
+    /// `skip` (`masked`), or as [`DecoderGraph::set_batch`] of them (not `masked`). On CUDA a device gather from the rows bound once ([`SeqRows`]): only the row
+    /// list goes up (4 bytes a row), nothing for a contiguous run of rows.
+    pub fn set_batch_rows(
+        &mut self,
+        src: &SeqRows,
+        rows: &[Option<usize>],
+        masked: bool,
+    ) -> Result<()> {
+        if let Some(&r) = rows.iter().flatten().find(|&&r| r >= src.rows()) {
+            return Err(Error::Shape(format!(
+                "set_batch_rows: row {r} of step rows of {}",
+                src.rows()
+            )));
+        }
+        self.check_rows(rows, |i| src.lens[i], |i| src.max_id[i])?;
+        match &src.store {
+            SeqStore::Host(seqs) => self.write_host_batch(rows.iter().map(|r| match r {
+                Some(r) => (seqs[*r].as_slice(), if masked { src.skip[*r] } else { 0 }),
+                None => (&[][..], 0),
+            })),
+            SeqStore::Cuda { dev, ids, meta } => {
+                let (b, s) = (self.b, self.s);
+                // A contiguous run of rows (then empty rows) needs no list on the device.
+                let m = rows.iter().take_while(|r| r.is_some()).count();
+                let run = rows.first().copied().flatten().filter(|&r0| {
+                    rows[..m]
+                        .iter()
+                        .enumerate()
+                        .all(|(j, r)| *r == Some(r0 + j))
+                        && rows[m..].iter().all(|r| r.is_none())
+                });
+                let list = match run {
+                    Some(_) => None,
+                    None => {
+                        let l: Vec<i32> = (0..b)
+                            .map(|j| rows.get(j).copied().flatten().map_or(-1, |r| r as i32))
+                            .collect();
+                        Some(dev.htod(&l)?)
+                    }
+                };
+                let sess = &self.session;
+                let out = [
+                    sess.input_device_ptr(self.ids, DType::U32)?,
+                    sess.input_device_ptr(self.targets, DType::U32)?,
+                    sess.input_device_ptr(self.seq_lens, DType::U32)?,
+                ];
+                let (src_p, meta_p) = (dev_ptr(dev, ids), dev_ptr(dev, meta));
+                let list_p = list.as_ref().map_or(0, |l| dev_ptr(dev, l));
+                // SAFETY: the packed rows and their meta were uploaded together (SeqRows::new),
+                // every listed row is below src.rows() and no longer than S (checked above); the
+                // outputs are this graph's inputs of B·S, B·S and B u32.
+                unsafe {
+                    crate::kernels::step::seq_rows(
+                        dev,
+                        src_p,
+                        meta_p,
+                        src.rows(),
+                        list_p,
+                        run.unwrap_or(0),
+                        m,
+                        b,
+                        s,
+                        masked,
+                        self.pad_id,
+                        IGNORE_INDEX,
+                        out,
+                    )?
+                };
+                // `list` is freed in stream order, after the gather (as StepOps' row lists).
+                drop(list);
+                self.lens = (0..b)
+                    .map(|j| rows.get(j).copied().flatten().map_or(0, |r| src.lens[r]))
+                    .collect();
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks a batch of `rows.len()` rows (`None`: empty) against B, S and the vocabulary:
+    /// `len(i)` and `max_id(i)` of each listed row.
+    fn check_rows(
+        &self,
+        rows: &[Option<usize>],
+        len: impl Fn(usize) -> usize,
+        max_id: impl Fn(usize) -> Option<u32>,
+    ) -> Result<()> {
+        if rows.len() > self.b {
             return Err(Error::Shape(format!(
                 "set_batch: {} sequences for a batch of {}",
-                seqs.len(),
+                rows.len(),
                 self.b
             )));
         }
+        for (i, r) in rows.iter().enumerate() {
+            let Some(r) = *r else { continue };
+            if len(r) > self.s {
+                return Err(Error::Shape(format!(
+                    "set_batch: sequence {i} has {} tokens, more than S = {}",
+                    len(r),
+                    self.s
+                )));
+            }
+            if let Some(m) = max_id(r).filter(|&m| m as usize >= self.vocab) {
+                return Err(Error::Invalid(format!(
+                    "set_batch: sequence {i} has token {m}, not below vocab_size {}",
+                    self.vocab
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a checked batch (each row's tokens and prompt length) from the host.
+    fn write_host_batch<'a>(
+        &mut self,
+        rows: impl Iterator<Item = (&'a [u32], usize)>,
+    ) -> Result<()> {
         let (b, s) = (self.b, self.s);
         let mut ids = vec![self.pad_id; b * s];
         let mut targets = vec![IGNORE_INDEX; b * s];
         let mut lens = vec![0u32; b];
-        for (i, q) in seqs.iter().enumerate() {
-            if q.len() > s {
-                return Err(Error::Shape(format!(
-                    "set_batch: sequence {i} has {} tokens, more than S = {s}",
-                    q.len()
-                )));
-            }
-            if let Some(j) = q.iter().position(|&t| t as usize >= self.vocab) {
-                return Err(Error::Invalid(format!(
-                    "set_batch: sequence {i} token {j} = {} is not below vocab_size {}",
-                    q[j], self.vocab
-                )));
-            }
+        for (i, (q, skip)) in rows.enumerate() {
             ids[i * s..i * s + q.len()].copy_from_slice(q);
-            for t in skip[i].saturating_sub(1)..q.len().saturating_sub(1) {
+            for t in skip.saturating_sub(1)..q.len().saturating_sub(1) {
                 targets[i * s + t] = q[t + 1];
             }
             lens[i] = q.len() as u32;
@@ -723,6 +903,12 @@ impl DecoderGraph {
         &mut self.session
     }
 
+    /// The batch's input tensors `(ids, targets, seq_lens)` (U32; `[B][S]`, `[B][S]`, `[B]`), as
+    /// [`DecoderGraph::set_batch_masked`] writes them.
+    pub fn batch_inputs(&self) -> (TensorId, TensorId, TensorId) {
+        (self.ids, self.targets, self.seq_lens)
+    }
+
     /// Lengths of the sequences of the current batch.
     pub fn seq_lens(&self) -> &[usize] {
         &self.lens
@@ -793,6 +979,12 @@ impl DecoderGraph {
             self.session.write(t, data)
         }
     }
+}
+
+/// The device address of a buffer on `dev`'s stream.
+fn dev_ptr<T>(dev: &crate::device::CudaDevice, x: &cudarc::driver::CudaSlice<T>) -> u64 {
+    let (p, _g) = cudarc::driver::DevicePtr::device_ptr(x, dev.stream());
+    p
 }
 
 fn no_lm_head(t: Option<TensorId>) -> Result<TensorId> {

@@ -28,7 +28,7 @@ use crate::kernels::adamw::AdamWParams;
 use crate::kernels::flow::{self, FlowHeadShape, IntegrateOpts};
 use crate::kernels::rl::KlKind;
 use crate::model::checkpoint::TensorMap;
-use crate::model::decoder::{Decoder, DecoderGraph, HeadOut};
+use crate::model::decoder::{Decoder, DecoderGraph, HeadOut, SeqRows};
 use crate::train::step_ops::{StepBuf, StepOps};
 
 /// Optimizer settings of one model.
@@ -119,26 +119,31 @@ pub fn response_logprobs(
     Ok((lp, ent))
 }
 
-/// [`response_logprobs`] into step buffers (on CUDA the log-probs stay on the device).
+/// [`response_logprobs`] of the step's rows `src` (prompt lengths as skip) into step buffers
+/// (on CUDA the batches are gathered from `src` and the log-probs stay on the device).
 pub fn response_logprobs_buf(
     ops: &StepOps,
     graph: &mut DecoderGraph,
-    seqs: &[Vec<u32>],
-    skip: &[usize],
+    src: &SeqRows,
 ) -> Result<(StepBuf, StepBuf)> {
     let (b, s) = graph.shape();
     let (lt, et) = graph
         .logprob_tensors()
         .ok_or_else(|| Error::Invalid("response log-probs: the graph has no LM head".into()))?;
-    let (mut lp, mut ent) = (ops.zeros(seqs.len() * s)?, ops.zeros(seqs.len() * s)?);
-    for r in chunks(seqs.len(), b) {
+    let (mut lp, mut ent) = (ops.zeros(src.rows() * s)?, ops.zeros(src.rows() * s)?);
+    for r in chunks(src.rows(), b) {
         let m = r.len();
-        graph.set_batch_masked(&seqs[r.clone()], &skip[r.clone()])?;
+        graph.set_batch_rows(src, &run_rows(&r), true)?;
         graph.forward()?;
         ops.read_graph(graph.session(), lt, m * s, &mut lp, r.start * s)?;
         ops.read_graph(graph.session(), et, m * s, &mut ent, r.start * s)?;
     }
     Ok((lp, ent))
+}
+
+/// The rows of a contiguous range, as a batch's row list.
+fn run_rows(r: &std::ops::Range<usize>) -> Vec<Option<usize>> {
+    r.clone().map(Some).collect()
 }
 
 /// The actor loss's inputs in the policy graph (see [`Policy::update_written`]).
@@ -312,6 +317,21 @@ impl Policy {
     /// [`Policy::update`] with the loss's inputs ([`Policy::inputs`]) already written.
     pub fn update_written(&mut self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<ActorStats> {
         self.graph.set_batch_masked(seqs, skip)?;
+        self.run_update()
+    }
+
+    /// [`Policy::update_written`] on the batch of the step's rows `rows` of `src` (see
+    /// [`DecoderGraph::set_batch_rows`]; prompt lengths as skip).
+    pub fn update_written_rows(
+        &mut self,
+        src: &SeqRows,
+        rows: &[Option<usize>],
+    ) -> Result<ActorStats> {
+        self.graph.set_batch_rows(src, rows, true)?;
+        self.run_update()
+    }
+
+    fn run_update(&mut self) -> Result<ActorStats> {
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
         Ok(ActorStats {
@@ -717,14 +737,15 @@ impl Critic {
         Ok(out)
     }
 
-    /// [`Critic::forward_readout`] into a step buffer (on CUDA it stays on the device).
-    pub fn forward_readout_buf(&mut self, ops: &StepOps, seqs: &[Vec<u32>]) -> Result<StepBuf> {
+    /// [`Critic::forward_readout`] of the step's rows `src` into a step buffer (on CUDA the
+    /// batches are gathered from `src` and the readout stays on the device).
+    pub fn forward_readout_buf(&mut self, ops: &StepOps, src: &SeqRows) -> Result<StepBuf> {
         let (b, _) = self.graph.shape();
         let per_row = self.graph.session().plan().tensor(self.readout).len / b;
-        let mut out = ops.zeros(seqs.len() * per_row)?;
-        for r in chunks(seqs.len(), b) {
+        let mut out = ops.zeros(src.rows() * per_row)?;
+        for r in chunks(src.rows(), b) {
             let m = r.len();
-            self.graph.set_batch(&seqs[r.clone()])?;
+            self.graph.set_batch_rows(src, &run_rows(&r), false)?;
             self.graph.forward_to(self.readout)?;
             let sess = self.graph.session();
             ops.read_graph(sess, self.readout, m * per_row, &mut out, r.start * per_row)?;
@@ -809,6 +830,21 @@ impl Critic {
     /// flow head's row list must hold distinct rows, as [`GatherRows::check_rows`] checks).
     pub fn update_written(&mut self, seqs: &[Vec<u32>]) -> Result<CriticStats> {
         self.graph.set_batch(seqs)?;
+        self.run_update()
+    }
+
+    /// [`Critic::update_written`] on the batch of the step's rows `rows` of `src` (see
+    /// [`DecoderGraph::set_batch_rows`]).
+    pub fn update_written_rows(
+        &mut self,
+        src: &SeqRows,
+        rows: &[Option<usize>],
+    ) -> Result<CriticStats> {
+        self.graph.set_batch_rows(src, rows, false)?;
+        self.run_update()
+    }
+
+    fn run_update(&mut self) -> Result<CriticStats> {
         let loss = self.graph.run()?;
         let st = self.graph.read(self.stats)?;
         Ok(CriticStats {

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::kernels::flow::{self, FlowHeadShape, IntegrateOpts, Interval, NoiseOpts};
 use crate::kernels::risk::{self, RiskLossWeights, TailLevels};
 use crate::kernels::rl::{self, GaeParams, KlKind};
+use crate::model::decoder::SeqRows;
 
 /// Where the step's numerics run.
 #[derive(Clone)]
@@ -498,6 +499,15 @@ impl StepOps {
                 dev.dtoh(d)
             }
         }
+    }
+
+    /// The step's token rows where the graphs compute ([`SeqRows`]: uploaded once on CUDA).
+    pub fn seq_rows(&self, seqs: &[Vec<u32>], skip: &[usize]) -> Result<SeqRows> {
+        let device = match &self.backend {
+            Backend::Host => crate::device::Device::Cpu,
+            Backend::Cuda(d) => crate::device::Device::Cuda(d.clone()),
+        };
+        SeqRows::new(&device, seqs, skip)
     }
 
     /// A token list (uploaded as f32 on CUDA).

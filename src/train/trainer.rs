@@ -529,6 +529,7 @@ impl Trainer {
             mask: rows.mask,
             mask_buf: rows.mask_buf,
             skip: rows.skip,
+            seqs: rows.seqs,
             ntok: rows.ntok,
             old_lp: lp.old_lp,
             old_ent: lp.old_ent,

@@ -137,7 +137,7 @@ pub fn estimate(
     let mut values = ops.zeros(n_rows * s * k)?;
     let mut flow = None;
     if let Some(c) = critic {
-        let mut out = c.forward_readout_buf(ops, &batch.seqs)?;
+        let mut out = c.forward_readout_buf(ops, &rows.seqs)?;
         match (&c.head, fs) {
             (CriticHead::Flow { .. }, Some(fs)) => {
                 let params = c.flow_params_buf(ops)?;

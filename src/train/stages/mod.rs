@@ -22,6 +22,7 @@ pub mod update;
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use crate::model::decoder::SeqRows;
 use crate::train::rollout::Batch;
 use crate::train::step_ops::{StepBuf, StepOps, TokenList};
 
@@ -38,6 +39,9 @@ pub struct StepRows {
     pub ntok: f64,
     /// The response tokens: the flow readout's and the statistics' rows.
     pub tokens: TokenList,
+    /// The rows' token ids where the graphs compute (bound once; each graph batch of the step
+    /// is gathered from them).
+    pub seqs: SeqRows,
 }
 
 impl StepRows {
@@ -53,6 +57,7 @@ impl StepRows {
         let mask = batch.mask();
         let mask_buf = ops.batch_mask(&batch)?;
         let skip = batch.prompt_len.clone();
+        let seqs = ops.seq_rows(&batch.seqs, &skip)?;
         let ntok: f64 = mask.iter().map(|&v| v as f64).sum();
         let tokens = ops.token_list((0..mask.len()).filter(|&i| mask[i] != 0.0).collect())?;
         Ok(StepRows {
@@ -62,6 +67,7 @@ impl StepRows {
             skip,
             ntok,
             tokens,
+            seqs,
         })
     }
 }
@@ -77,6 +83,8 @@ pub struct Prepared {
     /// The same mask where the step computes.
     pub mask_buf: StepBuf,
     pub skip: Vec<usize>,
+    /// The rows' token ids where the graphs compute ([`StepRows::seqs`]).
+    pub seqs: SeqRows,
     pub ntok: f64,
     pub old_lp: StepBuf,
     pub old_ent: StepBuf,

@@ -30,11 +30,11 @@ pub fn log_probs(
     kl_in_loss: bool,
     sc: &mut Scalars,
 ) -> Result<LogProbs> {
-    let (batch, n) = (&rows.batch, rows.mask.len());
-    let (old_lp, old_ent) = response_logprobs_buf(ops, policy, &batch.seqs, &rows.skip)?;
+    let n = rows.mask.len();
+    let (old_lp, old_ent) = response_logprobs_buf(ops, policy, &rows.seqs)?;
     ops.sum_into(sc, "entropy_sum", &old_ent, Some(&rows.mask_buf), n, 1, 0)?;
     let (kl, ref_lp) = if let Some(r) = reference {
-        let (ref_lp, _) = response_logprobs_buf(ops, r, &batch.seqs, &rows.skip)?;
+        let (ref_lp, _) = response_logprobs_buf(ops, r, &rows.seqs)?;
         let kl = ops.kl_buf(&old_lp, &ref_lp, &rows.mask_buf, kl_kind)?;
         ops.sum_into(sc, "kl_sum", &kl, None, n, 1, 0)?;
         (Some(kl), kl_in_loss.then_some(ref_lp))

@@ -79,11 +79,9 @@ pub fn epochs(
     Ok((acc, skipped))
 }
 
-/// One minibatch: its rollout rows, their sequences and its micro-batches (ranges of
-/// positions in `sel`).
+/// One minibatch: its rollout rows and its micro-batches (ranges of positions in `sel`).
 struct Minibatch<'a> {
     sel: &'a [usize],
-    seqs: Vec<Vec<u32>>,
     micro: Vec<Range<usize>>,
 }
 
@@ -102,7 +100,6 @@ pub fn minibatch(
 ) -> Result<f64> {
     let mb = Minibatch {
         sel,
-        seqs: sel.iter().map(|&r| p.batch.seqs[r].clone()).collect(),
         micro: micro_batches(sel.len(), o.micro_batch_size),
     };
     let mut skipped = actor_update(ops, policy, p, &mb, acc, o)?;
@@ -122,7 +119,6 @@ fn actor_update(
 ) -> Result<f64> {
     let (step, s, sel) = (o.step + 1, o.s, mb.sel);
     let mut skipped = 0.0;
-    let sk: Vec<usize> = sel.iter().map(|&r| p.skip[r]).collect();
     let denom = weight_denoms(&p.mask, sel, s, o.seq_mean);
     let (pb, _) = policy.graph.shape();
     let pin = policy.inputs();
@@ -158,7 +154,7 @@ fn actor_update(
                 )))
             }
         }
-        let mst = policy.update_written(&mb.seqs[r.clone()], &sk[r.clone()])?;
+        let mst = policy.update_written_rows(&p.seqs, &rows)?;
         // The weights are the minibatch's: losses, statistics and gradients add.
         st.loss += mst.loss;
         st.pg_loss += mst.pg_loss;
@@ -279,7 +275,7 @@ fn critic_update(
                 ops.write_flow_inputs(sess, &cin, t, &fm, kk)?;
             }
         }
-        let mst = c.update_written(&mb.seqs[r.clone()])?;
+        let mst = c.update_written_rows(&p.seqs, &rows)?;
         match &mut cst {
             None => cst = Some(mst),
             Some(a) => {

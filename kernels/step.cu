@@ -15,6 +15,10 @@
 //   step_pool_first      the prompt-pooled risk targets at each row's first response token
 //   step_flow_rows       a micro-batch's token rows, token weights and risk-row weights
 //   step_sum             one block: out = Σ_i x[i·stride + col]·(w ? w[i] : 1) in double
+//   step_token_list      the response tokens' global positions r·S + t (f32), row-major: the
+//                        mask's set positions in order, from the rows' lengths and offsets
+//   step_segments        out = the concatenation of segments of src (a micro-batch's response
+//                        tokens from the step's token list, row by row)
 //   step_seq_rows        a decoder graph's batch (ids, next-token targets, lengths) gathered
 //                        from the step's token rows, bound once on the device
 // No atomics: every output element has one writer, and sums run in one block in a fixed order.
@@ -261,6 +265,30 @@ step_sum(const float* __restrict__ x, const float* __restrict__ w, long long n, 
         double v = lane < STEP_BLOCK / DFPO_WARP ? part[lane] : 0.0;
         v = warp_sum_d(v);
         if (lane == 0) out[0] = v;
+    }
+}
+
+// list[off[r] + k] = (float)(r·S + plen[r] − 1 + k) for k < rlen[r]: the positions where
+// step_batch_mask sets the mask, in index order (off = the exclusive prefix sum of rlen, from
+// the host). One writer per entry.
+extern "C" __global__ void step_token_list(const int* __restrict__ plen, const int* __restrict__ rlen,
+                                           const int* __restrict__ off, int rows, int S,
+                                           float* __restrict__ list) {
+    const long long n = (long long)rows * S;
+    for (long long i = step_tid(); i < n; i += step_stride()) {
+        const int r = (int)(i / S), t = (int)(i % S);
+        const int t0 = plen[r] - 1;
+        if (t >= t0 && t < t0 + rlen[r]) list[off[r] + (t - t0)] = (float)i;
+    }
+}
+
+// out[dst[i] + k] = src[so[i] + k] for k < len[i], seg = [so | dst | len] (nseg i32 each; the
+// host sets disjoint destinations). One block per segment, grid-stride over segments.
+extern "C" __global__ void __launch_bounds__(STEP_BLOCK)
+step_segments(const float* __restrict__ src, const int* __restrict__ seg, int nseg, float* __restrict__ out) {
+    for (int i = blockIdx.x; i < nseg; i += gridDim.x) {
+        const int so = seg[i], dst = seg[nseg + i], len = seg[2 * nseg + i];
+        for (int k = threadIdx.x; k < len; k += blockDim.x) out[dst + k] = src[so + k];
     }
 }
 

@@ -243,7 +243,7 @@ fn advantages_kl_and_value_statistics_match_the_cpu_backend() {
 
 use dfpo::graph::{GraphBuilder, Session, TensorId};
 use dfpo::train::rollout::Batch;
-use dfpo::train::step_ops::{FlowMicro, StepBuf, FLOW_TARGET_FIELD};
+use dfpo::train::step_ops::{FlowMicro, StepBuf, TokenList, FLOW_TARGET_FIELD};
 
 /// A random rollout batch of `groups` × `n` rows of at most `s` tokens (some responses empty).
 fn random_batch(rng: &mut Rng, groups: usize, n: usize, s: usize) -> Batch {
@@ -294,6 +294,27 @@ fn step_bookkeeping_matches_the_cpu_backend() {
     let mh = host.batch_mask(&batch).unwrap();
     let mc = cuda.batch_mask(&batch).unwrap();
     assert_eq!(cuda.read(&mc).unwrap(), mh.host().unwrap(), "batch mask");
+    // The response tokens: built on the device from the rows' lengths.
+    let mask = mh.host().unwrap();
+    let want: Vec<f32> = (0..rows * s)
+        .filter(|&i| mask[i] != 0.0)
+        .map(|i| i as f32)
+        .collect();
+    assert!(!want.is_empty());
+    let th = host.batch_tokens(&batch, mask).unwrap();
+    let tc = cuda.batch_tokens(&batch, mask).unwrap();
+    assert_eq!(host.read_token_list(&th).unwrap(), want, "host token list");
+    assert_eq!(
+        cuda.read_token_list(&tc).unwrap(),
+        want,
+        "device token list"
+    );
+    let mut bad = batch.clone();
+    bad.response_len[0] += 1;
+    assert!(
+        cuda.batch_tokens(&bad, mask).is_err(),
+        "lengths that miss the mask"
+    );
     let kl = rng.normal_vec(rows * s, 0.3);
     let klh = StepBuf::Host(kl.clone());
     let klc = dev_of(&cuda, &kl);
@@ -354,10 +375,9 @@ fn step_buffers_match_the_cpu_backend() {
             cuda.batch_mask(&batch).unwrap(),
         );
         let mask = mh.host().unwrap().to_vec();
-        let idx: Vec<usize> = (0..n).filter(|&i| mask[i] != 0.0).collect();
         let (th, tc) = (
-            host.token_list(idx.clone()).unwrap(),
-            cuda.token_list(idx).unwrap(),
+            host.batch_tokens(&batch, &mask).unwrap(),
+            cuda.batch_tokens(&batch, &mask).unwrap(),
         );
         let params = flow::init_params(&shape, rng.next_u64());
         let u = rng.normal_vec(n * width, 1.0);
@@ -503,7 +523,17 @@ fn graph_input_writes_match_the_cpu_backend() {
         .iter()
         .flat_map(|&r| (r * s..(r + 1) * s).filter(|&i| mask[i] != 0.0))
         .collect();
-    let run = |ops: &StepOps, device: &Device, x: &StepBuf, m: &StepBuf, f: &[StepBuf]| {
+    // The micro-batch's tokens: listed by the host, or gathered from the step's token list.
+    let (th, tc) = (
+        host.batch_tokens(&batch, &mask).unwrap(),
+        cuda.batch_tokens(&batch, &mask).unwrap(),
+    );
+    let run = |ops: &StepOps,
+               device: &Device,
+               x: &StepBuf,
+               m: &StepBuf,
+               f: &[StepBuf],
+               from: Option<&TokenList>| {
         let (mut sess, ins) = input_graph(device, &lens);
         for (&t, &l) in ins.iter().zip(&lens) {
             sess.write(t, &vec![POISON; l]).unwrap();
@@ -522,6 +552,7 @@ fn graph_input_writes_match_the_cpu_backend() {
                 first_count: first,
                 plen: &batch.prompt_len,
                 s,
+                from: from.map(|l| (l, &sel[..])),
             };
             ops.write_flow_inputs(&mut sess, &fi, f, &mb, k).unwrap();
             if first.is_none() {
@@ -534,11 +565,40 @@ fn graph_input_writes_match_the_cpu_backend() {
             .map(|&t| sess.read_f32(t).unwrap())
             .collect::<Vec<_>>()
     };
-    let want = run(&host, &Device::Cpu, &xh, &mh, &fh);
-    let got = run(&cuda, &Device::Cuda(dev), &xc, &mc, &fc);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("graph input {i}"), g, w, 0.0, 0.0);
+    let want = run(&host, &Device::Cpu, &xh, &mh, &fh, None);
+    assert_eq!(run(&host, &Device::Cpu, &xh, &mh, &fh, Some(&th)), want);
+    let cd = Device::Cuda(dev);
+    for from in [None, Some(&tc)] {
+        let got = run(&cuda, &cd, &xc, &mc, &fc, from);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!("graph input {i} (from the token list: {})", from.is_some());
+            assert_close(&what, g, w, 0.0, 0.0);
+        }
     }
+    // A row list that does not match the micro-batch's tokens (a row with tokens left out) is
+    // an error.
+    let short: Vec<usize> = match sel.iter().position(|&r| batch.response_len[r] > 0) {
+        Some(i) => sel
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, &r)| r)
+            .collect(),
+        None => panic!("the micro-batch has no response tokens"),
+    };
+    let (mut sess, ins) = input_graph(&cd, &lens);
+    let mut fi = vec![ins[2]];
+    fi.extend_from_slice(&ins[4..18]);
+    let mb = FlowMicro {
+        global: &global,
+        rowpos: &rowpos,
+        total: 1.0,
+        first_count: None,
+        plen: &batch.prompt_len,
+        s,
+        from: Some((&tc, &short[..])),
+    };
+    assert!(cuda.write_flow_inputs(&mut sess, &fi, &fc, &mb, k).is_err());
     // The host forms are the trainer's arithmetic: spot-check one gathered row and a weight.
     assert_eq!(&want[0][..s * k], &x[4 * s * k..5 * s * k]);
     assert!(want[0][3 * s * k..].iter().all(|&v| v == 0.0));

@@ -6,16 +6,13 @@
 //! - the optimizer moves no gradients and no weights: one 8-byte norm per update;
 //! - outside the rollout the step downloads only scalars (the prepare phase's metrics in one
 //!   read, each update's loss and statistics, the norms): under 1 KiB;
-//! - outside the rollout the step uploads the batch's token ids per graph (the decoder's
-//!   `set_batch`: ids and targets, 4 B per position each, and the row lengths, 4 B per row;
-//!   positions are written once at build and the embedding plan is built on the device) and the
-//!   rollout's bookkeeping (row lengths, rewards, token and row lists): under 256 B per position.
-//!   Measured on the emulated driver (2026-12-06, the DFPO step, B 4 x S 15 graph batches):
-//!   `set_batch` 496 B per graph batch, 4 960 B over the step's ten = five batches of all eight
-//!   rows, i.e. about 41 B per rollout position (was 1 716 B per batch, about 143 B per
-//!   position, with the per-batch positions and the host-built plan); the whole step h2d 6 660 B
-//!   (was 18 860 B). At real sizes that set_batch share (~40 B per rollout position) is still
-//!   over the issue's target of 8 B; docs/PERF.md says what removes it.
+//! - outside the rollout the step uploads the batch's token ids once (`SeqRows`: 4 B per token;
+//!   every graph batch is gathered from them on the device) and per-row bookkeeping (lengths,
+//!   offsets, rewards, row lists): at most 4 B per token + 64 B per row for the prepare phase
+//!   and for each update + 512 B. Measured on the emulated driver (2026-12-06, the DFPO step,
+//!   8 rows, 117 tokens, 2 updates): 1 336 B outside the rollout, 2 032 B in all (was 5 964 B /
+//!   6 660 B with an upload of ids and targets per graph batch, ~41 B per rollout position,
+//!   which this bound fails). docs/PERF.md, "Host traffic per step", has the breakdown.
 //!
 //! With `DFPO_TRACE_TRAFFIC=1` the test prints the second step's traffic per call site.
 //! One test per binary: the counters are per process, so no other test may run beside it.
@@ -110,6 +107,27 @@ fn cuda_step_traffic_is_counted_and_within_todays_bound() {
         check(
             d2h <= target,
             format!("d2h {d2h} B over the target {target} B"),
+        );
+        // Outside the rollout: the batch's token ids once (4 B a token), per-row bookkeeping
+        // (lengths, offsets, rewards, row lists: at most 64 B a row for the prepare phase and
+        // for each update), and scalars down.
+        let toks = (m["perf/tokens_per_s"] * m["timing/step_s"]).round();
+        let (oh, od) = (
+            h2d - m["perf/rollout_h2d_bytes"],
+            d2h - m["perf/rollout_d2h_bytes"],
+        );
+        let bound = 4.0 * toks + 64.0 * rows * (1.0 + updates) + 512.0;
+        eprintln!(
+            "{algo}: outside the rollout h2d {oh} B (bound {bound} B: {toks} tokens, {rows} rows, \
+             {updates} updates), d2h {od} B"
+        );
+        check(
+            oh <= bound,
+            format!("h2d outside the rollout {oh} B over {bound} B"),
+        );
+        check(
+            od < 1024.0,
+            format!("d2h outside the rollout {od} B, not under 1 KiB"),
         );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -411,6 +411,54 @@ pub unsafe fn sum(
     dev.launch("step_sum", a, cfg)
 }
 
+/// The response tokens' positions `r·s + t` (f32), in index order: `list[off[r] + k]` =
+/// `r·s + plen[r] − 1 + k` for k < `rlen[r]` ([`batch_mask`]'s set positions; `off` = the
+/// exclusive prefix sum of `rlen`). CPU reference: the mask's set positions in
+/// [`crate::train::stages::StepRows::new`].
+///
+/// # Safety
+/// `plen`, `rlen`, `off`: `rows` i32 with `plen[r] − 1 + rlen[r] <= s`; `list`: Σ rlen f32.
+pub unsafe fn token_list(
+    dev: &CudaDevice,
+    plen: u64,
+    rlen: u64,
+    off: u64,
+    rows: usize,
+    s: usize,
+    list: u64,
+) -> Result<()> {
+    let (r, si) = (check_i32("rows", rows)?, check_i32("S", s)?);
+    let f = dev.function(FAMILY, "step_token_list")?;
+    let mut a = dev.launch_builder(&f);
+    a.arg(&plen)
+        .arg(&rlen)
+        .arg(&off)
+        .arg(&r)
+        .arg(&si)
+        .arg(&list);
+    dev.launch("step_token_list", a, grid(rows * s))
+}
+
+/// `out[dst[i] + k] = src[so[i] + k]` for k < `len[i]`, `seg` = `[so | dst | len]` (`nseg` i32
+/// each): a concatenation of segments of `src` (a micro-batch's response tokens, row by row,
+/// from the step's token list). CPU reference: the host's `flow_tokens` in
+/// `src/train/stages/update.rs`.
+///
+/// # Safety
+/// `src` holds every `so[i] + len[i]` f32; `out` every `dst[i] + len[i]`, destinations disjoint.
+pub unsafe fn segments(dev: &CudaDevice, src: u64, seg: u64, nseg: usize, out: u64) -> Result<()> {
+    let n = check_i32("segments", nseg)?;
+    let f = dev.function(FAMILY, "step_segments")?;
+    let mut a = dev.launch_builder(&f);
+    a.arg(&src).arg(&seg).arg(&n).arg(&out);
+    let cfg = LaunchConfig {
+        grid_dim: (nseg.clamp(1, 65535) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch("step_segments", a, cfg)
+}
+
 /// A decoder graph's batch (`ids`, `targets`, `lens` of `b` rows of `s` tokens) gathered from
 /// the step's packed token rows: row r's tokens at `src[off[r]..off[r] + len[r]]`, `meta` =
 /// `[off | len | skip]` (`src_rows` i32 each; skip = the prompt length). Graph row j takes step

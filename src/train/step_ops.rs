@@ -402,6 +402,9 @@ impl StepBuf {
 pub struct TokenList {
     pub idx: Vec<usize>,
     dev: Option<CudaSlice<f32>>,
+    /// For a batch's list ([`StepOps::batch_tokens`]): row r's tokens are
+    /// `idx[row_off[r]..row_off[r + 1]]`.
+    row_off: Option<Vec<usize>>,
 }
 
 impl TokenList {
@@ -462,6 +465,10 @@ pub struct FlowMicro<'a> {
     /// Prompt lengths of the rollout rows (a row's first response token is at plen − 1).
     pub plen: &'a [usize],
     pub s: usize,
+    /// The step's token list ([`StepOps::batch_tokens`]) and the micro-batch's rollout rows in
+    /// order, when `global` is their response tokens: on CUDA `global` is then gathered from
+    /// the device list (12 bytes a row go up, not 4 a token).
+    pub from: Option<(&'a TokenList, &'a [usize])>,
 }
 
 impl StepOps {
@@ -510,18 +517,84 @@ impl StepOps {
         SeqRows::new(&device, seqs, skip)
     }
 
-    /// A token list (uploaded as f32 on CUDA).
-    pub fn token_list(&self, idx: Vec<usize>) -> Result<TokenList> {
-        let dev = match self.cuda() {
-            None => None,
-            Some(d) => {
-                let n = idx.iter().max().map_or(0, |&m| m + 1);
-                crate::kernels::step::check_f32_index("token list", n)?;
-                let f: Vec<f32> = idx.iter().map(|&i| i as f32).collect();
-                Some(up(d, &f)?)
-            }
+    /// The batch's response tokens (the set positions of its mask `mask`, in order); on CUDA the
+    /// device list is built from the rows' lengths (12 bytes a row go up, not 4 a token).
+    pub fn batch_tokens(
+        &self,
+        batch: &crate::train::rollout::Batch,
+        mask: &[f32],
+    ) -> Result<TokenList> {
+        let idx: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] != 0.0).collect();
+        let Some(dev) = self.cuda() else {
+            return Ok(TokenList {
+                idx,
+                dev: None,
+                row_off: None,
+            });
         };
-        Ok(TokenList { idx, dev })
+        if idx.is_empty() {
+            return Ok(TokenList {
+                idx,
+                dev: None,
+                row_off: None,
+            });
+        }
+        let (rows, s) = (batch.rows(), batch.s);
+        crate::kernels::step::check_f32_index("token list", rows * s)?;
+        let i32s = |v: &[usize]| -> Result<Vec<i32>> {
+            v.iter()
+                .map(|&x| crate::kernels::check_i32("token list", x))
+                .collect()
+        };
+        let mut off = Vec::with_capacity(rows + 1);
+        let mut at = 0usize;
+        for &l in &batch.response_len {
+            off.push(at);
+            at += l;
+        }
+        off.push(at);
+        if at != idx.len() {
+            return Err(Error::Shape(format!(
+                "token list: the rows' response lengths add to {at}, the mask has {} tokens",
+                idx.len()
+            )));
+        }
+        let (p, r, o) = (
+            up(dev, &i32s(&batch.prompt_len)?)?,
+            up(dev, &i32s(&batch.response_len)?)?,
+            up(dev, &i32s(&off[..rows])?)?,
+        );
+        let list = dev.stream().alloc_zeros::<f32>(idx.len())?;
+        // SAFETY: rows i32 each; the mask's positions (plen − 1 + rlen <= S, as Batch::mask
+        // indexes them) number Σ rlen = the list's length (checked).
+        unsafe {
+            crate::kernels::step::token_list(
+                dev,
+                dptr(dev, &p),
+                dptr(dev, &r),
+                dptr(dev, &o),
+                rows,
+                s,
+                dptr(dev, &list),
+            )?
+        };
+        Ok(TokenList {
+            idx,
+            dev: Some(list),
+            row_off: Some(off),
+        })
+    }
+
+    /// The positions a token list holds where the step computes, as f32 (on CUDA a download of
+    /// the device list: tests).
+    pub fn read_token_list(&self, l: &TokenList) -> Result<Vec<f32>> {
+        match (self.cuda(), &l.dev) {
+            (Some(dev), Some(d)) => dev.dtoh(d),
+            (Some(_), None) if !l.idx.is_empty() => Err(Error::Invalid(
+                "read_token_list: a host token list on the CUDA backend".into(),
+            )),
+            _ => Ok(l.idx.iter().map(|&i| i as f32).collect()),
+        }
     }
 
     fn list_ptr(dev: &CudaDevice, l: &TokenList) -> Result<u64> {
@@ -1392,6 +1465,58 @@ impl StepOps {
         }
     }
 
+    /// The response tokens of `rows` (rollout rows, in order) from the batch's device token
+    /// list `list`, as f32 on the device; they must be `want` (the host's list).
+    fn token_rows(
+        &self,
+        dev: &CudaDevice,
+        list: &TokenList,
+        rows: &[usize],
+        want: &[usize],
+    ) -> Result<CudaSlice<f32>> {
+        let (Some(src), Some(off)) = (&list.dev, &list.row_off) else {
+            return Err(Error::Invalid(
+                "flow inputs: a token list without device rows".into(),
+            ));
+        };
+        let nseg = rows.len();
+        let mut seg = vec![0i32; 3 * nseg];
+        let mut at = 0usize;
+        for (i, &r) in rows.iter().enumerate() {
+            if r + 1 >= off.len() {
+                return Err(Error::Shape(format!(
+                    "flow inputs: row {r} of a token list of {} rows",
+                    off.len() - 1
+                )));
+            }
+            let len = off[r + 1] - off[r];
+            if want.get(at..at + len) != Some(&list.idx[off[r]..off[r + 1]]) {
+                return Err(Error::Invalid(format!(
+                    "flow inputs: the micro-batch's tokens are not row {r}'s response tokens"
+                )));
+            }
+            seg[i] = off[r] as i32;
+            seg[nseg + i] = at as i32;
+            seg[2 * nseg + i] = len as i32;
+            at += len;
+        }
+        crate::error::check_len("flow inputs' tokens", want.len(), at)?;
+        let out = dev.stream().alloc_zeros::<f32>(at.max(1))?;
+        let sd = up(dev, &seg)?;
+        // SAFETY: segments of src (list.idx.len() f32, offsets from row_off) into disjoint
+        // ranges of out (at f32).
+        unsafe {
+            crate::kernels::step::segments(
+                dev,
+                dptr(dev, src),
+                dptr(dev, &sd),
+                nseg,
+                dptr(dev, &out),
+            )?
+        };
+        Ok(out)
+    }
+
     /// Writes the flow critic head's token inputs of one micro-batch: `inputs` are the graph's
     /// row list, the 12 fields' inputs ([`crate::train::models::FLOW_SAMPLE_INPUTS`], then
     /// `w_unc`, `dcfm_mask`), token weights and risk weights; `fields` the step's target fields
@@ -1447,11 +1572,20 @@ impl StepOps {
             return sess.write(inputs[14], &rw);
         };
         let ptr = |t: crate::graph::TensorId| sess.input_device_ptr(t, crate::graph::DType::F32);
-        let gf: Vec<f32> = mb.global.iter().map(|&g| g as f32).collect();
         let rowpos = up(dev, mb.rowpos)?;
         let plen: Vec<i32> = mb.plen.iter().map(|&p| p as i32).collect();
         let pl = up(dev, &plen)?;
-        let gd = if m > 0 { Some(up(dev, &gf)?) } else { None };
+        let gd = if m == 0 {
+            None
+        } else {
+            Some(match mb.from {
+                Some((list, rows)) => self.token_rows(dev, list, rows, mb.global)?,
+                None => {
+                    let gf: Vec<f32> = mb.global.iter().map(|&g| g as f32).collect();
+                    up(dev, &gf)?
+                }
+            })
+        };
         let gp = gd.as_ref().map_or(0, |g| dptr(dev, g));
         crate::kernels::step::check_f32_index("flow inputs", n)?;
         // SAFETY: the inputs hold cap (·k) f32 (the head's plan); global m tokens below n;

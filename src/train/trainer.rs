@@ -530,6 +530,7 @@ impl Trainer {
             mask_buf: rows.mask_buf,
             skip: rows.skip,
             seqs: rows.seqs,
+            tokens: rows.tokens,
             ntok: rows.ntok,
             old_lp: lp.old_lp,
             old_ent: lp.old_ent,

@@ -59,7 +59,7 @@ impl StepRows {
         let skip = batch.prompt_len.clone();
         let seqs = ops.seq_rows(&batch.seqs, &skip)?;
         let ntok: f64 = mask.iter().map(|&v| v as f64).sum();
-        let tokens = ops.token_list((0..mask.len()).filter(|&i| mask[i] != 0.0).collect())?;
+        let tokens = ops.batch_tokens(&batch, &mask)?;
         Ok(StepRows {
             batch,
             mask,
@@ -85,6 +85,8 @@ pub struct Prepared {
     pub skip: Vec<usize>,
     /// The rows' token ids where the graphs compute ([`StepRows::seqs`]).
     pub seqs: SeqRows,
+    /// The response tokens ([`StepRows::tokens`]).
+    pub tokens: TokenList,
     pub ntok: f64,
     pub old_lp: StepBuf,
     pub old_ent: StepBuf,

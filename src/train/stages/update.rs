@@ -271,6 +271,7 @@ fn critic_update(
                     first_count,
                     plen: &p.skip,
                     s,
+                    from: Some((&p.tokens, &sel[r.clone()])),
                 };
                 ops.write_flow_inputs(sess, &cin, t, &fm, kk)?;
             }

@@ -142,6 +142,10 @@ def parse_args(argv):
     ap.add_argument("--calib-prefixes", type=int, default=100, help="calib: states per run (default: %(default)s)")
     ap.add_argument("--calib-continuations", type=int, default=32,
                     help="calib: continuations per state (default: %(default)s)")
+    ap.add_argument("--calib-rerun-seeds", type=int, default=0,
+                    help="calib: also rerun the training of recorded runs of seeds 1..N whose run folder is gone "
+                         "(a fresh checkout), check that the rerun reproduces the record's curves, then calibrate "
+                         "it (default: %(default)s = only runs with a folder)")
     ap.add_argument("--no-sweep", action="store_true", help=f"skip the sweep: every algorithm at actor lr {DEFAULT_ACTOR_LR:g}")
     ap.add_argument("--lr-grid", default=",".join(fmt(x) for x in LR_GRID),
                     help="the sweep's actor learning rates (default: %(default)s)")
@@ -199,6 +203,8 @@ def parse_args(argv):
                     (a.eval_every, "--eval-every"), (a.jobs, "--jobs")):
         if n < 1:
             fail(f"{what} must be >= 1, got {n}")
+    if a.calib_rerun_seeds < 0:
+        fail(f"--calib-rerun-seeds must be >= 0, got {a.calib_rerun_seeds}")
     for s in a.sets:
         if "=" not in s:
             fail(f"--set {s!r}: expected KEY=VALUE")
@@ -417,17 +423,65 @@ def has_critic(run):
     return run.base.algo in ("dfpo", "ppo", "quantile")
 
 
-def calib_todo(runs):
-    """Finished runs with a critic, a run folder and no calibration in their record."""
+def calib_todo(runs, rerun_seeds=0):
+    """Finished runs with a critic and no calibration in their record that have a run folder or,
+    with seed <= rerun_seeds, can have it made again (their training rerun)."""
     out, seen = [], set()
     for r in runs:
         if r.key in seen or not has_critic(r):
             continue
         seen.add(r.key)
         rec = r.record()
-        if rec is not None and "calibration" not in rec and os.path.isfile(os.path.join(r.out_dir, "summary.json")):
+        if rec is None or "calibration" in rec:
+            continue
+        if os.path.isfile(os.path.join(r.out_dir, "summary.json")) or r.seed <= rerun_seeds:
             out.append(r)
     return out
+
+
+def rerun_one(exe, run, a):
+    """Trains a recorded run again into its (missing) run folder and checks that it reproduces
+    the record (every eval curve and the final accuracies); the record is left as it was."""
+    import shutil
+    rec = run.record()
+    shutil.rmtree(run.out_dir, ignore_errors=True)
+    os.makedirs(os.path.dirname(run.out_dir), exist_ok=True)
+    cmd = [exe, "train", "--set", f"run.out_dir={run.out_dir}"]
+    for s in run.args():
+        cmd += ["--set", s]
+    log_path = run.out_dir.rstrip("/") + ".log"
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    if rc != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-5:])
+        return f"rerun: exit status {rc} (log: {log_path}):\n{tail}", wall
+    try:
+        new = record_from_folder(run)
+    except (OSError, ValueError, KeyError) as e:
+        return f"rerun: cannot read the run: {e}", wall
+    for field in ("after", "curves"):
+        if new.get(field) != rec.get(field):
+            # Not the recorded run: its calibration would describe another critic.
+            shutil.rmtree(run.out_dir, ignore_errors=True)
+            return (f"rerun: its {field} differ from the record's (recorded at {rec.get('commit')}): "
+                    f"{json.dumps(new.get(field))[:200]} vs {json.dumps(rec.get(field))[:200]}"), wall
+    return None, wall
+
+
+def calib_or_rerun_one(exe, run, a):
+    """calib_one, after rerun_one when the run folder is gone."""
+    wall = 0.0
+    if not os.path.isfile(os.path.join(run.out_dir, "summary.json")):
+        err, wall = rerun_one(exe, run, a)
+        if err is not None:
+            return err, wall
+    err, w2 = calib_one(exe, run, a)
+    return err, wall + w2
 
 
 def calib_one(exe, run, a):
@@ -496,13 +550,15 @@ def take(todo, budget):
 
 
 def execute_calib(a, runs, budget):
-    todo = take(calib_todo(runs), budget)
-    print(f"calib: {len(todo)} finished runs with a critic and a run folder to calibrate", flush=True)
+    todo = take(calib_todo(runs, a.calib_rerun_seeds), budget)
+    reruns = sum(not os.path.isfile(os.path.join(r.out_dir, "summary.json")) for r in todo)
+    print(f"calib: {len(todo)} finished runs with a critic to calibrate ({reruns} of them rerun first: "
+          f"their folder is gone)", flush=True)
     if a.dry_run:
         for r in todo:
             print(f"  would calibrate {r.key}")
         return {}
-    return run_pool(a, todo, calib_one, lambda r: f"calib {r.key}", lambda r: ("calib", r.key, r.seed))
+    return run_pool(a, todo, calib_or_rerun_one, lambda r: f"calib {r.key}", lambda r: ("calib", r.key, r.seed))
 
 
 def execute(a, runs, budget):

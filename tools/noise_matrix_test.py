@@ -80,6 +80,28 @@ class NoiseMatrix(unittest.TestCase):
             self.assertEqual(r3.returncode, 0, r3.stderr)
             self.assertIn("starting 0", r3.stdout)
             self.assertEqual(read(os.path.join(tmp, "r.md")).split("\n")[6:], md.split("\n")[6:])
+            # calib on a fresh checkout (no run folders): --calib-rerun-seeds N trains the runs of
+            # seeds <= N again, checks them against their records and calibrates them; a rerun that
+            # does not reproduce its record is a failure and gets no calibration.
+            recs = os.path.join(tmp, "records", "main")
+            for name in ("dfpo-fneg0.3-s3", "ppo-fneg0.6-s3", "dfpo-fneg0.6-s4", "dfpo-flip0.4-s3"):
+                path = os.path.join(recs, name + ".json")
+                rec = json.loads(read(path))
+                del rec["calibration"]
+                if name == "dfpo-flip0.4-s3":
+                    rec["after"]["in_domain"] += 0.01  # a record the trainer no longer reproduces
+                with open(path, "w") as f:
+                    json.dump(rec, f)
+            r5 = run(tmp, "--phases", "calib", "--calib-rerun-seeds", "3")
+            self.assertEqual(r5.returncode, 1, r5.stdout + r5.stderr)
+            self.assertIn("calib: 3 finished runs with a critic to calibrate (3 of them rerun first", r5.stdout)
+            self.assertIn("calib main/dfpo-flip0.4-s3: FAILED rerun: its after differ from the record's", r5.stdout)
+            for name, calibrated in (("dfpo-fneg0.3-s3", True), ("ppo-fneg0.6-s3", True),
+                                     ("dfpo-fneg0.6-s4", False), ("dfpo-flip0.4-s3", False)):
+                rec = json.loads(read(os.path.join(recs, name + ".json")))
+                self.assertEqual("calibration" in rec, calibrated, name)
+            self.assertEqual(json.loads(read(os.path.join(recs, "dfpo-fneg0.3-s3.json")))["calibration"]
+                             ["critics"][0]["noisy"]["value_mse"], 0.03)
             # A record made with other settings (here: another run length) is not reused.
             r4 = run(tmp, "--steps", "10", "--phases", "sweep")
             self.assertEqual(r4.returncode, 0, r4.stderr)

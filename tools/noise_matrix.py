@@ -3,7 +3,8 @@
 
 Phases (every run is one `dfpo-train train` in <runs-dir>/<phase>/<name>-s<seed>). Each finished run
 leaves a small record, <records>/<phase>/<name>-s<seed>.json (its settings, the eval curves, the
-final accuracies, its time and the commit that ran it; committed to the repository by default, as
+final accuracies, its time, the checkout's commit when the driver started and the SHA-256 of the
+trainer binary that ran it; committed to the repository by default, as
 checkouts and run folders do not outlive a session). A run with a record of the same settings, or
 a summary.json in its run folder, is skipped, so the matrix resumes and can be run in pieces, on
 different days and machines:
@@ -44,6 +45,7 @@ Standard library only; matplotlib (optional) draws the curves.
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -413,7 +415,9 @@ def run_one(exe, run, a):
     if not os.path.isfile(os.path.join(run.out_dir, "summary.json")):
         return f"finished without writing summary.json (log: {log_path})", wall
     try:
-        write_record(run, record_from_folder(run))
+        rec = record_from_folder(run)
+        rec["trainer_sha256"] = trainer_hash(exe)
+        write_record(run, rec)
     except (OSError, ValueError, KeyError) as e:
         return f"cannot record the run: {e}", wall
     return None, wall
@@ -571,6 +575,21 @@ def execute(a, runs, budget):
             print(f"  would run {r.phase}/{r.name}-s{r.seed}: {' '.join(r.sets)}")
         return {}
     return run_pool(a, todo, run_one, lambda r: f"{r.phase}/{r.name}-s{r.seed}", lambda r: (r.phase, r.name, r.seed))
+
+
+TRAINER_HASH = {}
+
+
+def trainer_hash(exe):
+    """The first 16 hex digits of the trainer binary's SHA-256: which build made a run, whatever
+    the checkout's HEAD was when the driver started (`commit`)."""
+    if exe not in TRAINER_HASH:
+        h = hashlib.sha256()
+        with open(exe, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        TRAINER_HASH[exe] = h.hexdigest()[:16]
+    return TRAINER_HASH[exe]
 
 
 def git_commit():

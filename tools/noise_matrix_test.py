@@ -74,6 +74,10 @@ class NoiseMatrix(unittest.TestCase):
             # the same report.
             rec = json.loads(read(os.path.join(tmp, "records", "main", "ppo-fneg0.3-s2.json")))
             self.assertIn("reward.fn_prob=0.3", rec["args"])
+            # The record names the trainer binary that made it.
+            import hashlib
+            fake = os.path.join(TOOLS, "noise-fake-train")
+            self.assertEqual(rec["trainer_sha256"], hashlib.sha256(open(fake, "rb").read()).hexdigest()[:16])
             self.assertEqual(rec["curves"]["in_domain"][0][0], 0)
             shutil.rmtree(runs)
             r3 = run(tmp)

@@ -443,17 +443,13 @@ def calib_todo(runs, rerun_seeds=0):
     return out
 
 
-def rerun_one(exe, run, a):
-    """Trains a recorded run again into its (missing) run folder and checks that it reproduces
-    the record (every eval curve and the final accuracies); the record is left as it was."""
-    import shutil
-    rec = run.record()
-    shutil.rmtree(run.out_dir, ignore_errors=True)
-    os.makedirs(os.path.dirname(run.out_dir), exist_ok=True)
-    cmd = [exe, "train", "--set", f"run.out_dir={run.out_dir}"]
-    for s in run.args():
+def train_logged(exe, out_dir, sets):
+    """Runs `dfpo-train train` into out_dir with `sets`, its output in out_dir.log; returns
+    (None or the error with the log's tail, wall seconds)."""
+    cmd = [exe, "train", "--set", f"run.out_dir={out_dir}"]
+    for s in sets:
         cmd += ["--set", s]
-    log_path = run.out_dir.rstrip("/") + ".log"
+    log_path = out_dir.rstrip("/") + ".log"
     t0 = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
@@ -463,7 +459,20 @@ def rerun_one(exe, run, a):
     if rc != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-5:])
-        return f"rerun: exit status {rc} (log: {log_path}):\n{tail}", wall
+        return f"exit status {rc} (log: {log_path}):\n{tail}", wall
+    return None, wall
+
+
+def rerun_one(exe, run, a):
+    """Trains a recorded run again into its (missing) run folder and checks that it reproduces
+    the record (every eval curve and the final accuracies); the record is left as it was."""
+    import shutil
+    rec = run.record()
+    shutil.rmtree(run.out_dir, ignore_errors=True)
+    os.makedirs(os.path.dirname(run.out_dir), exist_ok=True)
+    err, wall = train_logged(exe, run.out_dir, run.args())
+    if err is not None:
+        return "rerun: " + err, wall
     try:
         new = record_from_folder(run)
     except (OSError, ValueError, KeyError) as e:
@@ -496,21 +505,10 @@ def calib_one(exe, run, a):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     shutil.copytree(run.out_dir, tmp)
-    cmd = [exe, "train", "--set", f"run.out_dir={tmp}"]
-    for s in run.args() + [f"eval.critic_prefixes={a.calib_prefixes}",
-                           f"eval.critic_continuations={a.calib_continuations}"]:
-        cmd += ["--set", s]
-    log_path = tmp.rstrip("/") + ".log"
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.time() - t0
-    if rc != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-5:])
-        return f"exit status {rc} (log: {log_path}):\n{tail}", wall
+    err, wall = train_logged(exe, tmp, run.args() + [f"eval.critic_prefixes={a.calib_prefixes}",
+                                                     f"eval.critic_continuations={a.calib_continuations}"])
+    if err is not None:
+        return err, wall
     try:
         with open(os.path.join(tmp, "critic_calibration.json")) as f:
             cal = json.load(f)
